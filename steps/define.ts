@@ -1,0 +1,89 @@
+/**
+ * The step contract. A step is a module in `steps/` that exports `step = defineStep({...})`:
+ * a name and version, a config schema (validates, fills defaults, types), the upstream
+ * steps it reads, the external files it reads (`sources`, hashed into its key), and a
+ * `run` function that writes outputs into its step directory and returns their names.
+ * @module
+ */
+import type * as z from "zod";
+import type { GpuInfo, Manifest } from "./manifest.ts";
+import type { Progress } from "./progress.ts";
+
+/** An upstream step's finished manifest, with helpers to reach its outputs. */
+export interface Upstream {
+  /** The validated manifest. */
+  manifest: Manifest;
+  /** Absolute path of the upstream step directory. */
+  dir: string;
+  /** Absolute path of the upstream output named `name`; throws if it has none. */
+  path(name: string): string;
+}
+
+/** What a running step can use: where to write, how to log, its seed. */
+export interface StepContext {
+  runId: string;
+  /** Absolute path of `runs/<run-id>`. */
+  runDir: string;
+  /** Absolute path of the (staging) directory this step writes into. */
+  stepDir: string;
+  /** Absolute path of the project root; config paths are relative to it. */
+  projectRoot: string;
+  seed: number;
+  /** Absolute paths of the declared sources, by name. */
+  sources: Record<string, string>;
+  /** Absolute path for an output file `rel` inside the step directory (parents created). */
+  out(rel: string): Promise<string>;
+  /** Appends one metric point to `metrics.jsonl` (streamed to the tracker). */
+  log(name: string, index: number, value: number): void;
+  /** A progress reporter labelled with this step's name. */
+  progress(total: number, unit?: string): Progress;
+  /** Records the GPU adapter this step ran on (written to `env.gpu`). */
+  setGpu(info: GpuInfo): void;
+}
+
+/** What `run` returns: output files by name (paths relative to the step dir) and final scalars. */
+export interface StepResult {
+  outputs: Record<string, string>;
+  metrics?: Record<string, number | string | boolean | null>;
+}
+
+/** A step definition; see {@link defineStep}. */
+export interface StepDef<S extends z.ZodType = z.ZodType> {
+  name: string;
+  version: string;
+  description: string;
+  config: S;
+  /** Input name -> upstream step name, e.g. `{ data: "prepare" }`. */
+  inputs: Record<string, string>;
+  /**
+   * External files this config reads, by name -> path (relative to the project root or
+   * absolute). Resolved before the cache check; their hashes are part of the key.
+   */
+  sources?: (config: z.output<S>, projectRoot: string) => Promise<Record<string, string>>;
+  run: (ctx: StepContext, config: z.output<S>, inputs: Record<string, Upstream>) => Promise<StepResult>;
+}
+
+/**
+ * Declares a step. Identity function that fixes the types.
+ *
+ * @example
+ * ```ts
+ * import * as z from "zod";
+ * import { defineStep } from "./define.ts";
+ * export const step = defineStep({
+ *   name: "hello", version: "1", description: "writes a greeting",
+ *   config: z.strictObject({ who: z.string().default("world") }),
+ *   inputs: {},
+ *   run: async (ctx, config) => {
+ *     await Deno.writeTextFile(await ctx.out("hello.txt"), `hello ${config.who}\n`);
+ *     return { outputs: { greeting: "hello.txt" } };
+ *   },
+ * });
+ * ```
+ */
+export function defineStep<S extends z.ZodType>(def: StepDef<S>): StepDef<S> {
+  if (!/^[a-z][a-z0-9-]*$/.test(def.name)) {
+    throw new TypeError(`Cannot define step "${def.name}": names are lowercase words joined by "-"`);
+  }
+  return def;
+}
