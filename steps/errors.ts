@@ -4,7 +4,7 @@
  * Anything else is a bug and keeps its stack.
  * @module
  */
-import { ZodError } from "zod";
+import type { ZodError } from "zod";
 
 /** An error caused by input the user controls; printed without a stack trace. */
 export class LatheError extends Error {
