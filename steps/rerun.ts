@@ -5,9 +5,10 @@
  * @module
  */
 import { basename, dirname, join } from "node:path";
-import { exists } from "./atomic.ts";
+import { exists, writeJsonAtomic } from "./atomic.ts";
+import type { StepDef } from "./define.ts";
 import { LatheError } from "./errors.ts";
-import { type Manifest, MANIFEST_FILE, readManifest } from "./manifest.ts";
+import { FAILURE_FILE, Manifest, MANIFEST_FILE, readManifest } from "./manifest.ts";
 import { applyOverrides, type Override } from "./overrides.ts";
 import { loadStep } from "./registry.ts";
 import { linkTree, type RunOutcome, runStep } from "./runner.ts";
@@ -20,17 +21,41 @@ export interface RerunOptions {
   projectRoot: string;
   onFinish?: (path: string, manifest: Manifest) => Promise<void>;
   quiet?: boolean;
+  /** Step loader (default: steps/registry.ts `loadStep`). */
+  loadStep?: (name: string) => Promise<StepDef>;
 }
 
-/** Links the upstream step directories `manifest` needs (transitively) from `fromRun` into `toRun`. */
-async function linkUpstream(manifest: Manifest, fromRun: string, toRun: string): Promise<void> {
+/**
+ * Links the upstream step directories `manifest` needs (transitively) from `fromRun` into
+ * `toRun`, each with its manifest rewritten for the new run (`runId`, `cachedFrom`) as the
+ * runner does for a cache hit; the rewrite replaces the link, so `fromRun` is untouched.
+ */
+async function linkUpstream(
+  manifest: Manifest,
+  fromRun: string,
+  toRun: string,
+  onFinish?: (path: string, manifest: Manifest) => Promise<void>,
+): Promise<void> {
   for (const input of Object.values(manifest.inputs)) {
     const src = join(fromRun, input.step);
     const dst = join(toRun, input.step);
     if (await exists(dst)) continue;
     const upstream = await readManifest(join(src, MANIFEST_FILE));
-    await linkTree(src, dst);
-    await linkUpstream(upstream, fromRun, toRun);
+    await linkUpstream(upstream, fromRun, toRun, onFinish);
+    const staging = join(toRun, `.${input.step}.staging-${crypto.randomUUID().slice(0, 8)}`);
+    await linkTree(src, staging);
+    await Deno.remove(join(staging, FAILURE_FILE)).catch(() => {});
+    const now = new Date().toISOString();
+    const linked = Manifest.parse({
+      ...upstream,
+      runId: basename(toRun),
+      startedAt: now,
+      finishedAt: now,
+      cachedFrom: upstream.cachedFrom ?? upstream.runId,
+    });
+    await writeJsonAtomic(join(staging, MANIFEST_FILE), linked);
+    await Deno.rename(staging, dst);
+    await onFinish?.(join(dst, MANIFEST_FILE), linked);
   }
 }
 
@@ -41,7 +66,7 @@ async function linkUpstream(manifest: Manifest, fromRun: string, toRun: string):
  */
 export async function rerunFromManifest(manifestPath: string, opts: RerunOptions): Promise<RunOutcome> {
   const manifest = await readManifest(manifestPath);
-  const def = await loadStep(manifest.step);
+  const def = await (opts.loadStep ?? loadStep)(manifest.step);
   const stepDir = dirname(manifestPath);
   const runDir = dirname(stepDir);
   if (basename(stepDir) !== manifest.step || basename(runDir) !== manifest.runId) {
@@ -71,7 +96,7 @@ export async function rerunFromManifest(manifestPath: string, opts: RerunOptions
     });
   }
   const runId = newRunId(`${manifest.step}-variant`);
-  await linkUpstream(manifest, runDir, join(runsRoot, runId));
+  await linkUpstream(manifest, runDir, join(runsRoot, runId), opts.onFinish);
   return await runStep(def, {
     runsRoot,
     runId,

@@ -264,15 +264,65 @@ async function resolveSources(
   return { entries, paths };
 }
 
-/** Runs (or reuses) one step; see the module doc for the contract. */
-export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOptions): Promise<RunOutcome> {
-  const runDir = join(opts.runsRoot, opts.runId);
-  const finalDir = join(runDir, def.name);
-  const manifestPath = join(finalDir, MANIFEST_FILE);
-  const startedAt = new Date().toISOString();
+/** What {@link planStep} needs: {@link RunOptions} less what only running uses. */
+export interface PlanOptions {
+  runsRoot: string;
+  runId: string;
+  config: unknown;
+  seed: number;
+  projectRoot: string;
+  /** Input name -> the key it must have (reruns from a manifest verify this). */
+  expectInputKeys?: Record<string, string>;
+  /** Source name -> the sha256 it must have (reruns from a manifest verify this). */
+  expectSources?: Record<string, SourceEntry>;
+  /**
+   * Upstream step name -> its key, when the upstream manifests are not (yet) in the run
+   * directory (a dry run). Without it the inputs are read and verified from the run directory.
+   */
+  inputKeys?: Record<string, string>;
+}
+
+/** A step resolved up to its key: everything the cache check and the run need. */
+export interface StepPlan {
+  /** The validated config, defaults filled in. */
+  config: Record<string, unknown>;
+  configHash: string;
+  inputs: Record<string, InputEntry>;
+  /** The upstream views (empty when planned from `inputKeys`). */
+  upstream: Record<string, Upstream>;
+  sources: Record<string, SourceEntry>;
+  /** Absolute paths of the sources, by name. */
+  sourcePaths: Record<string, string>;
+  key: string;
+}
+
+/**
+ * Resolves a step without running it: validates the config, resolves and verifies its
+ * inputs (or takes their keys from `inputKeys`), hashes its sources and computes its key.
+ */
+export async function planStep<S extends z.ZodType>(def: StepDef<S>, opts: PlanOptions): Promise<StepPlan> {
   const config = resolveConfig(def, opts.config) as Record<string, unknown>;
   const configHash = sha256Hex(canonicalJson(config));
-  const { entries: inputs, upstream } = await resolveInputs(def as StepDef, runDir, opts.expectInputKeys);
+  let inputs: Record<string, InputEntry>;
+  let upstream: Record<string, Upstream> = {};
+  if (opts.inputKeys) {
+    inputs = {};
+    for (const [name, stepName] of Object.entries(def.inputs)) {
+      const key = opts.inputKeys[stepName];
+      if (key === undefined) {
+        throw new LatheError(
+          `Cannot plan step "${def.name}": its input "${name}" needs step "${stepName}", which is not planned before it`,
+        );
+      }
+      inputs[name] = { step: stepName, manifest: `../${stepName}/${MANIFEST_FILE}`, key };
+    }
+  } else {
+    ({ entries: inputs, upstream } = await resolveInputs(
+      def as StepDef,
+      join(opts.runsRoot, opts.runId),
+      opts.expectInputKeys,
+    ));
+  }
   const { entries: sources, paths: sourcePaths } = await resolveSources(
     def as StepDef,
     config,
@@ -280,18 +330,66 @@ export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOpt
     opts.expectSources,
   );
   const key = stepKey(def, configHash, opts.seed, inputs, sources);
+  return { config, configHash, inputs, upstream, sources, sourcePaths, key };
+}
+
+/** An earlier successful result with the same key and intact outputs. */
+export interface CacheHit {
+  /** "cached": in the same run directory; "linked": in another run (to be linked in). */
+  status: "cached" | "linked";
+  manifest: Manifest;
+  manifestPath: string;
+}
+
+/**
+ * Finds a reusable result for `step` with `key`: first in run `runId` itself, then the
+ * newest other run under `runsRoot` whose outputs are intact. `runId` null searches other runs only.
+ */
+export async function findCacheHit(
+  runsRoot: string,
+  runId: string | null,
+  step: string,
+  key: string,
+): Promise<CacheHit | null> {
+  if (runId !== null) {
+    const manifestPath = join(runsRoot, runId, step, MANIFEST_FILE);
+    const here = await readIfSuccess(manifestPath);
+    if (here && here.key === key && (await verifyOutputs(here, dirname(manifestPath))).length === 0) {
+      return { status: "cached", manifest: here, manifestPath };
+    }
+  }
+  for (const path of await findCached(runsRoot, step, key, runId ?? "")) {
+    const origin = await readManifest(path);
+    if ((await verifyOutputs(origin, dirname(path))).length > 0) continue;
+    return { status: "linked", manifest: origin, manifestPath: path };
+  }
+  return null;
+}
+
+/** Runs (or reuses) one step; see the module doc for the contract. */
+export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOptions): Promise<RunOutcome> {
+  const runDir = join(opts.runsRoot, opts.runId);
+  const finalDir = join(runDir, def.name);
+  const manifestPath = join(finalDir, MANIFEST_FILE);
+  const startedAt = new Date().toISOString();
+  const { config, configHash, inputs, upstream, sources, sourcePaths, key } = await planStep(def, {
+    runsRoot: opts.runsRoot,
+    runId: opts.runId,
+    config: opts.config,
+    seed: opts.seed,
+    projectRoot: opts.projectRoot,
+    expectInputKeys: opts.expectInputKeys,
+    expectSources: opts.expectSources,
+  });
   await removeLeftovers(runDir, def.name);
 
   if (!opts.force) {
-    const here = await readIfSuccess(manifestPath);
-    if (here && here.key === key && (await verifyOutputs(here, finalDir)).length === 0) {
-      return { manifest: here, manifestPath, status: "cached" };
-    }
-    for (const path of await findCached(opts.runsRoot, def.name, key, opts.runId)) {
-      const origin = await readManifest(path);
-      if ((await verifyOutputs(origin, dirname(path))).length > 0) continue;
+    const hit = await findCacheHit(opts.runsRoot, opts.runId, def.name, key);
+    if (hit?.status === "cached") return { manifest: hit.manifest, manifestPath, status: "cached" };
+    if (hit?.status === "linked") {
+      const origin = hit.manifest;
       const staging = join(runDir, `.${def.name}.staging-${crypto.randomUUID().slice(0, 8)}`);
-      await linkTree(dirname(path), staging);
+      await linkTree(dirname(hit.manifestPath), staging);
       await Deno.remove(join(staging, FAILURE_FILE)).catch(() => {});
       const now = new Date().toISOString();
       const manifest: Manifest = {
