@@ -1,0 +1,252 @@
+/**
+ * Cross-entropy reference for causal LM training, with ignore index and an explicit normaliser,
+ * plus the lm_head-fused variant that never holds logits[T,V] at once (chunks over V with an
+ * online log-sum-exp).
+ *
+ * T = tokens, V = vocab, D = hidden, C = vocabulary chunk size, N = normaliser.
+ *
+ * Targets are already shifted (target[t] is the token after t). Token t is trained iff
+ * target[t] != -100 (IGNORE_INDEX) and, when a mask is given, mask[t] != 0.
+ *   lse[t]   = log Σ_v exp(logits[t,v])
+ *   loss     = Σ_{t trained} (lse[t] − logits[t, target[t]]) / N
+ *   dlogits  = dloss / N · (softmax(logits[t]) − onehot(target[t])) for trained t, 0 otherwise
+ * N is passed in rather than counted, so gradient accumulation can divide every micro-batch by the
+ * number of trained tokens in the whole optimizer step (transformers' `num_items_in_batch`); with
+ * N = the count of trained tokens this is PyTorch's mean reduction.
+ *
+ * Fused with lm_head (W[V,D] = lm_head.weight, or embed_tokens.weight when tied):
+ *   logits = hidden · Wᵀ;  dhidden = dlogits · W;  dW = dlogitsᵀ · hidden
+ * Online log-sum-exp over chunks: m' = max(m, max_c z), s' = s · e^(m − m') + Σ_c e^(z − m'),
+ * lse = m + log s.
+ * @module
+ */
+import { alloc, expectLength, expectPositiveInt, type Floats } from "./_dense.ts";
+
+/** Targets equal to this are not trained (PyTorch's default ignore_index). */
+export const IGNORE_INDEX = -100;
+
+/** Sizes and normalisation of a cross-entropy call. */
+export interface CrossEntropyDims {
+  /** Tokens. */
+  T: number;
+  /** Vocab. */
+  V: number;
+  /** N: the loss is the sum over trained tokens divided by N (> 0). */
+  n: number;
+  /** mask[T]: 0 leaves token t out as if its target were -100. */
+  mask?: ArrayLike<number> | null;
+}
+
+/** Whether token t is trained (target not ignored, mask not 0). */
+export function is_trained(
+  targets: ArrayLike<number>,
+  mask: ArrayLike<number> | null | undefined,
+  t: number,
+): boolean {
+  return targets[t] !== IGNORE_INDEX && (!mask || mask[t] !== 0);
+}
+
+/** Number of trained tokens: the usual N for one micro-batch. */
+export function count_trained(targets: ArrayLike<number>, mask?: ArrayLike<number> | null): number {
+  let n = 0;
+  for (let t = 0; t < targets.length; t++) if (is_trained(targets, mask, t)) n++;
+  return n;
+}
+
+function checkTargets(targets: ArrayLike<number>, dims: CrossEntropyDims): void {
+  const { T, V, n } = dims;
+  expectPositiveInt("V", V);
+  expectLength("targets[T]", targets, T);
+  if (dims.mask) expectLength("mask[T]", dims.mask, T);
+  if (!(n > 0)) throw new RangeError(`Cannot normalise the loss: N "${n}" must be positive`);
+  for (let t = 0; t < T; t++) {
+    const y = targets[t];
+    if (y !== IGNORE_INDEX && !(Number.isInteger(y) && y >= 0 && y < V)) {
+      throw new RangeError(
+        `Cannot compute the loss of token ${t}: target "${y}" is neither ${IGNORE_INDEX} nor in [0, ${V})`,
+      );
+    }
+  }
+}
+
+/**
+ * Loss from full logits.
+ *
+ * @param logits logits[T,V]
+ * @param targets target[T] (shifted; -100 ignored)
+ * @returns loss and lse[T]
+ */
+export function cross_entropy_forward<A extends Floats>(
+  logits: A,
+  targets: ArrayLike<number>,
+  dims: CrossEntropyDims,
+): { loss: number; lse: A } {
+  const { T, V, n, mask } = dims;
+  checkTargets(targets, dims);
+  expectLength("logits[T,V]", logits, T * V);
+  const lse = alloc(logits, T);
+  let sum = 0;
+  for (let t = 0; t < T; t++) {
+    let max = -Infinity;
+    for (let v = 0; v < V; v++) max = Math.max(max, logits[t * V + v]);
+    let s = 0;
+    for (let v = 0; v < V; v++) s += Math.exp(logits[t * V + v] - max);
+    const l = max + Math.log(s);
+    lse[t] = l;
+    if (is_trained(targets, mask, t)) sum += l - logits[t * V + targets[t]];
+  }
+  return { loss: sum / n, lse };
+}
+
+/**
+ * dlogits[T,V] of {@link cross_entropy_forward}.
+ *
+ * @param logits logits[T,V]
+ * @param lse lse[T] from the forward
+ * @param dloss upstream gradient of the loss (1 for the loss itself)
+ */
+export function cross_entropy_backward<A extends Floats>(
+  logits: A,
+  targets: ArrayLike<number>,
+  lse: Floats,
+  dims: CrossEntropyDims,
+  dloss = 1,
+): A {
+  const { T, V, n, mask } = dims;
+  checkTargets(targets, dims);
+  expectLength("logits[T,V]", logits, T * V);
+  expectLength("lse[T]", lse, T);
+  const dlogits = alloc(logits, T * V);
+  for (let t = 0; t < T; t++) {
+    if (!is_trained(targets, mask, t)) continue;
+    for (let v = 0; v < V; v++) {
+      const p = Math.exp(logits[t * V + v] - lse[t]);
+      dlogits[t * V + v] = (dloss / n) * (p - (v === targets[t] ? 1 : 0));
+    }
+  }
+  return dlogits;
+}
+
+/** Sizes of the lm_head-fused cross-entropy. */
+export interface LmHeadCrossEntropyDims extends CrossEntropyDims {
+  /** Hidden size. */
+  D: number;
+  /** C: vocabulary rows per chunk (default 1024). */
+  chunk?: number;
+}
+
+// z[T,C] = hidden[T,D] · W[v0:v0+C, D]ᵀ
+function chunkLogits(hidden: Floats, W: Floats, T: number, D: number, v0: number, C: number): Float64Array {
+  const z = new Float64Array(T * C);
+  for (let t = 0; t < T; t++) {
+    for (let c = 0; c < C; c++) {
+      let acc = 0;
+      for (let d = 0; d < D; d++) acc += hidden[t * D + d] * W[(v0 + c) * D + d];
+      z[t * C + c] = acc;
+    }
+  }
+  return z;
+}
+
+function checkHead(hidden: Floats, W: Floats, dims: LmHeadCrossEntropyDims): number {
+  const { T, V, D } = dims;
+  expectPositiveInt("D", D);
+  expectLength("hidden[T,D]", hidden, T * D);
+  expectLength("W[V,D]", W, V * D);
+  const chunk = dims.chunk ?? 1024;
+  expectPositiveInt("chunk", chunk);
+  return chunk;
+}
+
+/**
+ * Loss of logits = hidden · Wᵀ, computed C vocabulary rows at a time.
+ *
+ * @param hidden hidden[T,D] (after the final norm)
+ * @param W W[V,D]
+ * @returns loss and lse[T]
+ */
+export function lm_head_cross_entropy_forward<A extends Floats>(
+  hidden: A,
+  W: Floats,
+  targets: ArrayLike<number>,
+  dims: LmHeadCrossEntropyDims,
+): { loss: number; lse: A } {
+  const { T, V, D, n, mask } = dims;
+  checkTargets(targets, dims);
+  const chunk = checkHead(hidden, W, dims);
+  const m = new Float64Array(T).fill(-Infinity);
+  const s = new Float64Array(T);
+  const targetLogit = new Float64Array(T);
+  for (let v0 = 0; v0 < V; v0 += chunk) {
+    const C = Math.min(chunk, V - v0);
+    const z = chunkLogits(hidden, W, T, D, v0, C);
+    for (let t = 0; t < T; t++) {
+      let mc = -Infinity;
+      for (let c = 0; c < C; c++) mc = Math.max(mc, z[t * C + c]);
+      const mNew = Math.max(m[t], mc);
+      let sNew = s[t] * Math.exp(m[t] - mNew);
+      for (let c = 0; c < C; c++) sNew += Math.exp(z[t * C + c] - mNew);
+      m[t] = mNew;
+      s[t] = sNew;
+      const y = targets[t];
+      if (y >= v0 && y < v0 + C) targetLogit[t] = z[t * C + (y - v0)];
+    }
+  }
+  const lse = alloc(hidden, T);
+  let sum = 0;
+  for (let t = 0; t < T; t++) {
+    lse[t] = m[t] + Math.log(s[t]);
+    if (is_trained(targets, mask, t)) sum += m[t] + Math.log(s[t]) - targetLogit[t];
+  }
+  return { loss: sum / n, lse };
+}
+
+/**
+ * Gradients of {@link lm_head_cross_entropy_forward}, recomputing each logits chunk.
+ *
+ * @param hidden hidden[T,D]
+ * @param W W[V,D]
+ * @param lse lse[T] from the forward
+ * @param dloss upstream gradient of the loss (1 for the loss itself)
+ * @param wantDW also return dW[V,D] (for a trained lm_head; LoRA does not need it)
+ * @returns dhidden[T,D] and dW[V,D] or null
+ */
+export function lm_head_cross_entropy_backward<A extends Floats>(
+  hidden: A,
+  W: Floats,
+  targets: ArrayLike<number>,
+  lse: Floats,
+  dims: LmHeadCrossEntropyDims,
+  dloss = 1,
+  wantDW = false,
+): { dhidden: A; dW: A | null } {
+  const { T, V, D, n, mask } = dims;
+  checkTargets(targets, dims);
+  const chunk = checkHead(hidden, W, dims);
+  expectLength("lse[T]", lse, T);
+  const dhidden = new Float64Array(T * D);
+  const dW = wantDW ? new Float64Array(V * D) : null;
+  for (let v0 = 0; v0 < V; v0 += chunk) {
+    const C = Math.min(chunk, V - v0);
+    const z = chunkLogits(hidden, W, T, D, v0, C);
+    for (let t = 0; t < T; t++) {
+      if (!is_trained(targets, mask, t)) continue;
+      for (let c = 0; c < C; c++) {
+        const p = Math.exp(z[t * C + c] - lse[t]);
+        const dz = (dloss / n) * (p - (v0 + c === targets[t] ? 1 : 0));
+        for (let d = 0; d < D; d++) {
+          dhidden[t * D + d] += dz * W[(v0 + c) * D + d];
+          if (dW) dW[(v0 + c) * D + d] += dz * hidden[t * D + d];
+        }
+      }
+    }
+  }
+  const dh = alloc(hidden, T * D);
+  dh.set(dhidden);
+  let dWOut: A | null = null;
+  if (dW) {
+    dWOut = alloc(hidden, V * D);
+    dWOut.set(dW);
+  }
+  return { dhidden: dh, dW: dWOut };
+}
