@@ -9,12 +9,11 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { relative } from "node:path";
 import { parse as parseYaml } from "yaml";
 import type { StepDef } from "./define.ts";
 import { LatheError, runMain } from "./errors.ts";
 import { applyOverrides, parseOverride } from "./overrides.ts";
-import { projectRoot, runsRoot } from "./paths.ts";
+import { displayPath, projectRoot, runsRoot } from "./paths.ts";
 import { rerunFromManifest } from "./rerun.ts";
 import { type RunOutcome, runStep } from "./runner.ts";
 import { newRunId } from "./run_id.ts";
@@ -37,7 +36,7 @@ export function printOutcome(outcome: RunOutcome, root: string): void {
     : outcome.status === "cached"
     ? "cached (unchanged)"
     : `reused from run ${m.cachedFrom}`;
-  console.log(`${m.step.padEnd(10)} ${how.padEnd(34)} ${relative(root, outcome.manifestPath)}`);
+  console.log(`${m.step.padEnd(10)} ${how.padEnd(34)} ${displayPath(outcome.manifestPath, root)}`);
 }
 
 /** Parses `argv` and runs `step` (or, with --manifest, reruns it). */

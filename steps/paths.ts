@@ -3,7 +3,7 @@
  * (`runs/`, or `$LATHE_RUNS`) and the tracker database (`runs/lathe.duckdb`, or `$LATHE_DB`).
  * @module
  */
-import { join, resolve } from "node:path";
+import { isAbsolute, join, relative, resolve } from "node:path";
 
 /** The project root: `$LATHE_PROJECT` or the working directory. */
 export function projectRoot(): string {
@@ -18,4 +18,10 @@ export function runsRoot(flag?: string, root: string = projectRoot()): string {
 /** The tracker database: `$LATHE_DB`, else `<runs root>/lathe.duckdb`. */
 export function trackerDbPath(runs: string): string {
   return resolve(Deno.env.get("LATHE_DB") ?? join(runs, "lathe.duckdb"));
+}
+
+/** A path for messages: relative to the project root when inside it, else absolute. */
+export function displayPath(abs: string, root: string = projectRoot()): string {
+  const rel = relative(root, abs);
+  return rel === "" ? "." : rel.startsWith("..") || isAbsolute(rel) ? abs : rel;
 }

@@ -6,13 +6,13 @@
  * each step's key and what would happen, writing nothing. docs/recipes.md describes it.
  * @module
  */
-import { isAbsolute, join, relative } from "node:path";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { exists } from "./atomic.ts";
 import { LatheError } from "./errors.ts";
 import { FAILURE_FILE, type Manifest, MANIFEST_FILE } from "./manifest.ts";
 import { parseOverride } from "./overrides.ts";
-import { runsRoot as defaultRunsRoot } from "./paths.ts";
+import { displayPath, runsRoot as defaultRunsRoot } from "./paths.ts";
 import { loadRecipe, type Recipe, type RecipeStep, type StepLoader } from "./recipe.ts";
 import { findCacheHit, planStep, type RunOutcome, runStep } from "./runner.ts";
 import { newRunId } from "./run_id.ts";
@@ -166,12 +166,6 @@ async function checkRunId(runsRoot: string, runId: string, recipe: string): Prom
   }
 }
 
-/** `path` relative to `root` when inside it, else absolute. */
-function shortPath(path: string, root: string): string {
-  const rel = relative(root, path);
-  return rel.startsWith("..") || isAbsolute(rel) ? path : rel;
-}
-
 /**
  * Runs the selected steps of `recipe` in order into run `opts.runId`. A failing step stops
  * the pipeline: its error propagates after a line naming its failure record and how to resume.
@@ -208,7 +202,7 @@ export async function runPipeline(recipe: Recipe, opts: PipelineOptions): Promis
     } catch (error) {
       const failure = join(runDir, step.name, FAILURE_FILE);
       printError(`${step.name.padEnd(10)} failed`);
-      if (await exists(failure)) printError(`failure record: ${shortPath(failure, opts.projectRoot)}`);
+      if (await exists(failure)) printError(`failure record: ${displayPath(failure, opts.projectRoot)}`);
       printError(
         `the run stopped at step "${step.name}"; continue it with --run ${opts.runId} ` +
           `(finished steps are reused)`,
@@ -294,7 +288,7 @@ export function summaryLines(result: PipelineResult, projectRoot: string, runsFl
       count("cached")
     } already done in this run`,
     `run    ${result.runId}`,
-    `dir    ${shortPath(result.runDir, projectRoot)}`,
+    `dir    ${displayPath(result.runDir, projectRoot)}`,
     `query  deno task runs show ${result.runId}${runsFlag === undefined ? "" : ` --runs ${runsFlag}`}`,
   ];
 }

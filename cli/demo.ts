@@ -1,0 +1,29 @@
+/**
+ * `deno task demo`: the embedded default — the tiny-demo recipe end to end, offline, on the
+ * shipped demo data and tokenizer — followed by where its manifests are and how to query it.
+ * Extra arguments go to the recipe command (`deno task demo --set tokenize.max_seq_len=128`).
+ * @module
+ */
+import { printOutcome } from "../steps/cli.ts";
+import { runMain } from "../steps/errors.ts";
+import { displayPath, projectRoot } from "../steps/paths.ts";
+import { recipeCommand } from "../steps/pipeline.ts";
+import { trackerHook } from "../tracker/hook.ts";
+
+if (import.meta.main) {
+  const root = projectRoot();
+  await runMain(async () => {
+    console.log("lathe demo: the tiny-demo recipe (recipes/tiny-demo.yaml), offline\n");
+    const result = await recipeCommand(["tiny-demo", ...Deno.args], {
+      projectRoot: root,
+      onFinish: trackerHook,
+      onStep: (outcome) => printOutcome(outcome, root),
+    });
+    if (!result) return;
+    const runDir = displayPath(result.runDir, root);
+    console.log(`
+manifests:   ${runDir}/<step>/manifest.json
+rerun one:   deno task step tokenize --manifest ${runDir}/tokenize/manifest.json
+query:       deno task runs sql "select step, status, seconds, key from steps where run_id = '${result.runId}'"`);
+  });
+}
