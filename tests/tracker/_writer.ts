@@ -3,11 +3,12 @@
  *
  * ```
  * deno run -A _writer.ts index <db> <runs root> <barrier dir> <manifest>...
- * deno run -A _writer.ts hold <db> <milliseconds> <ready file>
+ * deno run -A _writer.ts hold <db> <milliseconds> <ready file> [<release file>]
  * ```
  * `index` creates `<barrier dir>/ready-<pid>`, waits for `<barrier dir>/go`, then indexes
  * each manifest (one open per manifest); `hold` opens the database for writing, creates
- * the ready file and keeps the lock.
+ * the ready file and keeps the lock for the given time, or until the release file appears
+ * when one is named (so a test under load never races a fixed timer).
  * @module
  */
 import { join } from "node:path";
@@ -23,11 +24,14 @@ if (mode === "index") {
   for (const path of paths) await indexManifestFile(db, runsRoot, path);
   console.log(`indexed ${paths.length}`);
 } else if (mode === "hold") {
-  const [ms, ready] = rest;
+  const [ms, ready, release] = rest;
   await withDb(db, {}, async (conn) => {
     await conn.run("CREATE TABLE IF NOT EXISTS held (a INTEGER)");
     await Deno.writeTextFile(ready, "held");
-    await new Promise((r) => setTimeout(r, Number(ms)));
+    const until = Date.now() + Number(ms);
+    if (release) {
+      while (!(await exists(release)) && Date.now() < until) await new Promise((r) => setTimeout(r, 10));
+    } else await new Promise((r) => setTimeout(r, Number(ms)));
   });
 } else {
   throw new Error(`unknown mode "${mode}"`);

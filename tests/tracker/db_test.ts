@@ -103,7 +103,8 @@ Deno.test("withDb() gives up with a clear error when the lock is held past the t
   try {
     const db = join(root, "lathe.duckdb");
     const ready = join(root, "ready");
-    const holder = spawnWriter(["hold", db, "1500", ready]);
+    const release = join(root, "release");
+    const holder = spawnWriter(["hold", db, "60000", ready, release]);
     await waitForFile(ready);
     await assert.rejects(
       withDb(db, { readOnly: true, lockTimeoutMs: 300 }, () => Promise.resolve()),
@@ -117,6 +118,7 @@ Deno.test("withDb() gives up with a clear error when the lock is held past the t
         return true;
       },
     );
+    await Deno.writeTextFile(release, "");
     await finish(holder);
   } finally {
     await Deno.remove(root, { recursive: true });
