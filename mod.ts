@@ -1,0 +1,67 @@
+/**
+ * lathe: LLM fine-tuning (LoRA, QLoRA, SFT, DPO) as a Deno workflow of composable steps,
+ * training on WebGPU with lathe's own WGSL kernels, every run indexed in DuckDB.
+ *
+ * This module is the public library API. Programs use the tasks (`deno task recipe`,
+ * `step`, `runs`, `demo`); libraries compose the same pieces:
+ *
+ * @example Run a recipe from code
+ * ```ts ignore
+ * import { loadRecipe, runPipeline, newRunId, trackerHook } from "./mod.ts";
+ * const projectRoot = Deno.cwd();
+ * const recipe = await loadRecipe("tiny-demo", { projectRoot });
+ * const runsRoot = `${projectRoot}/runs`;
+ * const result = await runPipeline(recipe, {
+ *   runsRoot, projectRoot, runId: newRunId(recipe.name), onFinish: trackerHook(runsRoot),
+ * });
+ * console.log(result.runDir);
+ * ```
+ *
+ * @example Define a step
+ * ```ts ignore
+ * import * as z from "zod";
+ * import { defineStep, runFromCli } from "./mod.ts";
+ * export const step = defineStep({
+ *   name: "count", version: "1", description: "counts training rows",
+ *   config: z.strictObject({}), inputs: { data: "prepare" },
+ *   run: async (ctx, _config, inputs) => {
+ *     const rows = (await Deno.readTextFile(inputs.data.path("train"))).split("\n").length - 1;
+ *     await Deno.writeTextFile(await ctx.out("count.txt"), `${rows}\n`);
+ *     return { outputs: { count: "count.txt" }, metrics: { rows } };
+ *   },
+ * });
+ * if (import.meta.main) await runFromCli(step);
+ * ```
+ * @module
+ */
+
+// The step contract: definitions, manifests, running, caching, reruns.
+export { defineStep, type StepContext, type StepDef, type StepResult, type Upstream } from "./steps/define.ts";
+export {
+  FAILURE_FILE,
+  Manifest,
+  MANIFEST_FILE,
+  MANIFEST_SCHEMA,
+  parseManifest,
+  readManifest,
+} from "./steps/manifest.ts";
+export { type RunOptions, type RunOutcome, runStep, stepKey, verifyOutputs } from "./steps/runner.ts";
+export { rerunFromManifest, type RerunOptions } from "./steps/rerun.ts";
+export { runFromCli } from "./steps/cli.ts";
+export { LatheError, runMain } from "./steps/errors.ts";
+export { loadStep, STEP_NAMES } from "./steps/registry.ts";
+export { isRunId, newRunId } from "./steps/run_id.ts";
+export { applyOverrides, parseOverride } from "./steps/overrides.ts";
+export { Progress } from "./steps/progress.ts";
+export { canonicalJson, sha256File, sha256Hex } from "./steps/hash.ts";
+
+// Recipes and pipelines.
+export { listRecipes, loadRecipe, type Recipe, type RecipeStep } from "./steps/recipe.ts";
+export { planPipeline, type PipelineResult, runPipeline } from "./steps/pipeline.ts";
+
+// The tracker.
+export * as tracker from "./tracker/mod.ts";
+export { trackerHook } from "./tracker/hook.ts";
+
+// Steps.
+export { step as prepare } from "./steps/prepare.ts";
