@@ -1,0 +1,90 @@
+/**
+ * The contract between training loops and model backends. A backend holds a frozen base model
+ * and its LoRA adapters (with gradients and AdamW state) and runs micro-batches; the loop
+ * (steps/train_sft.ts) owns the schedule, accumulation, clipping policy, checkpoints and
+ * logging. Two backends implement it: the WebGPU graph (kernels/models/graph.ts) and the CPU
+ * reference (kernels/models/reference_backend.ts, built on kernels/reference/decoder.ts),
+ * which the GPU graph is tested against and which makes loop semantics testable anywhere.
+ *
+ * B = rows per micro-batch, S = sequence length (tokens per row), r = LoRA rank.
+ * @module
+ */
+import type { ModelConfig, Projection } from "./config.ts";
+
+/** One micro-batch of packed rows, row-major [B, S]. */
+export interface Batch {
+  rows: number;
+  seqLen: number;
+  /** Input token ids [B,S]. */
+  tokens: Uint32Array;
+  /** Next-token targets [B,S]; −100 where no loss is taken (prompt, padding, document ends). */
+  targets: Int32Array;
+  /** Position ids [B,S], restarting at 0 at each packed document. */
+  positions: Uint32Array;
+  /** Document index within its row [B,S]; attention never crosses documents. Padding has its own id. */
+  docs: Uint32Array;
+}
+
+/** LoRA hyperparameters as PEFT names them. */
+export interface LoraSpec {
+  r: number;
+  alpha: number;
+  dropout: number;
+  /** Projections that carry adapters (PEFT `target_modules`, expanded). */
+  targets: Projection[];
+  useRslora: boolean;
+}
+
+/** One adapter pair: A[r,in], B[out,r] (PEFT layout), f32. */
+export interface LoraWeights {
+  layer: number;
+  module: Projection;
+  A: Float32Array;
+  B: Float32Array;
+}
+
+/** AdamW hyperparameters for one optimizer step (PyTorch semantics). */
+export interface AdamWStep {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** Clip the global gradient norm to this (0 = no clipping). */
+  maxGradNorm: number;
+}
+
+/** Optimizer state for checkpoints: step count and first/second moments, by adapter tensor name. */
+export interface OptimizerState {
+  step: number;
+  m: Map<string, Float32Array>;
+  v: Map<string, Float32Array>;
+}
+
+/** A model that trains LoRA adapters. */
+export interface TrainableModel extends Disposable {
+  readonly config: ModelConfig;
+  readonly lora: LoraSpec;
+  /** Backend description for manifests and logs ("webgpu: <adapter>", "cpu-reference"). */
+  readonly backend: string;
+  /**
+   * Forward and backward of one micro-batch; adds the LoRA gradients of
+   * Σ_tokens CE / `normaliser` into the gradient buffers (so micro-batches of one optimizer step,
+   * each called with the step's total trained-token count, sum to the mean over the whole batch).
+   * `dropoutSeed` seeds LoRA dropout for this micro-batch. Returns the summed (unnormalised) loss
+   * and the trained-token count of this micro-batch.
+   */
+  forwardBackward(batch: Batch, normaliser: number, dropoutSeed: number): Promise<{ lossSum: number; tokens: number }>;
+  /** Forward only, no dropout: summed loss and trained-token count. */
+  evaluate(batch: Batch): Promise<{ lossSum: number; tokens: number }>;
+  /** Clips (if asked) and applies one AdamW step to every adapter, then zeroes the gradients. Returns the pre-clip global gradient norm. */
+  optimizerStep(hp: AdamWStep): Promise<{ gradNorm: number }>;
+  /** Zeroes the gradients without stepping (e.g. after a skipped non-finite step). */
+  zeroGrad(): Promise<void>;
+  /** Current adapter weights. */
+  getLora(): Promise<LoraWeights[]>;
+  /** Replaces adapter weights (resume, continue training from a PEFT adapter). */
+  setLora(weights: LoraWeights[]): Promise<void>;
+  getOptimizerState(): Promise<OptimizerState>;
+  setOptimizerState(state: OptimizerState): Promise<void>;
+}
