@@ -1,0 +1,180 @@
+/**
+ * One prepared row -> tokenized documents with loss masks. A document is what packing places
+ * into a row: token ids and a mask where 1 marks a token the loss is computed on (a prediction
+ * target). The first token of every document is never a target (nothing in the document
+ * precedes it), so its mask is always 0.
+ *
+ * - sft rows (`messages`): rendered with the chat template, tokenized without adding special
+ *   tokens (transformers' `apply_chat_template(messages, tokenize=True)`); `train_on` picks
+ *   the masked spans (see chat.ts for the span rule).
+ * - text rows: `tokenizer(text)` as transformers does it (BOS/EOS per tokenizer.ts'
+ *   `textSpecials`), then EOS appended unless already last; every token is a target.
+ * - preference rows: `prompt + chosen` and `prompt + rejected`, each masked on the completion
+ *   (assistant turns after the prompt), emitted as a pair.
+ * @module
+ */
+import { LatheError } from "../errors.ts";
+import { BoundaryError, type Encoder } from "./encoder.ts";
+import type { ChatRenderer, Message, Span } from "./chat.ts";
+import type { LoadedTokenizer } from "./tokenizer.ts";
+
+/** Which tokens of a chat are trained. */
+export type TrainOn = "all" | "completions" | "last_turn";
+/** What to do with a document longer than `max_seq_len`. */
+export type Overlong = "truncate" | "drop";
+/** The row formats `prepare` writes. */
+export type DataKind = "sft" | "text" | "preference";
+
+/** A tokenized document. */
+export interface Doc {
+  ids: number[];
+  /** 1 = loss target, 0 = context only; same length as `ids`. */
+  mask: Uint8Array;
+}
+
+/** What one row became. */
+export interface RowResult {
+  /** 0 docs (dropped), 1 doc (sft, text) or 2 docs (preference: chosen, rejected). */
+  docs: Doc[];
+  /** The row (either side of a pair) was longer than max_seq_len. */
+  overlong: boolean;
+  /** The row was dropped because no token of it is trained (after truncation). */
+  empty: boolean;
+  /** Tokens the row produced before truncation or dropping. */
+  tokenized: number;
+}
+
+/** Options that shape documents. */
+export interface DocOptions {
+  kind: DataKind;
+  trainOn: TrainOn;
+  maxSeqLen: number;
+  overlong: Overlong;
+}
+
+function fail(where: string, problem: string, hint?: string): LatheError {
+  return new LatheError(`Cannot tokenize ${where}: ${problem}`, {
+    hint: hint ?? "rerun the prepare step, or fix the source row it names",
+  });
+}
+
+/** A message list; a plain string is one message of `role` (a preference prompt or completion). */
+function messagesOf(value: unknown, field: string, where: string, role = "assistant"): Message[] {
+  if (typeof value === "string") return [{ role, content: value }];
+  if (!Array.isArray(value)) throw fail(where, `field "${field}" is not a list of messages`);
+  value.forEach((m, i) => {
+    if (!m || typeof m !== "object" || typeof m.role !== "string" || typeof m.content !== "string") {
+      throw fail(where, `${field}[${i}] is not a message {"role": string, "content": string}`);
+    }
+  });
+  return value as Message[];
+}
+
+/** Turns prepared rows into documents; one instance per worker. */
+export class DocumentBuilder {
+  #loaded: LoadedTokenizer;
+  #encoder: Encoder;
+  #chat: ChatRenderer;
+  #opts: DocOptions;
+
+  constructor(loaded: LoadedTokenizer, encoder: Encoder, chat: ChatRenderer, opts: DocOptions) {
+    this.#loaded = loaded;
+    this.#encoder = encoder;
+    this.#chat = chat;
+    this.#opts = opts;
+  }
+
+  /** Tokenizes one parsed row; `where` names it in errors (file:line and source). */
+  row(row: Record<string, unknown>, where: string): RowResult {
+    switch (this.#opts.kind) {
+      case "sft":
+        return this.#finish([this.sft(messagesOf(row.messages, "messages", where), where)]);
+      case "text": {
+        if (typeof row.text !== "string") throw fail(where, `field "text" is not a string`);
+        return this.#finish([this.text(row.text)]);
+      }
+      case "preference": {
+        const prompt = messagesOf(row.prompt, "prompt", where, "user");
+        const chosen = this.#completion(prompt, messagesOf(row.chosen, "chosen", where), where);
+        const rejected = this.#completion(prompt, messagesOf(row.rejected, "rejected", where), where);
+        return this.#finish([chosen, rejected]);
+      }
+    }
+  }
+
+  /** A chat document with `train_on` masks. */
+  sft(messages: Message[], where: string): Doc {
+    const assistants: number[] = [];
+    messages.forEach((m, i) => {
+      if (m.role === "assistant") assistants.push(i);
+    });
+    const mode = this.#opts.trainOn;
+    const which = mode === "all" ? [] : mode === "last_turn" ? assistants.slice(-1) : assistants;
+    const doc = this.#chatDoc(messages, which, where);
+    if (mode === "all") doc.mask.fill(1);
+    doc.mask[0] = 0;
+    return doc;
+  }
+
+  /** A plain-text document: BOS/EOS as the tokenizer adds them, then EOS if not already last. */
+  text(text: string): Doc {
+    const l = this.#loaded;
+    const ids = [...l.textPrefix, ...this.#encoder.encode(text).ids, ...l.textSuffix];
+    if (l.eosId !== null && ids[ids.length - 1] !== l.eosId) ids.push(l.eosId);
+    const mask = new Uint8Array(ids.length).fill(1);
+    mask[0] = 0;
+    return { ids, mask };
+  }
+
+  #completion(prompt: Message[], completion: Message[], where: string): Doc {
+    const messages = [...prompt, ...completion];
+    const which: number[] = [];
+    for (let i = prompt.length; i < messages.length; i++) if (messages[i].role === "assistant") which.push(i);
+    const doc = this.#chatDoc(messages, which, where);
+    doc.mask[0] = 0;
+    return doc;
+  }
+
+  #chatDoc(messages: Message[], which: number[], where: string): Doc {
+    let text: string;
+    let spans: Span[];
+    try {
+      ({ text, spans } = this.#chat.spans(messages, which));
+    } catch (error) {
+      throw fail(
+        where,
+        `the chat template failed: ${(error as Error).message}`,
+        "check that the conversation fits the model's chat template (role order, roles it knows), " +
+          "or set tokenize.chat_template",
+      );
+    }
+    const cuts = spans.flat();
+    let encoded;
+    try {
+      encoded = this.#encoder.encode(text, cuts);
+    } catch (error) {
+      if (error instanceof BoundaryError) {
+        throw fail(where, `cannot compute the loss mask: ${error.message}`, "set tokenize.chat_template");
+      }
+      throw error;
+    }
+    const mask = new Uint8Array(encoded.ids.length);
+    for (let j = 0; j < spans.length; j++) {
+      mask.fill(1, encoded.cutTokens[2 * j], encoded.cutTokens[2 * j + 1]);
+    }
+    return { ids: encoded.ids, mask };
+  }
+
+  /** Applies max_seq_len and drops documents without a trained token. */
+  #finish(docs: Doc[]): RowResult {
+    const max = this.#opts.maxSeqLen;
+    const tokenized = docs.reduce((n, d) => n + d.ids.length, 0);
+    const overlong = docs.some((d) => d.ids.length > max);
+    if (overlong) {
+      if (this.#opts.overlong === "drop") return { docs: [], overlong, empty: false, tokenized };
+      docs = docs.map((d) => ({ ids: d.ids.slice(0, max), mask: d.mask.slice(0, max) }));
+    }
+    if (docs.some((d) => !d.mask.includes(1))) return { docs: [], overlong, empty: true, tokenized };
+    return { docs, overlong, empty: false, tokenized };
+  }
+}
