@@ -36,7 +36,13 @@
  */
 
 // The step contract: definitions, manifests, running, caching, reruns.
-export { defineStep, type StepContext, type StepDef, type StepResult, type Upstream } from "./steps/define.ts";
+export {
+  defineStep,
+  type StepContext,
+  type StepDef,
+  type StepResult,
+  type Upstream,
+} from "./steps/define.ts";
 export {
   FAILURE_FILE,
   Manifest,
@@ -57,7 +63,7 @@ export { canonicalJson, sha256File, sha256Hex } from "./steps/hash.ts";
 
 // Recipes and pipelines.
 export { listRecipes, loadRecipe, type Recipe, type RecipeStep } from "./steps/recipe.ts";
-export { planPipeline, type PipelineResult, runPipeline } from "./steps/pipeline.ts";
+export { type PipelineResult, planPipeline, runPipeline } from "./steps/pipeline.ts";
 
 // The tracker.
 export * as tracker from "./tracker/mod.ts";
@@ -65,3 +71,15 @@ export { trackerHook } from "./tracker/hook.ts";
 
 // Steps.
 export { step as prepare } from "./steps/prepare.ts";
+export { step as tokenize } from "./steps/tokenize.ts";
+export { type ShardIndex, ShardReader, type ShardRow, ShardWriter } from "./steps/tokenize/shards.ts";
+
+// File formats lathe reads and writes.
+export { ModelWeights, SafetensorsFile, writeModelWeights, writeSafetensors } from "./formats/safetensors.ts";
+export * as peft from "./formats/peft.ts";
+
+// Models: configs, resolution (path, Hugging Face cache, Hub), tiny checkpoints, the training contract.
+export { loadModelConfig, type ModelConfig, parseModelConfig } from "./kernels/models/config.ts";
+export { resolveModel } from "./kernels/models/resolve.ts";
+export { writeTinyModel } from "./kernels/models/tiny.ts";
+export type { Batch, LoraSpec, TrainableModel } from "./kernels/models/trainable.ts";
