@@ -175,7 +175,7 @@ async function run(ctx: StepContext, config: TokenizeConfig, inputs: Record<stri
 /** The tokenize step. */
 export const step = defineStep({
   name: "tokenize",
-  version: "1",
+  version: "2",
   description: "renders chats with the model's template, tokenizes, masks, packs and writes token shards",
   config: TokenizeConfig,
   inputs: { data: "prepare" },

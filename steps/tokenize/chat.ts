@@ -7,6 +7,8 @@
  * `add_generation_prompt`, every entry of the tokenizer's `special_tokens_map` (`bos_token`,
  * `eos_token`, `pad_token`, `unk_token`, `additional_special_tokens`, ...; unset tokens are left
  * undefined), and the `raise_exception` / `strftime_now` functions the library provides.
+ * String stripping (`strip` / `lstrip` / `rstrip` with `chars`, the `trim` filter) follows Python
+ * (jinja_strings.ts), where the library alone differs from jinja2.
  *
  * Span rule (docs/shards.md, "Loss masks"): the assistant turn `i` starts where
  * `render(messages[:i], add_generation_prompt=True)` ends (that render must be a prefix of the
@@ -20,6 +22,7 @@
  */
 import { Template } from "@huggingface/jinja";
 import { LatheError } from "../errors.ts";
+import { usePythonStripping } from "./jinja_strings.ts";
 import type { LoadedTokenizer } from "./tokenizer.ts";
 
 /** One chat message. Extra fields (e.g. `name`, `tool_calls`) are passed to the template as they are. */
@@ -55,6 +58,7 @@ export class ChatRenderer {
 
   constructor(loaded: LoadedTokenizer, override?: string | null) {
     this.source = override ?? loaded.chatTemplate ?? CHATML_TEMPLATE;
+    usePythonStripping();
     try {
       this.#template = new Template(this.source);
     } catch (error) {

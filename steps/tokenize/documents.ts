@@ -158,9 +158,13 @@ export class DocumentBuilder {
       }
       throw error;
     }
+    // A token is a target when any of its characters lies in a span, as in transformers'
+    // assistant_masks: a token merged across a turn's start (e.g. "\n\n" of the header's "\n"
+    // and the answer's leading "\n") is a target, so no character of the answer is left untrained.
     const mask = new Uint8Array(encoded.ids.length);
     for (let j = 0; j < spans.length; j++) {
-      mask.fill(1, encoded.cutTokens[2 * j], encoded.cutTokens[2 * j + 1]);
+      const from = encoded.cutTokens[2 * j] - (encoded.cutInside[2 * j] ? 1 : 0);
+      mask.fill(1, from, encoded.cutTokens[2 * j + 1]);
     }
     return { ids: encoded.ids, mask };
   }

@@ -26,6 +26,11 @@ export interface Encoded {
   ids: number[];
   /** cutTokens[j] = number of tokens whose first character lies before cuts[j]. */
   cutTokens: number[];
+  /**
+   * cutInside[j]: cuts[j] falls strictly inside a token (token cutTokens[j] - 1 starts before it
+   * and ends after it); a fast-path result only, the library encoder rejects such cuts.
+   */
+  cutInside: boolean[];
 }
 
 /** Encodes text without adding special tokens. */
@@ -238,6 +243,7 @@ export class ByteLevelEncoder implements Encoder {
   encode(text: string, cuts: readonly number[] = []): Encoded {
     const ids: number[] = [];
     const cutTokens = new Array<number>(cuts.length);
+    const cutInside = new Array<boolean>(cuts.length).fill(false);
     let ci = 0;
     // Sections: [start, text] pieces between added tokens, then the added tokens themselves.
     type Section = { start: number; text: string; added: number | null };
@@ -273,7 +279,10 @@ export class ByteLevelEncoder implements Encoder {
       const end = s.start + s.text.length;
       while (ci < cuts.length && cuts[ci] <= s.start) cutTokens[ci++] = ids.length;
       if (s.added !== null) {
-        while (ci < cuts.length && cuts[ci] < end) cutTokens[ci++] = ids.length + 1;
+        while (ci < cuts.length && cuts[ci] < end) {
+          cutInside[ci] = true;
+          cutTokens[ci++] = ids.length + 1;
+        }
         ids.push(s.added);
         continue;
       }
@@ -287,16 +296,23 @@ export class ByteLevelEncoder implements Encoder {
         if (normalized !== body && local.length > 0) local = normalizedCuts(body, normalized, local);
         body = normalized;
       }
-      const counts = this.#encodeSection(body, ids, local);
-      for (let j = 0; j < counts.length; j++) cutTokens[first + j] = counts[j];
+      const { counts, inside } = this.#encodeSection(body, ids, local);
+      for (let j = 0; j < counts.length; j++) {
+        cutTokens[first + j] = counts[j];
+        cutInside[first + j] = inside[j];
+      }
     }
     while (ci < cuts.length) cutTokens[ci++] = ids.length;
-    return { ids, cutTokens };
+    return { ids, cutTokens, cutInside };
   }
 
-  /** Pre-tokenizes and encodes one normalized section, appending to `ids`; returns cut counts. */
-  #encodeSection(body: string, ids: number[], cuts: number[]): number[] {
+  /**
+   * Pre-tokenizes and encodes one normalized section, appending to `ids`; returns per cut the
+   * token count and whether the cut falls inside a token (see {@link Encoded}).
+   */
+  #encodeSection(body: string, ids: number[], cuts: number[]): { counts: number[]; inside: boolean[] } {
     const counts: number[] = [];
+    const inside = new Array<boolean>(cuts.length).fill(false);
     let ci = 0;
     const emit = (from: number, to: number): void => {
       const word = body.slice(from, to);
@@ -314,6 +330,8 @@ export class ByteLevelEncoder implements Encoder {
           const cutByte = utf8Length(body, from, cuts[ci]);
           let n = 0;
           while (n < starts.length && starts[n] < cutByte) n++;
+          // Token n - 1 starts before the cut; it ends where token n starts (or the word ends).
+          inside[ci] = (n < starts.length ? starts[n] : b) > cutByte;
           counts[ci++] = ids.length + n;
         }
       }
@@ -333,7 +351,7 @@ export class ByteLevelEncoder implements Encoder {
       for (const m of body.matchAll(re)) if (m[0].length > 0) emit(m.index, m.index + m[0].length);
     }
     while (ci < cuts.length) counts[ci++] = ids.length;
-    return counts;
+    return { counts, inside };
   }
 
   /** ids of one pre-tokenized word (memoized). */
@@ -475,7 +493,7 @@ export class LibraryEncoder implements Encoder {
       }
       return prefix.length;
     });
-    return { ids, cutTokens };
+    return { ids, cutTokens, cutInside: cuts.map(() => false) };
   }
 
   #ids(text: string): number[] {
