@@ -29,6 +29,8 @@ export interface StepContext {
   /** Absolute path of the project root; config paths are relative to it. */
   projectRoot: string;
   seed: number;
+  /** The step's cache key (see the manifest's `key`): names state kept across runs of the same step, e.g. resumable checkpoints. */
+  key: string;
   /** Absolute paths of the declared sources, by name. */
   sources: Record<string, string>;
   /** Absolute path for an output file `rel` inside the step directory (parents created). */

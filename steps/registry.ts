@@ -8,6 +8,7 @@ import { LatheError } from "./errors.ts";
 const MODULES: Record<string, () => Promise<{ step: StepDef }>> = {
   prepare: () => import("./prepare.ts"),
   tokenize: () => import("./tokenize.ts"),
+  "train-sft": () => import("./train_sft.ts"),
 };
 
 /** Names of all registered steps, in pipeline order. */

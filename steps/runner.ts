@@ -419,6 +419,7 @@ export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOpt
     stepDir: staging,
     projectRoot: opts.projectRoot,
     seed: opts.seed,
+    key,
     sources: sourcePaths,
     async out(rel: string): Promise<string> {
       const abs = resolve(staging, rel);
