@@ -1,0 +1,96 @@
+/**
+ * The `train-sft` config: names and meanings as transformers' `TrainingArguments`, peft's
+ * `LoraConfig` and trl's `SFTConfig` have them, so a recipe reads like the Python a user
+ * already knows. Every default is written into the manifest (and so into the step's key).
+ * @module
+ */
+import * as z from "zod";
+import { PROJECTIONS } from "../../kernels/models/config.ts";
+
+const positive = z.number().positive();
+const count = z.number().int().positive();
+const unit = (what: string) => z.number().min(0).lt(1, `${what} must be below 1`);
+
+/** LoRA hyper-parameters (peft `LoraConfig`: `r`, `lora_alpha`, `lora_dropout`, `target_modules`, `use_rslora`). */
+export const LoraSection = z.strictObject({
+  /** Rank r (peft `r`, default 8). */
+  r: count.default(8),
+  /** Scale numerator (peft `lora_alpha`, default 16): s = alpha / r, or alpha / √r with use_rslora. */
+  alpha: positive.default(16),
+  /** Dropout on the adapter input (peft `lora_dropout`, default 0.05). */
+  dropout: unit("lora.dropout").default(0.05),
+  /** "all-linear" (the seven projections, default) or a list of projection names. */
+  target_modules: z.union([z.literal("all-linear"), z.array(z.enum(PROJECTIONS)).min(1)]).default(
+    "all-linear",
+  ),
+  /** Rank-stabilised scaling alpha / √r (peft `use_rslora`, default false). */
+  use_rslora: z.boolean().default(false),
+});
+
+/** Schedules of transformers' `lr_scheduler_type` that lathe implements. */
+export const SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine"] as const;
+
+/** The step's config; see docs/training.md for the reference with the transformers names. */
+export const TrainSftConfig = z.strictObject({
+  /**
+   * The base model: a directory (relative to the project root or absolute), a Hugging Face
+   * cache snapshot or a Hub repo id ("Qwen/Qwen2.5-0.5B"). Its config and weight files are
+   * sources of the step, so they are part of its key.
+   */
+  model: z.string().min(1),
+  /** Hub revision (branch, tag or commit) when `model` is a repo id (default "main"). */
+  revision: z.string().min(1).default("main"),
+  /** "webgpu" (default): the WGSL engine; "cpu-reference": the f64 CPU reference (tiny models, tests). */
+  backend: z.enum(["webgpu", "cpu-reference"]).default("webgpu"),
+  lora: LoraSection.prefault({}),
+  /**
+   * A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start from
+   * instead of fresh adapters; its r and target_modules must equal `lora`'s (default null).
+   */
+  init_adapter: z.string().min(1).nullable().default(null),
+  /** Rows (token-shard rows of seq_len tokens) per micro-batch (default 1). */
+  per_device_train_batch_size: count.default(1),
+  /** Rows per evaluation batch; null: per_device_train_batch_size (default null). */
+  per_device_eval_batch_size: count.nullable().default(null),
+  /** Micro-batches per optimizer step (default 8). The loss is normalised over all of them. */
+  gradient_accumulation_steps: count.default(8),
+  /** Optimizer steps to run; −1 (default): num_train_epochs decides. */
+  max_steps: z.number().int().refine((v) => v === -1 || v > 0, "max_steps must be -1 or a positive integer")
+    .default(-1),
+  /** Passes over the training rows when max_steps is −1 (default 3; fractions allowed). */
+  num_train_epochs: positive.default(3),
+  /** Peak learning rate (default 2e-4). */
+  learning_rate: positive.default(2e-4),
+  /** Learning-rate schedule (default "linear", as transformers). */
+  lr_scheduler_type: z.enum(SCHEDULES).default("linear"),
+  /** Warmup as a fraction of the total steps, used when warmup_steps is 0 (default 0). */
+  warmup_ratio: unit("warmup_ratio").default(0),
+  /** Warmup steps; overrides warmup_ratio when > 0 (default 0). */
+  warmup_steps: z.number().int().min(0).default(0),
+  /** Decoupled AdamW weight decay λ (default 0). */
+  weight_decay: z.number().min(0).default(0),
+  /** AdamW β1 (default 0.9). */
+  adam_beta1: unit("adam_beta1").default(0.9),
+  /** AdamW β2 (default 0.999). */
+  adam_beta2: unit("adam_beta2").default(0.999),
+  /** AdamW ε (default 1e-8). */
+  adam_epsilon: positive.default(1e-8),
+  /** Clip the global gradient norm to this; 0 disables clipping (default 1.0). */
+  max_grad_norm: z.number().min(0).default(1),
+  /** Recompute each layer's activations in the backward instead of keeping them (default true; webgpu). */
+  gradient_checkpointing: z.boolean().default(true),
+  /** Evaluate on the eval split every N optimizer steps; null: only before and after training (default null). */
+  eval_steps: count.nullable().default(null),
+  /** Stop after this many evaluations without improvement of eval_loss; null: never (default null). */
+  early_stopping_patience: count.nullable().default(null),
+  /** An evaluation improves when eval_loss drops by more than this (default 0). */
+  early_stopping_threshold: z.number().min(0).default(0),
+  /** Write a checkpoint every N optimizer steps; null: none (default 500). */
+  save_steps: count.nullable().default(500),
+  /** Keep at most this many checkpoints, deleting the oldest; null: keep all (default null). */
+  save_total_limit: count.nullable().default(null),
+  /** Log loss, lr, grad_norm and tokens/s every N optimizer steps (default 1). */
+  logging_steps: count.default(1),
+});
+/** The parsed config. */
+export type TrainSftConfig = z.output<typeof TrainSftConfig>;

@@ -1,0 +1,389 @@
+/**
+ * The supervised fine-tuning loop over a {@link TrainableModel}: seeded row order per epoch,
+ * gradient accumulation, the learning-rate schedule, clipping, evaluation, early stopping,
+ * checkpoints, resume, and the logs. It knows nothing of the backend.
+ *
+ * Loss normalisation (transformers ≥ 4.46, `num_items_in_batch`): the g micro-batches of one
+ * optimizer step are built first and their trained tokens counted, N = Σ_micro tokens; every
+ * micro-batch then adds ∇(Σ_its tokens CE / N), so the step's gradient is that of the mean CE
+ * over all N tokens, whatever the split into micro-batches (b = 2, g = 4 equals b = 8, even
+ * when the micro-batches hold different numbers of trained tokens). The step's loss is
+ * Σ lossSum / N.
+ *
+ * Randomness is counter-based, so a resumed run replays exactly: the row order of epoch e
+ * comes from PCG32(seed, SHUFFLE_STREAM + e), the dropout seeds of step s from
+ * PCG32(seed, DROPOUT_STREAM + s) (one u32 per micro-batch, in order).
+ * @module
+ */
+import type { LoraConfig } from "../../formats/peft.ts";
+import { Pcg32 } from "../../kernels/models/random.ts";
+import type { Batch, TrainableModel } from "../../kernels/models/trainable.ts";
+import { LatheError } from "../errors.ts";
+import { humanCount, type Progress } from "../progress.ts";
+import { buildBatch, chunks, epochOrder, SHUFFLE_STREAM, type Split, trainedTokens } from "./batches.ts";
+import {
+  type CheckpointRef,
+  listCheckpoints,
+  loadCheckpoint,
+  pruneCheckpoints,
+  saveCheckpoint,
+  TRAINING_STATE_FORMAT,
+  type TrainingState,
+} from "./checkpoint.ts";
+import type { TrainSftConfig } from "./config.ts";
+import { recordEval } from "./early_stopping.ts";
+import { lrAt, planTraining, type TrainPlan } from "./schedule.ts";
+import { type LogEntry, trainerState } from "./trainer_state.ts";
+
+/** PCG32 stream of step s's dropout seeds is DROPOUT_STREAM + s. */
+export const DROPOUT_STREAM = 2 ** 41;
+
+/** Where the loop reports: the step context's metric log and progress. */
+export interface LoopIo {
+  /** Appends one metric point (metrics.jsonl). */
+  log(name: string, index: number, value: number): void;
+  /** A progress reporter over `total` units. */
+  progress(total: number, unit?: string): Progress;
+}
+
+/** Inputs of {@link trainLoop}. */
+export interface TrainLoopOptions {
+  model: TrainableModel;
+  config: TrainSftConfig;
+  /** The adapter's PEFT config (written with every checkpoint). */
+  lora: LoraConfig;
+  train: Split;
+  eval: Split | null;
+  seed: number;
+  /** Directory of checkpoints (`step-N/`); null: none are written. */
+  checkpointDir: string | null;
+  /** Continue from the latest checkpoint in `checkpointDir` when there is one. */
+  resume: boolean;
+  io: LoopIo;
+}
+
+/** Final scalars of a run (the step manifest's metrics). */
+export interface TrainMetrics {
+  /** Mean of the per-step losses over all steps. */
+  train_loss: number;
+  /** Eval loss after training; null without an eval split. */
+  eval_loss: number | null;
+  /** Eval loss of the adapters before the first step. */
+  eval_loss_before: number | null;
+  /** Token slots (padding included) per second of training. */
+  tokens_per_s: number;
+  steps: number;
+  epochs: number;
+  trained_tokens: number;
+  seconds: number;
+  stopped_early: boolean;
+  resumed_from_step: number | null;
+  backend: string;
+}
+
+/** What {@link trainLoop} returns. */
+export interface TrainLoopResult {
+  metrics: TrainMetrics;
+  history: LogEntry[];
+  plan: TrainPlan;
+  state: TrainingState;
+}
+
+/** The u32 dropout seeds of the micro-batches of step `step`. */
+export function dropoutSeeds(seed: number, step: number, count: number): number[] {
+  const rng = new Pcg32(seed, DROPOUT_STREAM + step);
+  return Array.from({ length: count }, () => rng.nextU32());
+}
+
+/** Token-weighted mean loss of `model` over every row of `split` (no dropout); null when nothing is trained. */
+export async function evaluateSplit(
+  model: TrainableModel,
+  split: Split,
+  batchSize: number,
+): Promise<number | null> {
+  let lossSum = 0;
+  let tokens = 0;
+  for (const rows of chunks(split.rows, batchSize)) {
+    const r = await model.evaluate(buildBatch(rows, split.index.pad_id));
+    lossSum += r.lossSum;
+    tokens += r.tokens;
+  }
+  if (tokens === 0) return null;
+  const loss = lossSum / tokens;
+  if (!Number.isFinite(loss)) {
+    throw new LatheError(`Cannot evaluate: the eval loss is ${loss}`, {
+      hint: "the adapters or the base model hold non-finite values",
+    });
+  }
+  return loss;
+}
+
+function nonFinite(what: string, value: number, step: number, last: CheckpointRef | null): LatheError {
+  const kept = last
+    ? `the last good checkpoint is step ${last.step} at "${last.dir}"`
+    : "no checkpoint was written yet";
+  return new LatheError(`Cannot continue training: the ${what} of step ${step} is ${value}; ${kept}`, {
+    hint: "Lower learning_rate, add warmup or gradient clipping (max_grad_norm), or check the data for " +
+      "extreme rows." +
+      (last ? " To keep the progress, start a run from the checkpoint's adapter with init_adapter." : ""),
+  });
+}
+
+function freshState(seed: number, rows: number, plan: TrainPlan): TrainingState {
+  return {
+    format: TRAINING_STATE_FORMAT,
+    step: 0,
+    epoch: 0,
+    position: 0,
+    seed,
+    shuffleStream: SHUFFLE_STREAM,
+    dropoutStream: DROPOUT_STREAM,
+    rows,
+    totalSteps: plan.totalSteps,
+    lossSum: 0,
+    tokens: 0,
+    trainedTokens: 0,
+    seconds: 0,
+    evalLossBefore: null,
+    bestEvalLoss: null,
+    badEvals: 0,
+    windowLoss: 0,
+    windowSteps: 0,
+  };
+}
+
+function replay(io: LoopIo, history: readonly LogEntry[]): void {
+  for (const e of history) {
+    if (e.loss !== undefined) io.log("loss", e.step, e.loss);
+    if (e.learning_rate !== undefined) io.log("lr", e.step, e.learning_rate);
+    if (e.grad_norm !== undefined) io.log("grad_norm", e.step, e.grad_norm);
+    if (e.tokens_per_second !== undefined) io.log("tokens_per_s", e.step, e.tokens_per_second);
+    if (e.eval_loss !== undefined) io.log("eval_loss", e.step, e.eval_loss);
+  }
+}
+
+/**
+ * Trains `model` on `train` under `config`; see the module documentation. Throws a LatheError
+ * (leaving every checkpoint written so far) when a loss or gradient norm is not finite.
+ */
+export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopResult> {
+  const { model, config, train, io, seed } = options;
+  const evalSplit = options.eval && options.eval.rows.length > 0 ? options.eval : null;
+  if (config.early_stopping_patience !== null && (!evalSplit || config.eval_steps === null)) {
+    throw new LatheError(
+      "Cannot use train-sft.early_stopping_patience: " +
+        (evalSplit ? "eval_steps is null, so there are no evaluations to watch" : "there is no eval split"),
+      {
+        hint: evalSplit
+          ? "set eval_steps"
+          : "give prepare an eval split (its eval_fraction / eval file), or drop early_stopping_patience",
+      },
+    );
+  }
+  const n = train.rows.length;
+  const plan = planTraining(n, config);
+  const bs = config.per_device_train_batch_size;
+  const evalBs = config.per_device_eval_batch_size ?? bs;
+  const padId = train.index.pad_id;
+
+  let state = freshState(seed, n, plan);
+  let history: LogEntry[] = [];
+  let resumedFrom: number | null = null;
+  let lastCheckpoint: CheckpointRef | null = null;
+  const checkpoints = options.checkpointDir ? await listCheckpoints(options.checkpointDir) : [];
+  if (options.resume && checkpoints.length > 0) {
+    lastCheckpoint = checkpoints[checkpoints.length - 1];
+    const loaded = await loadCheckpoint(lastCheckpoint.dir, model.config);
+    const t = loaded.training;
+    if (t.rows !== n || t.seed !== seed || t.totalSteps !== plan.totalSteps) {
+      throw new LatheError(
+        `Cannot resume from "${lastCheckpoint.dir}": it was written for ${t.rows} rows, seed ${t.seed}, ` +
+          `${t.totalSteps} steps; this run has ${n} rows, seed ${seed}, ${plan.totalSteps} steps`,
+        { hint: "the checkpoint belongs to another run; start over without resuming" },
+      );
+    }
+    await model.setLora(loaded.lora);
+    await model.setOptimizerState(loaded.optimizer);
+    state = t;
+    history = loaded.trainer.log_history;
+    resumedFrom = t.step;
+    replay(io, history);
+  } else if (evalSplit) {
+    state.evalLossBefore = await evaluateSplit(model, evalSplit, evalBs);
+    if (state.evalLossBefore !== null) {
+      history.push({ step: 0, epoch: 0, eval_loss: state.evalLossBefore });
+      io.log("eval_loss", 0, state.evalLossBefore);
+    }
+  }
+
+  const epochAt = () => state.epoch + state.position / n;
+  const snapshot = () =>
+    trainerState({
+      step: state.step,
+      epoch: epochAt(),
+      history,
+      bestEvalLoss: state.bestEvalLoss,
+      evalSteps: config.eval_steps,
+      loggingSteps: config.logging_steps,
+      maxSteps: plan.totalSteps,
+      epochs: plan.totalSteps / plan.stepsPerEpoch,
+      saveSteps: config.save_steps,
+      tokens: state.tokens,
+      batchSize: bs,
+    });
+
+  const progress = io.progress(plan.totalSteps - state.step, "steps");
+  let order = epochOrder(n, seed, state.epoch);
+  const evals = history.filter((e) => e.eval_loss !== undefined);
+  let lastEvalStep = evals.length > 0 ? evals[evals.length - 1].step : -1;
+  let lastEval: number | null = evals.length > 0 ? evals[evals.length - 1].eval_loss! : null;
+  // A run killed right after early stopping triggered does not train on when resumed.
+  let stoppedEarly = config.early_stopping_patience !== null &&
+    state.badEvals >= config.early_stopping_patience;
+  const span = { tokens: 0, seconds: 0 };
+
+  while (state.step < plan.totalSteps && !stoppedEarly) {
+    const started = performance.now();
+    if (state.position >= n) {
+      state.epoch++;
+      state.position = 0;
+      order = epochOrder(n, seed, state.epoch);
+    }
+    const take = order.subarray(state.position, Math.min(n, state.position + plan.rowsPerStep));
+    const micro: Batch[] = chunks(Array.from(take, (i) => train.rows[i]), bs).map((rows) =>
+      buildBatch(rows, padId)
+    );
+    const stepTokens = micro.reduce((s, b) => s + trainedTokens(b), 0);
+    const normaliser = Math.max(1, stepTokens);
+    const seeds = dropoutSeeds(seed, state.step, micro.length);
+    let lossSum = 0;
+    let slots = 0;
+    for (let i = 0; i < micro.length; i++) {
+      const r = await model.forwardBackward(micro[i], normaliser, seeds[i]);
+      if (!Number.isFinite(r.lossSum)) throw nonFinite("loss", r.lossSum, state.step + 1, lastCheckpoint);
+      lossSum += r.lossSum;
+      slots += micro[i].rows * micro[i].seqLen;
+    }
+    const lr = lrAt(config, plan, state.step);
+    const { gradNorm } = await model.optimizerStep({
+      lr,
+      beta1: config.adam_beta1,
+      beta2: config.adam_beta2,
+      eps: config.adam_epsilon,
+      weightDecay: config.weight_decay,
+      maxGradNorm: config.max_grad_norm,
+    });
+    if (!Number.isFinite(gradNorm)) {
+      throw nonFinite("gradient norm", gradNorm, state.step + 1, lastCheckpoint);
+    }
+    const loss = lossSum / normaliser;
+    state.step++;
+    state.position += take.length;
+    state.lossSum += loss;
+    state.tokens += slots;
+    state.trainedTokens += stepTokens;
+    state.windowLoss += loss;
+    state.windowSteps++;
+    span.tokens += slots;
+    const step = state.step;
+
+    // Throughput counts forward, backward and update; evaluation and checkpoints stay out.
+    span.seconds += (performance.now() - started) / 1000;
+    if (step % config.logging_steps === 0 || step === plan.totalSteps) {
+      const entry: LogEntry = {
+        step,
+        epoch: epochAt(),
+        loss: state.windowLoss / state.windowSteps,
+        learning_rate: lr,
+        grad_norm: gradNorm,
+        tokens_per_second: span.tokens / Math.max(1e-9, span.seconds),
+      };
+      history.push(entry);
+      io.log("loss", step, entry.loss!);
+      io.log("lr", step, lr);
+      io.log("grad_norm", step, gradNorm);
+      io.log("tokens_per_s", step, entry.tokens_per_second!);
+      state.windowLoss = state.windowSteps = 0;
+      span.tokens = span.seconds = 0;
+    }
+    if (evalSplit && config.eval_steps !== null && step % config.eval_steps === 0) {
+      lastEval = await evaluateSplit(model, evalSplit, evalBs);
+      lastEvalStep = step;
+      if (lastEval !== null) {
+        history.push({ step, epoch: epochAt(), eval_loss: lastEval });
+        io.log("eval_loss", step, lastEval);
+        const early = { best: state.bestEvalLoss, bad: state.badEvals };
+        stoppedEarly = recordEval(
+          early,
+          lastEval,
+          config.early_stopping_patience,
+          config.early_stopping_threshold,
+        );
+        state.bestEvalLoss = early.best;
+        state.badEvals = early.bad;
+      }
+    }
+    state.seconds += (performance.now() - started) / 1000;
+    if (options.checkpointDir && config.save_steps !== null && step % config.save_steps === 0) {
+      const dir = await saveCheckpoint(options.checkpointDir, model, options.lora, { ...state }, snapshot());
+      lastCheckpoint = { dir, step };
+      if (config.save_total_limit !== null) {
+        await pruneCheckpoints(options.checkpointDir, config.save_total_limit);
+      }
+    }
+    const rate = slots / Math.max(1e-9, (performance.now() - started) / 1000);
+    progress.tick(1, `loss ${loss.toFixed(4)} · lr ${lr.toExponential(2)} · ${humanCount(rate)} tok/s`);
+  }
+
+  if (evalSplit && lastEvalStep !== state.step) {
+    lastEval = await evaluateSplit(model, evalSplit, evalBs);
+    if (lastEval !== null) {
+      history.push({ step: state.step, epoch: epochAt(), eval_loss: lastEval });
+      io.log("eval_loss", state.step, lastEval);
+    }
+  }
+  const tokensPerS = state.tokens / Math.max(1e-9, state.seconds);
+  history.push({
+    step: state.step,
+    epoch: epochAt(),
+    train_loss: state.step > 0 ? state.lossSum / state.step : 0,
+    train_runtime: state.seconds,
+    train_tokens_per_second: tokensPerS,
+  });
+  progress.done(`loss ${(state.lossSum / Math.max(1, state.step)).toFixed(4)}`);
+  return {
+    metrics: {
+      train_loss: state.step > 0 ? state.lossSum / state.step : 0,
+      eval_loss: evalSplit ? lastEval : null,
+      eval_loss_before: state.evalLossBefore,
+      tokens_per_s: tokensPerS,
+      steps: state.step,
+      epochs: epochAt(),
+      trained_tokens: state.trainedTokens,
+      seconds: state.seconds,
+      stopped_early: stoppedEarly,
+      resumed_from_step: resumedFrom,
+      backend: model.backend,
+    },
+    history,
+    plan,
+    state,
+  };
+}
+
+/** The trainer_state.json object of a finished loop. */
+export function finalTrainerState(result: TrainLoopResult, config: TrainSftConfig) {
+  return trainerState({
+    step: result.state.step,
+    epoch: result.metrics.epochs,
+    history: result.history,
+    bestEvalLoss: result.state.bestEvalLoss,
+    evalSteps: config.eval_steps,
+    loggingSteps: config.logging_steps,
+    maxSteps: result.plan.totalSteps,
+    epochs: result.plan.totalSteps / result.plan.stepsPerEpoch,
+    saveSteps: config.save_steps,
+    tokens: result.state.tokens,
+    batchSize: config.per_device_train_batch_size,
+  });
+}

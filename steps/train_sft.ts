@@ -1,0 +1,257 @@
+/**
+ * The `train-sft` step: LoRA supervised fine-tuning of a base model on the token shards of
+ * `tokenize`, written as a PEFT adapter.
+ *
+ * ```
+ * deno task step train-sft --run <id> --set model=Qwen/Qwen2.5-0.5B --set max_steps=200
+ * LATHE_RESUME=1 deno task step train-sft --run <id> ...   # continue a killed run
+ * ```
+ *
+ * Outputs: `adapter/` (adapter_config.json, adapter_model.safetensors; PEFT format, loadable
+ * by `PeftModel.from_pretrained`), `trainer_state.json` (transformers' layout with the log
+ * history), `loss.svg`, `metrics.jsonl` (loss, lr, grad_norm, tokens_per_s, eval_loss) and
+ * `checkpoints/step-N/`. While the step runs, checkpoints live in
+ * `runs/<id>/.train-sft.checkpoints/<key>/` (outside the staging directory, so a killed run
+ * keeps them) and move into the step directory when it succeeds. docs/training.md has the
+ * config reference.
+ * @module
+ */
+import { dirname, join, resolve } from "node:path";
+import {
+  ADAPTER_CONFIG_FILE,
+  ADAPTER_WEIGHTS_FILE,
+  type LoraConfig,
+  resolveTargetModules,
+} from "../formats/peft.ts";
+import { INDEX_FILE, SINGLE_FILE } from "../formats/safetensors.ts";
+import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../kernels/models/config.ts";
+import { resolveModel } from "../kernels/models/resolve.ts";
+import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
+import { exists, writeFileAtomic, writeJsonAtomic } from "./atomic.ts";
+import { runFromCli } from "./cli.ts";
+import { defineStep, type StepContext, type Upstream } from "./define.ts";
+import { LatheError } from "./errors.ts";
+import type { Progress } from "./progress.ts";
+import { loadSplit, type Split } from "./train/batches.ts";
+import { listCheckpoints, readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
+import { TrainSftConfig } from "./train/config.ts";
+import { finalTrainerState, trainLoop } from "./train/loop.ts";
+import { lossSvg } from "./train/plot.ts";
+
+export { TrainSftConfig };
+
+/** Where a run keeps its checkpoints while the step runs: `<run dir>/.train-sft.checkpoints/<key>`. */
+export const CHECKPOINTS_DIR = ".train-sft.checkpoints";
+
+/**
+ * Fault injection for tests: `wrapModel` replaces the backend's model by a wrapper (to make
+ * a step fail at a chosen point, or return a non-finite loss). Empty in normal use.
+ */
+export const trainSftHooks: { wrapModel?: (model: TrainableModel) => TrainableModel } = {};
+
+async function isDirectory(path: string): Promise<boolean> {
+  try {
+    return (await Deno.stat(path)).isDirectory;
+  } catch {
+    return false;
+  }
+}
+
+/** The local directory of `config.model`: a path relative to the project root, else a cache or Hub reference. */
+async function modelDir(config: TrainSftConfig, projectRoot: string): Promise<string> {
+  const local = resolve(projectRoot, config.model);
+  const ref = await isDirectory(local) ? local : config.model;
+  return (await resolveModel(ref, { revision: config.revision })).dir;
+}
+
+/** The files that determine the model (config and weights), by source name `model/<file>`. */
+async function modelSources(dir: string): Promise<Record<string, string>> {
+  const out: Record<string, string> = { "model/config.json": join(dir, "config.json") };
+  const index = join(dir, INDEX_FILE);
+  if (await exists(index)) {
+    out[`model/${INDEX_FILE}`] = index;
+    const parsed = JSON.parse(await Deno.readTextFile(index)) as { weight_map?: Record<string, string> };
+    for (const file of new Set(Object.values(parsed.weight_map ?? {}))) {
+      out[`model/${file}`] = join(dir, file);
+    }
+  } else {
+    out[`model/${SINGLE_FILE}`] = join(dir, SINGLE_FILE);
+  }
+  return out;
+}
+
+async function sources(config: TrainSftConfig, projectRoot: string): Promise<Record<string, string>> {
+  const out = await modelSources(await modelDir(config, projectRoot));
+  if (config.init_adapter !== null) {
+    const dir = resolve(projectRoot, config.init_adapter);
+    out["init_adapter/config"] = join(dir, ADAPTER_CONFIG_FILE);
+    out["init_adapter/weights"] = join(dir, ADAPTER_WEIGHTS_FILE);
+  }
+  return out;
+}
+
+async function openSplits(data: Upstream, model: ModelConfig): Promise<{ train: Split; eval: Split | null }> {
+  const train = await loadSplit(data.path("train"));
+  const evalSplit = "eval" in data.manifest.outputs ? await loadSplit(data.path("eval")) : null;
+  for (const split of [train, evalSplit]) {
+    if (!split) continue;
+    const i = split.index;
+    if (i.kind === "preference") {
+      throw new LatheError(
+        `Cannot train-sft on preference data (split "${i.split}" holds chosen/rejected pairs)`,
+        {
+          hint:
+            "use the train-dpo step for preference data, or prepare SFT rows (messages, prompt/response, text)",
+        },
+      );
+    }
+    if (i.vocab_size > model.vocabSize) {
+      throw new LatheError(
+        `Cannot train on split "${i.split}": its tokenizer has ${i.vocab_size} token ids, ` +
+          `the model's vocab_size is ${model.vocabSize}`,
+        { hint: "tokenize with the model's own tokenizer (tokenize.tokenizer = the model directory)" },
+      );
+    }
+    checkSequenceLength(model, i.seq_len);
+  }
+  return { train, eval: evalSplit };
+}
+
+async function createModel(
+  config: TrainSftConfig,
+  ctx: StepContext,
+  dir: string,
+  model: ModelConfig,
+  spec: LoraSpec,
+): Promise<TrainableModel> {
+  if (config.backend === "cpu-reference") {
+    const { loadHostModel } = await import("../kernels/models/load.ts");
+    const { createReferenceModel } = await import("../kernels/models/reference_backend.ts");
+    const host = await loadHostModel(dir, { progress: (total) => ctx.progress(total, "B") });
+    return createReferenceModel(host.config, host.weights, spec, ctx.seed);
+  }
+  const { getGpu } = await import("../kernels/device.ts");
+  const { createGpuModel } = await import("../kernels/models/graph.ts");
+  ctx.setGpu((await getGpu()).info);
+  // Weight upload progress, in bytes read from disk.
+  const load: { progress: Progress | null; read: number } = { progress: null, read: 0 };
+  const gpuModel = await createGpuModel(model, dir, spec, ctx.seed, {
+    gradientCheckpointing: config.gradient_checkpointing,
+    onLoadProgress: (read, total) => {
+      load.progress ??= ctx.progress(total, "B");
+      load.progress.tick(read - load.read);
+      load.read = read;
+    },
+  });
+  load.progress?.done();
+  return gpuModel;
+}
+
+/** Decides between resuming and starting over, from `LATHE_RESUME` and the checkpoints present. */
+async function resumeChoice(checkpointDir: string): Promise<boolean> {
+  const env = Deno.env.get("LATHE_RESUME") ?? "";
+  if (!["", "0", "1"].includes(env)) {
+    throw new LatheError(`Cannot read LATHE_RESUME "${env}": expected 1 (resume) or 0 (start over)`);
+  }
+  if (env === "1") return true;
+  const found = await listCheckpoints(checkpointDir);
+  if (found.length === 0) return false;
+  if (env === "0") {
+    await Deno.remove(checkpointDir, { recursive: true });
+    return false;
+  }
+  const last = found[found.length - 1];
+  throw new LatheError(
+    `Cannot start train-sft: an interrupted run with the same key left ${found.length} checkpoint(s) in ` +
+      `"${checkpointDir}" (latest: step ${last.step})`,
+    { hint: "set LATHE_RESUME=1 to continue from it, or LATHE_RESUME=0 to delete them and start over" },
+  );
+}
+
+async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<string, Upstream>) {
+  const dir = dirname(ctx.sources["model/config.json"]);
+  const modelConfig = await loadModelConfig(dir);
+  const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig);
+  const targets = resolveTargetModules(config.lora.target_modules, "train-sft.lora.target_modules");
+  const spec: LoraSpec = {
+    r: config.lora.r,
+    alpha: config.lora.alpha,
+    dropout: config.lora.dropout,
+    targets,
+    useRslora: config.lora.use_rslora,
+  };
+  const peft: LoraConfig = {
+    baseModelNameOrPath: config.model,
+    r: spec.r,
+    loraAlpha: spec.alpha,
+    loraDropout: spec.dropout,
+    targetModules: targets,
+    useRslora: spec.useRslora,
+    revision: config.revision === "main" ? null : config.revision,
+  };
+  const checkpointDir = join(ctx.runDir, CHECKPOINTS_DIR, ctx.key);
+  const resume = await resumeChoice(checkpointDir);
+  const base = await createModel(config, ctx, dir, modelConfig, spec);
+  const model = trainSftHooks.wrapModel ? trainSftHooks.wrapModel(base) : base;
+  try {
+    if (config.init_adapter !== null) {
+      const from = dirname(ctx.sources["init_adapter/config"]);
+      const loaded = await readAdapterWeights(from, modelConfig);
+      const same = loaded.config.r === spec.r &&
+        resolveTargetModules(loaded.config.targetModules).join() === targets.join();
+      if (!same) {
+        throw new LatheError(
+          `Cannot start from adapter "${from}" (train-sft.init_adapter): it has r=${loaded.config.r} and ` +
+            `target_modules [${
+              resolveTargetModules(loaded.config.targetModules).join(", ")
+            }], the config asks ` +
+            `for r=${spec.r} and [${targets.join(", ")}]`,
+          { hint: "set train-sft.lora.r and lora.target_modules to the adapter's values" },
+        );
+      }
+      await model.setLora(loaded.weights);
+    }
+    const result = await trainLoop({
+      model,
+      config,
+      lora: peft,
+      train,
+      eval: evalSplit,
+      seed: ctx.seed,
+      checkpointDir: config.save_steps === null ? null : checkpointDir,
+      resume,
+      io: { log: ctx.log, progress: ctx.progress },
+    });
+    await writeAdapter(dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE))), model, peft);
+    await writeJsonAtomic(await ctx.out("trainer_state.json"), finalTrainerState(result, config));
+    await writeFileAtomic(await ctx.out("loss.svg"), lossSvg(result.history, `train-sft ${config.model}`));
+    if (await exists(checkpointDir)) {
+      await Deno.rename(checkpointDir, await ctx.out("checkpoints"));
+      await Deno.remove(join(ctx.runDir, CHECKPOINTS_DIR)).catch(() => {}); // only when empty
+    }
+    return {
+      outputs: {
+        adapter: join("adapter", ADAPTER_CONFIG_FILE),
+        adapter_weights: join("adapter", ADAPTER_WEIGHTS_FILE),
+        trainer_state: "trainer_state.json",
+        loss_plot: "loss.svg",
+      },
+      metrics: { ...result.metrics },
+    };
+  } finally {
+    model[Symbol.dispose]();
+  }
+}
+
+/** The train-sft step. */
+export const step = defineStep({
+  name: "train-sft",
+  version: "1",
+  description: "LoRA supervised fine-tuning on token shards; writes a PEFT adapter",
+  config: TrainSftConfig,
+  inputs: { data: "tokenize" },
+  sources,
+  run,
+});
+
+if (import.meta.main) await runFromCli(step);
