@@ -19,6 +19,7 @@ import { ChatRenderer, type Message } from "../steps/tokenize/chat.ts";
 import { WorkerPool } from "../steps/tokenize/pool.ts";
 import { tokenizeSplit } from "../steps/tokenize/pipeline.ts";
 import { loadTokenizer } from "../steps/tokenize/tokenizer.ts";
+import { mulberry32 } from "../kernels/models/random.ts";
 
 /** The reference throughput of the pipeline, tokens/s on 2 cores. */
 export const TARGET_TOKENS_PER_S = 1.5e6;
@@ -30,18 +31,6 @@ const WORDS = (
   "extract fields json answer question summary report weather travel flight hotel booking reference " +
   "Zürich São Paulo Kraków München Łódź naïve café résumé 東京 北京 서울"
 ).split(" ");
-
-/** A small deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Distinct words of the synthetic language; natural text of 10 MB has some tens of thousands. */
 const LEXICON_SIZE = 50_000;
@@ -112,8 +101,8 @@ function chat(r: () => number, i: number): Message[] {
 
 /** Writes chats to `path` until it holds at least `bytes` bytes; returns the rows written. */
 export async function writeCorpus(path: string, bytes: number): Promise<number> {
-  const r = rng(1234);
-  lexicon = makeLexicon(rng(99));
+  const r = mulberry32(1234);
+  lexicon = makeLexicon(mulberry32(99));
   const lines: string[] = [];
   let size = 0;
   for (let i = 0; size < bytes; i++) {

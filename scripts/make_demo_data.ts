@@ -12,6 +12,7 @@
  */
 import { join } from "node:path";
 import { writeFileAtomic } from "../steps/atomic.ts";
+import { mulberry32 } from "../kernels/models/random.ts";
 
 /** Seed of the generator; changing it changes every row. */
 export const DEMO_SEED = 20240611;
@@ -19,18 +20,6 @@ export const DEMO_SEED = 20240611;
 export const SFT_ROWS = 2000;
 /** Rows in `preference.jsonl`. */
 export const PREFERENCE_ROWS = 600;
-
-/** mulberry32: a 32-bit seeded PRNG returning floats in [0, 1). */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 class Rng {
   #next: () => number;

@@ -122,3 +122,19 @@ function mulLo64(aHi: number, aLo: number, bHi: number, bLo: number): [number, n
   hi = (hi + Math.imul(aHi, bLo) + Math.imul(aLo, bHi)) >>> 0;
   return [hi, lo >>> 0];
 }
+
+/**
+ * mulberry32: a small, fast 32-bit seeded generator returning floats in [0, 1), for test data,
+ * benchmarks and the demo-data generator (where PCG32's stream selection is not needed).
+ * Changing it changes every file generated from it (data/demo is checked against its generator).
+ */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / TWO_32;
+  };
+}

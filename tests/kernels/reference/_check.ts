@@ -4,17 +4,12 @@
  * @module
  */
 import assert from "node:assert/strict";
+import { mulberry32 } from "../../../kernels/models/random.ts";
 
 /** Uniform values in [-1, 1) from a 32-bit seed (mulberry32), reproducible across runs. */
 export function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 * 2 - 1;
-  };
+  const next = mulberry32(seed);
+  return () => next() * 2 - 1;
 }
 
 /** n values uniform in [-scale, scale) as f64. */
