@@ -1,0 +1,208 @@
+/**
+ * Matmul benchmark: GFLOP/s of lathe's matmul in the linear layer's layout (NT: x[n,n]·W[n,n]ᵀ)
+ * against the naive kernel and TensorFlow.js's WebGPU backend (`tf.matMul(a, b, false, true)`)
+ * in the same process, on the same adapter.
+ *
+ * ```
+ * deno run -A bench/matmul.ts [--sizes 256,512,1024] [--dtypes f32,f16] [--seconds 2] [--rounds 3]
+ *                             [--naive-max 512] [--no-tfjs] [--peak 66.9]
+ * ```
+ * Defaults: sizes 256,512,1024 on CPU adapters (add 2048 with --sizes), 256..4096 on GPUs;
+ * `LATHE_PEAK_TFLOPS` (or --peak) adds each result's fraction of that peak. Each figure is the
+ * best of `rounds` timed rounds, each round running as many products as fill its share of
+ * `seconds`, then waiting for the GPU; kernels are interleaved round by round, so load from
+ * other processes hits them alike. The ratio column is lathe's f32 kernel over TF.js (target ≥ 2).
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { getGpu, type Gpu } from "../kernels/device.ts";
+import { chooseConfig, matmul, type MatmulConfig, matmulNaive, MATMUL_TILES } from "../kernels/ops/matmul.ts";
+import { recorder } from "../kernels/recorder.ts";
+import { memoryStats, resetPeakMemory, Tensor } from "../kernels/tensor.ts";
+import { runMain } from "../steps/errors.ts";
+
+/** One timed contender: runs `count` products and waits for the last. */
+interface Contender {
+  name: string;
+  /** lathe's default kernel for this size: the one the ratio line reports. */
+  primary: boolean;
+  dtype: "f32" | "f16";
+  run: (count: number) => Promise<void>;
+  dispose: () => void;
+}
+
+/** Runs the benchmark with command-line style arguments; prints a table to stdout. */
+export async function run(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      sizes: { type: "string" },
+      dtypes: { type: "string", default: "f32,f16" },
+      seconds: { type: "string", default: "2" },
+      rounds: { type: "string", default: "3" },
+      "naive-max": { type: "string" },
+      "no-tfjs": { type: "boolean", default: false },
+      peak: { type: "string" },
+    },
+    strict: true,
+  });
+  const gpu = await getGpu();
+  const sizes = (values.sizes ?? (gpu.software ? "256,512,1024" : "256,512,1024,2048,4096")).split(",").map(Number);
+  const dtypes = values.dtypes.split(",").filter((d) => d === "f32" || (d === "f16" && gpu.f16)) as ("f32" | "f16")[];
+  const seconds = Number(values.seconds);
+  const rounds = Number(values.rounds);
+  const naiveMax = Number(values["naive-max"] ?? (gpu.software ? 512 : 4096));
+  const peak = Number(values.peak ?? Deno.env.get("LATHE_PEAK_TFLOPS") ?? 0);
+  const tf = values["no-tfjs"] ? null : await loadTfjs();
+
+  console.log(`adapter: ${gpu.info.description} (${gpu.info.backend}${gpu.software ? ", CPU" : ""}); ` +
+    `features: ${gpu.info.features.join(", ") || "none"}`);
+  if (typeof tf === "string") console.log(`tfjs: unavailable (${tf})`);
+  console.log(`best of ${rounds} rounds, ~${seconds}s per size and contender; C[n,n] = A[n,n]·B[n,n]ᵀ\n`);
+  const header = ["n", "kernel", "dtype", "ms", "GFLOP/s", "vs naive", "vs tfjs", ...(peak > 0 ? ["% peak"] : [])];
+  const rows: string[][] = [];
+  const ratios: string[] = [];
+  for (const n of sizes) {
+    const contenders: Contender[] = [];
+    const defaultConfig = chooseConfig(gpu, n, n);
+    for (const dtype of dtypes) contenders.push(ours(gpu, n, dtype, defaultConfig, true));
+    if (defaultConfig.kind !== "tiled") {
+      contenders.push(ours(gpu, n, "f32", { kind: "tiled", tile: MATMUL_TILES.gpu64 }, false));
+    }
+    if (n <= naiveMax) contenders.push(ours(gpu, n, "f32", null, false));
+    if (tf !== null && typeof tf !== "string") contenders.push(tfjs(tf, n));
+    const flops = 2 * n ** 3;
+    const best = new Map<Contender, number>();
+    const counts = new Map<Contender, number>();
+    for (const c of contenders) {
+      // Warm-up (compiles pipelines) and a calibration run.
+      await c.run(1);
+      const t0 = performance.now();
+      await c.run(1);
+      const once = (performance.now() - t0) / 1000;
+      counts.set(c, Math.max(1, Math.floor(seconds / rounds / Math.max(once, 1e-6))));
+    }
+    resetPeakMemory(gpu);
+    for (let r = 0; r < rounds; r++) {
+      for (const c of contenders) {
+        const count = counts.get(c)!;
+        const t0 = performance.now();
+        await c.run(count);
+        const perCall = (performance.now() - t0) / 1000 / count;
+        best.set(c, Math.min(best.get(c) ?? Infinity, perCall));
+      }
+    }
+    const gflops = (c: Contender | undefined) => c === undefined ? NaN : flops / best.get(c)! / 1e9;
+    const naive = contenders.find((c) => c.name === "matmul_naive");
+    // The ratio columns compare like with like: f32 contenders only against f32 baselines.
+    const ref = contenders.find((c) => c.name === "tfjs");
+    for (const c of contenders) {
+      const g = gflops(c);
+      const row = [
+        String(n),
+        c.name,
+        c.dtype,
+        (best.get(c)! * 1000).toFixed(2),
+        g.toFixed(2),
+        naive ? `${(g / gflops(naive)).toFixed(2)}x` : "-",
+        ref ? `${(g / gflops(ref)).toFixed(2)}x` : "-",
+      ];
+      if (peak > 0) row.push(`${(100 * g / (peak * 1000)).toFixed(1)}%`);
+      rows.push(row);
+      if (c.primary && c.dtype === "f32" && ref) ratios.push(`n=${n}: ${(g / gflops(ref)).toFixed(2)}x`);
+    }
+    console.log(
+      `n=${n}: peak GPU memory of lathe's contenders ${(memoryStats(gpu).peakBytes / 2 ** 20).toFixed(1)} MiB`,
+    );
+    for (const c of contenders) c.dispose();
+  }
+  console.log();
+  printTable(header, rows);
+  if (ratios.length > 0) console.log(`\nlathe matmul f32 / tfjs (target >= 2x): ${ratios.join(", ")}`);
+}
+
+/** lathe's matmul with a config, or the naive kernel (config null), on random data. */
+function ours(gpu: Gpu, n: number, dtype: "f32" | "f16", config: MatmulConfig | null, primary: boolean): Contender {
+  const a = Tensor.from(gpu, randomData(n * n, 1), [n, n], dtype, { label: "bench_a" });
+  const b = Tensor.from(gpu, randomData(n * n, 2), [n, n], dtype, { label: "bench_b" });
+  const out = Tensor.empty(gpu, [n, n], dtype, { label: "bench_c" });
+  const rec = recorder(gpu);
+  let name = "matmul_naive";
+  if (config?.kind === "tiled") {
+    name = `matmul tiled ${config.tile.BM}x${config.tile.BN}/${config.tile.TM}x${config.tile.TN}`;
+  } else if (config?.kind === "direct") name = `matmul direct ${config.tile.TM}x${config.tile.TN}`;
+  return {
+    name,
+    primary,
+    dtype,
+    run: async (count) => {
+      for (let i = 0; i < count; i++) {
+        if (config === null) matmulNaive(a, b, { layout: "NT", out });
+        else matmul(a, b, { layout: "NT", out, config });
+      }
+      await rec.sync();
+    },
+    dispose: () => [a, b, out].forEach((t) => t.destroy()),
+  };
+}
+
+// deno-lint-ignore no-explicit-any
+type Tf = any;
+
+/** Loads TF.js with its WebGPU backend, or returns why it could not. */
+async function loadTfjs(): Promise<Tf | string> {
+  try {
+    const tf = await import("@tensorflow/tfjs-core");
+    await import("@tensorflow/tfjs-backend-webgpu");
+    if (!(await tf.setBackend("webgpu"))) return "the webgpu backend did not initialise";
+    await tf.ready();
+    return tf;
+  } catch (error) {
+    return error instanceof Error ? error.message.split("\n")[0] : String(error);
+  }
+}
+
+/** TF.js WebGPU: tf.matMul(a, b, false, true), timed to the readback of the last result. */
+function tfjs(tf: Tf, n: number): Contender {
+  const a = tf.tensor2d(randomData(n * n, 1), [n, n]);
+  const b = tf.tensor2d(randomData(n * n, 2), [n, n]);
+  return {
+    name: "tfjs",
+    primary: false,
+    dtype: "f32",
+    run: async (count) => {
+      let last = null;
+      for (let i = 0; i < count; i++) {
+        last?.dispose();
+        last = tf.matMul(a, b, false, true);
+      }
+      await last.data();
+      last.dispose();
+    },
+    dispose: () => {
+      a.dispose();
+      b.dispose();
+    },
+  };
+}
+
+/** Uniform values in [-1, 1) from a small seeded generator (the values do not matter here). */
+function randomData(n: number, seed: number): Float32Array {
+  let s = seed >>> 0;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out[i] = s / 2 ** 31 - 1;
+  }
+  return out;
+}
+
+function printTable(header: string[], rows: string[][]): void {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i < 3 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
+  console.log(line(header));
+  console.log(widths.map((w) => "-".repeat(w)).join("  "));
+  for (const r of rows) console.log(line(r));
+}
+
+if (import.meta.main) await runMain(() => run(Deno.args));

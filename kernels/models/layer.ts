@@ -1,0 +1,375 @@
+/**
+ * One decoder layer of the Llama family (Llama 2/3, Mistral, Qwen2) on the GPU: the forward,
+ * with the activations its backward needs kept or dropped, and the backward for the input path
+ * and the LoRA gradients (the base weights are frozen: no dW).
+ *
+ * B = rows, S = tokens per row, T = B·S, D = hidden, F = ffn, H = heads, Hkv = kv heads,
+ * hd = head dim, r = LoRA rank. Every projection is y = x·Wᵀ (+ b) (+ s·dropout(x)·Aᵀ·Bᵀ when
+ * it carries an adapter; kernels/ops/lora.ts).
+ *
+ *   x1 = rmsnorm(h, input_layernorm)                          x1[T,D]
+ *   q = rope(q_proj(x1)), k = rope(k_proj(x1)), v = v_proj(x1)  q[T,H,hd], k, v[T,Hkv,hd]
+ *   a = attention(q, k, v)   causal, GQA, window, documents    a[T,H,hd], lse[T,H]
+ *   hMid = h + o_proj(a)                                       hMid[T,D]
+ *   x2 = rmsnorm(hMid, post_attention_layernorm)               x2[T,D]
+ *   m = silu(gate_proj(x2)) ⊙ up_proj(x2)                      g, u, m[T,F]
+ *   hOut = hMid + down_proj(m)
+ *
+ * Precisions: the residual stream (h, hMid, hOut) and every gradient are f32; the activations
+ * that feed matmuls and attention (x1, q, k, v, a, x2, g, u, m) are in the model's activation
+ * dtype (f16 with shader-f16, else f32); LoRA's xa[T,r] is f32; every sum accumulates in f32.
+ * In the f16 path the backward widens g and u to f32 for SwiGLU's gradient, so no gradient is
+ * ever rounded to f16.
+ *
+ * The attention kernels take [T,heads,hd] tensors and the matmuls [T,heads·hd]; `tensor.ts` has
+ * no zero-copy reshape, so the four tensors that change view (v, a, da, dv) are copied once
+ * each (T·heads·hd elements, against the T·D·heads·hd multiply-adds of their projection).
+ * @module
+ */
+import type { Gpu } from "../device.ts";
+import { attentionBackward, attentionForward } from "../ops/attention.ts";
+import { cast } from "../ops/elementwise.ts";
+import { loraBackward, loraDropout, loraForward, type LoraWeights as LoraTensors } from "../ops/lora.ts";
+import { matmul } from "../ops/matmul.ts";
+import { rmsnormBackward, rmsnormForward } from "../ops/rmsnorm.ts";
+import { ropeBackward, ropeForward, type RopeTable } from "../ops/rope.ts";
+import { swigluBackward, swigluForward } from "../ops/swiglu.ts";
+import { recorder } from "../recorder.ts";
+import { Tensor } from "../tensor.ts";
+import type { AdapterSlot, GpuAdapters } from "./adapters.ts";
+import { type ModelConfig, type Projection, projectionPath } from "./config.ts";
+import type { GpuWeights } from "./gpu_weights.ts";
+import { loraDropoutSeed } from "./reference_backend.ts";
+
+/** Float dtype of the activations that feed matmuls and attention. */
+export type ActivationDType = "f16" | "f32";
+
+/** What every layer of one model shares. */
+export interface LayerContext {
+  readonly gpu: Gpu;
+  readonly config: ModelConfig;
+  readonly weights: GpuWeights;
+  readonly adapters: GpuAdapters;
+  /** s = lora_alpha / r (or / √r with rsLoRA). */
+  readonly scaling: number;
+  /** dtype of x1, q, k, v, a, x2, g, u, m. */
+  readonly act: ActivationDType;
+  /** RoPE frequencies of the model. */
+  readonly rope: RopeTable;
+}
+
+/** The micro-batch as the layers see it. */
+export interface LayerBatch {
+  /** Rows B and tokens per row S (T = B·S). */
+  readonly rows: number;
+  readonly seqLen: number;
+  /** position[T] u32 (restarting at 0 per packed document). */
+  readonly positions: Tensor;
+  /** doc[T] u32: attention never crosses documents. */
+  readonly docs: Tensor;
+  /** LoRA dropout of this micro-batch (p > 0 and a seed), or null (evaluation, p = 0). */
+  readonly dropout: { readonly p: number; readonly seed: number } | null;
+}
+
+/** The activations of one layer that its backward reads; `destroy()` frees them. */
+export interface LayerActivations extends Disposable {
+  /** rstd[T] of the two norms. */
+  readonly rstd1: Tensor;
+  readonly rstd2: Tensor;
+  /** x1[T,D], x2[T,D]: the normed inputs of the attention and MLP projections. */
+  readonly x1: Tensor;
+  readonly x2: Tensor;
+  /** q[T,H,hd] and k[T,Hkv,hd] after RoPE; v[T,Hkv,hd]. */
+  readonly q: Tensor;
+  readonly k: Tensor;
+  readonly v: Tensor;
+  /** Attention output a[T,H,hd] and its lse[T,H]. */
+  readonly attn: Tensor;
+  readonly lse: Tensor;
+  /** hMid[T,D] f32: the residual stream between the two blocks. */
+  readonly hMid: Tensor;
+  /** g, u, m[T,F]: gate and up outputs and the SwiGLU output. */
+  readonly g: Tensor;
+  readonly u: Tensor;
+  readonly m: Tensor;
+  /** xa[T,r] f32 of every adapted projection of the layer. */
+  readonly xa: ReadonlyMap<Projection, Tensor>;
+  destroy(): void;
+}
+
+/** How {@link layerForward} runs. */
+export type LayerMode =
+  /** Compute hOut, keep nothing (evaluation; checkpointed training's first pass). */
+  | "output"
+  /** Compute hOut and keep the activations (training without checkpointing). */
+  | "keep"
+  /** Keep the activations, skip hOut (recomputation before a checkpointed backward). */
+  | "recompute";
+
+/** What {@link layerForward} returns. */
+export interface LayerForwardResult {
+  /** hOut[T,D] f32, or null in "recompute" mode. */
+  hOut: Tensor | null;
+  /** The activations, or null in "output" mode. */
+  saved: LayerActivations | null;
+}
+
+function weight(ctx: LayerContext, layer: number, proj: Projection): { W: Tensor; bias: Tensor | undefined } {
+  const path = projectionPath(layer, proj);
+  return { W: ctx.weights.get(`${path}.weight`), bias: ctx.weights.find(`${path}.bias`) ?? undefined };
+}
+
+function loraOf(ctx: LayerContext, batch: LayerBatch, slot: AdapterSlot): LoraTensors {
+  const d = batch.dropout;
+  if (d === null || d.p === 0) return { A: slot.A, B: slot.B, scaling: ctx.scaling };
+  return {
+    A: slot.A,
+    B: slot.B,
+    scaling: ctx.scaling,
+    dropout: d.p,
+    seed: loraDropoutSeed(d.seed, slot.layer, slot.module),
+  };
+}
+
+/** y = x·Wᵀ (+ b) (+ LoRA); into `out` (+=) when given. Records xa of an adapted projection. */
+function project(
+  ctx: LayerContext,
+  batch: LayerBatch,
+  layer: number,
+  proj: Projection,
+  x: Tensor,
+  xa: Map<Projection, Tensor>,
+  out?: Tensor,
+): Tensor {
+  const { W, bias } = weight(ctx, layer, proj);
+  const slot = ctx.adapters.find(layer, proj);
+  const label = `${projectionPath(layer, proj)}.out`;
+  const accumulate = out !== undefined;
+  if (slot === null) {
+    return matmul(x, W, { layout: "NT", bias, out, accumulate, outDtype: ctx.act, label });
+  }
+  const r = loraForward(x, W, loraOf(ctx, batch, slot), { bias, out, accumulate, outDtype: ctx.act, label });
+  xa.set(proj, r.xa);
+  return r.y;
+}
+
+/** xa[T,r] = dropout(x)·Aᵀ alone: what a checkpointed backward needs of the last projection. */
+function adapterInput(ctx: LayerContext, batch: LayerBatch, slot: AdapterSlot, x: Tensor): Tensor {
+  const lora = loraOf(ctx, batch, slot);
+  const z = lora.dropout ? loraDropout(x, lora.dropout, lora.seed!) : x;
+  const xa = matmul(z, slot.A, { layout: "NT", outDtype: "f32", label: "lora_xa" });
+  if (z !== x) z.destroy();
+  return xa;
+}
+
+/**
+ * dx (+)= dy·W (+ the adapter's term), and dA, dB of an adapted projection added into its
+ * gradients. With `dx` null the input gradient is skipped (the first layer's q, k, v).
+ */
+function projectBackward(
+  ctx: LayerContext,
+  batch: LayerBatch,
+  layer: number,
+  proj: Projection,
+  dy: Tensor,
+  x: Tensor,
+  saved: LayerActivations,
+  dx: Tensor | null,
+  accumulate: boolean,
+): void {
+  const { W } = weight(ctx, layer, proj);
+  const slot = ctx.adapters.find(layer, proj);
+  if (slot === null) {
+    if (dx !== null) matmul(dy, W, { layout: "NN", out: dx, accumulate });
+    return;
+  }
+  loraBackward(dy, x, W, loraOf(ctx, batch, slot), saved.xa.get(proj)!, {
+    dA: slot.dA,
+    dB: slot.dB,
+    dx: dx ?? undefined,
+    accumulateDx: dx !== null && accumulate,
+    skipDx: dx === null,
+  });
+}
+
+/** A copy of `t` with another shape of the same size (see the module documentation). */
+function reshaped(t: Tensor, shape: number[], label: string): Tensor {
+  const out = Tensor.empty(t.gpu, shape, t.dtype, { label });
+  if (out.size !== t.size) throw new RangeError(`Cannot view "${t.label}" [${t.shape}] as [${shape}]`);
+  recorder(t.gpu).copyBuffer(t.buffer, 0, out.buffer, 0, Math.ceil(t.byteLength / 4) * 4);
+  return out;
+}
+
+/** The normed input in the activation dtype (RMSNorm writes its input's dtype, f32 here). */
+function normed(ctx: LayerContext, h: Tensor, w: Tensor, label: string): { x: Tensor; rstd: Tensor } {
+  const { y, rstd } = rmsnormForward(h, w, { eps: ctx.config.rmsNormEps, label });
+  if (ctx.act === "f32") return { x: y, rstd };
+  const x = cast(y, "f16", { label });
+  y.destroy();
+  return { x, rstd };
+}
+
+function copyOf(t: Tensor, label: string): Tensor {
+  const out = Tensor.empty(t.gpu, t.shape, t.dtype, { label });
+  const rec = recorder(t.gpu);
+  t.chunks.forEach((c, i) =>
+    rec.copyBuffer(c.buffer, 0, out.chunks[i].buffer, 0, Math.ceil(c.byteLength / 4) * 4)
+  );
+  return out;
+}
+
+/**
+ * The forward of layer `layer` on hIn[T,D] f32 (not consumed).
+ *
+ * @example
+ * ```ts
+ * const { hOut, saved } = layerForward(ctx, batch, 0, h0, "keep");
+ * ```
+ */
+export function layerForward(
+  ctx: LayerContext,
+  batch: LayerBatch,
+  layer: number,
+  hIn: Tensor,
+  mode: LayerMode,
+): LayerForwardResult {
+  const { config } = ctx;
+  const T = batch.rows * batch.seqLen;
+  const { numHeads: H, numKvHeads: Hkv, headDim: hd } = config;
+  const p = `model.layers.${layer}`;
+  const xa = new Map<Projection, Tensor>();
+
+  const n1 = normed(ctx, hIn, ctx.weights.get(`${p}.input_layernorm.weight`), `${p}.x1`);
+  const qLin = project(ctx, batch, layer, "q_proj", n1.x, xa);
+  const kLin = project(ctx, batch, layer, "k_proj", n1.x, xa);
+  const vLin = project(ctx, batch, layer, "v_proj", n1.x, xa);
+  const q = ropeForward(qLin, batch.positions, ctx.rope, { label: `${p}.q` });
+  const k = ropeForward(kLin, batch.positions, ctx.rope, { label: `${p}.k` });
+  const v = reshaped(vLin, [T, Hkv, hd], `${p}.v`);
+  qLin.destroy();
+  kLin.destroy();
+  vLin.destroy();
+  const { out: attn, lse } = attentionForward(q, k, v, {
+    S: batch.seqLen,
+    window: config.layerWindows[layer],
+    docs: batch.docs,
+  });
+  const attn2 = reshaped(attn, [T, H * hd], `${p}.attn`);
+  const hMid = copyOf(hIn, `${p}.h_mid`);
+  project(ctx, batch, layer, "o_proj", attn2, xa, hMid);
+  attn2.destroy();
+
+  const n2 = normed(ctx, hMid, ctx.weights.get(`${p}.post_attention_layernorm.weight`), `${p}.x2`);
+  const g = project(ctx, batch, layer, "gate_proj", n2.x, xa);
+  const u = project(ctx, batch, layer, "up_proj", n2.x, xa);
+  const m = swigluForward(g, u, { label: `${p}.m` });
+  let hOut: Tensor | null = null;
+  if (mode === "recompute") {
+    const slot = ctx.adapters.find(layer, "down_proj");
+    if (slot !== null) xa.set("down_proj", adapterInput(ctx, batch, slot, m));
+  } else {
+    hOut = copyOf(hMid, `${p}.h_out`);
+    project(ctx, batch, layer, "down_proj", m, xa, hOut);
+  }
+
+  const all = [n1.rstd, n2.rstd, n1.x, n2.x, q, k, v, attn, lse, hMid, g, u, m, ...xa.values()];
+  const destroy = () => all.forEach((t) => t.destroy());
+  if (mode === "output") {
+    destroy();
+    return { hOut, saved: null };
+  }
+  const saved: LayerActivations = {
+    rstd1: n1.rstd,
+    rstd2: n2.rstd,
+    x1: n1.x,
+    x2: n2.x,
+    q,
+    k,
+    v,
+    attn,
+    lse,
+    hMid,
+    g,
+    u,
+    m,
+    xa,
+    destroy,
+    [Symbol.dispose]: destroy,
+  };
+  return { hOut, saved };
+}
+
+/**
+ * The backward of layer `layer`: turns dh (the gradient at hOut, f32 [T,D]) into the gradient
+ * at hIn, in place, and adds the layer's LoRA gradients into their buffers. With `inputGrad`
+ * false (the first layer, whose input is a frozen embedding) dh is left at the gradient of
+ * hMid and the q, k, v input gradients are skipped.
+ *
+ * @param hIn the layer's input, as given to the forward
+ * @param saved the forward's activations ("keep" or "recompute")
+ */
+export function layerBackward(
+  ctx: LayerContext,
+  batch: LayerBatch,
+  layer: number,
+  hIn: Tensor,
+  saved: LayerActivations,
+  dh: Tensor,
+  inputGrad: boolean,
+): void {
+  const { config, gpu } = ctx;
+  const T = batch.rows * batch.seqLen;
+  const { numHeads: H, numKvHeads: Hkv, headDim: hd, hiddenSize: D, intermediateSize: F } = config;
+  const p = `model.layers.${layer}`;
+  const f32 = (shape: number[], label: string) => Tensor.empty(gpu, shape, "f32", { label });
+
+  // MLP block: hOut = hMid + down(silu(gate(x2)) ⊙ up(x2)).
+  const dm = f32([T, F], `${p}.dm`);
+  projectBackward(ctx, batch, layer, "down_proj", dh, saved.m, saved, dm, false);
+  const g = ctx.act === "f32" ? saved.g : cast(saved.g, "f32", { label: `${p}.g_f32` });
+  const u = ctx.act === "f32" ? saved.u : cast(saved.u, "f32", { label: `${p}.u_f32` });
+  const { dg, du } = swigluBackward(dm, g, u);
+  dm.destroy();
+  if (g !== saved.g) g.destroy();
+  if (u !== saved.u) u.destroy();
+  const dx2 = f32([T, D], `${p}.dx2`);
+  projectBackward(ctx, batch, layer, "gate_proj", dg, saved.x2, saved, dx2, false);
+  projectBackward(ctx, batch, layer, "up_proj", du, saved.x2, saved, dx2, true);
+  dg.destroy();
+  du.destroy();
+  const w2 = ctx.weights.get(`${p}.post_attention_layernorm.weight`);
+  rmsnormBackward(dx2, saved.hMid, w2, saved.rstd2, { dx: dh, accumulate: true }); // dh = d hMid
+  dx2.destroy();
+
+  // Attention block: hMid = hIn + o(attention(rope(q(x1)), rope(k(x1)), v(x1))).
+  const attn2 = reshaped(saved.attn, [T, H * hd], `${p}.attn`);
+  const dAttn2 = f32([T, H * hd], `${p}.d_attn`);
+  projectBackward(ctx, batch, layer, "o_proj", dh, attn2, saved, dAttn2, false);
+  attn2.destroy();
+  const dAttn = reshaped(dAttn2, [T, H, hd], `${p}.d_attn`);
+  dAttn2.destroy();
+  const { dq, dk, dv } = attentionBackward(dAttn, saved.q, saved.k, saved.v, saved.attn, saved.lse, {
+    S: batch.seqLen,
+    window: config.layerWindows[layer],
+    docs: batch.docs,
+  });
+  dAttn.destroy();
+  const dqLin = ropeBackward(dq, batch.positions, ctx.rope, { out: f32([T, H * hd], `${p}.dq`) });
+  const dkLin = ropeBackward(dk, batch.positions, ctx.rope, { out: f32([T, Hkv * hd], `${p}.dk`) });
+  const dvLin = reshaped(dv, [T, Hkv * hd], `${p}.dv`);
+  dq.destroy();
+  dk.destroy();
+  dv.destroy();
+  const dx1 = inputGrad ? f32([T, D], `${p}.dx1`) : null;
+  projectBackward(ctx, batch, layer, "q_proj", dqLin, saved.x1, saved, dx1, false);
+  projectBackward(ctx, batch, layer, "k_proj", dkLin, saved.x1, saved, dx1, true);
+  projectBackward(ctx, batch, layer, "v_proj", dvLin, saved.x1, saved, dx1, true);
+  dqLin.destroy();
+  dkLin.destroy();
+  dvLin.destroy();
+  if (dx1 !== null) {
+    const w1 = ctx.weights.get(`${p}.input_layernorm.weight`);
+    rmsnormBackward(dx1, hIn, w1, saved.rstd1, { dx: dh, accumulate: true }); // dh = d hIn
+    dx1.destroy();
+  }
+}

@@ -1,0 +1,465 @@
+/**
+ * WGSL template of the tiled matmul: C[M,N] = alpha·op(A)·op(B) (+ bias[N]) (+ C).
+ *
+ * One workgroup computes a BM×BN tile of C for one batch entry (workgroup_id.z). It walks K
+ * in steps of BK: the threads copy the BM×BK slice of A and the BK×BN slice of B into
+ * workgroup memory, both stored k-major as vec4 rows (As[k][m/4], Bs[k][n/4]), then each
+ * thread accumulates its TM×TN register block from them. Thread (tx, ty) of the TX×TY grid
+ * (TX = BN/TN, TY = BM/TM) owns rows (i·TY + ty)·4 + ii and columns (j·TX + tx)·4 + jj, so
+ * neighbouring threads read neighbouring vec4s of workgroup memory and write neighbouring
+ * vec4s of C. Accumulation is f32 for every input dtype.
+ *
+ * Host sizing: workgroups = (ceil(N/BN), ceil(M/BM), batch). C is written `=`, or `+=` with
+ * `accumulate`. Layouts (row-major; ld = leading dimension in elements):
+ *   NN: A[M,K] (lda ≥ K), B[K,N] (ldb ≥ N)   — x·W for W stored [in,out]; dX = dY·W
+ *   NT: A[M,K], B[N,K] (ldb ≥ K)             — y = x·Wᵀ, the linear layer
+ *   TN: A[K,M] (lda ≥ M), B[K,N]             — dW = dYᵀ·X
+ * Offsets (a_off, b_off, c_off, bias_off) and batch strides are in elements, so one binding
+ * can serve a sub-matrix (row chunks of a weight, a slice of a batch).
+ *
+ * A second family, `matmulDirectWgsl`, uses no workgroup memory: it is the fast form on CPU
+ * adapters (lavapipe/llvmpipe), where each invocation is one SIMD lane, every storage or
+ * workgroup load costs a scalar access per lane, barriers switch coroutines, and caches
+ * already give the reuse that workgroup memory gives a GPU. There the cost is the number of
+ * loads per multiply-add, so each invocation holds a large TM×TN register block.
+ * @module
+ */
+
+/** Matmul operand layouts: N = as stored, T = transposed. */
+export type MatmulLayout = "NN" | "NT" | "TN";
+
+/** Float dtypes a matmul operand can have. */
+export type FloatDType = "f32" | "f16";
+
+/** Tile sizes of the tiled kernel. */
+export interface MatmulTile {
+  /** Rows of C per workgroup. */
+  BM: number;
+  /** Columns of C per workgroup. */
+  BN: number;
+  /** K step held in workgroup memory. */
+  BK: number;
+  /** Rows per thread (multiple of 4). */
+  TM: number;
+  /** Columns per thread (multiple of 4). */
+  TN: number;
+}
+
+/** Everything that selects one compiled variant of the tiled matmul. */
+export interface MatmulVariant {
+  layout: MatmulLayout;
+  a: FloatDType;
+  b: FloatDType;
+  c: FloatDType;
+  bias: FloatDType | "none";
+  accumulate: boolean;
+  /** A's contiguous dimension, lda, a_off and stride_a are multiples of 4: vec4 loads. */
+  vecA: boolean;
+  /** Same for B. */
+  vecB: boolean;
+  /** N, ldc, c_off and stride_c (and bias_off) are multiples of 4: vec4 stores. */
+  vecC: boolean;
+  /** M, N, K are multiples of BM, BN, BK: no bounds checks. */
+  exact: boolean;
+  tile: MatmulTile;
+}
+
+/** Register block of the direct (no workgroup memory) kernel. */
+export interface MatmulDirectTile {
+  /** Rows of C per invocation (and per workgroup). */
+  TM: number;
+  /** Columns of C per invocation. */
+  TN: number;
+  /** Invocations per workgroup, along N: a workgroup covers TM × WG·TN. */
+  WG: number;
+}
+
+/** Bytes of the uniform block (see `Params` below). */
+export const MATMUL_UNIFORM_BYTES = 64;
+
+/** Packs the uniform block: dims, leading dims, offsets, batch strides (elements), alpha. */
+export function matmulUniforms(p: {
+  M: number;
+  N: number;
+  K: number;
+  lda: number;
+  ldb: number;
+  ldc: number;
+  aOff: number;
+  bOff: number;
+  cOff: number;
+  biasOff: number;
+  strideA: number;
+  strideB: number;
+  strideC: number;
+  alpha: number;
+}): Uint32Array {
+  const u = new Uint32Array(16);
+  u.set([p.M, p.N, p.K, p.lda, p.ldb, p.ldc, p.aOff, p.bOff, p.cOff, p.biasOff, p.strideA, p.strideB, p.strideC]);
+  new Float32Array(u.buffer)[13] = p.alpha;
+  return u;
+}
+
+const PARAMS_WGSL = `
+struct Params {
+  M: u32, N: u32, K: u32, lda: u32,
+  ldb: u32, ldc: u32, a_off: u32, b_off: u32,
+  c_off: u32, bias_off: u32, stride_a: u32, stride_b: u32,
+  stride_c: u32, alpha: f32, pad0: u32, pad1: u32,
+}`;
+
+/** Checks that a tile fits the template's rules and returns the thread grid. */
+export function tileThreads(t: MatmulTile): { TX: number; TY: number } {
+  const ok = t.TM % 4 === 0 && t.TN % 4 === 0 && t.BM % t.TM === 0 && t.BN % t.TN === 0 && t.BK % 4 === 0;
+  if (!ok) throw new RangeError(`Cannot build matmul tile ${JSON.stringify(t)}: TM, TN, BK must be multiples of 4`);
+  return { TX: t.BN / t.TN, TY: t.BM / t.TM };
+}
+
+/** Generates the WGSL of one variant (see the module documentation). */
+export function matmulWgsl(v: MatmulVariant): string {
+  const { BM, BN, BK, TM, TN } = v.tile;
+  const { TX, TY } = tileThreads(v.tile);
+  const threads = TX * TY;
+  const usesF16 = [v.a, v.b, v.c, v.bias].includes("f16");
+  const edge = !v.exact;
+  const L: string[] = [];
+  if (usesF16) L.push("enable f16;");
+  L.push(PARAMS_WGSL);
+  L.push(bindingsWgsl(v));
+  L.push(`
+var<workgroup> As: array<vec4<f32>, ${(BK * BM) / 4}>; // As[k·BM/4 + m/4] = A(m0 + m .. +3, k0 + k)
+var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(k0 + k, n0 + n .. +3)
+`);
+
+  // Loads one vec4 of an operand along its contiguous dimension at element index `idx`,
+  // masked by `ok` (row in range) and, for scalar loads, per element by `lim` (elements left).
+  const load4 = (name: string, vec: boolean, idx: string, ok: string, lim: string) => {
+    if (vec) {
+      const value = `vec4<f32>(${name}[(${idx}) / 4u])`;
+      return edge ? `select(vec4<f32>(0.0), ${value}, ${ok})` : value;
+    }
+    const parts = [0, 1, 2, 3].map((i) => {
+      const value = `f32(${name}[${idx} + ${i}u])`;
+      return edge ? `select(0.0, ${value}, ${ok} && ${i}u < ${lim})` : value;
+    });
+    return `vec4<f32>(${parts.join(", ")})`;
+  };
+
+  // Each thread moves `per` vec4 slots of each operand tile per K step: it fetches them from
+  // global memory into registers (p<name><l>) one step ahead, and stores them to workgroup
+  // memory after the barrier, so global latency overlaps the multiply-adds of the current step.
+  interface Operand {
+    name: "A" | "B";
+    vec: boolean;
+    alongK: boolean; // stored [rows, K] (contiguous along k) rather than [K, rows]
+    rows: number; // BM or BN
+    shared: string;
+    base: string;
+    ld: string;
+    outer: string; // m0 or n0
+    limit: string; // u.M or u.N
+  }
+  const operands: Operand[] = [
+    { name: "A", vec: v.vecA, alongK: v.layout !== "TN", rows: BM, shared: "As", base: "a_base", ld: "u.lda", outer: "m0", limit: "u.M" },
+    { name: "B", vec: v.vecB, alongK: v.layout === "NT", rows: BN, shared: "Bs", base: "b_base", ld: "u.ldb", outer: "n0", limit: "u.N" },
+  ];
+  const setup: string[] = [];
+  const fetch: string[] = [];
+  const store: string[] = [];
+  for (const o of operands) {
+    const slots = (o.rows * BK) / 4;
+    const per = Math.ceil(slots / threads);
+    for (let l = 0; l < per; l++) {
+      const id = `${o.name.toLowerCase()}${l}`;
+      const guard = (l + 1) * threads > slots ? `s_${id} < ${slots}u` : "";
+      setup.push(`  let s_${id} = li + ${l * threads}u;`);
+      setup.push(`  var p_${id} = vec4<f32>(0.0);`);
+      if (o.alongK) {
+        // [rows, K]: the slot is 4 consecutive k of one row; stored scattered k-major.
+        setup.push(`  let r_${id} = s_${id} / ${BK / 4}u;`);
+        setup.push(`  let k_${id} = (s_${id} % ${BK / 4}u) * 4u;`);
+        const gr = `${o.outer} + r_${id}`;
+        const gk = `k0 + k_${id}`;
+        const value = load4(o.name, o.vec, `${o.base} + (${gr}) * ${o.ld} + ${gk}`, `${gr} < ${o.limit} && ${gk} < u.K`, `u.K - (${gk})`);
+        fetch.push(guard ? `    if (${guard}) { p_${id} = ${value}; }` : `    p_${id} = ${value};`);
+        const scatter = [0, 1, 2, 3].map((i) =>
+          `${o.shared}[(k_${id} + ${i}u) * ${o.rows / 4}u + r_${id} / 4u][r_${id} % 4u] = p_${id}[${i}];`
+        ).join(" ");
+        store.push(guard ? `    if (${guard}) { ${scatter} }` : `    ${scatter}`);
+      } else {
+        // [K, rows]: the slot is 4 consecutive rows at one k; stored as is.
+        setup.push(`  let k_${id} = s_${id} / ${o.rows / 4}u;`);
+        setup.push(`  let r_${id} = (s_${id} % ${o.rows / 4}u) * 4u;`);
+        const gk = `k0 + k_${id}`;
+        const gr = `${o.outer} + r_${id}`;
+        const value = load4(o.name, o.vec, `${o.base} + (${gk}) * ${o.ld} + ${gr}`, `${gk} < u.K && ${gr} < ${o.limit}`, `${o.limit} - (${gr})`);
+        fetch.push(guard ? `    if (${guard}) { p_${id} = ${value}; }` : `    p_${id} = ${value};`);
+        const put = `${o.shared}[s_${id}] = p_${id};`;
+        store.push(guard ? `    if (${guard}) { ${put} }` : `    ${put}`);
+      }
+    }
+  }
+
+  const body: string[] = [];
+  const acc = (i: number, j: number) => `acc_${i}_${j}`; // row i of TM, column group j of TN/4
+  body.push(`  let batch = wg.z;`);
+  body.push(`  let a_base = u.a_off + batch * u.stride_a;`);
+  body.push(`  let b_base = u.b_off + batch * u.stride_b;`);
+  body.push(`  let c_base = u.c_off + batch * u.stride_c;`);
+  body.push(`  let m0 = wg.y * ${BM}u;`);
+  body.push(`  let n0 = wg.x * ${BN}u;`);
+  body.push(`  let tx = lid.x;`);
+  body.push(`  let ty = lid.y;`);
+  body.push(...setup);
+  for (let i = 0; i < TM; i++) {
+    for (let j = 0; j < TN / 4; j++) body.push(`  var ${acc(i, j)} = vec4<f32>(0.0);`);
+  }
+  body.push(`  var k0 = 0u;`);
+  body.push(`  if (u.K > 0u) {`);
+  body.push(...fetch);
+  body.push(`  }`);
+  body.push(`  for (; k0 < u.K; k0 += ${BK}u) {`);
+  body.push(...store);
+  body.push(`    workgroupBarrier();`);
+  body.push(`    if (k0 + ${BK}u < u.K) {`);
+  body.push(`      let k0 = k0 + ${BK}u;`);
+  body.push(...fetch.map((line) => `  ${line}`));
+  body.push(`    }`);
+  body.push(`    for (var k = 0u; k < ${BK}u; k++) {`);
+  for (let i = 0; i < TM / 4; i++) body.push(`      let a${i} = As[k * ${BM / 4}u + ${i * TY}u + ty];`);
+  for (let j = 0; j < TN / 4; j++) body.push(`      let b${j} = Bs[k * ${BN / 4}u + ${j * TX}u + tx];`);
+  for (let i = 0; i < TM / 4; i++) {
+    for (let ii = 0; ii < 4; ii++) {
+      for (let j = 0; j < TN / 4; j++) {
+        const c = acc(i * 4 + ii, j);
+        body.push(`      ${c} = fma(vec4<f32>(a${i}[${ii}]), b${j}, ${c});`);
+      }
+    }
+  }
+  body.push(`    }`);
+  body.push(`    workgroupBarrier();`);
+  body.push(`  }`);
+
+  // Epilogue: C = alpha·acc (+ bias) (+ C).
+  for (let i = 0; i < TM / 4; i++) {
+    for (let ii = 0; ii < 4; ii++) {
+      body.push(`  {`);
+      body.push(`    let r = m0 + ${i * TY * 4}u + ty * 4u + ${ii}u;`);
+      if (edge) body.push(`    if (r < u.M) {`);
+      for (let j = 0; j < TN / 4; j++) {
+        const c = acc(i * 4 + ii, j);
+        body.push(`    {`);
+        body.push(`      let c = n0 + ${j * TX * 4}u + tx * 4u;`);
+        body.push(`      let ci = c_base + r * u.ldc + c;`);
+        if (v.vecC) {
+          if (edge) body.push(`      if (c < u.N) {`);
+          let value = `${c} * u.alpha`;
+          if (v.bias !== "none") {
+            const o = (t: number) => `f32(BIAS[u.bias_off + c + ${t}u])`;
+            value += ` + vec4<f32>(${o(0)}, ${o(1)}, ${o(2)}, ${o(3)})`;
+          }
+          if (v.accumulate) value += ` + vec4<f32>(C[ci / 4u])`;
+          body.push(`      C[ci / 4u] = vec4<${v.c}>(${value});`);
+          if (edge) body.push(`      }`);
+        } else {
+          for (let jj = 0; jj < 4; jj++) {
+            if (edge) body.push(`      if (c + ${jj}u < u.N) {`);
+            let value = `${c}[${jj}] * u.alpha`;
+            if (v.bias !== "none") value += ` + f32(BIAS[u.bias_off + c + ${jj}u])`;
+            if (v.accumulate) value += ` + f32(C[ci + ${jj}u])`;
+            body.push(`      C[ci + ${jj}u] = ${v.c}(${value});`);
+            if (edge) body.push(`      }`);
+          }
+        }
+        body.push(`    }`);
+      }
+      if (edge) body.push(`    }`);
+      body.push(`  }`);
+    }
+  }
+
+  L.push(`@compute @workgroup_size(${TX}, ${TY})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+${body.join("\n")}
+}`);
+  return L.join("\n");
+}
+
+type BufferVariant = Pick<MatmulVariant, "a" | "b" | "c" | "bias" | "vecA" | "vecB" | "vecC">;
+
+/** Declarations of A, B, BIAS (when present), C and the uniform block, in binding order. */
+function bindingsWgsl(v: BufferVariant): string {
+  const arr = (t: FloatDType, vec: boolean) => vec ? `array<vec4<${t}>>` : `array<${t}>`;
+  const L: string[] = [];
+  let binding = 0;
+  L.push(`@group(0) @binding(${binding++}) var<storage, read> A: ${arr(v.a, v.vecA)};`);
+  L.push(`@group(0) @binding(${binding++}) var<storage, read> B: ${arr(v.b, v.vecB)};`);
+  if (v.bias !== "none") L.push(`@group(0) @binding(${binding++}) var<storage, read> BIAS: array<${v.bias}>;`);
+  L.push(`@group(0) @binding(${binding++}) var<storage, read_write> C: ${arr(v.c, v.vecC)};`);
+  L.push(`@group(0) @binding(${binding++}) var<uniform> u: Params;`);
+  return L.join("\n");
+}
+
+/** One compiled variant of the direct kernel. */
+export interface MatmulDirectVariant extends Omit<MatmulVariant, "exact" | "tile"> {
+  /** K is a multiple of 4: no masking of the last K step. */
+  kExact: boolean;
+  tile: MatmulDirectTile;
+}
+
+/**
+ * Generates the direct kernel. Invocation (wg, lid) computes rows m0 + i (i < TM,
+ * m0 = wg.y·TM, the same rows for the whole workgroup) and columns
+ * n0 + ((j >> 2)·WG + lid.x)·4 + (j & 3) (j < TN, n0 = wg.x·WG·TN) of C, with no workgroup
+ * memory. K advances 4 at a time; each operand is loaded as vec4s along its contiguous
+ * dimension (k for A[M,K] and B[N,K]; m for A[K,M]; n for B[K,N]), i.e. TM + TN vec4 loads
+ * per 4·TM·TN multiply-adds; the last step masks k ≥ K to zero. Load indices are clamped into
+ * range (no branches in the loop; clamped rows and columns are never stored).
+ * Host sizing: (ceil(N / (WG·TN)), ceil(M / TM), batch). TM and TN are multiples of 4.
+ */
+export function matmulDirectWgsl(v: MatmulDirectVariant): string {
+  const { TM, TN, WG } = v.tile;
+  if (TM % 4 !== 0 || TN % 4 !== 0) throw new RangeError(`Cannot build direct matmul tile ${JSON.stringify(v.tile)}`);
+  const aAlongK = v.layout !== "TN";
+  const bAlongK = v.layout === "NT";
+  const usesF16 = [v.a, v.b, v.c, v.bias].includes("f16");
+  const L: string[] = [];
+  if (usesF16) L.push("enable f16;");
+  L.push(PARAMS_WGSL);
+  L.push(bindingsWgsl(v));
+  const B: string[] = [];
+  const aAt = (idx: string) => v.vecA ? `f32(A[(${idx}) / 4u][(${idx}) % 4u])` : `f32(A[${idx}])`;
+  const bAt = (idx: string) => v.vecB ? `f32(B[(${idx}) / 4u][(${idx}) % 4u])` : `f32(B[${idx}])`;
+  // A vec4 of 4 consecutive elements starting at element index `idx` (a multiple of 4 when vec).
+  const aVec = (idx: string) =>
+    v.vecA ? `vec4<f32>(A[(${idx}) / 4u])` : `vec4<f32>(${[0, 1, 2, 3].map((t) => aAt(`${idx} + ${t}u`)).join(", ")})`;
+  const bVec = (idx: string) =>
+    v.vecB ? `vec4<f32>(B[(${idx}) / 4u])` : `vec4<f32>(${[0, 1, 2, 3].map((t) => bAt(`${idx} + ${t}u`)).join(", ")})`;
+
+  B.push(`  let a_base = u.a_off + wg.z * u.stride_a;`);
+  B.push(`  let b_base = u.b_off + wg.z * u.stride_b;`);
+  B.push(`  let c_base = u.c_off + wg.z * u.stride_c;`);
+  B.push(`  let m0 = wg.y * ${TM}u;`);
+  B.push(`  let n0 = wg.x * ${WG * TN}u + lid.x * 4u;`);
+  B.push(`  let m_last = max(u.M, 1u) - 1u;`);
+  B.push(`  let n_last = max(u.N, 1u) - 1u;`);
+  // Rows (i) and columns (j) clamped for loads. Along a vec4 dimension, whole groups are
+  // clamped to the last full group (the dimension is a multiple of 4 there).
+  if (aAlongK) {
+    for (let i = 0; i < TM; i++) B.push(`  let r${i} = min(m0 + ${i}u, m_last);`);
+  } else if (v.vecA) {
+    for (let g = 0; g < TM / 4; g++) B.push(`  let rg${g} = min(m0 + ${4 * g}u, max(u.M, 4u) - 4u);`);
+  } else {
+    for (let i = 0; i < TM; i++) B.push(`  let r${i} = min(m0 + ${i}u, m_last);`);
+  }
+  const col = (j: number) => `n0 + ${(j >> 2) * WG * 4 + (j & 3)}u`;
+  if (bAlongK || !v.vecB) {
+    for (let j = 0; j < TN; j++) B.push(`  let c${j} = min(${col(j)}, n_last);`);
+  } else {
+    for (let g = 0; g < TN / 4; g++) B.push(`  let cg${g} = min(${col(4 * g)}, max(u.N, 4u) - 4u);`);
+  }
+  for (let i = 0; i < TM; i++) for (let j = 0; j < TN; j++) B.push(`  var acc${i}_${j} = 0.0;`);
+
+  // Loads of one K step of 4, named so that a(i, t) = op(A)(row i, k + t), b(t, j) = op(B)(k + t, col j).
+  // When K is not a multiple of 4, the last step masks k + t >= K to zero (reads stay in the
+  // buffer: the index is that of a neighbouring row, and robust access covers the end).
+  const kMask = (t: number, value: string, zero: string) => v.kExact ? value : `select(${zero}, ${value}, k + ${t}u < u.K)`;
+  const loads: string[] = [];
+  let a: (i: number, t: number) => string;
+  let b: (t: number, j: number) => string;
+  if (aAlongK) {
+    for (let i = 0; i < TM; i++) {
+      const base = `a_base + r${i} * u.lda + k`;
+      const value = v.vecA
+        ? `vec4<f32>(A[(${base}) / 4u])`
+        : `vec4<f32>(${[0, 1, 2, 3].map((t) => kMask(t, aAt(`${base} + ${t}u`), "0.0")).join(", ")})`;
+      loads.push(`    let a${i} = ${value};`);
+    }
+    a = (i, t) => `a${i}[${t}]`;
+  } else if (v.vecA) {
+    for (let t = 0; t < 4; t++) {
+      for (let g = 0; g < TM / 4; g++) {
+        const value = kMask(t, aVec(`a_base + (k + ${t}u) * u.lda + rg${g}`), "vec4<f32>(0.0)");
+        loads.push(`    let a${t}_${g} = ${value};`);
+      }
+    }
+    a = (i, t) => `a${t}_${i >> 2}[${i & 3}]`;
+  } else {
+    for (let t = 0; t < 4; t++) {
+      for (let i = 0; i < TM; i++) {
+        loads.push(`    let a${t}_${i} = ${kMask(t, aAt(`a_base + (k + ${t}u) * u.lda + r${i}`), "0.0")};`);
+      }
+    }
+    a = (i, t) => `a${t}_${i}`;
+  }
+  if (bAlongK) {
+    for (let j = 0; j < TN; j++) {
+      const base = `b_base + c${j} * u.ldb + k`;
+      const value = v.vecB
+        ? `vec4<f32>(B[(${base}) / 4u])`
+        : `vec4<f32>(${[0, 1, 2, 3].map((t) => kMask(t, bAt(`${base} + ${t}u`), "0.0")).join(", ")})`;
+      loads.push(`    let b${j} = ${value};`);
+    }
+    b = (t, j) => `b${j}[${t}]`;
+  } else if (v.vecB) {
+    for (let t = 0; t < 4; t++) {
+      for (let g = 0; g < TN / 4; g++) {
+        const value = kMask(t, bVec(`b_base + (k + ${t}u) * u.ldb + cg${g}`), "vec4<f32>(0.0)");
+        loads.push(`    let b${t}_${g} = ${value};`);
+      }
+    }
+    b = (t, j) => `b${t}_${j >> 2}[${j & 3}]`;
+  } else {
+    for (let t = 0; t < 4; t++) {
+      for (let j = 0; j < TN; j++) {
+        loads.push(`    let b${t}_${j} = ${kMask(t, bAt(`b_base + (k + ${t}u) * u.ldb + c${j}`), "0.0")};`);
+      }
+    }
+    b = (t, j) => `b${t}_${j}`;
+  }
+  B.push(`  for (var k = 0u; k < u.K; k += 4u) {`);
+  B.push(...loads);
+  for (let t = 0; t < 4; t++) {
+    for (let i = 0; i < TM; i++) {
+      for (let j = 0; j < TN; j++) B.push(`    acc${i}_${j} = fma(${a(i, t)}, ${b(t, j)}, acc${i}_${j});`);
+    }
+  }
+  B.push(`  }`);
+
+  // Epilogue: C = alpha·acc (+ bias) (+ C), a vec4 of columns at a time when aligned. The
+  // bias depends on the column only: loaded once per column, not per element.
+  if (v.bias !== "none") {
+    for (let j = 0; j < TN; j++) B.push(`  let bias${j} = f32(BIAS[u.bias_off + min(${col(j)}, n_last)]);`);
+  }
+  for (let i = 0; i < TM; i++) {
+    B.push(`  if (m0 + ${i}u < u.M) {`);
+    B.push(`    let row = c_base + (m0 + ${i}u) * u.ldc;`);
+    for (let g = 0; g < TN / 4; g++) {
+      const c0 = col(4 * g);
+      const term = (jj: number) => {
+        let value = `acc${i}_${4 * g + jj} * u.alpha`;
+        if (v.bias !== "none") value += ` + bias${4 * g + jj}`;
+        if (v.accumulate) value += v.vecC ? ` + f32(old[${jj}])` : ` + f32(C[row + ${c0} + ${jj}u])`;
+        return value;
+      };
+      if (v.vecC) {
+        B.push(`    if (${c0} < u.N) {`);
+        B.push(`      let ci = (row + ${c0}) / 4u;`);
+        if (v.accumulate) B.push(`      let old = C[ci];`);
+        B.push(`      C[ci] = vec4<${v.c}>(vec4<f32>(${[0, 1, 2, 3].map(term).join(", ")}));`);
+        B.push(`    }`);
+      } else {
+        for (let jj = 0; jj < 4; jj++) {
+          B.push(`    if (${c0} + ${jj}u < u.N) { C[row + ${c0} + ${jj}u] = ${v.c}(${term(jj)}); }`);
+        }
+      }
+    }
+    B.push(`  }`);
+  }
+  L.push(`@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+${B.join("\n")}
+}`);
+  return L.join("\n");
+}

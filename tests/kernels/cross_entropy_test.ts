@@ -1,0 +1,234 @@
+/**
+ * GPU cross-entropy (chunked over the vocabulary) against the CPU reference.
+ *
+ * T = tokens, D = hidden, V = vocab. Tolerances, |gpu − ref| ≤ atol + rtol·|ref| with
+ * scale = max |ref| of the compared array: f32 atol 1e-5·scale, rtol 1e-4; f16 weights and
+ * hidden states atol 1e-3·scale, rtol 1e-2 (the reference sees the same f16-rounded inputs,
+ * the GPU keeps its logits in f32, so only summation order differs; the looser bound covers
+ * the f16 products of the matmul).
+ */
+import assert from "node:assert/strict";
+import {
+  crossEntropyBackward,
+  crossEntropyChunk,
+  crossEntropyForward,
+} from "../../kernels/ops/cross_entropy.ts";
+import {
+  count_trained,
+  IGNORE_INDEX,
+  lm_head_cross_entropy_backward,
+  lm_head_cross_entropy_forward,
+} from "../../kernels/reference/cross_entropy.ts";
+import type { Gpu } from "../../kernels/device.ts";
+import { type DType, Tensor } from "../../kernels/tensor.ts";
+import { assertClose, gpuTest, nanTensor, randn, rng, roundF16, type Tolerance } from "./_harness.ts";
+
+interface Case {
+  T: number;
+  D: number;
+  V: number;
+  /** Fraction of tokens whose target is -100. */
+  ignored: number;
+  seed: number;
+}
+
+function makeCase({ T, D, V, ignored, seed }: Case) {
+  const h = randn(T * D, seed, 1);
+  const W = randn(V * D, seed + 1, 0.5);
+  const next = rng(seed + 2);
+  const targets = Int32Array.from(
+    { length: T },
+    () => next() < ignored ? IGNORE_INDEX : Math.floor(next() * V),
+  );
+  return { h, W, targets };
+}
+
+function tolerance(ref: ArrayLike<number>, f16: boolean, name: string): Tolerance {
+  let scale = 0;
+  for (let i = 0; i < ref.length; i++) scale = Math.max(scale, Math.abs(ref[i]));
+  return f16 ? { atol: 1e-3 * scale, rtol: 1e-2, name } : { atol: 1e-5 * scale, rtol: 1e-4, name };
+}
+
+interface RunOptions {
+  chunk?: number;
+  wDtype?: DType;
+  hDtype?: DType;
+  /** Rows of W per buffer (splits W into row chunks). */
+  wChunkRows?: number;
+}
+
+/** Runs forward and backward on the GPU and returns loss, lse and dh. */
+async function runGpu(
+  gpu: Gpu,
+  c: Case,
+  data: ReturnType<typeof makeCase>,
+  n: number,
+  options: RunOptions = {},
+) {
+  const { T, D, V } = c;
+  const wDtype = options.wDtype ?? "f32";
+  const maxChunkBytes = options.wChunkRows === undefined
+    ? undefined
+    : options.wChunkRows * D * (wDtype === "f16" ? 2 : 4);
+  using h = Tensor.from(gpu, data.h, [T, D], options.hDtype ?? "f32", { label: "h" });
+  using W = Tensor.from(gpu, data.W, [V, D], wDtype, { label: "W", maxChunkBytes });
+  using targets = Tensor.from(gpu, data.targets, [T], "i32", { label: "targets" });
+  if (options.wChunkRows !== undefined) assert.ok(W.chunked, "W is split into row chunks");
+  using loss = nanTensor(gpu, [1], "f32", "loss");
+  const { lse } = crossEntropyForward(h, W, targets, { n, chunk: options.chunk, loss });
+  using _lse = lse;
+  using dh = crossEntropyBackward(h, W, targets, lse, { n, chunk: options.chunk });
+  return { loss: (await loss.readF32())[0], lse: await lse.readF32(), dh: await dh.readF32() };
+}
+
+function reference(c: Case, data: ReturnType<typeof makeCase>, n: number, f16 = false) {
+  const h = f16 ? roundF16(data.h) : data.h;
+  const W = f16 ? roundF16(data.W) : data.W;
+  const dims = { T: c.T, V: c.V, D: c.D, n, chunk: 64 };
+  const fwd = lm_head_cross_entropy_forward(h, W, data.targets, dims);
+  const bwd = lm_head_cross_entropy_backward(h, W, data.targets, fwd.lse, dims);
+  return { loss: fwd.loss, lse: fwd.lse, dh: bwd.dhidden };
+}
+
+function compare(
+  got: Awaited<ReturnType<typeof runGpu>>,
+  ref: ReturnType<typeof reference>,
+  f16 = false,
+): void {
+  assertClose([got.loss], [ref.loss], tolerance([ref.loss], f16, "loss"));
+  assertClose(got.lse, ref.lse, tolerance(ref.lse, f16, "lse"));
+  assertClose(got.dh, ref.dh, tolerance(ref.dh, f16, "dh"));
+}
+
+const BASE: Case = { T: 13, D: 24, V: 300, ignored: 0.3, seed: 11 };
+
+gpuTest(
+  "crossEntropy matches the reference when V is not a multiple of the chunk and tokens are ignored",
+  async (gpu) => {
+    const data = makeCase(BASE);
+    const n = count_trained(data.targets);
+    assert.ok(n > 0 && n < BASE.T, "the case has trained and ignored tokens");
+    const got = await runGpu(gpu, BASE, data, n, { chunk: 64 });
+    compare(got, reference(BASE, data, n));
+  },
+);
+
+gpuTest("crossEntropy gives the same loss and dh for every vocabulary chunk size", async (gpu) => {
+  const data = makeCase(BASE);
+  const n = count_trained(data.targets);
+  const ref = reference(BASE, data, n);
+  const results = [];
+  for (const chunk of [37, 128, 300, 1000]) {
+    const got = await runGpu(gpu, BASE, data, n, { chunk });
+    compare(got, ref);
+    results.push(got);
+  }
+  for (const got of results.slice(1)) {
+    assertClose([got.loss], [results[0].loss], { atol: 1e-6, rtol: 1e-5, name: "loss across chunks" });
+    assertClose(got.dh, results[0].dh, tolerance(results[0].dh, false, "dh across chunks"));
+  }
+});
+
+gpuTest("crossEntropy divides by the normaliser N of the whole accumulated batch", async (gpu) => {
+  const c = { ...BASE, ignored: 0 };
+  const data = makeCase(c);
+  // N = 3·T: this micro-batch is a third of the step's tokens.
+  const n = 3 * c.T;
+  const got = await runGpu(gpu, c, data, n, { chunk: 128 });
+  compare(got, reference(c, data, n));
+  const own = await runGpu(gpu, c, data, c.T, { chunk: 128 });
+  assertClose([got.loss * 3], [own.loss], { atol: 1e-6, rtol: 1e-5, name: "loss·3 vs loss over N = T" });
+});
+
+gpuTest("crossEntropy accumulates the losses of micro-batches into one step loss", async (gpu) => {
+  const c = { T: 10, D: 16, V: 70, ignored: 0.2, seed: 5 };
+  const data = makeCase(c);
+  const n = count_trained(data.targets);
+  using W = Tensor.from(gpu, data.W, [c.V, c.D], "f32", { label: "W" });
+  using loss = Tensor.from(gpu, [123], [1], "f32", { label: "loss" });
+  const half = c.T / 2;
+  for (let part = 0; part < 2; part++) {
+    using h = Tensor.from(
+      gpu,
+      data.h.subarray(part * half * c.D, (part + 1) * half * c.D),
+      [half, c.D],
+      "f32",
+    );
+    using targets = Tensor.from(gpu, data.targets.subarray(part * half, (part + 1) * half), [half], "i32");
+    const { lse } = crossEntropyForward(h, W, targets, { n, chunk: 32, loss, accumulateLoss: part > 0 });
+    lse.destroy();
+  }
+  const ref = reference(c, data, n);
+  assertClose(await loss.readF32(), [ref.loss], tolerance([ref.loss], false, "accumulated loss"));
+});
+
+gpuTest("crossEntropy handles an lm_head split into row chunks", async (gpu) => {
+  const c = { T: 9, D: 20, V: 203, ignored: 0.25, seed: 21 };
+  const data = makeCase(c);
+  const n = count_trained(data.targets);
+  const ref = reference(c, data, n);
+  // Row chunks of 50 rows; vocabulary chunks of 64 and 128 straddle them, 203 covers all.
+  for (const chunk of [64, 128, 203]) compare(await runGpu(gpu, c, data, n, { chunk, wChunkRows: 50 }), ref);
+});
+
+gpuTest("crossEntropy gives ignored tokens zero gradient and an all-ignored batch zero loss", async (gpu) => {
+  const c = { T: 6, D: 8, V: 40, ignored: 0, seed: 3 };
+  const data = makeCase(c);
+  data.targets.set([IGNORE_INDEX, IGNORE_INDEX], 2);
+  const got = await runGpu(gpu, c, data, 4, { chunk: 16 });
+  for (let i = 2 * c.D; i < 4 * c.D; i++) assert.equal(got.dh[i], 0, `dh[${i}] of an ignored token`);
+  compare(got, reference(c, data, 4));
+  data.targets.fill(IGNORE_INDEX);
+  const none = await runGpu(gpu, c, data, 1, { chunk: 16 });
+  assert.equal(none.loss, 0);
+  assert.ok(none.dh.every((v) => v === 0), "dh is zero");
+});
+
+gpuTest("crossEntropy reports NaN for a target outside the vocabulary", async (gpu) => {
+  const c = { T: 4, D: 8, V: 30, ignored: 0, seed: 9 };
+  const data = makeCase(c);
+  data.targets[1] = c.V;
+  const got = await runGpu(gpu, c, data, 4, { chunk: 16 });
+  assert.ok(Number.isNaN(got.loss), `loss ${got.loss} is NaN`);
+});
+
+gpuTest(
+  "crossEntropy with f16 lm_head and hidden states matches the reference on the rounded inputs",
+  async (gpu) => {
+    const c = { T: 11, D: 32, V: 250, ignored: 0.2, seed: 31 };
+    const data = makeCase(c);
+    const n = count_trained(data.targets);
+    const ref = reference(c, data, n, true);
+    for (const chunk of [64, 250]) {
+      const got = await runGpu(gpu, c, data, n, { chunk, wDtype: "f16", hDtype: "f16", wChunkRows: 90 });
+      compare(got, ref, true);
+    }
+  },
+  { needsF16: true },
+);
+
+gpuTest("crossEntropyChunk keeps the scratch within its budget and one binding", (gpu) => {
+  using h = Tensor.empty(gpu, [256, 64], "f32");
+  using W = Tensor.empty(gpu, [50000, 64], "f32");
+  assert.equal(crossEntropyChunk(h, W, { scratchBytes: 256 * 50000 * 4 }), 50000, "all of V fits");
+  const chunk = crossEntropyChunk(h, W, { scratchBytes: 8 * 1024 * 1024 });
+  assert.equal(chunk % 256, 0);
+  assert.ok(chunk * (4 * 256 + 64 * 4) <= 8 * 1024 * 1024, `chunk ${chunk} fits the budget`);
+  assert.equal(crossEntropyChunk(h, W, { chunk: 77 }), 77);
+  assert.throws(() => crossEntropyChunk(h, W, { chunk: 0 }), /positive integer/);
+  // However large the budget, [T,Vc] f32 logits stay within one storage binding.
+  using many = Tensor.empty(gpu, [8192, 64], "f32");
+  const wide = crossEntropyChunk(many, W, { scratchBytes: 2 ** 40 });
+  assert.ok(wide * 8192 * 4 <= gpu.maxBindingBytes, `chunk ${wide} fits one binding`);
+});
+
+gpuTest("crossEntropyForward refuses mismatched shapes and a non-positive N", (gpu) => {
+  using h = Tensor.empty(gpu, [4, 8], "f32", { label: "h" });
+  using W = Tensor.empty(gpu, [10, 6], "f32", { label: "W" });
+  using targets = Tensor.empty(gpu, [4], "i32", { label: "targets" });
+  assert.throws(() => crossEntropyForward(h, W, targets, { n: 4 }), /hidden sizes differ/);
+  using W8 = Tensor.empty(gpu, [10, 8], "f32", { label: "W" });
+  assert.throws(() => crossEntropyForward(h, W8, targets, { n: 0 }), /normaliser N "0"/);
+  using f = Tensor.empty(gpu, [4], "f32", { label: "targets_f32" });
+  assert.throws(() => crossEntropyForward(h, W8, f, { n: 4 }), /i32 \[4\] expected/);
+});

@@ -1,0 +1,191 @@
+// matmul (tiled and direct kernels) and matmul_naive against the f64 CPU reference.
+// M, N, K as in C[M,N] = op(A)[M,K]·op(B)[K,N]. Tolerances: |gpu − ref| <= atol + rtol·|ref|
+// with inputs ~N(0,1): f32 accumulation error grows with K, so atol = 1e-6·K, rtol = 1e-5;
+// f16 inputs are rounded on the host first, so the reference sees the GPU's inputs and the
+// same f32 tolerance holds; an f16 output adds one rounding: rtol = 2⁻¹⁰.
+import assert from "node:assert/strict";
+import type { Gpu } from "../../kernels/device.ts";
+import {
+  chooseConfig,
+  DIRECT_TILES,
+  matmul,
+  MATMUL_TILES,
+  type MatmulConfig,
+  type MatmulLayout,
+  matmulNaive,
+  type MatmulOptions,
+} from "../../kernels/ops/matmul.ts";
+import { matmul_forward } from "../../kernels/reference/matmul.ts";
+import { Tensor } from "../../kernels/tensor.ts";
+import { assertClose, gpuTest, nanTensor, randn, roundF16 } from "./_harness.ts";
+
+const LAYOUTS: MatmulLayout[] = ["NN", "NT", "TN"];
+const TILED: MatmulConfig = { kind: "tiled", tile: { BM: 32, BN: 32, BK: 16, TM: 4, TN: 4 } };
+const DIRECT: MatmulConfig = { kind: "direct", tile: { TM: 4, TN: 8, WG: 4 } };
+
+interface Case {
+  layout: MatmulLayout;
+  M: number;
+  N: number;
+  K: number;
+  dtype?: "f32" | "f16";
+  outDtype?: "f32" | "f16";
+  alpha?: number;
+  accumulate?: boolean;
+  bias?: boolean;
+  batch?: number;
+  bBatched?: boolean;
+  config?: MatmulConfig;
+  /** Chunk limits (bytes) for a, b and out, to split them into row chunks. */
+  chunkA?: number;
+  chunkB?: number;
+  chunkC?: number;
+  naive?: boolean;
+}
+
+/** Runs one product on the GPU and compares it with the reference. */
+async function check(gpu: Gpu, c: Case, seed = 1): Promise<void> {
+  const { layout, M, N, K } = c;
+  const dtype = c.dtype ?? "f32";
+  const batch = c.batch ?? 1;
+  const round = dtype === "f16" ? roundF16 : (x: Float32Array) => x;
+  const a = round(randn(batch * M * K, seed));
+  const bCount = c.bBatched ? batch : 1;
+  const b = round(randn(bCount * K * N, seed + 1));
+  const bias = c.bias ? round(randn(N, seed + 2)) : undefined;
+  const c0 = c.accumulate ? randn(batch * M * N, seed + 3) : undefined;
+  const outDtype = c.outDtype ?? "f32";
+  const lead = c.batch !== undefined ? [batch] : [];
+  const aShape = [...lead, ...(layout === "TN" ? [K, M] : [M, K])];
+  const bShape = [...(c.bBatched ? [batch] : []), ...(layout === "NT" ? [N, K] : [K, N])];
+  using A = Tensor.from(gpu, a, aShape, dtype, { label: "A", maxChunkBytes: c.chunkA });
+  using B = Tensor.from(gpu, b, bShape, dtype, { label: "B", maxChunkBytes: c.chunkB });
+  using BIAS = bias ? Tensor.from(gpu, bias, [N], dtype, { label: "bias" }) : undefined;
+  const cShape = [...lead, M, N];
+  using C = c0
+    ? Tensor.from(gpu, c0, cShape, outDtype, { label: "C", maxChunkBytes: c.chunkC })
+    : nanTensor(gpu, cShape, outDtype, "C");
+  if (c.chunkA) assert.ok(A.chunked, "A is split");
+  if (c.chunkB) assert.ok(B.chunked, "B is split");
+  const options: MatmulOptions = {
+    layout,
+    alpha: c.alpha,
+    accumulate: c.accumulate,
+    bias: BIAS,
+    out: C,
+    config: c.config,
+  };
+  (c.naive ? matmulNaive : matmul)(A, B, options);
+  const want = matmul_forward(a, b, {
+    layout,
+    M,
+    N,
+    K,
+    batch,
+    bBatched: c.bBatched,
+    alpha: c.alpha,
+    bias,
+    c0: c0 && outDtype === "f16" ? roundF16(c0) : c0,
+  });
+  const name = `${c.naive ? "matmul_naive" : "matmul"} ${JSON.stringify(c)}`;
+  const tol = { atol: 1e-6 * Math.max(K, 16), rtol: outDtype === "f16" ? 2 ** -10 : 1e-5, name };
+  assertClose(await C.readF32(), want, tol);
+}
+
+gpuTest("matmul matches the reference in every layout at odd and aligned sizes (f32)", async (gpu) => {
+  for (const layout of LAYOUTS) {
+    for (const [M, N, K] of [[1, 1, 1], [3, 17, 5], [17, 65, 31], [64, 64, 64], [65, 127, 33]]) {
+      await check(gpu, { layout, M, N, K });
+    }
+  }
+});
+
+gpuTest("matmul applies alpha, bias and accumulation in every layout", async (gpu) => {
+  for (const layout of LAYOUTS) {
+    await check(gpu, { layout, M: 17, N: 65, K: 31, alpha: 0.5, bias: true, accumulate: true });
+    await check(gpu, { layout, M: 64, N: 64, K: 64, alpha: -2, accumulate: true });
+  }
+  await check(gpu, { layout: "NT", M: 64, N: 64, K: 64, bias: true });
+});
+
+gpuTest("matmul takes f16 inputs with f32 accumulation, to f32 or f16 outputs", async (gpu) => {
+  for (const layout of LAYOUTS) {
+    await check(gpu, { layout, M: 17, N: 65, K: 31, dtype: "f16" });
+    await check(gpu, { layout, M: 64, N: 64, K: 64, dtype: "f16", outDtype: "f16" });
+  }
+  await check(gpu, { layout: "NT", M: 65, N: 127, K: 33, dtype: "f16", outDtype: "f16", bias: true, accumulate: true });
+}, { needsF16: true });
+
+gpuTest("the tiled and the direct kernel both match the reference on any adapter", async (gpu) => {
+  for (const config of [TILED, DIRECT]) {
+    for (const layout of LAYOUTS) {
+      await check(gpu, { layout, M: 3, N: 17, K: 5, config });
+      await check(gpu, { layout, M: 65, N: 127, K: 33, config, bias: true, accumulate: true, alpha: 0.25 });
+      await check(gpu, { layout, M: 64, N: 64, K: 64, config });
+    }
+  }
+});
+
+gpuTest("every named tile computes the right product at sizes spanning several tiles", async (gpu) => {
+  const configs: MatmulConfig[] = [
+    ...Object.values(MATMUL_TILES).map((tile) => ({ kind: "tiled" as const, tile })),
+    ...Object.values(DIRECT_TILES).map((tile) => ({ kind: "direct" as const, tile })),
+  ];
+  const cases: Case[] = [];
+  configs.forEach((config, i) => {
+    const layout = LAYOUTS[i % 3];
+    const big = config.kind === "tiled" ? config.tile.BM : config.tile.TM;
+    const wide = config.kind === "tiled" ? config.tile.BN : config.tile.TN * config.tile.WG;
+    cases.push({ layout, M: big + 3, N: 2 * wide + 5, K: 37, config, bias: true, accumulate: true, alpha: 1.5 });
+  });
+  for (const c of cases) await check(gpu, c);
+});
+
+gpuTest("batched matmul computes one product per batch entry, b shared or batched", async (gpu) => {
+  await check(gpu, { layout: "NT", M: 5, N: 7, K: 8, batch: 3, bBatched: true });
+  await check(gpu, { layout: "NT", M: 5, N: 7, K: 8, batch: 3 });
+  await check(gpu, { layout: "NN", M: 9, N: 4, K: 12, batch: 2, bBatched: true, alpha: 0.5 });
+  await check(gpu, { layout: "TN", M: 6, N: 5, K: 3, batch: 2, bBatched: true, config: TILED });
+});
+
+gpuTest("matmul splits products over row-chunked operands", async (gpu) => {
+  // NT: W[N,K] in row chunks along N (each chunk writes its own columns of C), with bias.
+  await check(gpu, { layout: "NT", M: 9, N: 50, K: 12, chunkB: 12 * 4 * 16, bias: true });
+  // NN: B[K,N] in chunks along K: the partial products accumulate, the bias is added once.
+  await check(gpu, { layout: "NN", M: 9, N: 20, K: 50, chunkB: 20 * 4 * 13, bias: true });
+  await check(gpu, { layout: "NN", M: 9, N: 20, K: 50, chunkB: 20 * 4 * 13, accumulate: true, alpha: 2 });
+  // TN: A[K,M] in chunks along K; NN with A[M,K] in chunks along M; C in chunks along M.
+  await check(gpu, { layout: "TN", M: 11, N: 7, K: 40, chunkA: 11 * 4 * 9 });
+  await check(gpu, { layout: "NN", M: 30, N: 7, K: 6, chunkA: 6 * 4 * 7 });
+  await check(gpu, { layout: "NT", M: 30, N: 7, K: 6, chunkC: 7 * 4 * 8, chunkB: 6 * 4 * 3, accumulate: true });
+});
+
+gpuTest("matmul_naive matches the reference in every layout", async (gpu) => {
+  for (const layout of LAYOUTS) {
+    await check(gpu, { layout, M: 17, N: 65, K: 31, naive: true });
+    await check(gpu, { layout, M: 5, N: 3, K: 7, naive: true, bias: true, accumulate: true, alpha: 3, batch: 2 });
+  }
+});
+
+gpuTest("matmul names the operands of a shape or dtype mistake", (gpu) => {
+  using a = Tensor.empty(gpu, [4, 5], "f32", { label: "x" });
+  using w = Tensor.empty(gpu, [6, 4], "f32", { label: "W" });
+  assert.throws(
+    () => matmul(a, w, { layout: "NT" }),
+    /Cannot run matmul NT on "x" \[4,5\] and "W" \[6,4\]: inner dimensions differ \(5 vs 4\)/,
+  );
+  assert.throws(() => matmul(a, a, { layout: "TN", accumulate: true }), /accumulate needs an `out` tensor/);
+  using out = Tensor.empty(gpu, [4, 4]);
+  assert.throws(() => matmul(w, w, { layout: "NT", out }), /out has shape \[4,4\], expected \[6,6\]/);
+  using i = Tensor.empty(gpu, [5, 4], "i32", { label: "ids" });
+  assert.throws(() => matmul(a, i), /"ids" has dtype i32/);
+  if (!gpu.f16) {
+    using h = Tensor.empty(gpu, [5, 4], "f16", { label: "h" });
+    assert.throws(() => matmul(a, h), /"h" is f16 but this adapter has no shader-f16/);
+  }
+});
+
+gpuTest("chooseConfig() picks the direct kernel on CPU adapters and tiles elsewhere", (gpu) => {
+  const config = chooseConfig(gpu, 512, 512);
+  assert.equal(config.kind, gpu.software ? "direct" : "tiled");
+});
