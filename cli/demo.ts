@@ -21,6 +21,17 @@ if (import.meta.main) {
     });
     if (!result) return;
     const runDir = displayPath(result.runDir, root);
+    const train = result.steps.find((s) => s.step === "train-sft")?.outcome.manifest;
+    if (train) {
+      const m = train.metrics;
+      const f = (v: unknown) => typeof v === "number" ? v.toFixed(4) : "?";
+      console.log(`
+train-sft:   train loss ${f(m.train_loss)} · eval loss ${f(m.eval_loss_before)} untrained -> ${
+        f(m.eval_loss)
+      } trained
+loss curve:  ${runDir}/train-sft/loss.svg   (or: deno task runs plot ${result.runId})
+adapter:     ${runDir}/train-sft/adapter/   (PEFT format: PeftModel.from_pretrained(base, path))`);
+    }
     console.log(`
 manifests:   ${runDir}/<step>/manifest.json
 rerun one:   deno task step tokenize --manifest ${runDir}/tokenize/manifest.json

@@ -1,5 +1,6 @@
 /**
- * End to end through the real programs (`deno task recipe`, `step`, `runs`) on the shipped
+ * End to end through the real programs (the training step is left out with `--only`: it is
+ * covered by tests/steps/train_sft_test.ts and by `deno task demo`) (`deno task recipe`, `step`, `runs`) on the shipped
  * demo data: what a user does, in separate processes, against a temp runs root.
  */
 import assert from "node:assert/strict";
@@ -36,8 +37,8 @@ Deno.test("two recipes started at the same moment both land in the index, and re
   const env = { LATHE_RUNS: runs };
   try {
     const [a, b] = await Promise.all([
-      lathe("cli/recipe.ts", ["tiny-demo"], env),
-      lathe("cli/recipe.ts", ["tiny-demo", "--set", "tokenize.max_seq_len=128"], env),
+      lathe("cli/recipe.ts", ["tiny-demo", "--only", "tokenize"], env),
+      lathe("cli/recipe.ts", ["tiny-demo", "--only", "tokenize", "--set", "tokenize.max_seq_len=128"], env),
     ]);
     assert.equal(a.code, 0, a.err);
     assert.equal(b.code, 0, b.err);
@@ -67,7 +68,7 @@ Deno.test("rerunning tokenize from its manifest rewrites byte-identical outputs"
   const runs = await Deno.makeTempDir({ prefix: "lathe-e2e-" });
   const env = { LATHE_RUNS: runs, LATHE_NO_TRACKER: "1" };
   try {
-    const r = await lathe("cli/recipe.ts", ["tiny-demo"], env);
+    const r = await lathe("cli/recipe.ts", ["tiny-demo", "--only", "tokenize"], env);
     assert.equal(r.code, 0, r.err);
     const id = r.out.match(/^run\s+(\S+)$/m)![1];
     const path = join(runs, id, "tokenize", "manifest.json");
@@ -93,7 +94,13 @@ Deno.test("a malformed JSONL line makes the recipe exit 1 naming file and line, 
     good.splice(6, 0, '{"messages": [{"role": "user", "content": "unterminated"}');
     const file = join(data, "broken.jsonl");
     await Deno.writeTextFile(file, good.join("\n") + "\n");
-    const r = await lathe("cli/recipe.ts", ["tiny-demo", "--set", `prepare.sources=[${file}]`], env);
+    const r = await lathe("cli/recipe.ts", [
+      "tiny-demo",
+      "--only",
+      "prepare",
+      "--set",
+      `prepare.sources=[${file}]`,
+    ], env);
     assert.equal(r.code, 1, r.out + r.err);
     assert.match(r.err, new RegExp(`error: Cannot prepare "${file.replaceAll("/", "\\/")}:7"`));
     assert.doesNotMatch(r.err, /\n\s+at /, "no stack trace");
