@@ -16,7 +16,7 @@
  */
 import { parseArgs } from "node:util";
 import { getGpu, type Gpu } from "../kernels/device.ts";
-import { chooseConfig, matmul, type MatmulConfig, matmulNaive, MATMUL_TILES } from "../kernels/ops/matmul.ts";
+import { chooseConfig, matmul, MATMUL_TILES, type MatmulConfig, matmulNaive } from "../kernels/ops/matmul.ts";
 import { recorder } from "../kernels/recorder.ts";
 import { memoryStats, resetPeakMemory, Tensor } from "../kernels/tensor.ts";
 import { runMain } from "../steps/errors.ts";
@@ -47,19 +47,34 @@ export async function run(args: string[]): Promise<void> {
     strict: true,
   });
   const gpu = await getGpu();
-  const sizes = (values.sizes ?? (gpu.software ? "256,512,1024" : "256,512,1024,2048,4096")).split(",").map(Number);
-  const dtypes = values.dtypes.split(",").filter((d) => d === "f32" || (d === "f16" && gpu.f16)) as ("f32" | "f16")[];
+  const sizes = (values.sizes ?? (gpu.software ? "256,512,1024" : "256,512,1024,2048,4096")).split(",").map(
+    Number,
+  );
+  const dtypes = values.dtypes.split(",").filter((d) =>
+    d === "f32" || (d === "f16" && gpu.f16)
+  ) as ("f32" | "f16")[];
   const seconds = Number(values.seconds);
   const rounds = Number(values.rounds);
   const naiveMax = Number(values["naive-max"] ?? (gpu.software ? 512 : 4096));
   const peak = Number(values.peak ?? Deno.env.get("LATHE_PEAK_TFLOPS") ?? 0);
   const tf = values["no-tfjs"] ? null : await loadTfjs();
 
-  console.log(`adapter: ${gpu.info.description} (${gpu.info.backend}${gpu.software ? ", CPU" : ""}); ` +
-    `features: ${gpu.info.features.join(", ") || "none"}`);
+  console.log(
+    `adapter: ${gpu.info.description} (${gpu.info.backend}${gpu.software ? ", CPU" : ""}); ` +
+      `features: ${gpu.info.features.join(", ") || "none"}`,
+  );
   if (typeof tf === "string") console.log(`tfjs: unavailable (${tf})`);
   console.log(`best of ${rounds} rounds, ~${seconds}s per size and contender; C[n,n] = A[n,n]·B[n,n]ᵀ\n`);
-  const header = ["n", "kernel", "dtype", "ms", "GFLOP/s", "vs naive", "vs tfjs", ...(peak > 0 ? ["% peak"] : [])];
+  const header = [
+    "n",
+    "kernel",
+    "dtype",
+    "ms",
+    "GFLOP/s",
+    "vs naive",
+    "vs tfjs",
+    ...(peak > 0 ? ["% peak"] : []),
+  ];
   const rows: string[][] = [];
   const ratios: string[] = [];
   for (const n of sizes) {
@@ -75,12 +90,20 @@ export async function run(args: string[]): Promise<void> {
     const best = new Map<Contender, number>();
     const counts = new Map<Contender, number>();
     for (const c of contenders) {
-      // Warm-up (compiles pipelines) and a calibration run.
+      // Warm-up (compiles pipelines), then double the count until one round fills its share of
+      // the time: a round ends with one readback, whose fixed latency (~10 ms in Deno, which
+      // polls the device) must be small against the round.
       await c.run(1);
-      const t0 = performance.now();
-      await c.run(1);
-      const once = (performance.now() - t0) / 1000;
-      counts.set(c, Math.max(1, Math.floor(seconds / rounds / Math.max(once, 1e-6))));
+      const perRound = seconds / rounds;
+      let count = 1;
+      for (;;) {
+        const t0 = performance.now();
+        await c.run(count);
+        const t = (performance.now() - t0) / 1000;
+        if (t >= perRound || count >= 1 << 20) break;
+        count = Math.ceil(count * Math.min(8, Math.max(2, perRound / Math.max(t, 1e-4))));
+      }
+      counts.set(c, count);
     }
     resetPeakMemory(gpu);
     for (let r = 0; r < rounds; r++) {
@@ -112,7 +135,9 @@ export async function run(args: string[]): Promise<void> {
       if (c.primary && c.dtype === "f32" && ref) ratios.push(`n=${n}: ${(g / gflops(ref)).toFixed(2)}x`);
     }
     console.log(
-      `n=${n}: peak GPU memory of lathe's contenders ${(memoryStats(gpu).peakBytes / 2 ** 20).toFixed(1)} MiB`,
+      `n=${n}: peak GPU memory of lathe's contenders ${
+        (memoryStats(gpu).peakBytes / 2 ** 20).toFixed(1)
+      } MiB`,
     );
     for (const c of contenders) c.dispose();
   }
@@ -122,7 +147,13 @@ export async function run(args: string[]): Promise<void> {
 }
 
 /** lathe's matmul with a config, or the naive kernel (config null), on random data. */
-function ours(gpu: Gpu, n: number, dtype: "f32" | "f16", config: MatmulConfig | null, primary: boolean): Contender {
+function ours(
+  gpu: Gpu,
+  n: number,
+  dtype: "f32" | "f16",
+  config: MatmulConfig | null,
+  primary: boolean,
+): Contender {
   const a = Tensor.from(gpu, randomData(n * n, 1), [n, n], dtype, { label: "bench_a" });
   const b = Tensor.from(gpu, randomData(n * n, 2), [n, n], dtype, { label: "bench_b" });
   const out = Tensor.empty(gpu, [n, n], dtype, { label: "bench_c" });
@@ -199,7 +230,8 @@ function randomData(n: number, seed: number): Float32Array {
 
 function printTable(header: string[], rows: string[][]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i < 3 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
+  const line = (cells: string[]) =>
+    cells.map((c, i) => (i < 3 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
   console.log(line(header));
   console.log(widths.map((w) => "-".repeat(w)).join("  "));
   for (const r of rows) console.log(line(r));

@@ -51,7 +51,9 @@ export class Gpu {
     this.subgroups = device.features.has("subgroups");
     this.software = info.fallback || SOFTWARE_ADAPTERS.test(info.description);
     device.lost.then((lost) => {
-      const kernel = this.lastKernel === null ? "no kernel had been dispatched" : `last kernel "${this.lastKernel}"`;
+      const kernel = this.lastKernel === null
+        ? "no kernel had been dispatched"
+        : `last kernel "${this.lastKernel}"`;
       this.#lost = new Error(
         `Cannot use the GPU: device "${info.description}" was lost (${lost.reason}: ${
           lost.message || "no message"

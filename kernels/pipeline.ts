@@ -88,7 +88,9 @@ export function getKernel(gpu: Gpu, spec: KernelSpec): Kernel {
   const hit = cache.get(key);
   if (hit !== undefined) {
     if (typeof spec.code === "string" && spec.code !== hit.code) {
-      throw new Error(`Kernel "${label}" was compiled from different WGSL: its params must name every variant`);
+      throw new Error(
+        `Kernel "${label}" was compiled from different WGSL: its params must name every variant`,
+      );
     }
     return hit;
   }
@@ -128,7 +130,11 @@ export function kernelCount(gpu: Gpu): number {
   return caches.get(gpu)?.size ?? 0;
 }
 
-function bindGroupLayout(gpu: Gpu, bindings: readonly BindingAccess[], uniformBytes: number): GPUBindGroupLayout {
+function bindGroupLayout(
+  gpu: Gpu,
+  bindings: readonly BindingAccess[],
+  uniformBytes: number,
+): GPUBindGroupLayout {
   let cache = layouts.get(gpu);
   if (cache === undefined) layouts.set(gpu, cache = new Map());
   const key = `${bindings.join(",")}|${uniformBytes}`;

@@ -115,7 +115,9 @@ export class Recorder {
     if (kernel.uniformBytes > 0) {
       const bytes = uniforms === null ? 0 : uniforms.byteLength;
       if (bytes > kernel.uniformBytes) {
-        throw new Error(`Cannot dispatch "${kernel.label}": ${bytes} uniform bytes exceed its ${kernel.uniformBytes}`);
+        throw new Error(
+          `Cannot dispatch "${kernel.label}": ${bytes} uniform bytes exceed its ${kernel.uniformBytes}`,
+        );
       }
       if (this.#uniformUsed + kernel.uniformBytes > UNIFORM_RING_BYTES) this.flush();
       offset = this.#uniformUsed;
@@ -162,7 +164,9 @@ export class Recorder {
     this.#batch = null;
     this.#endPass(batch);
     const queue = this.gpu.device.queue;
-    if (this.#uniformUsed > 0) queue.writeBuffer(this.#uniformRing, 0, this.#uniformCpu, 0, this.#uniformUsed);
+    if (this.#uniformUsed > 0) {
+      queue.writeBuffer(this.#uniformRing, 0, this.#uniformCpu, 0, this.#uniformUsed);
+    }
     this.#uniformUsed = 0;
     queue.submit([batch.encoder.finish({ label: "lathe_batch" })]);
     this.submitCount++;
@@ -172,7 +176,9 @@ export class Recorder {
     const describe = () => {
       const labels = [...batch.labels];
       const shown = labels.slice(0, 8).map((l) => `"${l}"`).join(", ");
-      return `a batch of ${batch.dispatches} commands (kernels ${shown || "none"}${labels.length > 8 ? ", ..." : ""})`;
+      return `a batch of ${batch.dispatches} commands (kernels ${shown || "none"}${
+        labels.length > 8 ? ", ..." : ""
+      })`;
     };
     const kernels = [...batch.unverified];
     const check = (async (): Promise<Error | null> => {
@@ -279,7 +285,10 @@ export class Recorder {
     for (const b of buffers) key += `${this.#id(b)}|`;
     let group = this.#bindGroups.get(key);
     if (group === undefined) {
-      const entries: GPUBindGroupEntry[] = buffers.map((buffer, binding) => ({ binding, resource: { buffer } }));
+      const entries: GPUBindGroupEntry[] = buffers.map((buffer, binding) => ({
+        binding,
+        resource: { buffer },
+      }));
       if (kernel.uniformBytes > 0) {
         entries.push({
           binding: buffers.length,
@@ -287,7 +296,11 @@ export class Recorder {
         });
       }
       if (this.#bindGroups.size >= BIND_GROUP_CACHE_SIZE) this.#bindGroups.clear();
-      group = this.gpu.device.createBindGroup({ label: `${kernel.label}:bind`, layout: kernel.layout, entries });
+      group = this.gpu.device.createBindGroup({
+        label: `${kernel.label}:bind`,
+        layout: kernel.layout,
+        entries,
+      });
       this.#bindGroups.set(key, group);
     }
     return group;

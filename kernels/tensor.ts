@@ -49,7 +49,13 @@ export class Tensor implements Disposable {
   readonly label: string;
   #chunks: TensorChunk[];
 
-  private constructor(gpu: Gpu, shape: readonly number[], dtype: DType, label: string, chunks: TensorChunk[]) {
+  private constructor(
+    gpu: Gpu,
+    shape: readonly number[],
+    dtype: DType,
+    label: string,
+    chunks: TensorChunk[],
+  ) {
     this.gpu = gpu;
     this.shape = shape;
     this.dtype = dtype;
@@ -78,7 +84,9 @@ export class Tensor implements Disposable {
     const n = shapeSize(shape);
     if (host.length !== n) {
       throw new RangeError(
-        `Cannot create tensor "${options.label ?? "tensor"}": shape [${shape}] holds ${n} elements, data has ${host.length}`,
+        `Cannot create tensor "${
+          options.label ?? "tensor"
+        }": shape [${shape}] holds ${n} elements, data has ${host.length}`,
       );
     }
     const t = Tensor.empty(gpu, shape, dtype, options);
@@ -95,7 +103,12 @@ export class Tensor implements Disposable {
   }
 
   /** A tensor with unspecified contents (a pooled buffer may hold earlier data). */
-  static empty(gpu: Gpu, shape: readonly number[], dtype: DType = "f32", options: TensorOptions = {}): Tensor {
+  static empty(
+    gpu: Gpu,
+    shape: readonly number[],
+    dtype: DType = "f32",
+    options: TensorOptions = {},
+  ): Tensor {
     gpu.assertAlive();
     for (const d of shape) {
       if (!Number.isInteger(d) || d < 0) throw new RangeError(`Cannot create tensor: bad shape [${shape}]`);
@@ -130,7 +143,12 @@ export class Tensor implements Disposable {
   }
 
   /** A tensor of zeros (cleared on the GPU, in stream order). */
-  static zeros(gpu: Gpu, shape: readonly number[], dtype: DType = "f32", options: TensorOptions = {}): Tensor {
+  static zeros(
+    gpu: Gpu,
+    shape: readonly number[],
+    dtype: DType = "f32",
+    options: TensorOptions = {},
+  ): Tensor {
     const t = Tensor.empty(gpu, shape, dtype, options);
     const rec = recorder(gpu);
     for (const c of t.chunks) rec.clearBuffer(c.buffer, 0, pad4(c.byteLength));

@@ -56,8 +56,12 @@ export function axpy(y: Tensor, a: number, x: Tensor): Tensor {
 
 /** Sets every element of `t` to `value` (f32, f16, u32, i32); returns t. */
 export function fill(t: Tensor, value: number): Tensor {
-  if (t.dtype === "f32" || t.dtype === "f16") return map("fill", "vec2<f32>(u.s0)", [], [value, 0], { out: t });
-  if (t.dtype !== "u32" && t.dtype !== "i32") throw new TypeError(`Cannot fill "${t.label}": dtype ${t.dtype}`);
+  if (t.dtype === "f32" || t.dtype === "f16") {
+    return map("fill", "vec2<f32>(u.s0)", [], [value, 0], { out: t });
+  }
+  if (t.dtype !== "u32" && t.dtype !== "i32") {
+    throw new TypeError(`Cannot fill "${t.label}": dtype ${t.dtype}`);
+  }
   const bits = new Uint32Array(new Int32Array([value]).buffer)[0];
   const kernel = getKernel(t.gpu, {
     name: "fill_words",
@@ -69,7 +73,12 @@ export function fill(t: Tensor, value: number): Tensor {
   const rowSize = t.rowSize;
   for (const c of t.chunks) {
     const n = c.rows * rowSize;
-    rec.dispatch(kernel, [c.buffer], new Uint32Array([n, 0, 0, t.dtype === "u32" ? value >>> 0 : bits]), groups(t.gpu, n));
+    rec.dispatch(
+      kernel,
+      [c.buffer],
+      new Uint32Array([n, 0, 0, t.dtype === "u32" ? value >>> 0 : bits]),
+      groups(t.gpu, n),
+    );
   }
   return t;
 }
@@ -83,12 +92,18 @@ export function copy(src: Tensor, dst: Tensor): Tensor {
   }
   sameChunks("copy", [src, dst]);
   const rec = recorder(src.gpu);
-  src.chunks.forEach((c, i) => rec.copyBuffer(c.buffer, 0, dst.chunks[i].buffer, 0, Math.ceil(c.byteLength / 4) * 4));
+  src.chunks.forEach((c, i) =>
+    rec.copyBuffer(c.buffer, 0, dst.chunks[i].buffer, 0, Math.ceil(c.byteLength / 4) * 4)
+  );
   return dst;
 }
 
 /** out = x converted to `dtype` (f32 ↔ f16; works without shader-f16). */
-export function cast(x: Tensor, dtype: ElementDType, options: Omit<ElementwiseOptions, "dtype"> = {}): Tensor {
+export function cast(
+  x: Tensor,
+  dtype: ElementDType,
+  options: Omit<ElementwiseOptions, "dtype"> = {},
+): Tensor {
   if (x.dtype === dtype && options.out === undefined) {
     return copy(x, Tensor.empty(x.gpu, x.shape, dtype, { label: options.label ?? `${x.label}_${dtype}` }));
   }
@@ -111,7 +126,9 @@ function map(
       throw new TypeError(`Cannot run ${name} on "${t.label}": dtype ${t.dtype} (f32 or f16 expected)`);
     }
     if (t.size !== first.size) {
-      throw new RangeError(`Cannot run ${name}: "${t.label}" [${t.shape}] and "${first.label}" [${first.shape}] differ`);
+      throw new RangeError(
+        `Cannot run ${name}: "${t.label}" [${t.shape}] and "${first.label}" [${first.shape}] differ`,
+      );
     }
   }
   const dtype = options.out?.dtype as ElementDType | undefined ?? options.dtype ??
@@ -166,7 +183,9 @@ function sameChunks(name: string, tensors: Tensor[]): void {
   const want = key(tensors[0]);
   for (const t of tensors) {
     if (key(t) !== want) {
-      throw new RangeError(`Cannot run ${name}: "${t.label}" and "${tensors[0].label}" are split into different row chunks`);
+      throw new RangeError(
+        `Cannot run ${name}: "${t.label}" and "${tensors[0].label}" are split into different row chunks`,
+      );
     }
   }
 }

@@ -45,9 +45,13 @@ export function elementwiseWgsl(v: ElementwiseVariant): string {
       return;
     }
     names.push(`X${i}`);
-    L.push(`@group(0) @binding(${binding++}) var<storage, read> X${i}: array<${t === "f16" ? "u32" : "f32"}>;`);
+    L.push(
+      `@group(0) @binding(${binding++}) var<storage, read> X${i}: array<${t === "f16" ? "u32" : "f32"}>;`,
+    );
   });
-  L.push(`@group(0) @binding(${binding++}) var<storage, read_write> O: array<${v.out === "f16" ? "u32" : "f32"}>;`);
+  L.push(
+    `@group(0) @binding(${binding++}) var<storage, read_write> O: array<${v.out === "f16" ? "u32" : "f32"}>;`,
+  );
   L.push(`@group(0) @binding(${binding++}) var<uniform> u: Params;`);
   const body: string[] = [];
   body.push(`  let p = (wg.y * nwg.x + wg.x) * ${ELEMENTWISE_WORKGROUP}u + lid.x;`);

@@ -23,8 +23,11 @@ import {
   type MatmulLayout,
   type MatmulTile,
   matmulUniforms,
-  type MatmulVariant,
   matmulWgsl,
+  SPLITK_UNIFORM_BYTES,
+  SPLITK_WORKGROUP,
+  type SplitKReduceVariant,
+  splitKReduceWgsl,
   tileThreads,
 } from "./matmul_wgsl.ts";
 
@@ -54,6 +57,11 @@ export interface MatmulOptions {
   label?: string;
   /** Kernel and tile sizes (default: chosen for the adapter and the problem size). */
   config?: MatmulConfig;
+  /**
+   * Number of K ranges computed in parallel and summed afterwards (split-K); default: chosen
+   * on GPUs for products with few output tiles and a long K, 1 on CPU adapters.
+   */
+  splitK?: number;
 }
 
 /** Tiles of the tiled kernel: with DIRECT_TILES, the only place matmul tile sizes are written. */
@@ -61,7 +69,7 @@ export const MATMUL_TILES = {
   /** 64×64 tile, 4×4 per thread, 256 threads: the default for discrete GPUs. */
   gpu64: { BM: 64, BN: 64, BK: 16, TM: 4, TN: 4 },
   /** 128×128 tile, 8×8 per thread, 256 threads: large products on discrete GPUs. */
-  gpu128: { BM: 128, BN: 128, BK: 16, TM: 8, TN: 8 },
+  gpu128: { BM: 128, BN: 128, BK: 8, TM: 8, TN: 8 },
   /** 32×32 tile for small products (more workgroups to fill the device). */
   small: { BM: 32, BN: 32, BK: 16, TM: 4, TN: 4 },
 } as const satisfies Record<string, MatmulTile>;
@@ -87,13 +95,16 @@ export function chooseConfig(gpu: Gpu, M: number, N: number): MatmulConfig {
     const tile = M <= 4 ? DIRECT_TILES.rows4 : M * N >= 256 * 256 ? DIRECT_TILES.large : DIRECT_TILES.medium;
     return { kind: "direct", tile };
   }
-  if (M * N >= 2048 * 2048) return { kind: "tiled", tile: MATMUL_TILES.gpu128 };
+  // 128×128 tiles once there are ≥ 128 of them (H100: 132 SMs; 64×64 tiles win below).
+  if (M * N >= 2048 * 1024) return { kind: "tiled", tile: MATMUL_TILES.gpu128 };
   if (M * N <= 256 * 256) return { kind: "tiled", tile: MATMUL_TILES.small };
   return { kind: "tiled", tile: MATMUL_TILES.gpu64 };
 }
 
 interface Problem {
   gpu: Gpu;
+  a: Tensor;
+  b: Tensor;
   layout: MatmulLayout;
   batch: number;
   M: number;
@@ -118,60 +129,153 @@ export function matmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): Tenso
   const alpha = options.alpha ?? 1;
   const config = options.config ?? chooseConfig(p.gpu, p.M, p.N);
   checkConfig(p.gpu, config);
-  const rec = recorder(p.gpu);
   const bias = options.bias;
   for (const cell of cells(p, a, b)) {
     const accumulate = (options.accumulate ?? false) || cell.kIndex > 0;
-    const withBias = bias !== undefined && cell.kIndex === 0;
-    // vec4 access needs the contiguous dimension, leading dimension, offset and batch stride
-    // to be multiples of 4.
-    const a4 = (p.layout === "TN" ? cell.M : cell.K) % 4 === 0 && aligned4(cell.lda, cell.aOff, cell.strideA);
-    const b4 = (p.layout === "NT" ? cell.K : cell.N) % 4 === 0 && aligned4(cell.ldb, cell.bOff, cell.strideB);
-    const c4 = cell.N % 4 === 0 && aligned4(cell.ldc, cell.cOff, cell.strideC);
-    const dtypes = {
-      a: a.dtype as FloatDType,
-      b: b.dtype as FloatDType,
-      c: p.out.dtype as FloatDType,
-      bias: withBias ? bias.dtype as FloatDType : "none" as const,
-    };
-    const common = { layout: p.layout, ...dtypes, accumulate, vecA: a4, vecB: b4 };
-    const params = {
-      layout: p.layout,
-      dtypes: `${dtypes.a}${dtypes.b}${dtypes.c}${withBias ? dtypes.bias : ""}`,
-      acc: accumulate,
-      vec: `${+a4}${+b4}`,
-    };
-    let code: () => string;
-    let name: string;
-    let groups: [number, number, number];
-    if (config.kind === "tiled") {
-      const tile = config.tile;
-      const exact = cell.M % tile.BM === 0 && cell.N % tile.BN === 0 && cell.K % tile.BK === 0;
-      const variant: MatmulVariant = { ...common, vecC: c4, exact, tile };
-      name = "matmul";
-      Object.assign(params, { vecC: c4, exact, tile: `${tile.BM}x${tile.BN}x${tile.BK}/${tile.TM}x${tile.TN}` });
-      code = () => matmulWgsl(variant);
-      groups = [Math.ceil(cell.N / tile.BN), Math.ceil(cell.M / tile.BM), p.batch];
+    const cellBias = cell.kIndex === 0 ? bias : undefined;
+    const split = p.batch === 1 ? (options.splitK ?? splitCount(p.gpu, config, cell)) : 1;
+    if (split <= 1) {
+      launch(p, config, cell, {
+        accumulate,
+        bias: cellBias,
+        alpha,
+        batch: p.batch,
+        c: p.out.dtype as FloatDType,
+      });
     } else {
-      const tile = config.tile;
-      name = "matmul_direct";
-      Object.assign(params, { tile: `${tile.TM}x${tile.TN}/${tile.WG}` });
-      const kExact = cell.K % 4 === 0;
-      Object.assign(params, { vecC: c4, kExact });
-      code = () => matmulDirectWgsl({ ...common, vecC: c4, kExact, tile });
-      groups = [Math.ceil(cell.N / (tile.WG * tile.TN)), Math.ceil(cell.M / tile.TM), p.batch];
+      splitK(p, config, cell, split, { accumulate, bias: cellBias, alpha });
     }
-    const kernel = getKernel(p.gpu, {
-      name,
-      params,
-      code,
-      bindings: withBias ? ["read", "read", "read", "write"] : ["read", "read", "write"],
-      uniformBytes: MATMUL_UNIFORM_BYTES,
-    });
-    const buffers = withBias ? [cell.a, cell.b, bias.buffer, cell.c] : [cell.a, cell.b, cell.c];
-    rec.dispatch(kernel, buffers, matmulUniforms({ ...cell, alpha }), groups);
   }
   return p.out;
+}
+
+/**
+ * How many K ranges to split a product into on a GPU: a product with few output tiles and a
+ * long K leaves most of the device idle, each workgroup walking all of K (e.g. the LoRA
+ * shapes x[T,D]·A[r,D]ᵀ and dA = dHᵀ·x, with r = 16 columns or rows). Aim for ~2048
+ * workgroups, each range at least 256 long. Measured on an H100 (NT f32): 16×4096×4096
+ * 413 → 118 µs, 512×512×4096 329 → 142 µs, 4096×64×11008 899 → 321 µs; products with
+ * K < 1024 gain less than the extra reduction costs, and ≥ 256 tiles already fill the device.
+ */
+function splitCount(gpu: Gpu, config: MatmulConfig, cell: Cell): number {
+  if (gpu.software || config.kind !== "tiled" || cell.K < 1024) return 1;
+  const tiles = Math.ceil(cell.M / config.tile.BM) * Math.ceil(cell.N / config.tile.BN);
+  if (tiles >= 256) return 1;
+  const split = Math.min(Math.ceil(2048 / tiles), Math.floor(cell.K / 256), 64);
+  // The partial products must stay small: S·M·N f32 within 64 MiB.
+  return split >= 2 && split * cell.M * cell.N * 4 <= 64 * 2 ** 20 ? split : 1;
+}
+
+/**
+ * Split-K: S partial products over K ranges into P[S,M,N] (f32; the first S−1 ranges as one
+ * batched dispatch, the shorter last range alone), then one reduction into C.
+ */
+function splitK(
+  p: Problem,
+  config: MatmulConfig,
+  cell: Cell,
+  split: number,
+  o: { accumulate: boolean; bias?: Tensor; alpha: number },
+): void {
+  const { M, N, K } = cell;
+  const step = config.kind === "tiled" ? config.tile.BK : 4;
+  const kChunk = Math.ceil(K / split / step) * step;
+  const S = Math.ceil(K / kChunk);
+  // Element distance between k and k + 1 in A and in B.
+  const aStep = p.layout === "TN" ? cell.lda : 1;
+  const bStep = p.layout === "NT" ? 1 : cell.ldb;
+  const partial = Tensor.empty(p.gpu, [S, M, N], "f32", { label: "matmul_splitk_partial" });
+  const into = { c: partial.buffer, ldc: N, strideC: M * N, kIndex: 0 };
+  if (S > 1) {
+    const full = { ...cell, ...into, K: kChunk, cOff: 0, strideA: kChunk * aStep, strideB: kChunk * bStep };
+    launch(p, config, full, { accumulate: false, alpha: 1, batch: S - 1, c: "f32" });
+  }
+  const k0 = (S - 1) * kChunk;
+  const last = {
+    ...cell,
+    ...into,
+    K: K - k0,
+    aOff: cell.aOff + k0 * aStep,
+    bOff: cell.bOff + k0 * bStep,
+    cOff: (S - 1) * M * N,
+  };
+  launch(p, config, last, { accumulate: false, alpha: 1, batch: 1, c: "f32" });
+
+  const variant: SplitKReduceVariant = {
+    c: p.out.dtype as FloatDType,
+    bias: o.bias ? o.bias.dtype as FloatDType : "none",
+    accumulate: o.accumulate,
+  };
+  const kernel = getKernel(p.gpu, {
+    name: "matmul_splitk_reduce",
+    params: { c: variant.c, bias: variant.bias, acc: variant.accumulate },
+    code: () => splitKReduceWgsl(variant),
+    bindings: o.bias ? ["read", "read", "write"] : ["read", "write"],
+    uniformBytes: SPLITK_UNIFORM_BYTES,
+  });
+  const u = new Uint32Array([M, N, S, cell.ldc, cell.cOff, cell.biasOff, 0, 0]);
+  new Float32Array(u.buffer)[6] = o.alpha;
+  const buffers = o.bias ? [partial.buffer, o.bias.buffer, cell.c] : [partial.buffer, cell.c];
+  const groups = Math.ceil((M * N) / SPLITK_WORKGROUP);
+  const maxGroups = p.gpu.limits.maxComputeWorkgroupsPerDimension;
+  const y = Math.ceil(groups / maxGroups);
+  recorder(p.gpu).dispatch(kernel, buffers, u, [Math.ceil(groups / y), y]);
+  partial.destroy(); // back to the pool; the recorded commands run first
+}
+
+/** Dispatches the tiled or direct kernel for one cell. */
+function launch(
+  p: Problem,
+  config: MatmulConfig,
+  cell: Cell,
+  o: { accumulate: boolean; bias?: Tensor; alpha: number; batch: number; c: FloatDType },
+): void {
+  const bias = o.bias;
+  // vec4 access needs the contiguous dimension, leading dimension, offset and batch stride
+  // to be multiples of 4.
+  const a4 = (p.layout === "TN" ? cell.M : cell.K) % 4 === 0 && aligned4(cell.lda, cell.aOff, cell.strideA);
+  const b4 = (p.layout === "NT" ? cell.K : cell.N) % 4 === 0 && aligned4(cell.ldb, cell.bOff, cell.strideB);
+  const c4 = cell.N % 4 === 0 && aligned4(cell.ldc, cell.cOff, cell.strideC);
+  const dtypes = {
+    a: p.a.dtype as FloatDType,
+    b: p.b.dtype as FloatDType,
+    c: o.c,
+    bias: bias ? bias.dtype as FloatDType : "none" as const,
+  };
+  const common = { layout: p.layout, ...dtypes, accumulate: o.accumulate, vecA: a4, vecB: b4, vecC: c4 };
+  const params = {
+    layout: p.layout,
+    dtypes: `${dtypes.a}${dtypes.b}${dtypes.c}${bias ? dtypes.bias : ""}`,
+    acc: o.accumulate,
+    vec: `${+a4}${+b4}${+c4}`,
+  };
+  let code: () => string;
+  let name: string;
+  let groups: [number, number, number];
+  if (config.kind === "tiled") {
+    const tile = config.tile;
+    const exact = cell.M % tile.BM === 0 && cell.N % tile.BN === 0 && cell.K % tile.BK === 0;
+    name = "matmul";
+    Object.assign(params, { exact, tile: `${tile.BM}x${tile.BN}x${tile.BK}/${tile.TM}x${tile.TN}` });
+    code = () => matmulWgsl({ ...common, exact, tile });
+    groups = [Math.ceil(cell.N / tile.BN), Math.ceil(cell.M / tile.BM), o.batch];
+  } else {
+    const tile = config.tile;
+    const kExact = cell.K % 4 === 0;
+    name = "matmul_direct";
+    Object.assign(params, { kExact, tile: `${tile.TM}x${tile.TN}/${tile.WG}` });
+    code = () => matmulDirectWgsl({ ...common, kExact, tile });
+    groups = [Math.ceil(cell.N / (tile.WG * tile.TN)), Math.ceil(cell.M / tile.TM), o.batch];
+  }
+  const kernel = getKernel(p.gpu, {
+    name,
+    params,
+    code,
+    bindings: bias ? ["read", "read", "read", "write"] : ["read", "read", "write"],
+    uniformBytes: MATMUL_UNIFORM_BYTES,
+  });
+  const buffers = bias ? [cell.a, cell.b, bias.buffer, cell.c] : [cell.a, cell.b, cell.c];
+  recorder(p.gpu).dispatch(kernel, buffers, matmulUniforms({ ...cell, alpha: o.alpha }), groups);
 }
 
 /** Throws when a config breaks the template's rules or this adapter's limits. */
@@ -183,7 +287,9 @@ function checkConfig(gpu: Gpu, config: MatmulConfig): void {
       TX * TY > limits.maxComputeInvocationsPerWorkgroup ||
       (config.tile.BM + config.tile.BN) * config.tile.BK * 4 > limits.maxComputeWorkgroupStorageSize
     ) {
-      throw new RangeError(`Cannot run matmul with tile ${JSON.stringify(config.tile)}: it exceeds this adapter's limits`);
+      throw new RangeError(
+        `Cannot run matmul with tile ${JSON.stringify(config.tile)}: it exceeds this adapter's limits`,
+      );
     }
   } else if (
     config.tile.WG > limits.maxComputeInvocationsPerWorkgroup || config.tile.TM % 4 !== 0 ||
@@ -201,8 +307,12 @@ export function matmulNaive(a: Tensor, b: Tensor, options: MatmulOptions = {}): 
   const p = prepare(a, b, options, "matmul_naive");
   for (const t of [a, b, p.out, options.bias]) {
     if (t === undefined) continue;
-    if (t.dtype !== "f32") throw new TypeError(`Cannot run matmul_naive on ${t.dtype} tensor "${t.label}": f32 only`);
-    if (t.chunked) throw new RangeError(`Cannot run matmul_naive on "${t.label}": it is split into row chunks`);
+    if (t.dtype !== "f32") {
+      throw new TypeError(`Cannot run matmul_naive on ${t.dtype} tensor "${t.label}": f32 only`);
+    }
+    if (t.chunked) {
+      throw new RangeError(`Cannot run matmul_naive on "${t.label}": it is split into row chunks`);
+    }
   }
   const [cell] = [...cells(p, a, b)];
   if (cell === undefined) return p.out; // M or N is 0
@@ -248,11 +358,15 @@ function prepare(a: Tensor, b: Tensor, options: MatmulOptions, name: string): Pr
   }
   for (const t of [a, b, options.bias]) {
     if (t === undefined) continue;
-    if (t.dtype !== "f32" && t.dtype !== "f16") fail(`"${t.label}" has dtype ${t.dtype}; f32 or f16 expected`);
+    if (t.dtype !== "f32" && t.dtype !== "f16") {
+      fail(`"${t.label}" has dtype ${t.dtype}; f32 or f16 expected`);
+    }
     if (t.dtype === "f16" && !gpu.f16) fail(`"${t.label}" is f16 but this adapter has no shader-f16`);
   }
   const bias = options.bias;
-  if (bias !== undefined && (bias.shape.length !== 1 || bias.shape[0] !== N)) fail(`bias must have shape [${N}]`);
+  if (bias !== undefined && (bias.shape.length !== 1 || bias.shape[0] !== N)) {
+    fail(`bias must have shape [${N}]`);
+  }
   if (bias?.chunked) fail("the bias cannot be split into row chunks");
   const outShape = a.shape.length === 3 ? [batch, M, N] : [M, N];
   let out = options.out;
@@ -267,7 +381,7 @@ function prepare(a: Tensor, b: Tensor, options: MatmulOptions, name: string): Pr
     if (out.dtype === "f16" && !gpu.f16) fail("an f16 output needs shader-f16");
     if (out.shape.length === 3 && out.chunked) fail("a batched output cannot be split into row chunks");
   }
-  return { gpu, layout, batch, M, N, K, bBatched, out };
+  return { gpu, a, b, layout, batch, M, N, K, bBatched, out };
 }
 
 /** One sub-product: buffers, its dims, leading dims and element offsets. */

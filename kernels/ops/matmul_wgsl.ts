@@ -95,7 +95,21 @@ export function matmulUniforms(p: {
   alpha: number;
 }): Uint32Array {
   const u = new Uint32Array(16);
-  u.set([p.M, p.N, p.K, p.lda, p.ldb, p.ldc, p.aOff, p.bOff, p.cOff, p.biasOff, p.strideA, p.strideB, p.strideC]);
+  u.set([
+    p.M,
+    p.N,
+    p.K,
+    p.lda,
+    p.ldb,
+    p.ldc,
+    p.aOff,
+    p.bOff,
+    p.cOff,
+    p.biasOff,
+    p.strideA,
+    p.strideB,
+    p.strideC,
+  ]);
   new Float32Array(u.buffer)[13] = p.alpha;
   return u;
 }
@@ -111,7 +125,9 @@ struct Params {
 /** Checks that a tile fits the template's rules and returns the thread grid. */
 export function tileThreads(t: MatmulTile): { TX: number; TY: number } {
   const ok = t.TM % 4 === 0 && t.TN % 4 === 0 && t.BM % t.TM === 0 && t.BN % t.TN === 0 && t.BK % 4 === 0;
-  if (!ok) throw new RangeError(`Cannot build matmul tile ${JSON.stringify(t)}: TM, TN, BK must be multiples of 4`);
+  if (!ok) {
+    throw new RangeError(`Cannot build matmul tile ${JSON.stringify(t)}: TM, TN, BK must be multiples of 4`);
+  }
   return { TX: t.BN / t.TN, TY: t.BM / t.TM };
 }
 
@@ -160,8 +176,28 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
     limit: string; // u.M or u.N
   }
   const operands: Operand[] = [
-    { name: "A", vec: v.vecA, alongK: v.layout !== "TN", rows: BM, shared: "As", base: "a_base", ld: "u.lda", outer: "m0", limit: "u.M" },
-    { name: "B", vec: v.vecB, alongK: v.layout === "NT", rows: BN, shared: "Bs", base: "b_base", ld: "u.ldb", outer: "n0", limit: "u.N" },
+    {
+      name: "A",
+      vec: v.vecA,
+      alongK: v.layout !== "TN",
+      rows: BM,
+      shared: "As",
+      base: "a_base",
+      ld: "u.lda",
+      outer: "m0",
+      limit: "u.M",
+    },
+    {
+      name: "B",
+      vec: v.vecB,
+      alongK: v.layout === "NT",
+      rows: BN,
+      shared: "Bs",
+      base: "b_base",
+      ld: "u.ldb",
+      outer: "n0",
+      limit: "u.N",
+    },
   ];
   const setup: string[] = [];
   const fetch: string[] = [];
@@ -180,7 +216,13 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
         setup.push(`  let k_${id} = (s_${id} % ${BK / 4}u) * 4u;`);
         const gr = `${o.outer} + r_${id}`;
         const gk = `k0 + k_${id}`;
-        const value = load4(o.name, o.vec, `${o.base} + (${gr}) * ${o.ld} + ${gk}`, `${gr} < ${o.limit} && ${gk} < u.K`, `u.K - (${gk})`);
+        const value = load4(
+          o.name,
+          o.vec,
+          `${o.base} + (${gr}) * ${o.ld} + ${gk}`,
+          `${gr} < ${o.limit} && ${gk} < u.K`,
+          `u.K - (${gk})`,
+        );
         fetch.push(guard ? `    if (${guard}) { p_${id} = ${value}; }` : `    p_${id} = ${value};`);
         const scatter = [0, 1, 2, 3].map((i) =>
           `${o.shared}[(k_${id} + ${i}u) * ${o.rows / 4}u + r_${id} / 4u][r_${id} % 4u] = p_${id}[${i}];`
@@ -192,7 +234,13 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
         setup.push(`  let r_${id} = (s_${id} % ${o.rows / 4}u) * 4u;`);
         const gk = `k0 + k_${id}`;
         const gr = `${o.outer} + r_${id}`;
-        const value = load4(o.name, o.vec, `${o.base} + (${gk}) * ${o.ld} + ${gr}`, `${gk} < u.K && ${gr} < ${o.limit}`, `${o.limit} - (${gr})`);
+        const value = load4(
+          o.name,
+          o.vec,
+          `${o.base} + (${gk}) * ${o.ld} + ${gr}`,
+          `${gk} < u.K && ${gr} < ${o.limit}`,
+          `${o.limit} - (${gr})`,
+        );
         fetch.push(guard ? `    if (${guard}) { p_${id} = ${value}; }` : `    p_${id} = ${value};`);
         const put = `${o.shared}[s_${id}] = p_${id};`;
         store.push(guard ? `    if (${guard}) { ${put} }` : `    ${put}`);
@@ -295,7 +343,9 @@ function bindingsWgsl(v: BufferVariant): string {
   let binding = 0;
   L.push(`@group(0) @binding(${binding++}) var<storage, read> A: ${arr(v.a, v.vecA)};`);
   L.push(`@group(0) @binding(${binding++}) var<storage, read> B: ${arr(v.b, v.vecB)};`);
-  if (v.bias !== "none") L.push(`@group(0) @binding(${binding++}) var<storage, read> BIAS: array<${v.bias}>;`);
+  if (v.bias !== "none") {
+    L.push(`@group(0) @binding(${binding++}) var<storage, read> BIAS: array<${v.bias}>;`);
+  }
   L.push(`@group(0) @binding(${binding++}) var<storage, read_write> C: ${arr(v.c, v.vecC)};`);
   L.push(`@group(0) @binding(${binding++}) var<uniform> u: Params;`);
   return L.join("\n");
@@ -320,7 +370,9 @@ export interface MatmulDirectVariant extends Omit<MatmulVariant, "exact" | "tile
  */
 export function matmulDirectWgsl(v: MatmulDirectVariant): string {
   const { TM, TN, WG } = v.tile;
-  if (TM % 4 !== 0 || TN % 4 !== 0) throw new RangeError(`Cannot build direct matmul tile ${JSON.stringify(v.tile)}`);
+  if (TM % 4 !== 0 || TN % 4 !== 0) {
+    throw new RangeError(`Cannot build direct matmul tile ${JSON.stringify(v.tile)}`);
+  }
   const aAlongK = v.layout !== "TN";
   const bAlongK = v.layout === "NT";
   const usesF16 = [v.a, v.b, v.c, v.bias].includes("f16");
@@ -333,9 +385,13 @@ export function matmulDirectWgsl(v: MatmulDirectVariant): string {
   const bAt = (idx: string) => v.vecB ? `f32(B[(${idx}) / 4u][(${idx}) % 4u])` : `f32(B[${idx}])`;
   // A vec4 of 4 consecutive elements starting at element index `idx` (a multiple of 4 when vec).
   const aVec = (idx: string) =>
-    v.vecA ? `vec4<f32>(A[(${idx}) / 4u])` : `vec4<f32>(${[0, 1, 2, 3].map((t) => aAt(`${idx} + ${t}u`)).join(", ")})`;
+    v.vecA
+      ? `vec4<f32>(A[(${idx}) / 4u])`
+      : `vec4<f32>(${[0, 1, 2, 3].map((t) => aAt(`${idx} + ${t}u`)).join(", ")})`;
   const bVec = (idx: string) =>
-    v.vecB ? `vec4<f32>(B[(${idx}) / 4u])` : `vec4<f32>(${[0, 1, 2, 3].map((t) => bAt(`${idx} + ${t}u`)).join(", ")})`;
+    v.vecB
+      ? `vec4<f32>(B[(${idx}) / 4u])`
+      : `vec4<f32>(${[0, 1, 2, 3].map((t) => bAt(`${idx} + ${t}u`)).join(", ")})`;
 
   B.push(`  let a_base = u.a_off + wg.z * u.stride_a;`);
   B.push(`  let b_base = u.b_off + wg.z * u.stride_b;`);
@@ -364,7 +420,8 @@ export function matmulDirectWgsl(v: MatmulDirectVariant): string {
   // Loads of one K step of 4, named so that a(i, t) = op(A)(row i, k + t), b(t, j) = op(B)(k + t, col j).
   // When K is not a multiple of 4, the last step masks k + t >= K to zero (reads stay in the
   // buffer: the index is that of a neighbouring row, and robust access covers the end).
-  const kMask = (t: number, value: string, zero: string) => v.kExact ? value : `select(${zero}, ${value}, k + ${t}u < u.K)`;
+  const kMask = (t: number, value: string, zero: string) =>
+    v.kExact ? value : `select(${zero}, ${value}, k + ${t}u < u.K)`;
   const loads: string[] = [];
   let a: (i: number, t: number) => string;
   let b: (t: number, j: number) => string;
@@ -460,6 +517,54 @@ export function matmulDirectWgsl(v: MatmulDirectVariant): string {
   L.push(`@compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
 ${B.join("\n")}
+}`);
+  return L.join("\n");
+}
+
+/** One compiled variant of the split-K reduction. */
+export interface SplitKReduceVariant {
+  c: FloatDType;
+  bias: FloatDType | "none";
+  accumulate: boolean;
+}
+
+/** Bytes of the split-K reduction's uniform block. */
+export const SPLITK_UNIFORM_BYTES = 32;
+
+/** Invocations per workgroup of the split-K reduction. */
+export const SPLITK_WORKGROUP = 256;
+
+/**
+ * The split-K reduction: C[m,n] = alpha·Σ_s P[s,m,n] (+ bias[n]) (+ C[m,n]) over the S
+ * partial products P[S,M,N] (f32) that the matmul kernel wrote, one K range each. One
+ * invocation per element of C; i = (wg.y·nwg.x + wg.x)·256 + lid.x over M·N.
+ */
+export function splitKReduceWgsl(v: SplitKReduceVariant): string {
+  const L: string[] = [];
+  if (v.c === "f16" || v.bias === "f16") L.push("enable f16;");
+  L.push(
+    "struct Params { M: u32, N: u32, S: u32, ldc: u32, c_off: u32, bias_off: u32, alpha: f32, pad: u32 }",
+  );
+  let binding = 0;
+  L.push(`@group(0) @binding(${binding++}) var<storage, read> P: array<f32>;`);
+  if (v.bias !== "none") {
+    L.push(`@group(0) @binding(${binding++}) var<storage, read> BIAS: array<${v.bias}>;`);
+  }
+  L.push(`@group(0) @binding(${binding++}) var<storage, read_write> C: array<${v.c}>;`);
+  L.push(`@group(0) @binding(${binding++}) var<uniform> u: Params;`);
+  L.push(`@compute @workgroup_size(${SPLITK_WORKGROUP})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = (wg.y * nwg.x + wg.x) * ${SPLITK_WORKGROUP}u + lid.x;
+  let mn = u.M * u.N;
+  if (i >= mn) { return; }
+  let m = i / u.N;
+  let n = i % u.N;
+  var sum = 0.0;
+  for (var s = 0u; s < u.S; s++) { sum += P[s * mn + i]; }
+  var value = sum * u.alpha;${v.bias !== "none" ? "\n  value += f32(BIAS[u.bias_off + n]);" : ""}
+  let ci = u.c_off + m * u.ldc + n;${v.accumulate ? "\n  value += f32(C[ci]);" : ""}
+  C[ci] = ${v.c}(value);
 }`);
   return L.join("\n");
 }

@@ -33,8 +33,12 @@ function accessors(a: Float32Array, b: Float32Array, o: MatmulRefOptions, bt: nu
   const { layout, M, N, K } = o;
   const ao = bt * M * K;
   const bo = o.bBatched ? bt * K * N : 0;
-  const getA = layout === "TN" ? (m: number, k: number) => a[ao + k * M + m] : (m: number, k: number) => a[ao + m * K + k];
-  const getB = layout === "NT" ? (k: number, n: number) => b[bo + n * K + k] : (k: number, n: number) => b[bo + k * N + n];
+  const getA = layout === "TN"
+    ? (m: number, k: number) => a[ao + k * M + m]
+    : (m: number, k: number) => a[ao + m * K + k];
+  const getB = layout === "NT"
+    ? (k: number, n: number) => b[bo + n * K + k]
+    : (k: number, n: number) => b[bo + k * N + n];
   return { getA, getB, ao, bo };
 }
 

@@ -99,8 +99,17 @@ gpuTest("a launch of a broken kernel makes the readback throw instead of returni
 });
 
 gpuTest("a validation error at submit names the batch's kernels", async (gpu) => {
-  const kernel = getKernel(gpu, { name: "write_all", code: WRITE_ALL, bindings: ["write"], uniformBytes: 16 });
-  const dead = gpu.device.createBuffer({ label: "destroyed_on_purpose", size: 256, usage: GPUBufferUsage.STORAGE });
+  const kernel = getKernel(gpu, {
+    name: "write_all",
+    code: WRITE_ALL,
+    bindings: ["write"],
+    uniformBytes: 16,
+  });
+  const dead = gpu.device.createBuffer({
+    label: "destroyed_on_purpose",
+    size: 256,
+    usage: GPUBufferUsage.STORAGE,
+  });
   dead.destroy();
   recorder(gpu).dispatch(kernel, [dead], new Uint32Array([4, 0, 0, 0]), [1]);
   await assert.rejects(recorder(gpu).sync(), (error: Error) => {
@@ -111,7 +120,12 @@ gpuTest("a validation error at submit names the batch's kernels", async (gpu) =>
 });
 
 gpuTest("a kernel that runs overwrites every element of a NaN-filled output", async (gpu) => {
-  const kernel = getKernel(gpu, { name: "write_all", code: WRITE_ALL, bindings: ["write"], uniformBytes: 16 });
+  const kernel = getKernel(gpu, {
+    name: "write_all",
+    code: WRITE_ALL,
+    bindings: ["write"],
+    uniformBytes: 16,
+  });
   const n = 1000;
   const out = Tensor.from(gpu, new Float32Array(n).fill(NaN), [n]);
   recorder(gpu).dispatch(kernel, [out.buffer], new Uint32Array([n, 0, 0, 0]), [Math.ceil(n / 64)]);
@@ -122,7 +136,12 @@ gpuTest("a kernel that runs overwrites every element of a NaN-filled output", as
 
 gpuTest("device loss is an error naming the last kernel dispatched", async () => {
   const gpu = await requestGpu();
-  const kernel = getKernel(gpu, { name: "last_before_loss", code: WRITE_ALL, bindings: ["write"], uniformBytes: 16 });
+  const kernel = getKernel(gpu, {
+    name: "last_before_loss",
+    code: WRITE_ALL,
+    bindings: ["write"],
+    uniformBytes: 16,
+  });
   const out = Tensor.empty(gpu, [64]);
   recorder(gpu).dispatch(kernel, [out.buffer], new Uint32Array([64, 0, 0, 0]), [1]);
   await recorder(gpu).sync();
@@ -135,10 +154,16 @@ gpuTest("device loss is an error naming the last kernel dispatched", async () =>
 });
 
 gpuTest("dispatch() refuses more workgroups than the adapter allows", (gpu) => {
-  const kernel = getKernel(gpu, { name: "write_all", code: WRITE_ALL, bindings: ["write"], uniformBytes: 16 });
+  const kernel = getKernel(gpu, {
+    name: "write_all",
+    code: WRITE_ALL,
+    bindings: ["write"],
+    uniformBytes: 16,
+  });
   const out = Tensor.empty(gpu, [4]);
   assert.throws(
-    () => recorder(gpu).dispatch(kernel, [out.buffer], null, [gpu.limits.maxComputeWorkgroupsPerDimension + 1]),
+    () =>
+      recorder(gpu).dispatch(kernel, [out.buffer], null, [gpu.limits.maxComputeWorkgroupsPerDimension + 1]),
     /exceeds this adapter's/,
   );
   out.destroy();

@@ -22,9 +22,21 @@ gpuTest("add, mul and scale of f32 tensors match f32 arithmetic exactly", async 
     using sum = add(a, b, { out: nanTensor(gpu, [n]) });
     using prod = mul(a, b);
     using scaled = scale(a, -0.75);
-    assertClose(await sum.read(), ref(n, (i) => Math.fround(x[i] + y[i])), { atol: 0, rtol: 0, name: `add ${n}` });
-    assertClose(await prod.read(), ref(n, (i) => Math.fround(x[i] * y[i])), { atol: 0, rtol: 0, name: `mul ${n}` });
-    assertClose(await scaled.read(), ref(n, (i) => Math.fround(x[i] * -0.75)), { atol: 0, rtol: 0, name: `scale ${n}` });
+    assertClose(await sum.read(), ref(n, (i) => Math.fround(x[i] + y[i])), {
+      atol: 0,
+      rtol: 0,
+      name: `add ${n}`,
+    });
+    assertClose(await prod.read(), ref(n, (i) => Math.fround(x[i] * y[i])), {
+      atol: 0,
+      rtol: 0,
+      name: `mul ${n}`,
+    });
+    assertClose(await scaled.read(), ref(n, (i) => Math.fround(x[i] * -0.75)), {
+      atol: 0,
+      rtol: 0,
+      name: `scale ${n}`,
+    });
   }
 });
 
@@ -36,8 +48,14 @@ gpuTest("f16 elementwise results are the f32 result rounded to f16", async (gpu)
     using sum = add(a, b, { out: nanTensor(gpu, [n], "f16") });
     using prod = mul(a, b);
     assert.equal(sum.dtype, "f16");
-    assertClose(await sum.readF32(), roundF16(ref(n, (i) => x[i] + y[i])), { ...F16_TOL, name: `add f16 ${n}` });
-    assertClose(await prod.readF32(), roundF16(ref(n, (i) => x[i] * y[i])), { ...F16_TOL, name: `mul f16 ${n}` });
+    assertClose(await sum.readF32(), roundF16(ref(n, (i) => x[i] + y[i])), {
+      ...F16_TOL,
+      name: `add f16 ${n}`,
+    });
+    assertClose(await prod.readF32(), roundF16(ref(n, (i) => x[i] * y[i])), {
+      ...F16_TOL,
+      name: `mul f16 ${n}`,
+    });
   }
 });
 
@@ -66,9 +84,15 @@ gpuTest("in-place ops read and write the output binding: add, scale, axpy", asyn
     const afterAxpy = round(ref(n, (i) => afterAdd[i] + 0.5 * y[i]));
     assertClose(await a.readF32(), afterAxpy, { ...tol, name: `axpy ${dtype}` });
     scale(a, 2, { out: a });
-    assertClose(await a.readF32(), round(ref(n, (i) => 2 * afterAxpy[i])), { ...tol, name: `scale ${dtype}` });
+    assertClose(await a.readF32(), round(ref(n, (i) => 2 * afterAxpy[i])), {
+      ...tol,
+      name: `scale ${dtype}`,
+    });
     add(b, b, { out: b }); // both inputs are the output
-    assertClose(await b.readF32(), round(ref(n, (i) => 2 * y[i])), { ...tol, name: `x + x in place ${dtype}` });
+    assertClose(await b.readF32(), round(ref(n, (i) => 2 * y[i])), {
+      ...tol,
+      name: `x + x in place ${dtype}`,
+    });
   }
 });
 

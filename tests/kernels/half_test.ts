@@ -76,7 +76,12 @@ Deno.test("f32ArrayToF16() agrees with Float16Array on random bit patterns", () 
 });
 
 Deno.test("bf16 conversions are exact up and round to nearest even down", () => {
-  assert.deepEqual([...bf16ArrayToF32(new Uint16Array([0x3f80, 0xc000, 0x7f80, 0x0001]))], [1, -2, Infinity, 2 ** -133]);
+  assert.deepEqual([...bf16ArrayToF32(new Uint16Array([0x3f80, 0xc000, 0x7f80, 0x0001]))], [
+    1,
+    -2,
+    Infinity,
+    2 ** -133,
+  ]);
   const x = new Float32Array([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -20, -1.5, NaN]);
   const bf = f32ArrayToBf16(x);
   assert.equal(bf[0], 0x3f80); // tie: stays at the even 1.0

@@ -40,6 +40,7 @@ interface Case {
   chunkA?: number;
   chunkB?: number;
   chunkC?: number;
+  splitK?: number;
   naive?: boolean;
 }
 
@@ -74,6 +75,7 @@ async function check(gpu: Gpu, c: Case, seed = 1): Promise<void> {
     bias: BIAS,
     out: C,
     config: c.config,
+    splitK: c.splitK,
   };
   (c.naive ? matmulNaive : matmul)(A, B, options);
   const want = matmul_forward(a, b, {
@@ -113,7 +115,16 @@ gpuTest("matmul takes f16 inputs with f32 accumulation, to f32 or f16 outputs", 
     await check(gpu, { layout, M: 17, N: 65, K: 31, dtype: "f16" });
     await check(gpu, { layout, M: 64, N: 64, K: 64, dtype: "f16", outDtype: "f16" });
   }
-  await check(gpu, { layout: "NT", M: 65, N: 127, K: 33, dtype: "f16", outDtype: "f16", bias: true, accumulate: true });
+  await check(gpu, {
+    layout: "NT",
+    M: 65,
+    N: 127,
+    K: 33,
+    dtype: "f16",
+    outDtype: "f16",
+    bias: true,
+    accumulate: true,
+  });
 }, { needsF16: true });
 
 gpuTest("the tiled and the direct kernel both match the reference on any adapter", async (gpu) => {
@@ -136,7 +147,17 @@ gpuTest("every named tile computes the right product at sizes spanning several t
     const layout = LAYOUTS[i % 3];
     const big = config.kind === "tiled" ? config.tile.BM : config.tile.TM;
     const wide = config.kind === "tiled" ? config.tile.BN : config.tile.TN * config.tile.WG;
-    cases.push({ layout, M: big + 3, N: 2 * wide + 5, K: 37, config, bias: true, accumulate: true, alpha: 1.5 });
+    // Edges in M and N; K and N multiples of 4 (vec4 loads), as in most model shapes.
+    cases.push({
+      layout,
+      M: big + 3,
+      N: 2 * wide + 4,
+      K: 36,
+      config,
+      bias: true,
+      accumulate: true,
+      alpha: 1.5,
+    });
   });
   for (const c of cases) await check(gpu, c);
 });
@@ -157,13 +178,56 @@ gpuTest("matmul splits products over row-chunked operands", async (gpu) => {
   // TN: A[K,M] in chunks along K; NN with A[M,K] in chunks along M; C in chunks along M.
   await check(gpu, { layout: "TN", M: 11, N: 7, K: 40, chunkA: 11 * 4 * 9 });
   await check(gpu, { layout: "NN", M: 30, N: 7, K: 6, chunkA: 6 * 4 * 7 });
-  await check(gpu, { layout: "NT", M: 30, N: 7, K: 6, chunkC: 7 * 4 * 8, chunkB: 6 * 4 * 3, accumulate: true });
+  await check(gpu, {
+    layout: "NT",
+    M: 30,
+    N: 7,
+    K: 6,
+    chunkC: 7 * 4 * 8,
+    chunkB: 6 * 4 * 3,
+    accumulate: true,
+  });
 });
+
+gpuTest(
+  "split-K sums K ranges computed apart, then applies alpha, bias and accumulation once",
+  async (gpu) => {
+    for (const layout of LAYOUTS) {
+      await check(gpu, { layout, M: 5, N: 7, K: 100, splitK: 3, alpha: 0.5, bias: true, accumulate: true });
+      await check(gpu, { layout, M: 16, N: 64, K: 256, splitK: 4, config: TILED });
+    }
+    await check(gpu, { layout: "NT", M: 9, N: 33, K: 70, splitK: 5, config: DIRECT, bias: true });
+    // More ranges than K allows: the range length rounds up and fewer ranges remain.
+    await check(gpu, { layout: "NN", M: 3, N: 5, K: 9, splitK: 8, config: TILED });
+    if (gpu.f16) {
+      await check(gpu, {
+        layout: "NT",
+        M: 6,
+        N: 12,
+        K: 96,
+        splitK: 2,
+        dtype: "f16",
+        outDtype: "f16",
+        bias: true,
+      });
+    }
+  },
+);
 
 gpuTest("matmul_naive matches the reference in every layout", async (gpu) => {
   for (const layout of LAYOUTS) {
     await check(gpu, { layout, M: 17, N: 65, K: 31, naive: true });
-    await check(gpu, { layout, M: 5, N: 3, K: 7, naive: true, bias: true, accumulate: true, alpha: 3, batch: 2 });
+    await check(gpu, {
+      layout,
+      M: 5,
+      N: 3,
+      K: 7,
+      naive: true,
+      bias: true,
+      accumulate: true,
+      alpha: 3,
+      batch: 2,
+    });
   }
 });
 

@@ -1,7 +1,14 @@
 import assert from "node:assert/strict";
 import { scale } from "../../kernels/ops/elementwise.ts";
 import { recorder } from "../../kernels/recorder.ts";
-import { bucketSize, memoryStats, readTensors, resetPeakMemory, Tensor, trimPool } from "../../kernels/tensor.ts";
+import {
+  bucketSize,
+  memoryStats,
+  readTensors,
+  resetPeakMemory,
+  Tensor,
+  trimPool,
+} from "../../kernels/tensor.ts";
 import { gpuTest, randn, roundF16 } from "./_harness.ts";
 
 gpuTest("Tensor.from() round-trips f32 data", async (gpu) => {
@@ -52,7 +59,10 @@ gpuTest("Tensor.from() rejects data that does not fill the shape", (gpu) => {
     () => Tensor.from(gpu, new Float32Array(5), [2, 3], "f32", { label: "w" }),
     /Cannot create tensor "w": shape \[2,3\] holds 6 elements, data has 5/,
   );
-  assert.throws(() => Tensor.from(gpu, new Int32Array(6), [2, 3], "f32"), /Cannot create a f32 tensor from a Int32Array/);
+  assert.throws(
+    () => Tensor.from(gpu, new Int32Array(6), [2, 3], "f32"),
+    /Cannot create a f32 tensor from a Int32Array/,
+  );
 });
 
 gpuTest("tensors over the chunk limit are split into row chunks and read back whole", async (gpu) => {

@@ -1,0 +1,73 @@
+/**
+ * lathe's WebGPU engine: the device, tensors, the command recorder, compiled kernels and the
+ * core ops (matmul, elementwise helpers).
+ *
+ * Work is recorded, not run: ops append dispatches to the device's recorder, which submits
+ * them in batches; reading a tensor back submits what is pending and throws any GPU error of
+ * that work, naming the kernels involved.
+ *
+ * @example
+ * ```ts
+ * import { getGpu, matmul, Tensor } from "./kernels/mod.ts";
+ *
+ * const gpu = await getGpu();
+ * // T = tokens, D = hidden, F = ffn: y[T,F] = x[T,D] · W[F,D]ᵀ + b[F]
+ * using x = Tensor.from(gpu, new Float32Array(4 * 8).fill(1), [4, 8]);
+ * using W = Tensor.from(gpu, new Float32Array(16 * 8).fill(0.5), [16, 8]);
+ * using b = Tensor.from(gpu, new Float32Array(16).fill(1), [16]);
+ * using y = matmul(x, W, { layout: "NT", bias: b });
+ * console.log(await y.read()); // 5 everywhere
+ * ```
+ * @module
+ */
+
+export { backendName, getGpu, Gpu, type GpuInfo, noAdapterError, requestGpu, tryGetGpu } from "./device.ts";
+export type { RequestGpuOptions } from "./device.ts";
+export {
+  bucketSize,
+  type DType,
+  DTYPE_BYTES,
+  type HostArray,
+  type MemoryStats,
+  memoryStats,
+  readTensors,
+  resetPeakMemory,
+  shapeSize,
+  Tensor,
+  type TensorChunk,
+  type TensorOptions,
+  trimPool,
+} from "./tensor.ts";
+export {
+  bf16ArrayToF32,
+  f16ArrayToF32,
+  f16ToF32,
+  f32ArrayToBf16,
+  f32ArrayToF16,
+  f32BitsToBf16Bits,
+  f32BitsToF16Bits,
+  f32ToF16,
+} from "./half.ts";
+export {
+  type BindingAccess,
+  getKernel,
+  type Kernel,
+  kernelLabel,
+  type KernelParams,
+  type KernelSpec,
+} from "./pipeline.ts";
+export { type ReadRange, Recorder, recorder, type Workgroups } from "./recorder.ts";
+export {
+  chooseConfig,
+  DIRECT_TILES,
+  type FloatDType,
+  matmul,
+  MATMUL_TILES,
+  type MatmulConfig,
+  type MatmulDirectTile,
+  type MatmulLayout,
+  matmulNaive,
+  type MatmulOptions,
+  type MatmulTile,
+} from "./ops/matmul.ts";
+export { add, axpy, cast, copy, type ElementwiseOptions, fill, mul, scale } from "./ops/elementwise.ts";
