@@ -83,3 +83,7 @@ export { loadModelConfig, type ModelConfig, parseModelConfig } from "./kernels/m
 export { resolveModel } from "./kernels/models/resolve.ts";
 export { writeTinyModel } from "./kernels/models/tiny.ts";
 export type { Batch, LoraSpec, TrainableModel } from "./kernels/models/trainable.ts";
+
+// The WebGPU engine: device, tensors, kernels, model graphs.
+export * as kernels from "./kernels/mod.ts";
+export { step as trainSft } from "./steps/train_sft.ts";

@@ -71,3 +71,18 @@ export {
   type MatmulTile,
 } from "./ops/matmul.ts";
 export { add, axpy, cast, copy, type ElementwiseOptions, fill, mul, scale } from "./ops/elementwise.ts";
+
+// Training kernels: each op dispatches WGSL from kernels/wgsl/ and is tested against kernels/reference/.
+export { rmsnormBackward, rmsnormForward } from "./ops/rmsnorm.ts";
+export { ropeBackward, ropeForward, ropeTable } from "./ops/rope.ts";
+export { swigluBackward, swigluBackwardFused, swigluForward, swigluForwardFused } from "./ops/swiglu.ts";
+export { embeddingBackward, embeddingForward } from "./ops/embedding.ts";
+export { attentionBackward, attentionForward } from "./ops/attention.ts";
+export { crossEntropyBackward, crossEntropyForward, IGNORE_INDEX } from "./ops/cross_entropy.ts";
+export { gradNorm } from "./ops/grad_norm.ts";
+export { adamwState, adamwStep } from "./ops/adamw.ts";
+export { loraBackward, loraDropout, loraForward, loraScaling } from "./ops/lora.ts";
+
+// Models: the WebGPU decoder graph and the CPU reference backend, both TrainableModel.
+export { createGpuModel } from "./models/graph.ts";
+export { createReferenceModel } from "./models/reference_backend.ts";
