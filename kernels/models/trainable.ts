@@ -74,7 +74,11 @@ export interface TrainableModel extends Disposable {
    * `dropoutSeed` seeds LoRA dropout for this micro-batch. Returns the summed (unnormalised) loss
    * and the trained-token count of this micro-batch.
    */
-  forwardBackward(batch: Batch, normaliser: number, dropoutSeed: number): Promise<{ lossSum: number; tokens: number }>;
+  forwardBackward(
+    batch: Batch,
+    normaliser: number,
+    dropoutSeed: number,
+  ): Promise<{ lossSum: number; tokens: number }>;
   /** Forward only, no dropout: summed loss and trained-token count. */
   evaluate(batch: Batch): Promise<{ lossSum: number; tokens: number }>;
   /** Clips (if asked) and applies one AdamW step to every adapter, then zeroes the gradients. Returns the pre-clip global gradient norm. */
