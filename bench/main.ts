@@ -1,20 +1,31 @@
 /**
  * `deno task bench [name...] [-- options]`: runs the named benchmarks (all when none is named).
- * Each benchmark prints its own ratios against the reference named in its module.
+ * Each benchmark prints its own ratios against the reference named in its module. Without `--`,
+ * the names end at the first argument that starts with `-` (`bench train --steps 2`).
  * @module
  */
 import { LatheError, runMain } from "../steps/errors.ts";
 
-/** Benchmarks by name; each takes the arguments after `--`. */
-export const BENCHMARKS: Record<string, () => Promise<{ main: (args: string[]) => Promise<void> }>> = {
+/** A benchmark module: its entry point is `run` (or `main`), taking the option arguments. */
+type BenchmarkModule = {
+  run?: (args: string[]) => Promise<unknown>;
+  main?: (args: string[]) => Promise<unknown>;
+};
+
+/** Benchmarks by name; each takes the arguments after the names. */
+export const BENCHMARKS: Record<string, () => Promise<BenchmarkModule>> = {
+  matmul: () => import("./matmul.ts"),
   tokenize: () => import("./tokenize.ts"),
+  train: () => import("./train.ts"),
 };
 
 if (import.meta.main) {
   await runMain(async () => {
-    const dash = Deno.args.indexOf("--");
-    const names = dash >= 0 ? Deno.args.slice(0, dash) : Deno.args;
-    const rest = dash >= 0 ? Deno.args.slice(dash + 1) : [];
+    // Names run up to the first option or `--` (which starts with "-" too, and is dropped).
+    const first = Deno.args.findIndex((a) => a.startsWith("-"));
+    const end = first >= 0 ? first : Deno.args.length;
+    const names = Deno.args.slice(0, end);
+    const rest = Deno.args.slice(Deno.args[end] === "--" ? end + 1 : end);
     for (const name of names) {
       if (!(name in BENCHMARKS)) {
         throw new LatheError(`Cannot run benchmark "${name}": unknown`, {
@@ -23,7 +34,8 @@ if (import.meta.main) {
       }
     }
     for (const name of names.length > 0 ? names : Object.keys(BENCHMARKS)) {
-      await (await BENCHMARKS[name]()).main(rest);
+      const mod = await BENCHMARKS[name]();
+      await (mod.run ?? mod.main)!(rest);
     }
   });
 }

@@ -79,14 +79,22 @@ const MAX_TPR = 16;
 const MAX_THREADS = 256;
 
 /**
+ * Workgroup memory the GL backend is first asked to fit, in bytes. Naga's GLSL output
+ * zero-initialises workgroup memory, and llvmpipe's GL compile time grows about quadratically
+ * with its size (measured: 1 K words ≈ 5 s, 4 K words ≈ 2 min per kernel), so GL gets small tiles.
+ */
+const GL_STORAGE_BYTES = 2048;
+
+/**
  * The tile of one attention kernel for head dim `hd` on this adapter: TPR = the largest power of
- * two ≤ 16 dividing hd/4; then the (Br, Bc) pair of powers of two ≤ 64 that fits the adapter's
- * workgroup memory and invocation limits with the largest min(Br, Bc), then the largest Br·Bc,
- * then the largest thread-row dimension (Br for forward and dq, Bc for dkdv).
+ * two ≤ 16 dividing hd/4; then the (Br, Bc) pair of powers of two ≤ 64 that fits the workgroup
+ * memory budget and invocation limit with the largest min(Br, Bc), then the largest Br·Bc, then
+ * the largest thread-row dimension (Br for forward and dq, Bc for dkdv). The budget is the
+ * adapter's limit, or on the GL backend {@link GL_STORAGE_BYTES}, doubled until a tile fits.
  *
  * @example
  * ```ts
- * chooseAttentionTile(gpu, "forward", 64); // e.g. { BR: 16, BC: 32, TPR: 16 } at 16 KiB
+ * chooseAttentionTile(gpu, "forward", 64, { storageBytes: 16384 }); // { BR: 16, BC: 16, TPR: 16 }
  * ```
  * @throws {RangeError} when hd is not a multiple of 4 or no tile fits the adapter's limits.
  */
@@ -107,21 +115,30 @@ export function chooseAttentionTile(
     gpu.limits.maxComputeInvocationsPerWorkgroup,
     gpu.limits.maxComputeWorkgroupSizeX,
   );
-  let best: AttentionTile | null = null;
   const rank = (t: AttentionTile) => [Math.min(t.BR, t.BC), t.BR * t.BC, kernel === "dkdv" ? t.BC : t.BR];
-  for (const BR of TILE_SIZES) {
-    for (const BC of TILE_SIZES) {
-      const tile = { BR, BC, TPR };
-      if (attentionThreads(kernel, tile) > threads || attentionSharedBytes(kernel, hd, tile) > storage) continue;
-      if (best === null || greater(rank(tile), rank(best))) best = tile;
+  const best = (budget: number): AttentionTile | null => {
+    let found: AttentionTile | null = null;
+    for (const BR of TILE_SIZES) {
+      for (const BC of TILE_SIZES) {
+        const tile = { BR, BC, TPR };
+        if (attentionThreads(kernel, tile) > threads || attentionSharedBytes(kernel, hd, tile) > budget) {
+          continue;
+        }
+        if (found === null || greater(rank(tile), rank(found))) found = tile;
+      }
     }
+    return found;
+  };
+  const gl = limits.storageBytes === undefined && gpu.info.backend.split(",")[0] === "gl";
+  for (let budget = gl ? Math.min(GL_STORAGE_BYTES, storage) : storage; budget <= storage; budget *= 2) {
+    const tile = best(budget);
+    if (tile !== null) return tile;
+    if (budget === storage) break;
+    if (budget * 2 > storage) budget = storage / 2;
   }
-  if (best === null) {
-    throw new RangeError(
-      `Cannot run attention ${kernel} with head dim ${hd}: no tile fits ${storage} bytes of workgroup memory`,
-    );
-  }
-  return best;
+  throw new RangeError(
+    `Cannot run attention ${kernel} with head dim ${hd}: no tile fits ${storage} bytes of workgroup memory`,
+  );
 }
 
 function greater(a: number[], b: number[]): boolean {
@@ -150,7 +167,9 @@ function fail(what: string, why: string): never {
 
 function floatOf(what: string, t: Tensor, gpu: Gpu): AttentionFloat {
   if (t.gpu !== gpu) fail(what, `"${t.label}" belongs to a different device`);
-  if (t.dtype !== "f32" && t.dtype !== "f16") fail(what, `"${t.label}" has dtype ${t.dtype}; f32 or f16 expected`);
+  if (t.dtype !== "f32" && t.dtype !== "f16") {
+    fail(what, `"${t.label}" has dtype ${t.dtype}; f32 or f16 expected`);
+  }
   if (t.dtype === "f16" && !gpu.f16) fail(what, `"${t.label}" is f16 but this adapter has no shader-f16`);
   if (t.chunked) fail(what, `"${t.label}" is split into row chunks (call attention per row range)`);
   return t.dtype;
@@ -205,10 +224,13 @@ function tileFor(p: Problem, kernel: AttentionKernel, options: AttentionMaskOpti
   checkAttentionTile(p.hd, tile);
   const limits = p.gpu.limits;
   if (
-    attentionThreads(kernel, tile) > Math.min(limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX) ||
+    attentionThreads(kernel, tile) >
+      Math.min(limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX) ||
     attentionSharedBytes(kernel, p.hd, tile) > limits.maxComputeWorkgroupStorageSize
   ) {
-    throw new RangeError(`Cannot run attention ${kernel} with tile ${JSON.stringify(tile)}: it exceeds this adapter's limits`);
+    throw new RangeError(
+      `Cannot run attention ${kernel} with tile ${JSON.stringify(tile)}: it exceeds this adapter's limits`,
+    );
   }
   return tile;
 }
@@ -273,7 +295,9 @@ export function attentionForward(
       docs: variant.docs ?? "none",
     },
     code: () => attentionForwardWgsl(variant),
-    bindings: p.docs ? ["read", "read", "read", "read", "write", "write"] : ["read", "read", "read", "write", "write"],
+    bindings: p.docs
+      ? ["read", "read", "read", "read", "write", "write"]
+      : ["read", "read", "read", "write", "write"],
     uniformBytes: ATTENTION_UNIFORM_BYTES,
   });
   const buffers = [q.buffer, k.buffer, v.buffer, ...(p.docs ? [p.docs.buffer] : []), out.buffer, lse.buffer];
@@ -316,9 +340,30 @@ export function attentionBackward(
     dout: floatOf(what, dout, gpu),
   };
   const outDtype = floatOf(what, out, gpu);
-  const dq = output(what, gpu, options.dq, [T, H, hd], options.dq?.dtype as AttentionFloat ?? grad, "attention_dq");
-  const dk = output(what, gpu, options.dk, [T, Hkv, hd], options.dk?.dtype as AttentionFloat ?? grad, "attention_dk");
-  const dv = output(what, gpu, options.dv, [T, Hkv, hd], options.dv?.dtype as AttentionFloat ?? grad, "attention_dv");
+  const dq = output(
+    what,
+    gpu,
+    options.dq,
+    [T, H, hd],
+    options.dq?.dtype as AttentionFloat ?? grad,
+    "attention_dq",
+  );
+  const dk = output(
+    what,
+    gpu,
+    options.dk,
+    [T, Hkv, hd],
+    options.dk?.dtype as AttentionFloat ?? grad,
+    "attention_dk",
+  );
+  const dv = output(
+    what,
+    gpu,
+    options.dv,
+    [T, Hkv, hd],
+    options.dv?.dtype as AttentionFloat ?? grad,
+    "attention_dv",
+  );
   if (dk.dtype !== dv.dtype) fail(what, `dk "${dk.label}" and dv "${dv.label}" must have the same dtype`);
   const docs = p.docs?.dtype as DocDType | undefined ?? null;
   const rec = recorder(gpu);
@@ -335,26 +380,55 @@ export function attentionBackward(
   });
   rec.dispatch(statsKernel, [dout.buffer, out.buffer, lse.buffer, stats.buffer], u, groups(gpu, T * H));
 
-  const inputs = [q.buffer, k.buffer, v.buffer, dout.buffer, stats.buffer, ...(p.docs ? [p.docs.buffer] : [])];
+  const inputs = [
+    q.buffer,
+    k.buffer,
+    v.buffer,
+    dout.buffer,
+    stats.buffer,
+    ...(p.docs ? [p.docs.buffer] : []),
+  ];
   const reads = inputs.map(() => "read" as const);
   const base = `${dtypes.q}${dtypes.k}${dtypes.v}${dtypes.dout}`;
 
-  const dqVariant: BackwardVariant = { hd, tile: tileFor(p, "dq", options), ...dtypes, grad: dq.dtype as AttentionFloat, docs };
+  const dqVariant: BackwardVariant = {
+    hd,
+    tile: tileFor(p, "dq", options),
+    ...dtypes,
+    grad: dq.dtype as AttentionFloat,
+    docs,
+  };
   const dqTile = dqVariant.tile;
   const dqKernel = getKernel(gpu, {
     name: "attention_dq",
-    params: { hd, tile: `${dqTile.BR}x${dqTile.BC}/${dqTile.TPR}`, dtypes: `${base}${dqVariant.grad}`, docs: docs ?? "none" },
+    params: {
+      hd,
+      tile: `${dqTile.BR}x${dqTile.BC}/${dqTile.TPR}`,
+      dtypes: `${base}${dqVariant.grad}`,
+      docs: docs ?? "none",
+    },
     code: () => attentionDqWgsl(dqVariant),
     bindings: [...reads, "write"],
     uniformBytes: ATTENTION_UNIFORM_BYTES,
   });
   rec.dispatch(dqKernel, [...inputs, dq.buffer], u, [Math.ceil(p.S / dqTile.BR), H, p.B]);
 
-  const kvVariant: BackwardVariant = { hd, tile: tileFor(p, "dkdv", options), ...dtypes, grad: dk.dtype as AttentionFloat, docs };
+  const kvVariant: BackwardVariant = {
+    hd,
+    tile: tileFor(p, "dkdv", options),
+    ...dtypes,
+    grad: dk.dtype as AttentionFloat,
+    docs,
+  };
   const kvTile = kvVariant.tile;
   const kvKernel = getKernel(gpu, {
     name: "attention_dkdv",
-    params: { hd, tile: `${kvTile.BR}x${kvTile.BC}/${kvTile.TPR}`, dtypes: `${base}${kvVariant.grad}`, docs: docs ?? "none" },
+    params: {
+      hd,
+      tile: `${kvTile.BR}x${kvTile.BC}/${kvTile.TPR}`,
+      dtypes: `${base}${kvVariant.grad}`,
+      docs: docs ?? "none",
+    },
     code: () => attentionDkdvWgsl(kvVariant),
     bindings: [...reads, "write", "write"],
     uniformBytes: ATTENTION_UNIFORM_BYTES,

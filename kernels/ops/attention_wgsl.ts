@@ -13,10 +13,12 @@
  * - forward: one workgroup per (query tile of Br rows, head h, row b) = grid (⌈S/Br⌉, H, B), Br·TPR
  *   threads: TPR threads per query row. It walks the key tiles of Bc keys that the causal and window
  *   bounds leave, skips tiles where no (query, key) pair shares a document, and keeps the running
- *   max m, sum l and output accumulator in f32 registers (online softmax). Writes out `=`, lse `=`.
+ *   max m, sum l and output accumulator in f32 registers (online softmax): per tile, each thread's
+ *   max and sum over its own keys meet in workgroup memory, so exp runs once per (query, key).
+ *   Writes out `=`, lse `=`.
  * - stats: one invocation per (token, head): stats = (lse, D). Writes stats `=`.
  * - dq: same grid and threads as the forward; for each key tile recomputes p = exp(s − lse) and
- *   ds = p·(dout·v − D), then dq += scale·ds·k. Writes dq `=`.
+ *   ds = p·(dout·v − D), then dq += scale·ds·k. Skips tiles as the forward does. Writes dq `=`.
  * - dkdv: one workgroup per (key tile of Bc keys, kv head, row b) = grid (⌈S/Bc⌉, Hkv, B), Bc·TPR
  *   threads: TPR threads per key. It walks the G query heads of its kv head and the query tiles
  *   the causal and window bounds leave, and accumulates dv += p·dout and dk += scale·ds·q in
@@ -24,8 +26,9 @@
  *
  * A thread owning row r of a tile and lane t < TPR computes the scores (r, c) for c ≡ t (mod TPR)
  * as full hd-long dot products from workgroup memory, and owns the output vec4s d4 ≡ t (mod TPR).
- * Masked scores hold the finite sentinel MASKED (no infinities: software rasterisers and some
- * compilers mishandle them); a row with every score so far masked keeps m = MASKED, l = 0, acc = 0.
+ * Masked scores hold the finite sentinel MASKED (WGSL has no infinity literal, and shader
+ * compilers may assume finite floats); a row with every score so far masked keeps m = MASKED,
+ * l = 0, acc = 0, and its p are 0, never exp(MASKED − MASKED).
  * Workgroup memory is f32 for every input dtype; accumulation is f32.
  * @module
  */
@@ -66,8 +69,8 @@ export function attentionUniforms(
 /** Workgroup memory of a kernel in f32 words (atomics and flags excluded). */
 export function attentionSharedWords(kernel: AttentionKernel, hd: number, t: AttentionTile): number {
   switch (kernel) {
-    case "forward": // Qs[Br,hd], KVs[Bc,hd] (k, then v), Ps[Br,Bc]
-      return (t.BR + t.BC) * hd + t.BR * t.BC;
+    case "forward": // Qs[Br,hd], KVs[Bc,hd] (k, then v), Ps[Br,Bc], Ms, Ls [Br,TPR]
+      return (t.BR + t.BC) * hd + t.BR * t.BC + 2 * t.BR * t.TPR;
     case "dq": // Qs, dOs [Br,hd], Ks, Vs [Bc,hd], dSs[Br,Bc]
       return 2 * (t.BR + t.BC) * hd + t.BR * t.BC;
     case "dkdv": // Ks, Vs [Bc,hd], Qs, dOs [Br,hd], Pt, dSt [Bc,Br], Ls, Ds [Br]
@@ -87,10 +90,13 @@ export function attentionThreads(kernel: AttentionKernel, t: AttentionTile): num
 
 /** Checks the template's rules for a tile and head dim. */
 export function checkAttentionTile(hd: number, t: AttentionTile): void {
-  const ok = hd % 4 === 0 && (hd / 4) % t.TPR === 0 && [t.BR, t.BC, t.TPR].every((x) => Number.isInteger(x) && x > 0);
+  const ok = hd % 4 === 0 && (hd / 4) % t.TPR === 0 &&
+    [t.BR, t.BC, t.TPR].every((x) => Number.isInteger(x) && x > 0);
   if (!ok) {
     throw new RangeError(
-      `Cannot build attention tile ${JSON.stringify(t)} for hd ${hd}: hd must be a multiple of 4 and hd/4 of TPR`,
+      `Cannot build attention tile ${
+        JSON.stringify(t)
+      } for hd ${hd}: hd must be a multiple of 4 and hd/4 of TPR`,
     );
   }
 }
@@ -184,18 +190,20 @@ export function attentionForwardWgsl(v: ForwardVariant): string {
   const THREADS = BR * TPR;
   const docs = v.docs !== null;
   const L = prelude([v.q, v.k, v.v, v.out]);
-  const list: [string, string, "read" | "read_write"][] = [["Q", vec(v.q), "read"], ["K", vec(v.k), "read"], [
-    "V",
-    vec(v.v),
-    "read",
-  ]];
+  const list: [string, string, "read" | "read_write"][] = [
+    ["Q", vec(v.q), "read"],
+    ["K", vec(v.k), "read"],
+    ["V", vec(v.v), "read"],
+  ];
   if (docs) list.push(["DOC", `array<${v.docs}>`, "read"]);
   list.push(["O", vec(v.out), "read_write"], ["LSE", "array<f32>", "read_write"]);
   L.push(...bindings(list));
   L.push(`
 var<workgroup> Qs: array<vec4<f32>, ${BR * HD4}>;  // Qs[r·hd/4 + d4] = scale · q[row q0 + r]
 var<workgroup> KVs: array<vec4<f32>, ${BC * HD4}>; // k, then v, of keys k0 .. k0 + Bc
-var<workgroup> Ps: array<f32, ${BR * BC}>;         // Ps[r·Bc + c] = score, or MASKED`);
+var<workgroup> Ps: array<f32, ${BR * BC}>;         // Ps[r·Bc + c] = score (or MASKED), then p
+var<workgroup> Ms: array<f32, ${BR * TPR}>;        // Ms[r·TPR + t] = max of thread t's scores of row r
+var<workgroup> Ls: array<f32, ${BR * TPR}>;        // Ls[r·TPR + t] = sum of thread t's p of row r`);
   if (docs) L.push(SKIP_DECLS);
   const acc = (n: number) => `acc${n}`;
   const range = (f: (n: number) => string) => Array.from({ length: N }, (_, n) => f(n)).join("\n");
@@ -235,11 +243,16 @@ ${range((n) => `  var ${acc(n)} = vec4<f32>(0.0);`)}
   for (var k0 = k_start; k0 <= q_last; k0 += ${BC}u) {
     ${
     docs
-      ? tileSkip(`for (var c = t; c < ${BC}u; c += ${TPR}u)`, `row_ok && k0 + c < u.S && allowed(i, k0 + c) && DOC[base + k0 + c] == doc_i`)
+      ? tileSkip(
+        `for (var c = t; c < ${BC}u; c += ${TPR}u)`,
+        `row_ok && k0 + c < u.S && allowed(i, k0 + c) && DOC[base + k0 + c] == doc_i`,
+      )
       : "workgroupBarrier();"
   }
     ${loadKV("K")}
     workgroupBarrier();
+    // Scores of this thread's keys, and their max.
+    var m_own = MASKED;
     for (var c = t; c < ${BC}u; c += ${TPR}u) {
       let j = k0 + c;
       var sc = MASKED;
@@ -249,23 +262,32 @@ ${range((n) => `  var ${acc(n)} = vec4<f32>(0.0);`)}
         sc = qk;
       }
       Ps[r * ${BC}u + c] = sc;
+      m_own = max(m_own, sc);
     }
+    Ms[li] = m_own;
     workgroupBarrier();
     ${loadKV("V")}
+    // Row max over the TPR threads of the row; then p = exp(s − m_new) once per pair, in place.
     var m_new = m;
-    for (var c = 0u; c < ${BC}u; c++) { m_new = max(m_new, Ps[r * ${BC}u + c]); }
+    for (var x = 0u; x < ${TPR}u; x++) { m_new = max(m_new, Ms[r * ${TPR}u + x]); }
+    var l_own = 0.0;
+    for (var c = t; c < ${BC}u; c += ${TPR}u) {
+      let sc = Ps[r * ${BC}u + c];
+      var p = 0.0;
+      if (sc != MASKED) { p = exp(sc - m_new); }
+      Ps[r * ${BC}u + c] = p;
+      l_own += p;
+    }
+    Ls[li] = l_own;
     workgroupBarrier();
     // Online softmax: rescale what was summed under the old max.
     let alpha = exp(m - m_new);
     l *= alpha;
+    for (var x = 0u; x < ${TPR}u; x++) { l += Ls[r * ${TPR}u + x]; }
 ${range((n) => `    ${acc(n)} *= alpha;`)}
     for (var c = 0u; c < ${BC}u; c++) {
-      let sc = Ps[r * ${BC}u + c];
-      if (sc != MASKED) {
-        let p = exp(sc - m_new);
-        l += p;
-${range((n) => `        ${acc(n)} += p * KVs[c * ${HD4}u + ${n * TPR}u + t];`)}
-      }
+      let p = Ps[r * ${BC}u + c];
+${range((n) => `      ${acc(n)} += p * KVs[c * ${HD4}u + ${n * TPR}u + t];`)}
     }
     m = m_new;
   }
@@ -365,7 +387,10 @@ ${range((n) => `  var acc${n} = vec4<f32>(0.0);`)}
   for (var k0 = k_start; k0 <= q_last; k0 += ${BC}u) {
     ${
     docs
-      ? tileSkip(`for (var c = t; c < ${BC}u; c += ${TPR}u)`, `row_ok && k0 + c < u.S && allowed(i, k0 + c) && DOC[base + k0 + c] == doc_i`)
+      ? tileSkip(
+        `for (var c = t; c < ${BC}u; c += ${TPR}u)`,
+        `row_ok && k0 + c < u.S && allowed(i, k0 + c) && DOC[base + k0 + c] == doc_i`,
+      )
       : "workgroupBarrier();"
   }
     for (var s = li; s < ${BC * HD4}u; s += ${THREADS}u) {
@@ -477,7 +502,10 @@ ${range((n) => `  var dk${n} = vec4<f32>(0.0);\n  var dv${n} = vec4<f32>(0.0);`)
     for (var q0 = q_start; q0 <= q_last; q0 += ${BR}u) {
       ${
     docs
-      ? tileSkip(`for (var r = t; r < ${BR}u; r += ${TPR}u)`, `key_ok && q0 + r < u.S && allowed(q0 + r, j) && DOC[base + q0 + r] == doc_j`)
+      ? tileSkip(
+        `for (var r = t; r < ${BR}u; r += ${TPR}u)`,
+        `key_ok && q0 + r < u.S && allowed(q0 + r, j) && DOC[base + q0 + r] == doc_j`,
+      )
       : "workgroupBarrier();"
   }
       for (var s = li; s < ${BR * HD4}u; s += ${THREADS}u) {
