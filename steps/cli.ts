@@ -17,6 +17,7 @@ import { displayPath, projectRoot, runsRoot } from "./paths.ts";
 import { rerunFromManifest } from "./rerun.ts";
 import { type RunOutcome, runStep } from "./runner.ts";
 import { newRunId } from "./run_id.ts";
+import { applyResumeFlags } from "./pipeline.ts";
 import { trackerHook } from "../tracker/hook.ts";
 
 const USAGE = `usage:
@@ -25,7 +26,8 @@ const USAGE = `usage:
       --set or --seed branch a variant into a new run directory
   deno task step <name> [--run <id>] [--config file.yaml] [--set key=value ...] [--seed N] [--force]
       run a step with a config (its upstream steps must be in the same run)
-options: --runs <dir> (runs root, default ./runs or $LATHE_RUNS), --quiet`;
+options: --runs <dir> (runs root, default ./runs or $LATHE_RUNS), --quiet,
+  --resume / --restart (a killed training step: continue from its checkpoints, or delete them)`;
 
 /** Prints a one-line summary of a step outcome. */
 export function printOutcome(outcome: RunOutcome, root: string): void {
@@ -51,6 +53,8 @@ export async function stepCli(step: StepDef | null, argv: string[]): Promise<voi
       set: { type: "string", multiple: true, default: [] },
       seed: { type: "string" },
       force: { type: "boolean", default: false },
+      resume: { type: "boolean", default: false },
+      restart: { type: "boolean", default: false },
       runs: { type: "string" },
       quiet: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -60,6 +64,7 @@ export async function stepCli(step: StepDef | null, argv: string[]): Promise<voi
     console.log(USAGE);
     return;
   }
+  applyResumeFlags(values.resume, values.restart);
   const root = projectRoot();
   const runs = runsRoot(values.runs, root);
   const overrides = values.set.map(parseOverride);

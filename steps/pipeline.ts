@@ -303,8 +303,21 @@ options:
   --force           rerun the selected steps even when a cached result exists
   --dry-run         print each step's key and whether it would be reused or run; run nothing
   --run <id>        continue an existing run (its finished steps are reused in place)
+  --resume          continue a killed training step from its checkpoints (same as LATHE_RESUME=1)
+  --restart         delete a killed training step's checkpoints and start over (LATHE_RESUME=0)
   --runs <dir>      runs root (default ./runs, or $LATHE_RUNS)
   --quiet           no progress lines`;
+
+/**
+ * `--resume` / `--restart`: what a training step does with the checkpoints of an interrupted run with the
+ * same key. They set `LATHE_RESUME` for this process, which is how steps read the choice (it is not config:
+ * resuming must not change the step's key).
+ */
+export function applyResumeFlags(resume: boolean, restart: boolean): void {
+  if (resume && restart) throw new LatheError("Cannot use --resume and --restart together");
+  if (resume) Deno.env.set("LATHE_RESUME", "1");
+  if (restart) Deno.env.set("LATHE_RESUME", "0");
+}
 
 /** Parsed `deno task recipe` arguments. */
 export interface RecipeArgs {
@@ -332,6 +345,8 @@ export function parseRecipeArgs(argv: string[]): RecipeArgs {
         only: { type: "string" },
         from: { type: "string" },
         force: { type: "boolean", default: false },
+        resume: { type: "boolean", default: false },
+        restart: { type: "boolean", default: false },
         "dry-run": { type: "boolean", default: false },
         run: { type: "string" },
         runs: { type: "string" },
@@ -343,6 +358,7 @@ export function parseRecipeArgs(argv: string[]): RecipeArgs {
     throw new LatheError(`Cannot parse arguments: ${(error as Error).message}`, { hint: RECIPE_USAGE });
   }
   const { values, positionals } = parsed;
+  applyResumeFlags(values.resume, values.restart);
   if (!values.help && positionals.length !== 1) {
     throw new LatheError(
       positionals.length === 0

@@ -4,7 +4,7 @@
  *
  * ```
  * deno task step train-sft --run <id> --set model=Qwen/Qwen2.5-0.5B --set max_steps=200
- * LATHE_RESUME=1 deno task step train-sft --run <id> ...   # continue a killed run
+ * deno task step train-sft --run <id> --resume ...   # continue a killed run (LATHE_RESUME=1)
  * ```
  *
  * Outputs: `adapter/` (adapter_config.json, adapter_model.safetensors; PEFT format, loadable
@@ -164,7 +164,10 @@ async function resumeChoice(checkpointDir: string): Promise<boolean> {
   throw new LatheError(
     `Cannot start train-sft: an interrupted run with the same key left ${found.length} checkpoint(s) in ` +
       `"${checkpointDir}" (latest: step ${last.step})`,
-    { hint: "set LATHE_RESUME=1 to continue from it, or LATHE_RESUME=0 to delete them and start over" },
+    {
+      hint:
+        "rerun with --resume (LATHE_RESUME=1) to continue from it, or --restart (LATHE_RESUME=0) to delete them",
+    },
   );
 }
 

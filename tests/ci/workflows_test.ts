@@ -1,3 +1,5 @@
+import { fileURLToPath } from "node:url";
+import { existsSync } from "node:fs";
 import assert from "node:assert/strict";
 import { join, resolve } from "node:path";
 import { parse } from "yaml";
@@ -131,7 +133,13 @@ Deno.test("gpu-matrix.yml runs every recipe on every self-hosted GPU runner, fai
     assert.ok(labels.includes("self-hosted"), `${labels} is a self-hosted runner`);
   }
   const recipes = JSON.parse(wf.env!.DEFAULT_RECIPES) as string[];
-  assert.deepEqual(recipes, ["tiny-demo", "qwen2-lora", "llama3-qlora", "mistral-qlora"]);
+  assert.ok(recipes.length > 0);
+  for (const name of recipes) {
+    assert.ok(
+      existsSync(fileURLToPath(new URL(`../../recipes/${name}.yaml`, import.meta.url))),
+      `the matrix's default recipe "${name}" exists in recipes/`,
+    );
+  }
 
   const plan = wf.jobs.plan;
   assert.match(plan.steps[0].run!, /\$\{RECIPES:-\$DEFAULT_RECIPES\}/);

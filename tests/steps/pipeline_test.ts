@@ -3,7 +3,12 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { LatheError } from "../../steps/errors.ts";
 import type { Manifest } from "../../steps/manifest.ts";
-import { parseRecipeArgs, type PipelineResult, recipeCommand } from "../../steps/pipeline.ts";
+import {
+  applyResumeFlags,
+  parseRecipeArgs,
+  type PipelineResult,
+  recipeCommand,
+} from "../../steps/pipeline.ts";
 import { calls, failing, loadToyStep, sandbox } from "./_toy_steps.ts";
 
 const TOY = `name: toy
@@ -319,4 +324,18 @@ Deno.test("deno task recipe exits 1 with a clean message for an unknown recipe",
     `error: Cannot find recipe "tiny": there is no "${join(box.root, "recipes", "tiny.yaml")}"\n` +
       "hint: available recipes: toy (or give a path to a .yaml file)\n",
   );
+});
+
+Deno.test("--resume and --restart set LATHE_RESUME for the process; both together is an error", () => {
+  const before = Deno.env.get("LATHE_RESUME");
+  try {
+    applyResumeFlags(true, false);
+    assert.equal(Deno.env.get("LATHE_RESUME"), "1");
+    applyResumeFlags(false, true);
+    assert.equal(Deno.env.get("LATHE_RESUME"), "0");
+    assert.throws(() => applyResumeFlags(true, true), /Cannot use --resume and --restart together/);
+  } finally {
+    if (before === undefined) Deno.env.delete("LATHE_RESUME");
+    else Deno.env.set("LATHE_RESUME", before);
+  }
 });

@@ -193,7 +193,10 @@ Deno.test("a killed train-sft resumes with LATHE_RESUME=1 and ends with the byte
     await assert.rejects(() => train(s, config), (e: Error) => {
       assert.ok(e instanceof LatheError);
       assert.match(e.message, /an interrupted run with the same key left 1 checkpoint\(s\).*latest: step 2/);
-      assert.match(e.hint ?? "", /LATHE_RESUME=1 to continue from it, or LATHE_RESUME=0/);
+      assert.match(
+        e.hint ?? "",
+        /--resume \(LATHE_RESUME=1\) to continue from it, or --restart \(LATHE_RESUME=0\)/,
+      );
       return true;
     });
     Deno.env.set("LATHE_RESUME", "1");
