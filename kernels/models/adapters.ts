@@ -5,18 +5,18 @@
  *
  * K = in features, N = out features of the projection, r = LoRA rank.
  *
- * Adapters start as PEFT's `init_lora_weights=True` through formats/peft.ts `initLoraAdapters`
+ * Adapters start as PEFT's `init_lora_weights=True` through kernels/models/trainable.ts `initialAdapters`
  * (A ~ U(−1/√K, 1/√K) from PCG32 (seed, stream = layer·7 + projection index), B = 0), the same
  * call the CPU reference backend makes, so both backends start from identical adapters.
  * @module
  */
-import { initLoraAdapters, loraKey } from "../../formats/peft.ts";
+import { loraKey } from "../../formats/peft.ts";
 import type { Gpu } from "../device.ts";
 import { adamwState } from "../ops/adamw.ts";
 import { recorder } from "../recorder.ts";
 import { readTensors, Tensor } from "../tensor.ts";
 import { type ModelConfig, type Projection, projectionPath, projectionShape } from "./config.ts";
-import type { LoraSpec, LoraWeights, OptimizerState } from "./trainable.ts";
+import { initialAdapters, type LoraSpec, type LoraWeights, type OptimizerState } from "./trainable.ts";
 
 /** One adapted projection and its state on the GPU. */
 export interface AdapterSlot {
@@ -66,14 +66,7 @@ export class GpuAdapters implements Disposable {
       modelError(`LoRA rank r ${lora.r} must be a positive integer`);
     }
     if (lora.targets.length === 0) modelError("LoRA targets are empty");
-    const pairs = initLoraAdapters(config, {
-      baseModelNameOrPath: null,
-      r: lora.r,
-      loraAlpha: lora.alpha,
-      loraDropout: lora.dropout,
-      targetModules: lora.targets,
-      useRslora: lora.useRslora,
-    }, seed);
+    const pairs = initialAdapters(config, lora, seed);
     const slots = pairs.map((p): AdapterSlot => {
       const [N, K] = projectionShape(config, p.module);
       const name = (which: string) => `${projectionPath(p.layer, p.module)}.${which}`;

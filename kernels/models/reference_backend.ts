@@ -10,7 +10,7 @@
  *   A[r,K], B[N,r]             the adapter
  *   dA[r,K], dB[N,r]           gradients, f64, summed over the micro-batches of a step
  *   m, v (same shapes as A, B) AdamW moments, f32
- * Adapters start as PEFT's `init_lora_weights=True` (formats/peft.ts `initLoraAdapters`):
+ * Adapters start as PEFT's `init_lora_weights=True` (kernels/models/trainable.ts `initialAdapters`):
  * A ~ U(−1/√K, 1/√K) from PCG32 (seed, stream = layer·7 + projection index), B = 0.
  *
  * LoRA dropout: each adapter draws its own mask per micro-batch,
@@ -19,13 +19,21 @@
  * `dropout_mask` in u32 arithmetic drops exactly the same inputs.
  * @module
  */
-import { initLoraAdapters, loraKey } from "../../formats/peft.ts";
+import { loraKey } from "../../formats/peft.ts";
 import { adamw_step, clip_grad_norm, grad_norm } from "../reference/adamw.ts";
 import { count_trained } from "../reference/cross_entropy.ts";
 import { decoder_backward, decoder_forward } from "../reference/decoder.ts";
 import { dropout_mask, type LoraAdapter } from "../reference/linear_lora.ts";
 import { type ModelConfig, type Projection, projectionPath, PROJECTIONS, projectionShape } from "./config.ts";
-import type { AdamWStep, Batch, LoraSpec, LoraWeights, OptimizerState, TrainableModel } from "./trainable.ts";
+import {
+  type AdamWStep,
+  type Batch,
+  initialAdapters,
+  type LoraSpec,
+  type LoraWeights,
+  type OptimizerState,
+  type TrainableModel,
+} from "./trainable.ts";
 
 /**
  * The dropout seed of one adapter in one micro-batch:
@@ -89,14 +97,7 @@ export class ReferenceModel implements TrainableModel {
     this.lora = { ...lora, targets: [...lora.targets] };
     this.#weights = weights;
     this.#scaling = lora.useRslora ? lora.alpha / Math.sqrt(lora.r) : lora.alpha / lora.r;
-    const pairs = initLoraAdapters(config, {
-      baseModelNameOrPath: null,
-      r: lora.r,
-      loraAlpha: lora.alpha,
-      loraDropout: lora.dropout,
-      targetModules: lora.targets,
-      useRslora: lora.useRslora,
-    }, seed);
+    const pairs = initialAdapters(config, lora, seed);
     this.#slots = pairs.map((p) => {
       const [N, K] = projectionShape(config, p.module);
       return {

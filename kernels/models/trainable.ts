@@ -9,6 +9,7 @@
  * B = rows per micro-batch, S = sequence length (tokens per row), r = LoRA rank.
  * @module
  */
+import { initLoraAdapters, type LoraPair } from "../../formats/peft.ts";
 import type { ModelConfig, Projection } from "./config.ts";
 
 /** One micro-batch of packed rows, row-major [B, S]. */
@@ -91,4 +92,20 @@ export interface TrainableModel extends Disposable {
   setLora(weights: LoraWeights[]): Promise<void>;
   getOptimizerState(): Promise<OptimizerState>;
   setOptimizerState(state: OptimizerState): Promise<void>;
+}
+
+/**
+ * The initial adapters of every backend, PEFT's `init_lora_weights=True` (formats/peft.ts): A
+ * Kaiming-uniform with bound 1/√in from a seeded PCG32 stream per (layer, module), B = 0. Backends must
+ * start from these so that a seed means the same adapters everywhere.
+ */
+export function initialAdapters(config: ModelConfig, lora: LoraSpec, seed: number): LoraPair[] {
+  return initLoraAdapters(config, {
+    baseModelNameOrPath: null,
+    r: lora.r,
+    loraAlpha: lora.alpha,
+    loraDropout: lora.dropout,
+    targetModules: lora.targets,
+    useRslora: lora.useRslora,
+  }, seed);
 }

@@ -134,3 +134,8 @@ export function rowSegments(tensors: readonly Tensor[]): RowSegment[] {
   }
   return out;
 }
+
+/** Invocations per workgroup of a row kernel for rows of D elements: about 4 columns each, 32..256. */
+export function rowWorkgroup(D: number): number {
+  return pow2Clamp(Math.ceil(D / 4), 32, 256);
+}

@@ -23,15 +23,10 @@ import {
   floatDType,
   grid,
   loadWgsl,
-  pow2Clamp,
   rowSegments,
+  rowWorkgroup,
   specializeWgsl,
 } from "./_rowwise.ts";
-
-/** Invocations per workgroup for rows of D elements: about 4 columns each. */
-function rowWorkgroup(D: number): number {
-  return pow2Clamp(Math.ceil(D / 4), 32, 256);
-}
 
 /** Bits of an f32 quiet NaN. */
 const NAN_BITS = 0x7fc00000;

@@ -22,6 +22,7 @@ import {
   matmulDirectWgsl,
   type MatmulLayout,
   type MatmulTile,
+  type MatmulUniformParams,
   matmulUniforms,
   matmulWgsl,
   SPLITK_UNIFORM_BYTES,
@@ -385,23 +386,10 @@ function prepare(a: Tensor, b: Tensor, options: MatmulOptions, name: string): Pr
 }
 
 /** One sub-product: buffers, its dims, leading dims and element offsets. */
-interface Cell {
+interface Cell extends Omit<MatmulUniformParams, "alpha"> {
   a: GPUBuffer;
   b: GPUBuffer;
   c: GPUBuffer;
-  M: number;
-  N: number;
-  K: number;
-  lda: number;
-  ldb: number;
-  ldc: number;
-  aOff: number;
-  bOff: number;
-  cOff: number;
-  biasOff: number;
-  strideA: number;
-  strideB: number;
-  strideC: number;
   /** Index of the K range: ranges after the first accumulate. */
   kIndex: number;
 }

@@ -77,8 +77,8 @@ export interface MatmulDirectTile {
 /** Bytes of the uniform block (see `Params` below). */
 export const MATMUL_UNIFORM_BYTES = 64;
 
-/** Packs the uniform block: dims, leading dims, offsets, batch strides (elements), alpha. */
-export function matmulUniforms(p: {
+/** The uniform block: dims, leading dims, offsets, batch strides (elements), alpha. */
+export interface MatmulUniformParams {
   M: number;
   N: number;
   K: number;
@@ -93,7 +93,10 @@ export function matmulUniforms(p: {
   strideB: number;
   strideC: number;
   alpha: number;
-}): Uint32Array {
+}
+
+/** Packs the uniform block of {@link MatmulUniformParams}. */
+export function matmulUniforms(p: MatmulUniformParams): Uint32Array {
   const u = new Uint32Array(16);
   u.set([
     p.M,

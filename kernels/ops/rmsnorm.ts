@@ -21,15 +21,10 @@ import {
   floatDType,
   grid,
   loadWgsl,
-  pow2Clamp,
   rowSegments,
+  rowWorkgroup,
   specializeWgsl,
 } from "./_rowwise.ts";
-
-/** Invocations per workgroup of the row kernels for rows of D elements: about 4 columns each. */
-function rowWorkgroup(D: number): number {
-  return pow2Clamp(Math.ceil(D / 4), 32, 256);
-}
 
 /** Invocations (columns) per workgroup of the dw kernels. */
 const DW_WORKGROUP = 64;
