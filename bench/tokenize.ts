@@ -3,18 +3,23 @@
  * a deterministic >= 10 MB JSONL of chats is generated in a temp dir, then
  *
  * 1. `library`: `@huggingface/tokenizers` `Tokenizer.encode` on every rendered chat, one thread;
- * 2. `pipeline`: lathe's tokenize pipeline (render, mask, pack, write shards) with one worker per core;
+ * 2. `pipeline`: lathe's tokenize pipeline (render, mask, pack, write shards) with 1 worker and
+ *    with one worker per core (`--workers` lists the counts to run, in order);
  *
- * and prints tokens/s for both and the ratio against the reference of 1.5 M tokens/s
- * (on 2 cores). Worker start-up (loading the tokenizer) is timed separately.
+ * and prints tokens/s for each, and the ratio of the last run against the reference of
+ * 1.5 M tokens/s (on 2 cores). Worker start-up (loading the tokenizer) is timed separately.
+ * Per-core rates: tokens/s per worker, and tokens per CPU-second of the whole process (main
+ * thread and workers), which a machine shared with other jobs depresses less than wall time.
  *
  * ```
- * deno task bench tokenize [--mb 10] [--workers N]
+ * deno task bench tokenize [--mb 10] [--workers 1,2]
  * ```
  * @module
  */
 import { join } from "node:path";
+import process from "node:process";
 import { parseArgs } from "node:util";
+import { LatheError } from "../steps/errors.ts";
 import { ChatRenderer, type Message } from "../steps/tokenize/chat.ts";
 import { WorkerPool } from "../steps/tokenize/pool.ts";
 import { tokenizeSplit } from "../steps/tokenize/pipeline.ts";
@@ -114,8 +119,14 @@ export async function writeCorpus(path: string, bytes: number): Promise<number> 
   return lines.length;
 }
 
-function rate(tokens: number, seconds: number): string {
-  return `${(tokens / seconds / 1e6).toFixed(3)} M tokens/s`;
+function rate(tokensPerSecond: number): string {
+  return `${(tokensPerSecond / 1e6).toFixed(3)} M tokens/s`;
+}
+
+/** CPU seconds this process (every thread) has used since `since`. */
+function cpuSeconds(since: NodeJS.CpuUsage): number {
+  const u = process.cpuUsage(since);
+  return (u.user + u.system) / 1e6;
 }
 
 /** Runs the benchmark and prints its results. */
@@ -124,7 +135,16 @@ export async function main(args: string[] = []): Promise<void> {
     args,
     options: { mb: { type: "string", default: "10" }, workers: { type: "string" } },
   });
-  const workers = Number(values.workers ?? navigator.hardwareConcurrency ?? 1);
+  const cores = navigator.hardwareConcurrency ?? 1;
+  const counts = values.workers ? values.workers.split(",").map(Number) : [...new Set([1, cores])];
+  if (counts.some((n) => !Number.isInteger(n) || n < 1)) {
+    throw new LatheError(
+      `Cannot run the tokenize benchmark: --workers "${values.workers}" is not a list of counts`,
+      {
+        hint: "pass worker counts separated by commas, e.g. --workers 1,2",
+      },
+    );
+  }
   const dir = await Deno.makeTempDir({ prefix: "lathe-bench-tokenize-" });
   try {
     const input = join(dir, "chats.jsonl");
@@ -142,53 +162,60 @@ export async function main(args: string[] = []): Promise<void> {
     let libTokens = 0;
     let t0 = performance.now();
     for (const t of texts) libTokens += loaded.tokenizer.encode(t, { add_special_tokens: false }).ids.length;
-    const libSeconds = (performance.now() - t0) / 1000;
-    console.log(`  library  (1 thread, encode only)          ${rate(libTokens, libSeconds)}`);
+    const libRate = libTokens / ((performance.now() - t0) / 1000);
+    console.log(`  library  (1 thread, encode only)     ${rate(libRate)}`);
 
-    // 2. The pipeline: render + mask + pack + shards, all workers.
-    t0 = performance.now();
-    const pool = await WorkerPool.start(workers, {
-      tokenizerDir: tokDir,
-      chatTemplate: null,
-      doc: { kind: "sft", trainOn: "completions", maxSeqLen: 4096, overlong: "truncate" },
-    });
-    const startSeconds = (performance.now() - t0) / 1000;
-    try {
+    // 2. The pipeline: render + mask + pack + shards, on fresh workers.
+    let pipeRate = 0;
+    for (const workers of counts) {
       t0 = performance.now();
-      const stats = await tokenizeSplit(pool, input, join(dir, "out"), {
-        split: "train",
-        kind: "sft",
-        maxSeqLen: 4096,
-        packing: true,
-        shardTokens: 1 << 26,
-        meta: {
-          vocab_size: loaded.vocabSize,
-          pad_id: loaded.padId,
-          bos_id: loaded.bosId,
-          eos_id: loaded.eosId,
-          special_ids: {},
-          tokenizer_sha256: "0".repeat(64),
-        },
+      const pool = await WorkerPool.start(workers, {
+        tokenizerDir: tokDir,
+        chatTemplate: null,
+        doc: { kind: "sft", trainOn: "completions", maxSeqLen: 4096, overlong: "truncate" },
       });
-      const seconds = (performance.now() - t0) / 1000;
-      const pipeRate = stats.tokenized / seconds;
-      console.log(
-        `  pipeline (${workers} workers, fast path ${pool.fast ? "on" : "off"})       ${
-          rate(stats.tokenized, seconds)
-        }  (worker start ${startSeconds.toFixed(1)} s)`,
-      );
-      console.log(`  pipeline / library: ${(pipeRate / (libTokens / libSeconds)).toFixed(2)}x`);
-      console.log(
-        `  pipeline / target (${TARGET_TOKENS_PER_S / 1e6} M tokens/s): ${
-          (pipeRate / TARGET_TOKENS_PER_S).toFixed(2)
-        }`,
-      );
-      if (stats.tokenized !== libTokens) {
-        console.log(`  note: the pipeline made ${stats.tokenized} tokens, the library ${libTokens}`);
+      const startSeconds = (performance.now() - t0) / 1000;
+      try {
+        t0 = performance.now();
+        const cpu0 = process.cpuUsage();
+        const stats = await tokenizeSplit(pool, input, join(dir, `out-${workers}`), {
+          split: "train",
+          kind: "sft",
+          maxSeqLen: 4096,
+          packing: true,
+          shardTokens: 1 << 26,
+          meta: {
+            vocab_size: loaded.vocabSize,
+            pad_id: loaded.padId,
+            bos_id: loaded.bosId,
+            eos_id: loaded.eosId,
+            special_ids: {},
+            tokenizer_sha256: "0".repeat(64),
+          },
+        });
+        const seconds = (performance.now() - t0) / 1000;
+        const cpu = cpuSeconds(cpu0);
+        pipeRate = stats.tokenized / seconds;
+        const label = `${workers} worker${workers === 1 ? "" : "s"}`.padEnd(10);
+        console.log(
+          `  pipeline (${label} fast path ${pool.fast ? "on" : "off"})  ${rate(pipeRate)}  ` +
+            `(${rate(pipeRate / workers)} per worker; ${(stats.tokenized / cpu / 1e6).toFixed(3)} M tokens ` +
+            `per CPU-second; ` +
+            `worker start ${startSeconds.toFixed(1)} s)`,
+        );
+        if (stats.tokenized !== libTokens) {
+          console.log(`  note: the pipeline made ${stats.tokenized} tokens, the library ${libTokens}`);
+        }
+      } finally {
+        pool.close();
       }
-    } finally {
-      pool.close();
     }
+    console.log(`  pipeline / library: ${(pipeRate / libRate).toFixed(2)}x`);
+    console.log(
+      `  pipeline / target (${TARGET_TOKENS_PER_S / 1e6} M tokens/s): ${
+        (pipeRate / TARGET_TOKENS_PER_S).toFixed(2)
+      }`,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

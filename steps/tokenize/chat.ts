@@ -22,8 +22,9 @@
  */
 import { Template } from "@huggingface/jinja";
 import { LatheError } from "../errors.ts";
+import { useFastLookup } from "./jinja_lookup.ts";
 import { usePythonStripping } from "./jinja_strings.ts";
-import type { LoadedTokenizer } from "./tokenizer.ts";
+import type { TokenizerFacts } from "./tokenizer.ts";
 
 /** One chat message. Extra fields (e.g. `name`, `tool_calls`) are passed to the template as they are. */
 export interface Message {
@@ -56,9 +57,10 @@ export class ChatRenderer {
   /** The template source in use. */
   readonly source: string;
 
-  constructor(loaded: LoadedTokenizer, override?: string | null) {
+  constructor(loaded: TokenizerFacts, override?: string | null) {
     this.source = override ?? loaded.chatTemplate ?? CHATML_TEMPLATE;
     usePythonStripping();
+    useFastLookup();
     try {
       this.#template = new Template(this.source);
     } catch (error) {

@@ -37,7 +37,7 @@ export interface ChunkResult {
 /** Tokenizes every line of `chunk` with `builder`. */
 export function tokenizeChunk(builder: DocumentBuilder, chunk: Chunk): ChunkResult {
   const lines = chunk.text.split("\n");
-  const docIds: number[][] = [];
+  const docIds: Int32Array[] = [];
   const docMasks: Uint8Array[] = [];
   let rows = 0, overlong = 0, empty = 0, tokenized = 0, total = 0;
   for (let i = 0; i < lines.length; i++) {
@@ -62,7 +62,7 @@ export function tokenizeChunk(builder: DocumentBuilder, chunk: Chunk): ChunkResu
       });
     }
     const source = typeof row.source === "string" ? ` (source ${row.source})` : "";
-    const result = builder.row(row, `${chunk.file}:${lineNo}${source}`);
+    const result = builder.typedRow(row, `${chunk.file}:${lineNo}${source}`);
     if (result.overlong) overlong++;
     if (result.empty) empty++;
     for (const d of result.docs) {

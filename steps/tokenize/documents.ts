@@ -16,7 +16,7 @@
 import { LatheError } from "../errors.ts";
 import { BoundaryError, type Encoder } from "./encoder.ts";
 import type { ChatRenderer, Message, Span } from "./chat.ts";
-import type { LoadedTokenizer } from "./tokenizer.ts";
+import type { TokenizerFacts } from "./tokenizer.ts";
 
 /** Which tokens of a chat are trained. */
 export type TrainOn = "all" | "completions" | "last_turn";
@@ -32,10 +32,17 @@ export interface Doc {
   mask: Uint8Array;
 }
 
+/** A tokenized document with its ids in a typed array, as the pipeline carries it. */
+export interface TypedDoc {
+  ids: Int32Array;
+  /** 1 = loss target, 0 = context only; same length as `ids`. */
+  mask: Uint8Array;
+}
+
 /** What one row became. */
-export interface RowResult {
+export interface RowResult<D = Doc> {
   /** 0 docs (dropped), 1 doc (sft, text) or 2 docs (preference: chosen, rejected). */
-  docs: Doc[];
+  docs: D[];
   /** The row (either side of a pair) was longer than max_seq_len. */
   overlong: boolean;
   /** The row was dropped because no token of it is trained (after truncation). */
@@ -70,14 +77,21 @@ function messagesOf(value: unknown, field: string, where: string, role = "assist
   return value as Message[];
 }
 
+function plain(doc: TypedDoc): Doc {
+  return { ids: Array.from(doc.ids), mask: doc.mask };
+}
+
 /** Turns prepared rows into documents; one instance per worker. */
 export class DocumentBuilder {
-  #loaded: LoadedTokenizer;
+  #loaded: TokenizerFacts;
   #encoder: Encoder;
   #chat: ChatRenderer;
   #opts: DocOptions;
+  /** Reused per-cut results of the encoder. */
+  #cutTokens: number[] = [];
+  #cutInside: boolean[] = [];
 
-  constructor(loaded: LoadedTokenizer, encoder: Encoder, chat: ChatRenderer, opts: DocOptions) {
+  constructor(loaded: TokenizerFacts, encoder: Encoder, chat: ChatRenderer, opts: DocOptions) {
     this.#loaded = loaded;
     this.#encoder = encoder;
     this.#chat = chat;
@@ -86,12 +100,18 @@ export class DocumentBuilder {
 
   /** Tokenizes one parsed row; `where` names it in errors (file:line and source). */
   row(row: Record<string, unknown>, where: string): RowResult {
+    const r = this.typedRow(row, where);
+    return { ...r, docs: r.docs.map(plain) };
+  }
+
+  /** {@link DocumentBuilder.row} with typed-array ids (what the workers send on). */
+  typedRow(row: Record<string, unknown>, where: string): RowResult<TypedDoc> {
     switch (this.#opts.kind) {
       case "sft":
-        return this.#finish([this.sft(messagesOf(row.messages, "messages", where), where)]);
+        return this.#finish([this.#sft(messagesOf(row.messages, "messages", where), where)]);
       case "text": {
         if (typeof row.text !== "string") throw fail(where, `field "text" is not a string`);
-        return this.#finish([this.text(row.text)]);
+        return this.#finish([this.#text(row.text)]);
       }
       case "preference": {
         const prompt = messagesOf(row.prompt, "prompt", where, "user");
@@ -104,6 +124,10 @@ export class DocumentBuilder {
 
   /** A chat document with `train_on` masks. */
   sft(messages: Message[], where: string): Doc {
+    return plain(this.#sft(messages, where));
+  }
+
+  #sft(messages: Message[], where: string): TypedDoc {
     const assistants: number[] = [];
     messages.forEach((m, i) => {
       if (m.role === "assistant") assistants.push(i);
@@ -118,15 +142,25 @@ export class DocumentBuilder {
 
   /** A plain-text document: BOS/EOS as the tokenizer adds them, then EOS if not already last. */
   text(text: string): Doc {
+    return plain(this.#text(text));
+  }
+
+  #text(text: string): TypedDoc {
     const l = this.#loaded;
-    const ids = [...l.textPrefix, ...this.#encoder.encode(text).ids, ...l.textSuffix];
-    if (l.eosId !== null && ids[ids.length - 1] !== l.eosId) ids.push(l.eosId);
+    const body = this.#encoder.encodeView(text, [], this.#cutTokens, this.#cutInside);
+    const n = l.textPrefix.length + body.length + l.textSuffix.length;
+    let ids = new Int32Array(n + 1);
+    ids.set(l.textPrefix);
+    ids.set(body, l.textPrefix.length);
+    ids.set(l.textSuffix, l.textPrefix.length + body.length);
+    if (l.eosId !== null && (n === 0 || ids[n - 1] !== l.eosId)) ids[n] = l.eosId;
+    else ids = ids.subarray(0, n);
     const mask = new Uint8Array(ids.length).fill(1);
     mask[0] = 0;
     return { ids, mask };
   }
 
-  #completion(prompt: Message[], completion: Message[], where: string): Doc {
+  #completion(prompt: Message[], completion: Message[], where: string): TypedDoc {
     const messages = [...prompt, ...completion];
     const which: number[] = [];
     for (let i = prompt.length; i < messages.length; i++) if (messages[i].role === "assistant") which.push(i);
@@ -135,7 +169,7 @@ export class DocumentBuilder {
     return doc;
   }
 
-  #chatDoc(messages: Message[], which: number[], where: string): Doc {
+  #chatDoc(messages: Message[], which: number[], where: string): TypedDoc {
     let text: string;
     let spans: Span[];
     try {
@@ -149,9 +183,11 @@ export class DocumentBuilder {
       );
     }
     const cuts = spans.flat();
-    let encoded;
+    const cutTokens = this.#cutTokens, cutInside = this.#cutInside;
+    let ids: Int32Array;
     try {
-      encoded = this.#encoder.encode(text, cuts);
+      // A copy: the encoder's view is overwritten by its next call.
+      ids = this.#encoder.encodeView(text, cuts, cutTokens, cutInside).slice();
     } catch (error) {
       if (error instanceof BoundaryError) {
         throw fail(where, `cannot compute the loss mask: ${error.message}`, "set tokenize.chat_template");
@@ -161,16 +197,16 @@ export class DocumentBuilder {
     // A token is a target when any of its characters lies in a span, as in transformers'
     // assistant_masks: a token merged across a turn's start (e.g. "\n\n" of the header's "\n"
     // and the answer's leading "\n") is a target, so no character of the answer is left untrained.
-    const mask = new Uint8Array(encoded.ids.length);
+    const mask = new Uint8Array(ids.length);
     for (let j = 0; j < spans.length; j++) {
-      const from = encoded.cutTokens[2 * j] - (encoded.cutInside[2 * j] ? 1 : 0);
-      mask.fill(1, from, encoded.cutTokens[2 * j + 1]);
+      const from = cutTokens[2 * j] - (cutInside[2 * j] ? 1 : 0);
+      mask.fill(1, from, cutTokens[2 * j + 1]);
     }
-    return { ids: encoded.ids, mask };
+    return { ids, mask };
   }
 
   /** Applies max_seq_len and drops documents without a trained token. */
-  #finish(docs: Doc[]): RowResult {
+  #finish(docs: TypedDoc[]): RowResult<TypedDoc> {
     const max = this.#opts.maxSeqLen;
     const tokenized = docs.reduce((n, d) => n + d.ids.length, 0);
     const overlong = docs.some((d) => d.ids.length > max);

@@ -6,9 +6,10 @@
  * - {@link ByteLevelEncoder}, the fast path for byte-level BPE tokenizers (GPT-2 style:
  *   Llama 3, Qwen2/2.5/3, Mistral Nemo, lathe's demo tokenizer). It reproduces
  *   `@huggingface/tokenizers`' `encode_text` step by step (split on added tokens, normalize,
- *   pre-tokenize into words) and memoizes word -> ids: byte-level BPE of a pre-tokenized word
- *   does not depend on its neighbours, so the cache is exact. Cache misses call the library's
- *   own BPE model. Tests compare its ids with the library's on several corpora.
+ *   pre-tokenize into words) and memoizes word -> ids (word_cache.ts): byte-level BPE of a
+ *   pre-tokenized word does not depend on its neighbours, so the memo is exact. Cache misses
+ *   run BPE on ids over typed tables built from the library's own vocabulary and merges
+ *   (bpe.ts). Tests compare its ids with the library's on several corpora.
  * - {@link LibraryEncoder} for every other tokenizer (SentencePiece-style BPE such as Gemma):
  *   the library encodes the text, and each cut is located by encoding the prefix before it and
  *   checking that its ids are a prefix of the whole text's ids.
@@ -19,7 +20,22 @@
  */
 import type { Tokenizer } from "@huggingface/tokenizers";
 import { LatheError } from "../errors.ts";
+import {
+  bpeMerge,
+  buildByteLevelModel,
+  type ByteLevelModel,
+  byteStringId,
+  hashUnits,
+  MergeScratch,
+  utf8Into,
+  utf8Length,
+} from "./bpe.ts";
+import { type Scanner, scannerFor } from "./pretokenize.ts";
 import type { LoadedTokenizer } from "./tokenizer.ts";
+import { WORD_CACHE_MAX_UNITS, WordCache } from "./word_cache.ts";
+
+export { byteLevel, bytesToUnicode } from "./bpe.ts";
+export type { ByteLevelModel } from "./bpe.ts";
 
 /** Token ids of a text and, per cut, the number of tokens that start before the cut. */
 export interface Encoded {
@@ -39,6 +55,11 @@ export interface Encoder {
   readonly fast: boolean;
   /** Encodes `text`; `cuts` are ascending character (UTF-16) positions in `text`. */
   encode(text: string, cuts?: readonly number[]): Encoded;
+  /**
+   * {@link Encoder.encode} without building an id array: fills `cutTokens` / `cutInside` (one
+   * slot per cut) and returns the ids as a view that stays valid until the next call.
+   */
+  encodeView(text: string, cuts: readonly number[], cutTokens: number[], cutInside: boolean[]): Int32Array;
 }
 
 /** Thrown when a cut cannot be mapped to a token boundary; callers add the row's location. */
@@ -49,106 +70,19 @@ export class BoundaryError extends Error {
   }
 }
 
-/** The GPT-2 byte -> printable character table of byte-level BPE, indexed by byte. */
-export function bytesToUnicode(): string[] {
-  const bs: number[] = [];
-  for (let b = 33; b <= 126; b++) bs.push(b);
-  for (let b = 161; b <= 172; b++) bs.push(b);
-  for (let b = 174; b <= 255; b++) bs.push(b);
-  const table = new Array<string>(256);
-  for (const b of bs) table[b] = String.fromCharCode(b);
-  let n = 0;
-  for (let b = 0; b < 256; b++) {
-    if (table[b] === undefined) table[b] = String.fromCharCode(256 + n++);
-  }
-  return table;
-}
-const BYTE_CHARS = bytesToUnicode();
-
-/** Byte-level form of a string: each UTF-8 byte as its printable character. */
-export function byteLevel(text: string): string {
-  let out = "";
-  for (let i = 0; i < text.length; i++) {
-    let c = text.charCodeAt(i);
-    if (c < 0x80) out += BYTE_CHARS[c];
-    else if (c < 0x800) out += BYTE_CHARS[0xc0 | (c >> 6)] + BYTE_CHARS[0x80 | (c & 63)];
-    else if (c >= 0xd800 && c <= 0xdbff && i + 1 < text.length) {
-      const d = text.charCodeAt(i + 1);
-      if (d >= 0xdc00 && d <= 0xdfff) {
-        c = 0x10000 + ((c - 0xd800) << 10) + (d - 0xdc00);
-        i++;
-        out += BYTE_CHARS[0xf0 | (c >> 18)] + BYTE_CHARS[0x80 | ((c >> 12) & 63)] +
-          BYTE_CHARS[0x80 | ((c >> 6) & 63)] + BYTE_CHARS[0x80 | (c & 63)];
-        continue;
-      }
-      out += BYTE_CHARS[0xef] + BYTE_CHARS[0xbf] + BYTE_CHARS[0xbd];
-    } else if (c >= 0xd800 && c <= 0xdfff) {
-      out += BYTE_CHARS[0xef] + BYTE_CHARS[0xbf] + BYTE_CHARS[0xbd]; // lone surrogate -> U+FFFD
-    } else {
-      out += BYTE_CHARS[0xe0 | (c >> 12)] + BYTE_CHARS[0x80 | ((c >> 6) & 63)] + BYTE_CHARS[0x80 | (c & 63)];
-    }
-  }
-  return out;
-}
-
-/** UTF-8 length of text[from, to). */
-function utf8Length(text: string, from: number, to: number): number {
-  let n = 0;
-  for (let i = from; i < to; i++) {
-    const c = text.charCodeAt(i);
-    if (c < 0x80) n += 1;
-    else if (c < 0x800) n += 2;
-    else if (c >= 0xd800 && c <= 0xdbff && i + 1 < to) {
-      const d = text.charCodeAt(i + 1);
-      if (d >= 0xdc00 && d <= 0xdfff) {
-        n += 4;
-        i++;
-      } else n += 3;
-    } else n += 3;
-  }
-  return n;
-}
-
-function escapeRegExp(s: string): string {
-  return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-}
-
 // deno-lint-ignore no-explicit-any
 type Any = any;
 
-/** Library internals the fast path reuses (the same regex objects and BPE model). */
-interface LibraryParts {
-  preTokenizer: Any;
-  model: Any;
-  tokensToIds: Map<string, number>;
-  vocab: string[];
-  unkId: number | undefined;
-}
-
-function libraryParts(tok: Tokenizer): LibraryParts {
-  const t = tok as Any;
-  return {
-    preTokenizer: t.pre_tokenizer,
-    model: t.model,
-    tokensToIds: t.model.tokens_to_ids,
-    vocab: t.model.vocab,
-    unkId: t.model.unk_token_id,
-  };
-}
-
 /** How the fast path splits a section into words. */
 interface WordSplit {
-  /** The library's compiled pattern (cloned so its `lastIndex` is ours). */
+  /** The library's compiled pattern. */
   pattern: RegExp;
   /** "split": matches and the gaps between them are words (Split, Isolated); "match": only matches. */
   mode: "split" | "match";
 }
 
-/**
- * Why the byte-level fast path cannot reproduce this tokenizer exactly, or null when it can.
- * Exposed for tests and the benchmark.
- */
-export function fastPathUnsupported(loaded: LoadedTokenizer): string | null {
+/** Why the tokenizer's configuration rules the fast path out, or null. */
+function configUnsupported(loaded: LoadedTokenizer): string | null {
   const tj = loaded.files.tokenizerJson as Any;
   const cfg = loaded.files.config as Any;
   const m = tj.model ?? {};
@@ -171,7 +105,7 @@ function wordSplitOf(tok: Tokenizer, pre: Any): WordSplit | null {
   if (!pre || !lib) return null;
   if (pre.type === "ByteLevel") {
     if (pre.add_prefix_space || pre.use_regex === false) return null;
-    return { pattern: new RegExp(lib.pattern.source, lib.pattern.flags), mode: "match" };
+    return { pattern: lib.pattern, mode: "match" };
   }
   if (pre.type === "Sequence" && Array.isArray(pre.pretokenizers) && pre.pretokenizers.length === 2) {
     const [split, bl] = pre.pretokenizers;
@@ -182,269 +116,422 @@ function wordSplitOf(tok: Tokenizer, pre: Any): WordSplit | null {
     ) {
       const p = lib.tokenizers[0].pattern as RegExp | null;
       if (!p) return null;
-      return { pattern: new RegExp(p.source, p.flags), mode: "split" };
+      return { pattern: p, mode: "split" };
     }
   }
   return null;
 }
 
-const UTF8 = new TextEncoder();
+/** Models already built, by tokenizer (building one takes a few hundred ms). */
+const models = new WeakMap<LoadedTokenizer, ByteLevelModel | string>();
 
-/** Words up to this length are merged by the quadratic loop; longer ones by the library's heap. */
-const MERGE_LOOP_MAX = 64;
+/**
+ * The fast path's tables for a tokenizer (see bpe.ts), or why it does not apply. The tables
+ * are shared memory: a worker that receives the model in a message reads the same tables.
+ */
+export function byteLevelModelOf(loaded: LoadedTokenizer): ByteLevelModel | string {
+  let model = models.get(loaded);
+  if (model === undefined) {
+    model = buildModel(loaded);
+    models.set(loaded, model);
+  }
+  return model;
+}
 
-/** Most words kept in the memo before it is cleared (output never depends on it). */
-const CACHE_LIMIT = 1 << 20;
+function buildModel(loaded: LoadedTokenizer): ByteLevelModel | string {
+  const why = configUnsupported(loaded);
+  if (why) return why;
+  const tj = loaded.files.tokenizerJson as Any;
+  const lib = (loaded.tokenizer as Any).model;
+  const tables = buildByteLevelModel(
+    tj.model.merges,
+    lib.tokens_to_ids,
+    lib.vocab,
+    tj.model.ignore_merges ?? false,
+  );
+  if (typeof tables === "string") return tables;
+  const split = wordSplitOf(loaded.tokenizer, tj.pre_tokenizer)!;
+  return {
+    ...tables,
+    pattern: { source: split.pattern.source, flags: split.pattern.flags, mode: split.mode },
+    nfc: tj.normalizer?.type === "NFC",
+    added: loaded.addedTokens.map((t) => ({
+      content: t.content,
+      id: t.id,
+      lstrip: t.lstrip,
+      rstrip: t.rstrip,
+    })),
+  };
+}
+
+/**
+ * Why the byte-level fast path cannot reproduce this tokenizer exactly, or null when it can.
+ * Exposed for tests and the benchmark.
+ */
+export function fastPathUnsupported(loaded: LoadedTokenizer): string | null {
+  const model = byteLevelModelOf(loaded);
+  return typeof model === "string" ? model : null;
+}
+
+/** An added token as the splitter sees it. */
+interface AddedToken {
+  content: string;
+  id: number;
+  lstrip: boolean;
+  rstrip: boolean;
+}
+
+/** A node of {@link AddedSplitter}'s trie: children by UTF-16 unit, and the token ending here. */
+interface TrieNode {
+  children: Map<number, TrieNode>;
+  token: AddedToken | null;
+}
+
+/**
+ * Finds added tokens in text as the library's trie does: at the leftmost position where one
+ * starts, the longest one starting there (the same content twice: the last one).
+ */
+class AddedSplitter {
+  #root: TrieNode = { children: new Map(), token: null };
+  /** Whether a token starts with this UTF-16 unit. */
+  #isFirst = new Uint8Array(65536);
+  /** The only first unit, when there is one (then `indexOf` finds candidates). */
+  #single: string | null = null;
+
+  constructor(tokens: AddedToken[]) {
+    for (const t of tokens) {
+      if (t.content.length === 0) continue;
+      let node = this.#root;
+      for (let i = 0; i < t.content.length; i++) {
+        const c = t.content.charCodeAt(i);
+        let child = node.children.get(c);
+        if (child === undefined) node.children.set(c, child = { children: new Map(), token: null });
+        node = child;
+      }
+      node.token = t;
+      this.#isFirst[t.content.charCodeAt(0)] = 1;
+    }
+    if (this.#root.children.size === 1) {
+      this.#single = String.fromCharCode([...this.#root.children.keys()][0]);
+    }
+  }
+
+  get empty(): boolean {
+    return this.#root.children.size === 0;
+  }
+
+  /** The next added token at or after `from` and where it starts, or null. */
+  next(text: string, from: number): { token: AddedToken; at: number } | null {
+    let i = from;
+    while (i < text.length) {
+      if (this.#single !== null) {
+        i = text.indexOf(this.#single, i);
+        if (i < 0) return null;
+      } else if (!this.#isFirst[text.charCodeAt(i)]) {
+        i++;
+        continue;
+      }
+      let node: TrieNode | undefined = this.#root;
+      let found: AddedToken | null = null;
+      for (let j = i; j < text.length; j++) {
+        node = node.children.get(text.charCodeAt(j));
+        if (node === undefined) break;
+        if (node.token !== null) found = node.token;
+      }
+      if (found !== null) return { token: found, at: i };
+      i++;
+    }
+    return null;
+  }
+}
+
+/** A piece of the text between added tokens ([start, end)), or an added token. */
+interface Section {
+  start: number;
+  end: number;
+  added: AddedToken | null;
+}
+
+/** Whitespace as JavaScript's `trimStart` / `trimEnd` see it (what the library strips with). */
+function isJsSpace(c: number): boolean {
+  return c === 0x20 || (c >= 0x9 && c <= 0xd) || c === 0xa0 || c === 0x1680 || (c >= 0x2000 && c <= 0x200a) ||
+    c === 0x2028 || c === 0x2029 || c === 0x202f || c === 0x205f || c === 0x3000 || c === 0xfeff;
+}
 
 /** The memoized byte-level BPE fast path; see the module doc. */
 export class ByteLevelEncoder implements Encoder {
   readonly fast = true;
-  #lib: LibraryParts;
-  #split: WordSplit;
-  #nfc: boolean;
-  #ignoreMerges: boolean;
-  #added: RegExp | null;
-  #addedIds: Map<string, { id: number; lstrip: boolean; rstrip: boolean }>;
-  #cache = new Map<string, number[]>();
-  /** Merge rank by "left right" (byte-level tokens never contain a space). */
-  #ranks: Map<string, number>;
-  /**
-   * The same merges on ids, when every merge's parts and result are in the vocabulary:
-   * rank by pair key `left * V + right`, merged id by rank, and the id of each byte.
-   */
-  #idMerges: { v: number; rank: Map<number, number>; merged: Int32Array; byteIds: Int32Array } | null;
+  #model: ByteLevelModel;
+  /** A hand-written equivalent of the pre-tokenizer pattern, when there is one (pretokenize.ts). */
+  #scan: Scanner | null;
+  /** The pre-tokenizer pattern, sticky: `test` at a position without allocating a match. */
+  #sticky: RegExp;
+  /** The same pattern, global: finds the next match when there is none at a position. */
+  #global: RegExp;
+  #splitMode: boolean;
+  #added: AddedSplitter;
+  #cache = new WordCache();
+  #scratch = new MergeScratch();
+  /** A word's bytes, then its token ids. */
+  #parts = new Int32Array(1024);
+  /** Ids of the text being encoded. */
+  #out = new Int32Array(1 << 16);
+  #n = 0;
+  // The cuts of the section being encoded: cuts[ci..cEnd) are still to resolve; cut i lies at
+  // cuts[i] - shift in the section's body, and its results go to cutTokens / cutInside[i + base].
+  #cuts: readonly number[] = [];
+  #shift = 0;
+  #base = 0;
+  #ci = 0;
+  #cEnd = 0;
+  #cutTokens: number[] = [];
+  #cutInside: boolean[] = [];
 
-  constructor(loaded: LoadedTokenizer) {
-    const why = fastPathUnsupported(loaded);
-    if (why) throw new Error(`byte-level fast path does not apply: ${why}`);
-    const tj = loaded.files.tokenizerJson as Any;
-    this.#lib = libraryParts(loaded.tokenizer);
-    this.#split = wordSplitOf(loaded.tokenizer, tj.pre_tokenizer)!;
-    this.#nfc = tj.normalizer?.type === "NFC";
-    this.#ignoreMerges = tj.model.ignore_merges ?? false;
-    this.#ranks = new Map();
-    const merges = (tj.model.merges as (string | [string, string])[]).map((m) =>
-      typeof m === "string" ? m.split(" ", 2) as [string, string] : m
-    );
-    merges.forEach(([a, b], rank) => this.#ranks.set(`${a} ${b}`, rank)); // a repeat keeps its last rank
-    this.#idMerges = this.#buildIdMerges(merges, loaded.vocabSize);
-    this.#addedIds = new Map();
-    for (const t of loaded.addedTokens) {
-      this.#addedIds.set(t.content, { id: t.id, lstrip: t.lstrip, rstrip: t.rstrip });
-    }
-    // The library splits on added tokens with a trie: the longest token starting at the
-    // leftmost position. An alternation sorted longest-first matches the same.
-    const contents = [...this.#addedIds.keys()].filter((c) => c.length > 0).sort((a, b) =>
-      b.length - a.length || (a < b ? -1 : a > b ? 1 : 0)
-    );
-    this.#added = contents.length > 0 ? new RegExp(contents.map(escapeRegExp).join("|"), "g") : null;
+  /** From a loaded tokenizer, or from a model built by {@link byteLevelModelOf} (in another thread). */
+  constructor(source: LoadedTokenizer | ByteLevelModel) {
+    let model: ByteLevelModel | string;
+    if ("tokenizer" in source) model = byteLevelModelOf(source);
+    else model = source;
+    if (typeof model === "string") throw new Error(`byte-level fast path does not apply: ${model}`);
+    this.#model = model;
+    const { source: src, flags, mode } = model.pattern;
+    this.#scan = scannerFor(src, flags);
+    this.#sticky = new RegExp(src, flags.replace("g", "") + "y");
+    this.#global = new RegExp(src, flags.includes("g") ? flags : flags + "g");
+    this.#splitMode = mode === "split";
+    this.#added = new AddedSplitter(model.added);
   }
 
   encode(text: string, cuts: readonly number[] = []): Encoded {
-    const ids: number[] = [];
     const cutTokens = new Array<number>(cuts.length);
     const cutInside = new Array<boolean>(cuts.length).fill(false);
-    let ci = 0;
-    // Sections: [start, text] pieces between added tokens, then the added tokens themselves.
-    type Section = { start: number; text: string; added: number | null };
-    const sections: Section[] = [];
-    if (this.#added) {
-      const re = this.#added;
-      re.lastIndex = 0;
-      let prev = 0;
-      for (let m = re.exec(text); m !== null; m = re.exec(text)) {
-        if (m.index > prev) sections.push({ start: prev, text: text.slice(prev, m.index), added: null });
-        sections.push({ start: m.index, text: m[0], added: this.#addedIds.get(m[0])!.id });
-        prev = m.index + m[0].length;
-      }
-      if (prev < text.length) sections.push({ start: prev, text: text.slice(prev), added: null });
-      // lstrip / rstrip of added tokens trim the neighbouring sections (as the library does).
-      for (let i = 0; i < sections.length; i++) {
-        const s = sections[i];
-        if (s.added === null) continue;
-        const spec = this.#addedIds.get(s.text)!;
-        if (spec.lstrip && i > 0 && sections[i - 1].added === null) {
-          sections[i - 1].text = sections[i - 1].text.trimEnd();
-        }
-        if (spec.rstrip && i < sections.length - 1 && sections[i + 1].added === null) {
-          const next = sections[i + 1];
-          const trimmed = next.text.trimStart();
-          next.start += next.text.length - trimmed.length;
-          next.text = trimmed;
-        }
-      }
-    } else if (text.length > 0) sections.push({ start: 0, text, added: null });
-
-    for (const s of sections) {
-      const end = s.start + s.text.length;
-      while (ci < cuts.length && cuts[ci] <= s.start) cutTokens[ci++] = ids.length;
-      if (s.added !== null) {
-        while (ci < cuts.length && cuts[ci] < end) {
-          cutInside[ci] = true;
-          cutTokens[ci++] = ids.length + 1;
-        }
-        ids.push(s.added);
-        continue;
-      }
-      if (s.text.length === 0) continue;
-      let local: number[] = [];
-      const first = ci;
-      while (ci < cuts.length && cuts[ci] < end) local.push(cuts[ci++] - s.start);
-      let body = s.text;
-      if (this.#nfc) {
-        const normalized = body.normalize("NFC");
-        if (normalized !== body && local.length > 0) local = normalizedCuts(body, normalized, local);
-        body = normalized;
-      }
-      const { counts, inside } = this.#encodeSection(body, ids, local);
-      for (let j = 0; j < counts.length; j++) {
-        cutTokens[first + j] = counts[j];
-        cutInside[first + j] = inside[j];
-      }
-    }
-    while (ci < cuts.length) cutTokens[ci++] = ids.length;
+    const view = this.encodeView(text, cuts, cutTokens, cutInside);
+    const ids = new Array<number>(view.length);
+    for (let i = 0; i < view.length; i++) ids[i] = view[i];
     return { ids, cutTokens, cutInside };
   }
 
-  /**
-   * Pre-tokenizes and encodes one normalized section, appending to `ids`; returns per cut the
-   * token count and whether the cut falls inside a token (see {@link Encoded}).
-   */
-  #encodeSection(body: string, ids: number[], cuts: number[]): { counts: number[]; inside: boolean[] } {
-    const counts: number[] = [];
-    const inside = new Array<boolean>(cuts.length).fill(false);
+  encodeView(text: string, cuts: readonly number[], cutTokens: number[], cutInside: boolean[]): Int32Array {
+    this.#n = 0;
+    for (let j = 0; j < cuts.length; j++) cutInside[j] = false;
     let ci = 0;
-    const emit = (from: number, to: number): void => {
-      const word = body.slice(from, to);
-      while (ci < cuts.length && cuts[ci] <= from) counts[ci++] = ids.length;
-      const wordIds = this.#word(word);
-      if (ci < cuts.length && cuts[ci] < to) {
-        // A cut inside a word: locate it by UTF-8 bytes (byte-level token length = bytes).
-        const starts: number[] = [];
-        let b = 0;
-        for (const id of wordIds) {
-          starts.push(b);
-          b += this.#lib.vocab[id]?.length ?? 0;
+    for (const s of this.#sections(text)) {
+      while (ci < cuts.length && cuts[ci] <= s.start) cutTokens[ci++] = this.#n;
+      if (s.added !== null) {
+        while (ci < cuts.length && cuts[ci] < s.end) {
+          cutInside[ci] = true;
+          cutTokens[ci++] = this.#n + 1;
         }
-        while (ci < cuts.length && cuts[ci] < to) {
-          const cutByte = utf8Length(body, from, cuts[ci]);
-          let n = 0;
-          while (n < starts.length && starts[n] < cutByte) n++;
-          // Token n - 1 starts before the cut; it ends where token n starts (or the word ends).
-          inside[ci] = (n < starts.length ? starts[n] : b) > cutByte;
-          counts[ci++] = ids.length + n;
+        this.#push(s.added.id);
+        continue;
+      }
+      if (s.end === s.start) continue;
+      const first = ci;
+      while (ci < cuts.length && cuts[ci] < s.end) ci++;
+      // The pattern sees the section alone (its lookarounds end at the section's ends).
+      const raw = text.slice(s.start, s.end);
+      let body = raw;
+      this.#cuts = cuts;
+      this.#shift = s.start;
+      this.#base = 0;
+      this.#ci = first;
+      this.#cEnd = ci;
+      if (this.#model.nfc) {
+        body = raw.normalize("NFC");
+        if (body !== raw && ci > first) {
+          this.#cuts = normalizedCuts(raw, body, cuts.slice(first, ci).map((c) => c - s.start));
+          this.#shift = 0;
+          this.#base = first;
+          this.#ci = 0;
+          this.#cEnd = ci - first;
         }
       }
-      for (let k = 0; k < wordIds.length; k++) ids.push(wordIds[k]);
-    };
-    const re = this.#split.pattern;
-    re.lastIndex = 0;
+      this.#cutTokens = cutTokens;
+      this.#cutInside = cutInside;
+      this.#encodeSection(body);
+    }
+    while (ci < cuts.length) cutTokens[ci++] = this.#n;
+    this.#cutTokens = [];
+    this.#cutInside = [];
+    return this.#out.subarray(0, this.#n);
+  }
+
+  /** Splits text on added tokens; lstrip / rstrip trim the neighbouring text as the library does. */
+  #sections(text: string): Section[] {
+    const sections: Section[] = [];
+    if (this.#added.empty) {
+      if (text.length > 0) sections.push({ start: 0, end: text.length, added: null });
+      return sections;
+    }
     let prev = 0;
-    if (this.#split.mode === "split") {
-      for (const m of body.matchAll(re)) {
-        if (m.index > prev) emit(prev, m.index);
-        if (m[0].length > 0) emit(m.index, m.index + m[0].length);
-        prev = m.index + m[0].length;
+    for (let m = this.#added.next(text, 0); m !== null; m = this.#added.next(text, prev)) {
+      if (m.at > prev) sections.push({ start: prev, end: m.at, added: null });
+      sections.push({ start: m.at, end: m.at + m.token.content.length, added: m.token });
+      prev = m.at + m.token.content.length;
+    }
+    if (prev < text.length) sections.push({ start: prev, end: text.length, added: null });
+    for (let i = 0; i < sections.length; i++) {
+      const t = sections[i].added;
+      if (t === null) continue;
+      if (t.lstrip && i > 0 && sections[i - 1].added === null) {
+        const p = sections[i - 1];
+        while (p.end > p.start && isJsSpace(text.charCodeAt(p.end - 1))) p.end--;
       }
-      if (prev < body.length) emit(prev, body.length);
+      if (t.rstrip && i < sections.length - 1 && sections[i + 1].added === null) {
+        const n = sections[i + 1];
+        while (n.start < n.end && isJsSpace(text.charCodeAt(n.start))) n.start++;
+      }
+    }
+    return sections;
+  }
+
+  #push(id: number): void {
+    if (this.#n === this.#out.length) this.#grow(this.#n + 1);
+    this.#out[this.#n++] = id;
+  }
+
+  #grow(need: number): void {
+    let n = this.#out.length;
+    while (n < need) n *= 2;
+    const out = new Int32Array(n);
+    out.set(this.#out.subarray(0, this.#n));
+    this.#out = out;
+  }
+
+  /** Pre-tokenizes a section and appends the ids of its words. */
+  #encodeSection(body: string): void {
+    const to = body.length;
+    let pos = 0;
+    const scan = this.#scan;
+    if (scan !== null) {
+      // The scanned patterns match a non-empty word at every position.
+      while (pos < to) {
+        const end = scan(body, pos);
+        this.#word(body, pos, end);
+        pos = end;
+      }
     } else {
-      for (const m of body.matchAll(re)) if (m[0].length > 0) emit(m.index, m.index + m[0].length);
-    }
-    while (ci < cuts.length) counts[ci++] = ids.length;
-    return { counts, inside };
-  }
-
-  /** ids of one pre-tokenized word (memoized). */
-  #word(word: string): number[] {
-    const hit = this.#cache.get(word);
-    if (hit !== undefined) return hit;
-    const lib = this.#lib;
-    const bl = byteLevel(word);
-    let out: number[];
-    const whole = this.#ignoreMerges ? lib.tokensToIds.get(bl) : undefined;
-    if (whole !== undefined) out = [whole];
-    else {
-      if (this.#idMerges && bl.length <= MERGE_LOOP_MAX) out = this.#mergeIds(word);
-      else {
-        const tokens: string[] = bl.length <= MERGE_LOOP_MAX ? this.#merge(bl) : lib.model.encode([bl]);
-        out = [];
-        for (const t of tokens) {
-          const id = lib.tokensToIds.get(t) ?? lib.unkId;
-          if (id !== undefined) out.push(id);
+      // Byte-level patterns usually match at every position too, so the sticky test is the
+      // whole loop; the global search covers gaps and empty matches as String.matchAll does.
+      const sticky = this.#sticky;
+      while (pos < to) {
+        sticky.lastIndex = pos;
+        if (sticky.test(body)) {
+          const end = sticky.lastIndex;
+          if (end > pos) {
+            this.#word(body, pos, end);
+            pos = end;
+            continue;
+          }
         }
+        pos = this.#search(body, pos);
       }
     }
-    if (this.#cache.size >= CACHE_LIMIT) this.#cache.clear();
-    this.#cache.set(word, out);
-    return out;
+    while (this.#ci < this.#cEnd) this.#cutTokens[this.#index(this.#ci++)] = this.#n;
   }
 
-  #buildIdMerges(
-    merges: [string, string][],
-    vocabSize: number,
-  ): { v: number; rank: Map<number, number>; merged: Int32Array; byteIds: Int32Array } | null {
-    const ids = this.#lib.tokensToIds;
-    const byteIds = new Int32Array(256);
-    for (let b = 0; b < 256; b++) {
-      const id = ids.get(BYTE_CHARS[b]);
-      if (id === undefined) return null;
-      byteIds[b] = id;
-    }
-    const rank = new Map<number, number>();
-    const merged = new Int32Array(merges.length);
-    for (let r = 0; r < merges.length; r++) {
-      const [a, b] = merges[r];
-      const ia = ids.get(a), ib = ids.get(b), iab = ids.get(a + b);
-      if (ia === undefined || ib === undefined || iab === undefined) return null;
-      rank.set(ia * vocabSize + ib, r);
-      merged[r] = iab;
-    }
-    return { v: vocabSize, rank, merged, byteIds };
+  /** Index in the caller's cut arrays of #cuts[i]. */
+  #index(i: number): number {
+    return i + this.#base;
   }
 
-  /** {@link ByteLevelEncoder.#merge} on ids: the word's UTF-8 bytes, merged by rank. */
-  #mergeIds(word: string): number[] {
-    const m = this.#idMerges!;
-    const bytes = UTF8.encode(word);
-    const parts: number[] = new Array(bytes.length);
-    for (let i = 0; i < bytes.length; i++) parts[i] = m.byteIds[bytes[i]];
-    while (parts.length > 1) {
-      let best = -1;
-      let bestRank = Infinity;
-      for (let i = 0; i + 1 < parts.length; i++) {
-        const r = m.rank.get(parts[i] * m.v + parts[i + 1]);
-        if (r !== undefined && r < bestRank) {
-          bestRank = r;
-          best = i;
-        }
-      }
-      if (best < 0) break;
-      parts.splice(best, 2, m.merged[bestRank]);
-    }
-    return parts;
+  /** Position in the section's body of #cuts[i]. */
+  #cutAt(i: number): number {
+    return this.#cuts[i] - this.#shift;
   }
 
   /**
-   * Byte-level BPE of one word, as the library's heap does it: repeatedly merge the adjacent pair
-   * of lowest rank, the leftmost among equal ranks, one occurrence at a time.
+   * From `pos`, where the sticky test found no word: the matches of the global pattern up to and
+   * including the next non-empty one, with the gaps before them (words in "split" mode, as the
+   * library's `regex_split`; dropped in "match" mode). Returns where to continue.
    */
-  #merge(word: string): string[] {
-    const parts = Array.from(word);
-    const ranks = this.#ranks;
-    while (parts.length > 1) {
-      let best = -1;
-      let bestRank = Infinity;
-      for (let i = 0; i + 1 < parts.length; i++) {
-        const r = ranks.get(parts[i] + " " + parts[i + 1]);
-        if (r !== undefined && r < bestRank) {
-          bestRank = r;
-          best = i;
-        }
+  #search(body: string, pos: number): number {
+    const re = this.#global;
+    re.lastIndex = pos;
+    let prev = pos;
+    while (true) {
+      const m = re.exec(body);
+      if (m === null) break;
+      if (m.index > prev && this.#splitMode) this.#word(body, prev, m.index);
+      const end = m.index + m[0].length;
+      prev = end;
+      if (end > m.index) {
+        this.#word(body, m.index, end);
+        return end;
       }
-      if (best < 0) break;
-      parts.splice(best, 2, parts[best] + parts[best + 1]);
+      // An empty match: step over one code point, as String.matchAll does.
+      const c = body.charCodeAt(end);
+      re.lastIndex = end + (re.unicode && c >= 0xd800 && c <= 0xdbff && end + 1 < body.length ? 2 : 1);
     }
-    return parts;
+    if (body.length > prev && this.#splitMode) this.#word(body, prev, body.length);
+    return body.length;
+  }
+
+  /** Appends the ids of the word body[from, to), resolving the cuts before and inside it. */
+  #word(body: string, from: number, to: number): void {
+    const cache = this.#cache;
+    let src: Int32Array, start: number, count: number;
+    if (to - from <= WORD_CACHE_MAX_UNITS) {
+      const h = hashUnits(body, from, to);
+      let e = cache.find(body, from, to, h);
+      if (e < 0) {
+        const n = this.#bpe(body, from, to); // may replace #parts, so first
+        e = cache.add(body, from, to, h, this.#parts, n);
+      }
+      src = cache.ids;
+      start = cache.entries[4 * e + 2];
+      count = cache.entries[4 * e + 3];
+    } else {
+      count = this.#bpe(body, from, to);
+      src = this.#parts;
+      start = 0;
+    }
+    if (this.#ci < this.#cEnd && this.#cutAt(this.#ci) < to) {
+      this.#wordCuts(body, from, to, src, start, count);
+    }
+    if (this.#n + count > this.#out.length) this.#grow(this.#n + count);
+    const out = this.#out;
+    let n = this.#n;
+    for (let k = 0; k < count; k++) out[n++] = src[start + k];
+    this.#n = n;
+  }
+
+  /** Token counts of the cuts up to the end of a word (cuts inside it located by UTF-8 bytes). */
+  #wordCuts(body: string, from: number, to: number, ids: Int32Array, start: number, count: number): void {
+    const tokens = this.#cutTokens, inside = this.#cutInside;
+    while (this.#ci < this.#cEnd && this.#cutAt(this.#ci) <= from) tokens[this.#index(this.#ci++)] = this.#n;
+    const tokenBytes = this.#model.tokenBytes;
+    const total = utf8Length(body, from, to);
+    while (this.#ci < this.#cEnd && this.#cutAt(this.#ci) < to) {
+      const cutByte = utf8Length(body, from, this.#cutAt(this.#ci));
+      // n = tokens starting before the cut; token n - 1 ends where token n starts (or the word ends).
+      let n = 0, b = 0;
+      while (n < count && b < cutByte) {
+        b += count === 1 ? total : tokenBytes[ids[start + n]];
+        n++;
+      }
+      const j = this.#index(this.#ci++);
+      inside[j] = b > cutByte;
+      tokens[j] = this.#n + n;
+    }
+  }
+
+  /** BPE of the word body[from, to) into #parts; returns the number of ids. */
+  #bpe(body: string, from: number, to: number): number {
+    const model = this.#model;
+    if (this.#parts.length < 3 * (to - from)) this.#parts = new Int32Array(3 * (to - from) + 64);
+    const parts = this.#parts;
+    const n = utf8Into(body, from, to, parts);
+    if (model.words !== null) {
+      const whole = byteStringId(model.words, parts, n);
+      if (whole >= 0) {
+        parts[0] = whole;
+        return 1;
+      }
+    }
+    const byteIds = model.byteIds;
+    for (let i = 0; i < n; i++) parts[i] = byteIds[parts[i]];
+    return bpeMerge(model.merges, parts, n, this.#scratch);
   }
 }
 
@@ -494,6 +581,15 @@ export class LibraryEncoder implements Encoder {
       return prefix.length;
     });
     return { ids, cutTokens, cutInside: cuts.map(() => false) };
+  }
+
+  encodeView(text: string, cuts: readonly number[], cutTokens: number[], cutInside: boolean[]): Int32Array {
+    const e = this.encode(text, cuts);
+    for (let j = 0; j < cuts.length; j++) {
+      cutTokens[j] = e.cutTokens[j];
+      cutInside[j] = false;
+    }
+    return Int32Array.from(e.ids);
   }
 
   #ids(text: string): number[] {

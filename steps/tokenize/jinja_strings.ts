@@ -24,7 +24,17 @@ const PY_SPACE = new Set(
 
 /** Python's `str.strip` / `lstrip` / `rstrip`: `chars` null strips whitespace; else its code points. */
 export function pyStrip(s: string, chars: string | null, left: boolean, right: boolean): string {
+  // Scanning UTF-16 units is exact when no stripped character is astral: a surrogate half then
+  // never matches, so a pair is never split. Templates strip long contents once per message, so
+  // this path (no per-code-point array) is the common one.
   const set = chars === null ? PY_SPACE : new Set(Array.from(chars));
+  if (chars === null || !/[\ud800-\udfff]/.test(chars)) {
+    let start = 0;
+    let end = s.length;
+    if (left) { while (start < end && set.has(s[start])) start++; }
+    if (right) { while (end > start && set.has(s[end - 1])) end--; }
+    return start === 0 && end === s.length ? s : s.slice(start, end);
+  }
   const cps = Array.from(s);
   let start = 0;
   let end = cps.length;

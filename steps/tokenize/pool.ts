@@ -6,10 +6,18 @@
  */
 import { LatheError } from "../errors.ts";
 import type { Chunk, ChunkResult } from "./chunk.ts";
+import { byteLevelModelOf } from "./encoder.ts";
+import { type LoadedTokenizer, loadTokenizer, tokenizerFacts } from "./tokenizer.ts";
 import type { WorkerInit, WorkerReply } from "./worker.ts";
 
 /** Chunks queued per worker, so a worker never waits for the main thread. */
 export const IN_FLIGHT = 2;
+
+/** How to set up the workers. */
+export type PoolInit = Omit<WorkerInit, "type" | "prepared"> & {
+  /** The tokenizer of `tokenizerDir`, when the caller has loaded it already. */
+  loaded?: LoadedTokenizer;
+};
 
 /** Turns a worker's error reply into the error to throw. */
 function toError(reply: Extract<WorkerReply, { type: "error" }>): Error {
@@ -34,15 +42,19 @@ export class WorkerPool {
     this.fast = fast;
   }
 
-  /** Starts `n` workers and waits until each has loaded the tokenizer. */
-  static async start(n: number, init: Omit<WorkerInit, "type">): Promise<WorkerPool> {
+  /**
+   * Starts `n` workers and waits until each is ready. The tokenizer is loaded once, here: for the
+   * byte-level fast path the workers get its tables (shared memory, not copied) and the facts
+   * they need; otherwise each worker loads it.
+   */
+  static async start(n: number, init: PoolInit): Promise<WorkerPool> {
+    const { loaded: given, ...options } = init;
     const url = new URL("./worker.ts", import.meta.url);
-    const workers: Worker[] = [];
+    // The workers load their modules while this thread loads the tokenizer.
+    const workers = Array.from({ length: n }, () => new Worker(url.href, { type: "module" }));
     try {
-      const ready = await Promise.all(Array.from({ length: n }, () => {
-        const w = new Worker(url.href, { type: "module" });
-        workers.push(w);
-        return new Promise<boolean>((resolve, reject) => {
+      const ready = workers.map((w) =>
+        new Promise<boolean>((resolve, reject) => {
           w.onmessage = (e: MessageEvent<WorkerReply>) => {
             if (e.data.type === "ready") resolve(e.data.fast);
             else if (e.data.type === "error") reject(toError(e.data));
@@ -51,10 +63,20 @@ export class WorkerPool {
             e.preventDefault();
             reject(new Error(`tokenize worker failed to start: ${e.message}`));
           };
-          w.postMessage({ type: "init", ...init } satisfies WorkerInit);
-        });
-      }));
-      return new WorkerPool(workers, ready.every((f) => f));
+        })
+      );
+      // A worker that fails before it is sent its init must not leave a rejection unobserved.
+      for (const r of ready) r.catch(() => {});
+      const loaded = given ?? await loadTokenizer(options.tokenizerDir);
+      const model = byteLevelModelOf(loaded);
+      const message: WorkerInit = {
+        type: "init",
+        ...options,
+        prepared: typeof model === "string" ? null : { model, facts: tokenizerFacts(loaded) },
+      };
+      for (const w of workers) w.postMessage(message);
+      const fast = await Promise.all(ready);
+      return new WorkerPool(workers, fast.every((f) => f));
     } catch (error) {
       for (const w of workers) w.terminate();
       throw error;

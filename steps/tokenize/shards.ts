@@ -119,8 +119,16 @@ async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
   while (off < bytes.length) off += await file.write(bytes.subarray(off));
 }
 
+/** Whether this platform stores typed arrays little-endian (then they are the file bytes as they are). */
+const LITTLE_ENDIAN = new Uint8Array(Uint16Array.of(1).buffer)[0] === 1;
+
 /** Little-endian bytes of `values` as uint16 / uint32 (the platform byte order is not assumed). */
 function packLE(values: ArrayLike<number>, width: 2 | 4): Uint8Array {
+  if (LITTLE_ENDIAN) {
+    // Conversion as DataView's setUint16 / setUint32 does it (modulo 2^16 / 2^32).
+    const typed = width === 2 ? new Uint16Array(values) : new Uint32Array(values);
+    return new Uint8Array(typed.buffer, typed.byteOffset, typed.byteLength);
+  }
   const out = new Uint8Array(values.length * width);
   const view = new DataView(out.buffer);
   if (width === 2) { for (let i = 0; i < values.length; i++) view.setUint16(2 * i, values[i], true); }

@@ -57,6 +57,21 @@ export interface LoadedTokenizer {
   textSuffix: number[];
 }
 
+/**
+ * What chat rendering and document building need of a tokenizer: plain data, so the workers get
+ * it in their first message instead of loading the tokenizer again.
+ */
+export type TokenizerFacts = Pick<
+  LoadedTokenizer,
+  "addedTokens" | "specialTokens" | "chatTemplate" | "bosId" | "eosId" | "padId" | "textPrefix" | "textSuffix"
+>;
+
+/** The {@link TokenizerFacts} of a loaded tokenizer. */
+export function tokenizerFacts(loaded: LoadedTokenizer): TokenizerFacts {
+  const { addedTokens, specialTokens, chatTemplate, bosId, eosId, padId, textPrefix, textSuffix } = loaded;
+  return { addedTokens, specialTokens, chatTemplate, bosId, eosId, padId, textPrefix, textSuffix };
+}
+
 /** Resolves a `tokenizer` config value (a model directory) against the project root. */
 export function tokenizerDir(path: string, projectRoot: string): string {
   return resolve(projectRoot, path);

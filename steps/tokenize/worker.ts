@@ -1,6 +1,8 @@
 /**
- * The tokenize worker (a Deno Web Worker, started by pool.ts): loads the tokenizer once,
- * then answers each chunk of JSONL lines with its documents (chunk.ts).
+ * The tokenize worker (a Deno Web Worker, started by pool.ts): sets up its encoder once, from
+ * the tables the main thread prepared (the byte-level fast path: nothing to load or parse) or
+ * else by loading the tokenizer itself, then answers each chunk of JSONL lines with its
+ * documents (chunk.ts).
  * @module
  */
 /// <reference no-default-lib="true" />
@@ -9,8 +11,8 @@ import { LatheError } from "../errors.ts";
 import { ChatRenderer } from "./chat.ts";
 import { type Chunk, tokenizeChunk } from "./chunk.ts";
 import { type DocOptions, DocumentBuilder } from "./documents.ts";
-import { makeEncoder } from "./encoder.ts";
-import { loadTokenizer } from "./tokenizer.ts";
+import { ByteLevelEncoder, type ByteLevelModel, makeEncoder } from "./encoder.ts";
+import { loadTokenizer, type TokenizerFacts } from "./tokenizer.ts";
 
 /** First message to a worker. */
 export interface WorkerInit {
@@ -19,6 +21,8 @@ export interface WorkerInit {
   /** chat_template override, or null for the tokenizer's own. */
   chatTemplate: string | null;
   doc: DocOptions;
+  /** The fast path's tables and the tokenizer's facts, or null: the worker loads `tokenizerDir`. */
+  prepared: { model: ByteLevelModel; facts: TokenizerFacts } | null;
 }
 
 /** Messages a worker receives. */
@@ -49,10 +53,17 @@ self.onmessage = async (event: MessageEvent<WorkerRequest>) => {
   const msg = event.data;
   if (msg.type === "init") {
     try {
-      const loaded = await loadTokenizer(msg.tokenizerDir);
-      const encoder = makeEncoder(loaded);
-      builder = new DocumentBuilder(loaded, encoder, new ChatRenderer(loaded, msg.chatTemplate), msg.doc);
-      reply({ type: "ready", fast: encoder.fast });
+      if (msg.prepared) {
+        const { model, facts } = msg.prepared;
+        const chat = new ChatRenderer(facts, msg.chatTemplate);
+        builder = new DocumentBuilder(facts, new ByteLevelEncoder(model), chat, msg.doc);
+        reply({ type: "ready", fast: true });
+      } else {
+        const loaded = await loadTokenizer(msg.tokenizerDir);
+        const encoder = makeEncoder(loaded);
+        builder = new DocumentBuilder(loaded, encoder, new ChatRenderer(loaded, msg.chatTemplate), msg.doc);
+        reply({ type: "ready", fast: encoder.fast });
+      }
     } catch (error) {
       replyError(null, error);
     }

@@ -32,3 +32,13 @@ Deno.test("the trim filter strips Python whitespace and honours chars", () => {
   assert.equal(render("[{{ s | trim('-') }}]", { s: "--hi -" }), "[hi ]");
   assert.equal(render("[{{ s | upper }}]", { s: "hi" }), "[HI]");
 });
+
+Deno.test("pyStrip keeps astral characters and lone surrogates whole at either end", () => {
+  assert.equal(pyStrip(" \u{1F600} a \u{1F600}\n", null, true, true), "\u{1F600} a \u{1F600}");
+  assert.equal(pyStrip("\ud800 x \udc00", " ", true, true), "\ud800 x \udc00");
+  assert.equal(pyStrip("\ud800 x \ud800", "\ud800", true, true), " x ");
+  assert.equal(pyStrip("\u{1F600}\u{1F601}x\u{1F600}", "\u{1F600}", true, true), "\u{1F601}x");
+  const long = "  " + "word ".repeat(10_000) + "\n";
+  assert.equal(pyStrip(long, null, true, false), long.slice(2));
+  assert.equal(pyStrip(long, null, false, true), long.slice(0, -2));
+});

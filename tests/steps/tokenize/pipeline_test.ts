@@ -141,3 +141,53 @@ Deno.test("a bad line fails the split with its file and line", async () => {
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a tokenizer outside the fast path is loaded by each worker and gives the same shards", async () => {
+  const dir = await Deno.makeTempDir();
+  const pools: WorkerPool[] = [];
+  try {
+    // The demo tokenizer with byte_fallback set: the library encodes it (every byte is in its
+    // vocabulary, so the ids do not change), the fast path declines it.
+    const demo = await tokenizer(DEMO_TOKENIZER);
+    const tokDir = join(dir, "tokenizer");
+    await Deno.mkdir(tokDir);
+    const tj = demo.files.tokenizerJson as { model: Record<string, unknown> };
+    await Deno.writeTextFile(
+      join(tokDir, "tokenizer.json"),
+      JSON.stringify({ ...tj, model: { ...tj.model, byte_fallback: true } }),
+    );
+    await Deno.writeTextFile(join(tokDir, "tokenizer_config.json"), JSON.stringify(demo.files.config));
+    const input = join(dir, "train.jsonl");
+    await writeJsonl(input, syntheticChats(60));
+    const opts = await splitOptions();
+    const hashes = [];
+    for (const [tokenizerDir, fast] of [[DEMO_TOKENIZER, true], [tokDir, false]] as const) {
+      const pool = await WorkerPool.start(2, { tokenizerDir, chatTemplate: null, doc: DOC });
+      pools.push(pool);
+      assert.equal(pool.fast, fast);
+      const out = join(dir, fast ? "fast" : "library");
+      assert.equal((await tokenizeSplit(pool, input, out, opts)).inputRows, 60);
+      hashes.push(await hashDir(out));
+    }
+    assert.deepEqual(hashes[1], hashes[0]);
+  } finally {
+    for (const p of pools) p.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the pool reports a tokenizer that cannot be loaded, and a bad chat template", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await assert.rejects(
+      () => WorkerPool.start(2, { tokenizerDir: dir, chatTemplate: null, doc: DOC }),
+      (e: unknown) => e instanceof LatheError && e.message.includes("tokenizer.json"),
+    );
+    await assert.rejects(
+      () => WorkerPool.start(2, { tokenizerDir: DEMO_TOKENIZER, chatTemplate: "{% for %}", doc: DOC }),
+      (e: unknown) => e instanceof LatheError && e.message.startsWith("Cannot parse the chat template"),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
