@@ -29,10 +29,12 @@ import { loadTokenizer, tokenizerDir, tokenizerSources } from "./tokenize/tokeni
 export const TokenizeConfig = z.strictObject({
   /**
    * A model directory holding `tokenizer.json` and `tokenizer_config.json` (and optionally
-   * `chat_template.jinja`), relative to the project root or absolute. Its files are part of
-   * the step's key.
+   * `chat_template.jinja`), relative to the project root or absolute; or a Hub repo id, resolved
+   * through the Hugging Face cache or the Hub. Its files are part of the step's key.
    */
   tokenizer: z.string().min(1),
+  /** Hub revision (branch, tag or commit) when `tokenizer` is a repo id (default "main"). */
+  revision: z.string().min(1).default("main"),
   /** Length of a packed row, and the longest document kept (default 2048). */
   max_seq_len: z.number().int().min(2).default(2048),
   /**
@@ -179,7 +181,8 @@ export const step = defineStep({
   description: "renders chats with the model's template, tokenizes, masks, packs and writes token shards",
   config: TokenizeConfig,
   inputs: { data: "prepare" },
-  sources: (config, projectRoot) => tokenizerSources(tokenizerDir(config.tokenizer, projectRoot)),
+  sources: async (config, projectRoot) =>
+    tokenizerSources(await tokenizerDir(config.tokenizer, projectRoot, config.revision)),
   run,
 });
 

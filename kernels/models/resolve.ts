@@ -110,6 +110,11 @@ export async function hubToken(env: Env = processEnv): Promise<string | undefine
   }
 }
 
+/** True when `ref` can only be a Hub repo id ("org/name" or "name"), not a path. */
+export function isHubRepoId(ref: string): boolean {
+  return !looksLikePath(ref);
+}
+
 function looksLikePath(ref: string): boolean {
   return isAbsolute(ref) || ref.startsWith(".") || ref.startsWith("~") || ref.includes("\\") ||
     !REPO_ID.test(ref);

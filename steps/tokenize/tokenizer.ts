@@ -8,6 +8,7 @@
 import { join, resolve } from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
 import { LatheError } from "../errors.ts";
+import { isHubRepoId, resolveModel } from "../../kernels/models/resolve.ts";
 
 /** File names inside a tokenizer directory. */
 export const TOKENIZER_JSON = "tokenizer.json";
@@ -72,9 +73,17 @@ export function tokenizerFacts(loaded: LoadedTokenizer): TokenizerFacts {
   return { addedTokens, specialTokens, chatTemplate, bosId, eosId, padId, textPrefix, textSuffix };
 }
 
-/** Resolves a `tokenizer` config value (a model directory) against the project root. */
-export function tokenizerDir(path: string, projectRoot: string): string {
-  return resolve(projectRoot, path);
+/**
+ * Resolves a `tokenizer` config value to a directory: a directory relative to the project root (or
+ * absolute) when one exists, else a Hub repo id ("Qwen/Qwen2.5-0.5B-Instruct") through the Hugging Face
+ * cache or the Hub (kernels/models/resolve.ts: HF_HOME, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE), the same
+ * snapshot a training step of that model reads.
+ */
+export async function tokenizerDir(ref: string, projectRoot: string, revision = "main"): Promise<string> {
+  const local = resolve(projectRoot, ref);
+  const stat = await Deno.stat(local).catch(() => null);
+  if (stat?.isDirectory || !isHubRepoId(ref)) return local;
+  return (await resolveModel(ref, { revision })).dir;
 }
 
 /** The files of a tokenizer directory that determine its output, by source name. */

@@ -57,6 +57,7 @@ const shaOf = (outputs: Record<string, { sha256: string }>) =>
 Deno.test("tokenize config fills documented defaults", () => {
   assert.deepEqual(TokenizeConfig.parse({ tokenizer: "t" }), {
     tokenizer: "t",
+    revision: "main",
     max_seq_len: 2048,
     train_on: "completions",
     overlong: "drop",
