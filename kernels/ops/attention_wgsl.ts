@@ -180,6 +180,58 @@ const SKIP_DECLS = `
 var<workgroup> tile_live: atomic<u32>;
 var<workgroup> tile_flag: u32;`;
 
+/** `f(0) … f(n − 1)` joined by newlines: the unrolled per-thread vec4 lines of a kernel. */
+function unroll(n: number, f: (k: number) => string): string {
+  return Array.from({ length: n }, (_, k) => f(k)).join("\n");
+}
+
+/** The inputs every backward kernel reads: q, k, v, dout, (lse, D), and doc ids when given. */
+function backwardInputs(v: BackwardVariant): [string, string, "read" | "read_write"][] {
+  const list: [string, string, "read" | "read_write"][] = [
+    ["Q", vec(v.q), "read"],
+    ["K", vec(v.k), "read"],
+    ["V", vec(v.v), "read"],
+    ["DO", vec(v.dout), "read"],
+    ["STATS", "array<vec2<f32>>", "read"],
+  ];
+  if (v.docs !== null) list.push(["DOC", `array<${v.docs}>`, "read"]);
+  return list;
+}
+
+/** Where a query-tile workgroup stands: first query q0, head h, row base, kv head, this thread's query i. */
+function queryTileIds(BR: number, TPR: number): string {
+  return `  let q0 = wg.x * ${BR}u;
+  let h = wg.y;
+  let base = wg.z * u.S; // first token of row b
+  let kvh = h / (u.H / u.Hkv);
+  let r = li / ${TPR}u;
+  let t = li % ${TPR}u;
+  let i = q0 + r;
+  let row_ok = i < u.S;`;
+}
+
+/**
+ * The key tiles a query tile visits, [k_start, q_last], as the causal and window bounds leave them,
+ * and the document id of this thread's query.
+ */
+function queryTileKeyRange(BR: number, BC: number, docs: boolean): string {
+  return `  ${docs ? "let doc_i = DOC[base + min(i, u.S - 1u)];" : ""}
+  // Keys left by the causal and window bounds: [q0 + 1 − W, last query of the tile].
+  let q_last = min(q0 + ${BR}u, u.S) - 1u;
+  var k_start = 0u;
+  if (u.window != 0u && q0 >= u.window) { k_start = (q0 + 1u - u.window) / ${BC}u * ${BC}u; }`;
+}
+
+/** Start of a key-tile iteration of a query-tile kernel: skip tiles of other documents, else a barrier. */
+function keyTileEntry(BC: number, TPR: number, docs: boolean): string {
+  return docs
+    ? tileSkip(
+      `for (var c = t; c < ${BC}u; c += ${TPR}u)`,
+      `row_ok && k0 + c < u.S && allowed(i, k0 + c) && DOC[base + k0 + c] == doc_i`,
+    )
+    : "workgroupBarrier();";
+}
+
 /** WGSL of the forward kernel (see the module documentation). */
 export function attentionForwardWgsl(v: ForwardVariant): string {
   const { hd } = v;
@@ -206,7 +258,7 @@ var<workgroup> Ms: array<f32, ${BR * TPR}>;        // Ms[r·TPR + t] = max of th
 var<workgroup> Ls: array<f32, ${BR * TPR}>;        // Ls[r·TPR + t] = sum of thread t's p of row r`);
   if (docs) L.push(SKIP_DECLS);
   const acc = (n: number) => `acc${n}`;
-  const range = (f: (n: number) => string) => Array.from({ length: N }, (_, n) => f(n)).join("\n");
+  const range = (f: (n: number) => string) => unroll(N, f);
   const docCond = docs ? ` && DOC[base + j] == doc_i` : "";
   const loadKV = (src: string) => `
     for (var s = li; s < ${BC * HD4}u; s += ${THREADS}u) {
@@ -218,37 +270,19 @@ var<workgroup> Ls: array<f32, ${BR * TPR}>;        // Ls[r·TPR + t] = sum of th
   L.push(`
 @compute @workgroup_size(${THREADS})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-  let q0 = wg.x * ${BR}u;
-  let h = wg.y;
-  let base = wg.z * u.S; // first token of row b
-  let kvh = h / (u.H / u.Hkv);
-  let r = li / ${TPR}u;
-  let t = li % ${TPR}u;
-  let i = q0 + r;
-  let row_ok = i < u.S;
+${queryTileIds(BR, TPR)}
   for (var s = li; s < ${BR * HD4}u; s += ${THREADS}u) {
     let ii = q0 + s / ${HD4}u;
     var x = vec4<f32>(0.0);
     if (ii < u.S) { x = vec4<f32>(Q[((base + ii) * u.H + h) * ${HD4}u + s % ${HD4}u]) * u.scale; }
     Qs[s] = x;
   }
-  ${docs ? "let doc_i = DOC[base + min(i, u.S - 1u)];" : ""}
-  // Keys left by the causal and window bounds: [q0 + 1 − W, last query of the tile].
-  let q_last = min(q0 + ${BR}u, u.S) - 1u;
-  var k_start = 0u;
-  if (u.window != 0u && q0 >= u.window) { k_start = (q0 + 1u - u.window) / ${BC}u * ${BC}u; }
+${queryTileKeyRange(BR, BC, docs)}
   var m = MASKED;
   var l = 0.0;
 ${range((n) => `  var ${acc(n)} = vec4<f32>(0.0);`)}
   for (var k0 = k_start; k0 <= q_last; k0 += ${BC}u) {
-    ${
-    docs
-      ? tileSkip(
-        `for (var c = t; c < ${BC}u; c += ${TPR}u)`,
-        `row_ok && k0 + c < u.S && allowed(i, k0 + c) && DOC[base + k0 + c] == doc_i`,
-      )
-      : "workgroupBarrier();"
-  }
+    ${keyTileEntry(BC, TPR, docs)}
     ${loadKV("K")}
     workgroupBarrier();
     // Scores of this thread's keys, and their max.
@@ -336,14 +370,7 @@ export function attentionDqWgsl(v: BackwardVariant): string {
   const THREADS = BR * TPR;
   const docs = v.docs !== null;
   const L = prelude([v.q, v.k, v.v, v.dout, v.grad]);
-  const list: [string, string, "read" | "read_write"][] = [
-    ["Q", vec(v.q), "read"],
-    ["K", vec(v.k), "read"],
-    ["V", vec(v.v), "read"],
-    ["DO", vec(v.dout), "read"],
-    ["STATS", "array<vec2<f32>>", "read"],
-  ];
-  if (docs) list.push(["DOC", `array<${v.docs}>`, "read"]);
+  const list = backwardInputs(v);
   list.push(["DQ", vec(v.grad), "read_write"]);
   L.push(...bindings(list));
   L.push(`
@@ -353,19 +380,12 @@ var<workgroup> Ks: array<vec4<f32>, ${BC * HD4}>;  // k of keys k0 .. k0 + Bc
 var<workgroup> Vs: array<vec4<f32>, ${BC * HD4}>;  // v of keys k0 .. k0 + Bc
 var<workgroup> dSs: array<f32, ${BR * BC}>;        // dSs[r·Bc + c] = ds (0 where masked)`);
   if (docs) L.push(SKIP_DECLS);
-  const range = (f: (n: number) => string) => Array.from({ length: N }, (_, n) => f(n)).join("\n");
+  const range = (f: (n: number) => string) => unroll(N, f);
   const docCond = docs ? ` && DOC[base + j] == doc_i` : "";
   L.push(`
 @compute @workgroup_size(${THREADS})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-  let q0 = wg.x * ${BR}u;
-  let h = wg.y;
-  let base = wg.z * u.S;
-  let kvh = h / (u.H / u.Hkv);
-  let r = li / ${TPR}u;
-  let t = li % ${TPR}u;
-  let i = q0 + r;
-  let row_ok = i < u.S;
+${queryTileIds(BR, TPR)}
   for (var s = li; s < ${BR * HD4}u; s += ${THREADS}u) {
     let ii = q0 + s / ${HD4}u;
     var x = vec4<f32>(0.0);
@@ -379,20 +399,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     dOs[s] = y;
   }
   let st = STATS[(base + min(i, u.S - 1u)) * u.H + h]; // (lse, D) of query i
-  ${docs ? "let doc_i = DOC[base + min(i, u.S - 1u)];" : ""}
-  let q_last = min(q0 + ${BR}u, u.S) - 1u;
-  var k_start = 0u;
-  if (u.window != 0u && q0 >= u.window) { k_start = (q0 + 1u - u.window) / ${BC}u * ${BC}u; }
+${queryTileKeyRange(BR, BC, docs)}
 ${range((n) => `  var acc${n} = vec4<f32>(0.0);`)}
   for (var k0 = k_start; k0 <= q_last; k0 += ${BC}u) {
-    ${
-    docs
-      ? tileSkip(
-        `for (var c = t; c < ${BC}u; c += ${TPR}u)`,
-        `row_ok && k0 + c < u.S && allowed(i, k0 + c) && DOC[base + k0 + c] == doc_i`,
-      )
-      : "workgroupBarrier();"
-  }
+    ${keyTileEntry(BC, TPR, docs)}
     for (var s = li; s < ${BC * HD4}u; s += ${THREADS}u) {
       let j = k0 + s / ${HD4}u;
       var x = vec4<f32>(0.0);
@@ -445,14 +455,7 @@ export function attentionDkdvWgsl(v: BackwardVariant): string {
   const THREADS = BC * TPR;
   const docs = v.docs !== null;
   const L = prelude([v.q, v.k, v.v, v.dout, v.grad]);
-  const list: [string, string, "read" | "read_write"][] = [
-    ["Q", vec(v.q), "read"],
-    ["K", vec(v.k), "read"],
-    ["V", vec(v.v), "read"],
-    ["DO", vec(v.dout), "read"],
-    ["STATS", "array<vec2<f32>>", "read"],
-  ];
-  if (docs) list.push(["DOC", `array<${v.docs}>`, "read"]);
+  const list = backwardInputs(v);
   list.push(["DK", vec(v.grad), "read_write"], ["DV", vec(v.grad), "read_write"]);
   L.push(...bindings(list));
   L.push(`
@@ -465,7 +468,7 @@ var<workgroup> dSt: array<f32, ${BC * BR}>;        // dSt[c·Br + r] = ds (0 whe
 var<workgroup> Ls: array<f32, ${BR}>;              // lse of rows q0 .. q0 + Br
 var<workgroup> Ds: array<f32, ${BR}>;              // D of rows q0 .. q0 + Br`);
   if (docs) L.push(SKIP_DECLS);
-  const range = (f: (n: number) => string) => Array.from({ length: N }, (_, n) => f(n)).join("\n");
+  const range = (f: (n: number) => string) => unroll(N, f);
   const docCond = docs ? ` && DOC[base + i] == doc_j` : "";
   L.push(`
 @compute @workgroup_size(${THREADS})
