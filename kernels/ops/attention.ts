@@ -391,49 +391,38 @@ export function attentionBackward(
   const reads = inputs.map(() => "read" as const);
   const base = `${dtypes.q}${dtypes.k}${dtypes.v}${dtypes.dout}`;
 
-  const dqVariant: BackwardVariant = {
-    hd,
-    tile: tileFor(p, "dq", options),
-    ...dtypes,
-    grad: dq.dtype as AttentionFloat,
-    docs,
-  };
-  const dqTile = dqVariant.tile;
-  const dqKernel = getKernel(gpu, {
-    name: "attention_dq",
-    params: {
+  // One backward kernel: its variant (tile by kind, gradient dtype) and its compiled pipeline.
+  const backwardKernel = (
+    kind: "dq" | "dkdv",
+    grad: Tensor,
+    code: (v: BackwardVariant) => string,
+    outputs: number,
+  ) => {
+    const variant: BackwardVariant = {
       hd,
-      tile: `${dqTile.BR}x${dqTile.BC}/${dqTile.TPR}`,
-      dtypes: `${base}${dqVariant.grad}`,
-      docs: docs ?? "none",
-    },
-    code: () => attentionDqWgsl(dqVariant),
-    bindings: [...reads, "write"],
-    uniformBytes: ATTENTION_UNIFORM_BYTES,
-  });
-  rec.dispatch(dqKernel, [...inputs, dq.buffer], u, [Math.ceil(p.S / dqTile.BR), H, p.B]);
-
-  const kvVariant: BackwardVariant = {
-    hd,
-    tile: tileFor(p, "dkdv", options),
-    ...dtypes,
-    grad: dk.dtype as AttentionFloat,
-    docs,
+      tile: tileFor(p, kind, options),
+      ...dtypes,
+      grad: grad.dtype as AttentionFloat,
+      docs,
+    };
+    const { BR, BC, TPR } = variant.tile;
+    const kernel = getKernel(gpu, {
+      name: `attention_${kind}`,
+      params: { hd, tile: `${BR}x${BC}/${TPR}`, dtypes: `${base}${variant.grad}`, docs: docs ?? "none" },
+      code: () => code(variant),
+      bindings: [...reads, ...Array.from({ length: outputs }, () => "write" as const)],
+      uniformBytes: ATTENTION_UNIFORM_BYTES,
+    });
+    return { kernel, tile: variant.tile };
   };
-  const kvTile = kvVariant.tile;
-  const kvKernel = getKernel(gpu, {
-    name: "attention_dkdv",
-    params: {
-      hd,
-      tile: `${kvTile.BR}x${kvTile.BC}/${kvTile.TPR}`,
-      dtypes: `${base}${kvVariant.grad}`,
-      docs: docs ?? "none",
-    },
-    code: () => attentionDkdvWgsl(kvVariant),
-    bindings: [...reads, "write", "write"],
-    uniformBytes: ATTENTION_UNIFORM_BYTES,
-  });
-  rec.dispatch(kvKernel, [...inputs, dk.buffer, dv.buffer], u, [Math.ceil(p.S / kvTile.BC), Hkv, p.B]);
+  const dqPass = backwardKernel("dq", dq, attentionDqWgsl, 1);
+  rec.dispatch(dqPass.kernel, [...inputs, dq.buffer], u, [Math.ceil(p.S / dqPass.tile.BR), H, p.B]);
+  const kvPass = backwardKernel("dkdv", dk, attentionDkdvWgsl, 2);
+  rec.dispatch(kvPass.kernel, [...inputs, dk.buffer, dv.buffer], u, [
+    Math.ceil(p.S / kvPass.tile.BC),
+    Hkv,
+    p.B,
+  ]);
   stats.destroy(); // back to the pool; the recorded dispatches still use it
   return { dq, dk, dv };
 }
