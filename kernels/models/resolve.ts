@@ -244,11 +244,15 @@ function hubError(repo: string, revision: string, error: unknown, endpoint: stri
     });
   }
   if (error instanceof LatheError) return error;
-  return new LatheError(`Cannot download model "${repo}" from ${endpoint}: ${(error as Error).message}`, {
-    hint: "Without network access, set HF_HUB_OFFLINE=1 and use a cached model or a local directory; " +
-      "HF_ENDPOINT selects a mirror.",
-    cause: error,
-  });
+  return new LatheError(
+    `Cannot download model "${repo}" from ${endpoint}: ${(error as Error).message} ` +
+      `(no local directory "${repo}" exists, so it was taken for a Hub repo id)`,
+    {
+      hint: "For a local model, check the path (relative paths are relative to the project root). Without " +
+        "network access, set HF_HUB_OFFLINE=1 and use a cached model; HF_ENDPOINT selects a mirror.",
+      cause: error,
+    },
+  );
 }
 
 async function downloadModel(

@@ -251,6 +251,7 @@ Deno.test("resolveModel() turns Hub refusals and unreachable endpoints into acti
     await assert.rejects(resolveModel("org/tiny", { env }), (e: unknown) => {
       assert.ok(e instanceof LatheError);
       assert.match(e.message, /Cannot download model "org\/tiny" from http:\/\/127.0.0.1:\d+: /);
+      assert.match(e.message, /no local directory "org\/tiny" exists, so it was taken for a Hub repo id/);
       assert.match(e.hint ?? "", /HF_HUB_OFFLINE=1/);
       return true;
     });
