@@ -11,7 +11,7 @@ import type * as z from "zod";
 import { exists, writeJsonAtomic } from "./atomic.ts";
 import type { StepContext, StepDef, Upstream } from "./define.ts";
 import { formatZodIssues, LatheError } from "./errors.ts";
-import { canonicalJson, sha256File, sha256Hex } from "./hash.ts";
+import { canonicalJson, sha256File, sha256Hex, sourceHash } from "./hash.ts";
 import {
   FAILURE_FILE,
   type GpuInfo,
@@ -243,7 +243,7 @@ async function resolveSources(
     const abs = resolve(projectRoot, p);
     let hashed: { sha256: string; bytes: number };
     try {
-      hashed = await sha256File(abs);
+      hashed = await sourceHash(abs);
     } catch {
       throw new LatheError(`Cannot run step "${def.name}": source "${name}" (${abs}) cannot be read`, {
         hint: "check the path in the config; relative paths are relative to the project root",
