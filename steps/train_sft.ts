@@ -8,7 +8,8 @@
  * ```
  *
  * Outputs: `adapter/` (adapter_config.json, adapter_model.safetensors; PEFT format, loadable
- * by `PeftModel.from_pretrained`), `trainer_state.json` (transformers' layout with the log
+ * by `PeftModel.from_pretrained`; with `load_best_model_at_end`, the adapter of the best
+ * evaluation, else the last one), `trainer_state.json` (transformers' layout with the log
  * history), `loss.svg`, `metrics.jsonl` (loss, lr, grad_norm, tokens_per_s, eval_loss) and
  * `checkpoints/step-N/`. While the step runs, checkpoints live in
  * `runs/<id>/.train-sft.checkpoints/<key>/` (outside the staging directory, so a killed run
@@ -35,7 +36,7 @@ import type { Progress } from "./progress.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
 import { listCheckpoints, readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
 import { TrainSftConfig } from "./train/config.ts";
-import { finalTrainerState, trainLoop } from "./train/loop.ts";
+import { checkEvaluationNeeds, finalTrainerState, trainLoop } from "./train/loop.ts";
 import { lossSvg } from "./train/plot.ts";
 
 export { TrainSftConfig };
@@ -175,6 +176,8 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
   const dir = dirname(ctx.sources["model/config.json"]);
   const modelConfig = await loadModelConfig(dir);
   const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig);
+  // Before the model loads: a config that needs evaluations fails fast without them.
+  checkEvaluationNeeds(config, evalSplit !== null && evalSplit.rows.length > 0);
   const targets = resolveTargetModules(config.lora.target_modules, "train-sft.lora.target_modules");
   const spec: LoraSpec = {
     r: config.lora.r,
@@ -222,6 +225,8 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
       eval: evalSplit,
       seed: ctx.seed,
       checkpointDir: config.save_steps === null ? null : checkpointDir,
+      // Where the checkpoints are once the step succeeds, relative to the step directory.
+      checkpointLabel: "checkpoints",
       resume,
       io: { log: ctx.log, progress: ctx.progress },
     });

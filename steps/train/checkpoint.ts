@@ -6,8 +6,11 @@
  *   adapter_config.json, adapter_model.safetensors   the adapter after N steps (PEFT format)
  *   optimizer.safetensors                            AdamW moments, F32: "<adapter key>.exp_avg",
  *                                                    "<adapter key>.exp_avg_sq"; metadata step = N
- *   training_state.json                              data cursor, seeds, running sums, early stopping
+ *   training_state.json                              data cursor, seeds, running sums, early stopping,
+ *                                                    best evaluation
  *   trainer_state.json                               transformers-style state with log_history
+ *   best_adapter/                                    with load_best_model_at_end: the adapter of the
+ *                                                    best evaluation so far (PEFT format)
  * ```
  * A checkpoint is written into `.step-<N>.tmp-<id>/` and renamed into place, so a `step-<N>`
  * directory is always complete; a run killed while writing leaves only a temp directory,
@@ -29,6 +32,17 @@ export const TRAINING_STATE_FORMAT = "lathe.train-state/1";
 export const OPTIMIZER_FILE = "optimizer.safetensors";
 export const TRAINING_STATE_FILE = "training_state.json";
 export const TRAINER_STATE_FILE = "trainer_state.json";
+export const BEST_ADAPTER_DIR = "best_adapter";
+
+/** The best evaluation so far (load_best_model_at_end). */
+export interface BestModelRecord {
+  /** Optimizer step whose adapter it is (trainer_state.json `best_global_step`). */
+  step: number;
+  /** Its metric (`best_metric`). */
+  metric: number;
+  /** The checkpoint that holds exactly that adapter, as trainer_state.json names it; null: none (`best_model_checkpoint`). */
+  checkpoint: string | null;
+}
 
 /** The loop's own state: the data cursor, the seeds and what the final metrics sum over. */
 export interface TrainingState {
@@ -61,6 +75,11 @@ export interface TrainingState {
   /** Σ of the step losses since the last log entry, and their count (logging_steps windows). */
   windowLoss: number;
   windowSteps: number;
+  /**
+   * With load_best_model_at_end only (absent otherwise): the best evaluation so far, null before
+   * the first; its adapter is the checkpoint's `best_adapter/`.
+   */
+  bestModel?: BestModelRecord | null;
 }
 
 /** A checkpoint on disk. */
@@ -75,6 +94,8 @@ export interface LoadedCheckpoint {
   optimizer: OptimizerState;
   training: TrainingState;
   trainer: TrainerState;
+  /** The adapter of `training.bestModel` (`best_adapter/`), or null when the checkpoint has none. */
+  best: LoraWeights[] | null;
 }
 
 const STEP_DIR = /^step-(\d+)$/;
@@ -113,7 +134,7 @@ function f32(values: Float32Array): Uint8Array {
 
 /**
  * Writes checkpoint `step-<state.step>` under `root` (atomically, as a directory rename) and
- * returns its path.
+ * returns its path. `best`: the adapter of the best evaluation, written to `best_adapter/`.
  */
 export async function saveCheckpoint(
   root: string,
@@ -121,12 +142,18 @@ export async function saveCheckpoint(
   lora: LoraConfig,
   training: TrainingState,
   trainer: TrainerState,
+  best: LoraWeights[] | null = null,
 ): Promise<string> {
   const final = join(root, `step-${training.step}`);
   const tmp = join(root, `.step-${training.step}.tmp-${crypto.randomUUID().slice(0, 8)}`);
   await Deno.mkdir(tmp, { recursive: true });
   try {
     await writeAdapter(tmp, model, lora);
+    if (best) {
+      const bestDir = join(tmp, BEST_ADAPTER_DIR);
+      await Deno.mkdir(bestDir);
+      await writePeftAdapter(bestDir, model.config, lora, toPairs(best));
+    }
     const opt = await model.getOptimizerState();
     const tensors: TensorSource[] = [];
     for (const [name, m] of opt.m) {
@@ -166,10 +193,24 @@ export async function listCheckpoints(root: string): Promise<CheckpointRef[]> {
   return found.sort((a, b) => a.step - b.step);
 }
 
-/** Deletes the oldest checkpoints so that at most `limit` remain. */
-export async function pruneCheckpoints(root: string, limit: number): Promise<void> {
+/**
+ * Deletes the oldest checkpoints so that at most `limit` remain. `keepStep`: the checkpoint of
+ * the best model, which is never deleted (transformers' rotation with load_best_model_at_end: it
+ * ranks as the second newest, and with `limit` 1 the newest stays beside it).
+ */
+export async function pruneCheckpoints(
+  root: string,
+  limit: number,
+  keepStep: number | null = null,
+): Promise<void> {
   const all = await listCheckpoints(root);
-  for (const c of all.slice(0, Math.max(0, all.length - limit))) {
+  const best = all.findIndex((c) => c.step === keepStep);
+  const moved = best !== -1 && best !== all.length - 1;
+  const order = moved
+    ? [...all.slice(0, best), ...all.slice(best + 1, -1), all[best], all[all.length - 1]]
+    : all;
+  const keep = moved ? Math.max(limit, 2) : limit;
+  for (const c of order.slice(0, Math.max(0, order.length - keep))) {
     await Deno.remove(c.dir, { recursive: true });
   }
 }
@@ -216,5 +257,7 @@ export async function loadCheckpoint(dir: string, model: ModelConfig): Promise<L
       { hint: "the checkpoint is damaged; delete it to resume from the one before" },
     );
   }
-  return { lora: weights, optimizer: { step, m, v }, training, trainer };
+  const bestDir = join(dir, BEST_ADAPTER_DIR);
+  const best = (await exists(bestDir)) ? (await readAdapterWeights(bestDir, model)).weights : null;
+  return { lora: weights, optimizer: { step, m, v }, training, trainer, best };
 }

@@ -1,11 +1,16 @@
 /**
  * The `train-sft` config: names and meanings as transformers' `TrainingArguments`, peft's
  * `LoraConfig` and trl's `SFTConfig` have them, so a recipe reads like the Python a user
- * already knows. Every default is written into the manifest (and so into the step's key).
+ * already knows. Every default is written into the manifest (and so into the step's key),
+ * except those of the best-model keys (`load_best_model_at_end`, `metric_for_best_model`,
+ * `greater_is_better`): they came after the others and are kept only when they differ from
+ * their defaults, so that the keys of configs written before them did not change and a config
+ * that spells a default out has the key of one that leaves it out.
  * @module
  */
 import * as z from "zod";
 import { PROJECTIONS } from "../../kernels/models/config.ts";
+import { LatheError } from "../errors.ts";
 
 const positive = z.number().positive();
 const count = z.number().int().positive();
@@ -26,6 +31,26 @@ export const LoraSection = z.strictObject({
   /** Rank-stabilised scaling alpha / √r (peft `use_rslora`, default false). */
   use_rslora: z.boolean().default(false),
 });
+
+/** The metrics an evaluation computes, by their transformers names. */
+export const EVAL_METRICS = ["eval_loss"] as const;
+/** One of {@link EVAL_METRICS}. */
+export type EvalMetric = typeof EVAL_METRICS[number];
+const DEFAULT_METRIC: EvalMetric = "eval_loss";
+
+function isEvalMetric(name: string): name is EvalMetric {
+  return (EVAL_METRICS as readonly string[]).includes(name);
+}
+
+/** transformers' reading of metric_for_best_model: a name without the "eval_" prefix gets it. */
+export function evalMetricName(name: string): string {
+  return name.startsWith("eval_") ? name : `eval_${name}`;
+}
+
+/** transformers' default of greater_is_better: false for a metric whose name ends in "loss". */
+export function defaultGreaterIsBetter(metric: string): boolean {
+  return !metric.endsWith("loss");
+}
 
 /** Schedules of transformers' `lr_scheduler_type` that lathe implements. */
 export const SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine"] as const;
@@ -81,9 +106,25 @@ export const TrainSftConfig = z.strictObject({
   gradient_checkpointing: z.boolean().default(true),
   /** Evaluate on the eval split every N optimizer steps; null: only before and after training (default null). */
   eval_steps: count.nullable().default(null),
-  /** Stop after this many evaluations without improvement of eval_loss; null: never (default null). */
+  /**
+   * Keep the adapter of the best evaluation (by metric_for_best_model) and export it instead of
+   * the last one (transformers `load_best_model_at_end`; absent: false). Needs eval_steps and an
+   * eval split.
+   */
+  load_best_model_at_end: z.boolean().optional(),
+  /**
+   * The evaluation metric that ranks adapters and that early stopping watches; a name without
+   * the "eval_" prefix gets it, as in transformers ("loss" is "eval_loss"). Absent or null: "eval_loss".
+   */
+  metric_for_best_model: z.string().min(1).nullable().optional(),
+  /**
+   * Whether a larger metric is better; absent or null: false when metric_for_best_model ends in
+   * "loss", else true (transformers' rule).
+   */
+  greater_is_better: z.boolean().nullable().optional(),
+  /** Stop after this many evaluations without improvement of metric_for_best_model; null: never (default null). */
   early_stopping_patience: count.nullable().default(null),
-  /** An evaluation improves when eval_loss drops by more than this (default 0). */
+  /** An evaluation improves when the metric gets better by more than this (default 0). */
   early_stopping_threshold: z.number().min(0).default(0),
   /** Write a checkpoint every N optimizer steps; null: none (default 500). */
   save_steps: count.nullable().default(500),
@@ -91,6 +132,74 @@ export const TrainSftConfig = z.strictObject({
   save_total_limit: count.nullable().default(null),
   /** Log loss, lr, grad_norm and tokens/s every N optimizer steps (default 1). */
   logging_steps: count.default(1),
-});
+}).superRefine((config, ctx) => {
+  const metric = config.metric_for_best_model;
+  if (metric !== undefined && metric !== null && !isEvalMetric(evalMetricName(metric))) {
+    const read = evalMetricName(metric) === metric ? "" : ` (read as "${evalMetricName(metric)}")`;
+    ctx.addIssue({
+      code: "custom",
+      path: ["metric_for_best_model"],
+      message: `unknown metric "${metric}"${read}; the evaluation computes ${
+        EVAL_METRICS.map((m) => `"${m}"`).join(", ")
+      } (the "eval_" prefix may be left out, as in "loss")`,
+    });
+  }
+  if (config.load_best_model_at_end === true && config.eval_steps === null) {
+    ctx.addIssue({
+      code: "custom",
+      path: ["load_best_model_at_end"],
+      message: "needs evaluations during training, but eval_steps is null (the adapter is then only " +
+        "evaluated before and after training); set eval_steps, e.g. to save_steps",
+    });
+  }
+}).overwrite(canonicalBestModelKeys);
 /** The parsed config. */
 export type TrainSftConfig = z.output<typeof TrainSftConfig>;
+
+/** What load_best_model_at_end, metric_for_best_model and greater_is_better resolve to. */
+export interface BestModelSettings {
+  /** Export the adapter of the best evaluation (load_best_model_at_end). */
+  loadBest: boolean;
+  /** The metric, with its "eval_" prefix. */
+  metric: EvalMetric;
+  /** A larger metric is better. */
+  greaterIsBetter: boolean;
+}
+
+/** The settings of a parsed config, with transformers' defaults for the keys it leaves out. */
+export function bestModelSettings(config: TrainSftConfig): BestModelSettings {
+  const given = config.metric_for_best_model ?? DEFAULT_METRIC;
+  const metric = evalMetricName(given);
+  if (!isEvalMetric(metric)) {
+    throw new LatheError(
+      `Cannot use train-sft.metric_for_best_model "${given}": it is not an evaluation metric`,
+      {
+        hint: `use one of ${EVAL_METRICS.map((m) => `"${m}"`).join(", ")}`,
+      },
+    );
+  }
+  return {
+    loadBest: config.load_best_model_at_end ?? false,
+    metric,
+    greaterIsBetter: config.greater_is_better ?? defaultGreaterIsBetter(given),
+  };
+}
+
+/** Drops the best-model keys that hold their defaults, so equal meanings give equal keys. */
+function canonicalBestModelKeys<
+  T extends {
+    load_best_model_at_end?: boolean;
+    metric_for_best_model?: string | null;
+    greater_is_better?: boolean | null;
+  },
+>(config: T): T {
+  const given = config.metric_for_best_model ?? DEFAULT_METRIC;
+  if (config.load_best_model_at_end === false) delete config.load_best_model_at_end;
+  if (config.greater_is_better === null || config.greater_is_better === defaultGreaterIsBetter(given)) {
+    delete config.greater_is_better;
+  }
+  if (config.metric_for_best_model === null || evalMetricName(given) === DEFAULT_METRIC) {
+    delete config.metric_for_best_model;
+  } else config.metric_for_best_model = evalMetricName(given);
+  return config;
+}

@@ -13,15 +13,23 @@
  * Randomness is counter-based, so a resumed run replays exactly: the row order of epoch e
  * comes from PCG32(seed, SHUFFLE_STREAM + e), the dropout seeds of step s from
  * PCG32(seed, DROPOUT_STREAM + s) (one u32 per micro-batch, in order).
+ *
+ * With load_best_model_at_end, every evaluation after a step (those of eval_steps and the one
+ * after the last step) whose metric is strictly better than the best so far (transformers'
+ * `_determine_best_metric`) copies the adapter to the host; checkpoints carry that copy, and at
+ * the end the model is set back to it. The evaluation before the first step is a baseline and
+ * is never kept.
  * @module
  */
+import { join } from "node:path";
 import type { LoraConfig } from "../../formats/peft.ts";
 import { Pcg32 } from "../../kernels/models/random.ts";
-import type { Batch, TrainableModel } from "../../kernels/models/trainable.ts";
+import type { Batch, LoraWeights, TrainableModel } from "../../kernels/models/trainable.ts";
 import { LatheError } from "../errors.ts";
 import { humanCount, type Progress } from "../progress.ts";
 import { buildBatch, chunks, epochOrder, SHUFFLE_STREAM, type Split, trainedTokens } from "./batches.ts";
 import {
+  type BestModelRecord,
   type CheckpointRef,
   listCheckpoints,
   loadCheckpoint,
@@ -30,8 +38,8 @@ import {
   TRAINING_STATE_FORMAT,
   type TrainingState,
 } from "./checkpoint.ts";
-import type { TrainSftConfig } from "./config.ts";
-import { recordEval } from "./early_stopping.ts";
+import { bestModelSettings, type TrainSftConfig } from "./config.ts";
+import { isBetter, recordEval } from "./early_stopping.ts";
 import { lrAt, planTraining, type TrainPlan } from "./schedule.ts";
 import { type LogEntry, trainerState } from "./trainer_state.ts";
 
@@ -57,6 +65,11 @@ export interface TrainLoopOptions {
   seed: number;
   /** Directory of checkpoints (`step-N/`); null: none are written. */
   checkpointDir: string | null;
+  /**
+   * How trainer_state.json names the checkpoint directory in `best_model_checkpoint` (where the
+   * checkpoints will be read, e.g. "checkpoints" inside the step directory); default: checkpointDir.
+   */
+  checkpointLabel?: string;
   /** Continue from the latest checkpoint in `checkpointDir` when there is one. */
   resume: boolean;
   io: LoopIo;
@@ -79,6 +92,10 @@ export interface TrainMetrics {
   stopped_early: boolean;
   resumed_from_step: number | null;
   backend: string;
+  /** With load_best_model_at_end only: the exported adapter's metric, step and checkpoint (trainer_state.json names). */
+  best_metric?: number | null;
+  best_global_step?: number | null;
+  best_model_checkpoint?: string | null;
 }
 
 /** What {@link trainLoop} returns. */
@@ -116,6 +133,32 @@ export async function evaluateSplit(
     });
   }
   return loss;
+}
+
+/**
+ * Checks that the evaluations `config` relies on take place: early_stopping_patience and
+ * load_best_model_at_end need an eval split with rows and eval_steps. Throws a LatheError
+ * naming the key.
+ */
+export function checkEvaluationNeeds(config: TrainSftConfig, hasEvalSplit: boolean): void {
+  const needs: [string, boolean][] = [
+    ["early_stopping_patience", config.early_stopping_patience !== null],
+    ["load_best_model_at_end", bestModelSettings(config).loadBest],
+  ];
+  for (const [key, used] of needs) {
+    if (!used || (hasEvalSplit && config.eval_steps !== null)) continue;
+    throw new LatheError(
+      `Cannot use train-sft.${key}: ` +
+        (hasEvalSplit
+          ? "eval_steps is null, so there are no evaluations to watch"
+          : "there is no eval split"),
+      {
+        hint: hasEvalSplit
+          ? "set eval_steps"
+          : `give prepare an eval split (its eval_fraction / eval file), or drop ${key}`,
+      },
+    );
+  }
 }
 
 function nonFinite(what: string, value: number, step: number, last: CheckpointRef | null): LatheError {
@@ -169,17 +212,8 @@ function replay(io: LoopIo, history: readonly LogEntry[]): void {
 export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopResult> {
   const { model, config, train, io, seed } = options;
   const evalSplit = options.eval && options.eval.rows.length > 0 ? options.eval : null;
-  if (config.early_stopping_patience !== null && (!evalSplit || config.eval_steps === null)) {
-    throw new LatheError(
-      "Cannot use train-sft.early_stopping_patience: " +
-        (evalSplit ? "eval_steps is null, so there are no evaluations to watch" : "there is no eval split"),
-      {
-        hint: evalSplit
-          ? "set eval_steps"
-          : "give prepare an eval split (its eval_fraction / eval file), or drop early_stopping_patience",
-      },
-    );
-  }
+  checkEvaluationNeeds(config, evalSplit !== null);
+  const settings = bestModelSettings(config);
   const n = train.rows.length;
   const plan = planTraining(n, config);
   const bs = config.per_device_train_batch_size;
@@ -187,6 +221,9 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
   const padId = train.index.pad_id;
 
   let state = freshState(seed, n, plan);
+  if (settings.loadBest) state.bestModel = null;
+  // The adapter of state.bestModel, on the host.
+  let bestWeights: LoraWeights[] | null = null;
   let history: LogEntry[] = [];
   let resumedFrom: number | null = null;
   let lastCheckpoint: CheckpointRef | null = null;
@@ -202,9 +239,19 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
         { hint: "the checkpoint belongs to another run; start over without resuming" },
       );
     }
+    if (
+      settings.loadBest && (t.bestModel === undefined || (t.bestModel === null) !== (loaded.best === null))
+    ) {
+      throw new LatheError(
+        `Cannot resume from "${lastCheckpoint.dir}": it does not hold the best adapter that ` +
+          "load_best_model_at_end keeps",
+        { hint: "the checkpoint is damaged or belongs to another run; start over without resuming" },
+      );
+    }
     await model.setLora(loaded.lora);
     await model.setOptimizerState(loaded.optimizer);
     state = t;
+    bestWeights = loaded.best;
     history = loaded.trainer.log_history;
     resumedFrom = t.step;
     replay(io, history);
@@ -217,12 +264,27 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
   }
 
   const epochAt = () => state.epoch + state.position / n;
+  const checkpointName = (step: number) =>
+    join(options.checkpointLabel ?? options.checkpointDir ?? "", `step-${step}`);
+  // transformers' _determine_best_metric: a strictly better metric makes this step's adapter the best.
+  const keepIfBest = async (step: number, value: number) => {
+    if (!settings.loadBest || !isBetter(value, state.bestModel?.metric ?? null, settings.greaterIsBetter)) {
+      return;
+    }
+    bestWeights = await model.getLora();
+    state.bestModel = {
+      step,
+      metric: value,
+      checkpoint: lastCheckpoint?.step === step ? checkpointName(step) : null,
+    };
+  };
   const snapshot = () =>
     trainerState({
       step: state.step,
       epoch: epochAt(),
       history,
       bestEvalLoss: state.bestEvalLoss,
+      best: settings.loadBest ? state.bestModel ?? null : undefined,
       evalSteps: config.eval_steps,
       loggingSteps: config.logging_steps,
       maxSteps: plan.totalSteps,
@@ -318,17 +380,28 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
           lastEval,
           config.early_stopping_patience,
           config.early_stopping_threshold,
+          settings.greaterIsBetter,
         );
         state.bestEvalLoss = early.best;
         state.badEvals = early.bad;
+        await keepIfBest(step, lastEval);
       }
     }
     state.seconds += (performance.now() - started) / 1000;
     if (options.checkpointDir && config.save_steps !== null && step % config.save_steps === 0) {
-      const dir = await saveCheckpoint(options.checkpointDir, model, options.lora, { ...state }, snapshot());
+      if (state.bestModel?.step === step) state.bestModel.checkpoint = checkpointName(step);
+      const dir = await saveCheckpoint(
+        options.checkpointDir,
+        model,
+        options.lora,
+        structuredClone(state),
+        snapshot(),
+        bestWeights,
+      );
       lastCheckpoint = { dir, step };
       if (config.save_total_limit !== null) {
-        await pruneCheckpoints(options.checkpointDir, config.save_total_limit);
+        const best = state.bestModel?.checkpoint ? state.bestModel.step : null;
+        await pruneCheckpoints(options.checkpointDir, config.save_total_limit, best);
       }
     }
     const rate = slots / Math.max(1e-9, (performance.now() - started) / 1000);
@@ -340,8 +413,11 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     if (lastEval !== null) {
       history.push({ step: state.step, epoch: epochAt(), eval_loss: lastEval });
       io.log("eval_loss", state.step, lastEval);
+      await keepIfBest(state.step, lastEval);
     }
   }
+  const best: BestModelRecord | null = state.bestModel ?? null;
+  if (best && bestWeights && best.step !== state.step) await model.setLora(bestWeights);
   const tokensPerS = state.tokens / Math.max(1e-9, state.seconds);
   history.push({
     step: state.step,
@@ -350,7 +426,12 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     train_runtime: state.seconds,
     train_tokens_per_second: tokensPerS,
   });
-  progress.done(`loss ${(state.lossSum / Math.max(1, state.step)).toFixed(4)}`);
+  const kept = !settings.loadBest
+    ? ""
+    : best
+    ? ` · kept the adapter of step ${best.step} (best ${settings.metric} ${best.metric.toFixed(4)})`
+    : " · no evaluation after a step: kept the last adapter";
+  progress.done(`loss ${(state.lossSum / Math.max(1, state.step)).toFixed(4)}${kept}`);
   return {
     metrics: {
       train_loss: state.step > 0 ? state.lossSum / state.step : 0,
@@ -364,6 +445,13 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
       stopped_early: stoppedEarly,
       resumed_from_step: resumedFrom,
       backend: model.backend,
+      ...(settings.loadBest
+        ? {
+          best_metric: best?.metric ?? null,
+          best_global_step: best?.step ?? null,
+          best_model_checkpoint: best?.checkpoint ?? null,
+        }
+        : {}),
     },
     history,
     plan,
@@ -378,6 +466,7 @@ export function finalTrainerState(result: TrainLoopResult, config: TrainSftConfi
     epoch: result.metrics.epochs,
     history: result.history,
     bestEvalLoss: result.state.bestEvalLoss,
+    best: bestModelSettings(config).loadBest ? result.state.bestModel ?? null : undefined,
     evalSteps: config.eval_steps,
     loggingSteps: config.logging_steps,
     maxSteps: result.plan.totalSteps,

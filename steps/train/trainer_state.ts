@@ -3,8 +3,14 @@
  * single-process run has), so tools that read a transformers output directory read lathe's.
  * `log_history` holds one entry per logging step (`loss`, `learning_rate`, `grad_norm`), one per
  * evaluation (`eval_loss`) and a final summary (`train_loss`, `train_runtime`).
+ *
+ * With load_best_model_at_end the best evaluation is recorded as recent transformers records it:
+ * `best_global_step`, `best_metric` and `best_model_checkpoint` (the checkpoint directory that
+ * holds exactly that adapter, or null when no checkpoint was written at that step). Without it,
+ * `best_metric` is the best value early stopping has seen and `best_global_step` is left out.
  * @module
  */
+import type { BestModelRecord } from "./checkpoint.ts";
 
 /** One `log_history` entry. */
 export interface LogEntry {
@@ -23,6 +29,8 @@ export interface LogEntry {
 
 /** The JSON object. */
 export interface TrainerState {
+  /** With load_best_model_at_end only. */
+  best_global_step?: number | null;
   best_metric: number | null;
   best_model_checkpoint: string | null;
   epoch: number;
@@ -49,6 +57,11 @@ export interface TrainerStateInput {
   epoch: number;
   history: LogEntry[];
   bestEvalLoss: number | null;
+  /**
+   * With load_best_model_at_end: the best evaluation (null before the first); it sets
+   * best_global_step, best_metric and best_model_checkpoint. Absent: best_metric is bestEvalLoss.
+   */
+  best?: BestModelRecord | null;
   evalSteps: number | null;
   loggingSteps: number;
   maxSteps: number;
@@ -60,9 +73,13 @@ export interface TrainerStateInput {
 
 /** Builds the state object (keys in transformers' sorted order). */
 export function trainerState(s: TrainerStateInput): TrainerState {
+  const best = s.best === undefined ? { best_metric: s.bestEvalLoss, best_model_checkpoint: null } : {
+    best_global_step: s.best?.step ?? null,
+    best_metric: s.best?.metric ?? null,
+    best_model_checkpoint: s.best?.checkpoint ?? null,
+  };
   return {
-    best_metric: s.bestEvalLoss,
-    best_model_checkpoint: null,
+    ...best,
     epoch: s.epoch,
     eval_steps: s.evalSteps,
     global_step: s.step,

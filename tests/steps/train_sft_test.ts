@@ -6,7 +6,9 @@ import { writeTinyModel } from "../../kernels/models/tiny.ts";
 import { LatheError } from "../../steps/errors.ts";
 import { FAILURE_FILE, readManifest } from "../../steps/manifest.ts";
 import { loadStep } from "../../steps/registry.ts";
-import { type RunOutcome, runStep } from "../../steps/runner.ts";
+import { canonicalJson, sha256File, sha256Hex } from "../../steps/hash.ts";
+import { resolveConfig, type RunOutcome, runStep } from "../../steps/runner.ts";
+import { bestModelSettings } from "../../steps/train/config.ts";
 import { step as tokenizeStep } from "../../steps/tokenize.ts";
 import { CHECKPOINTS_DIR, step, TrainSftConfig, trainSftHooks } from "../../steps/train_sft.ts";
 import { listCheckpoints } from "../../steps/train/checkpoint.ts";
@@ -112,8 +114,67 @@ Deno.test("train-sft config fills the documented defaults and rejects unknown ke
     logging_steps: 1,
   });
   assert.throws(() => TrainSftConfig.parse({ model: "m", lora: { lora_alpha: 16 } }));
+  // The best-model keys hold no defaults in the parsed config (see the next test).
+  for (const key of ["load_best_model_at_end", "metric_for_best_model", "greater_is_better"]) {
+    assert.ok(!(key in TrainSftConfig.parse({ model: "m" })), key);
+  }
   assert.throws(() => TrainSftConfig.parse({ model: "m", max_steps: 0 }));
   assert.throws(() => TrainSftConfig.parse({ model: "m", lora: { target_modules: ["lm_head"] } }));
+});
+
+Deno.test("train-sft best-model keys keep the key of configs without them, read transformers' names, reject what cannot work", () => {
+  const hash = (raw: Record<string, unknown>) =>
+    sha256Hex(canonicalJson(resolveConfig(step, { model: "m", eval_steps: 5, ...raw })));
+  const plain = hash({});
+  // Spelling a default out, or giving transformers' null, is the config without the key.
+  for (
+    const same of [
+      { load_best_model_at_end: false },
+      { metric_for_best_model: "loss" },
+      { metric_for_best_model: "eval_loss", greater_is_better: false },
+      { metric_for_best_model: null, greater_is_better: null },
+    ]
+  ) {
+    assert.equal(hash(same), plain, JSON.stringify(same));
+  }
+  assert.notEqual(hash({ load_best_model_at_end: true }), plain);
+  assert.notEqual(hash({ greater_is_better: true }), plain);
+  // "loss" is "eval_loss" (transformers prefixes "eval_"), and the direction follows the name.
+  const on = resolveConfig(step, {
+    model: "m",
+    eval_steps: 5,
+    load_best_model_at_end: true,
+    metric_for_best_model: "loss",
+  });
+  assert.deepEqual(bestModelSettings(on), { loadBest: true, metric: "eval_loss", greaterIsBetter: false });
+  assert.equal(
+    hash({ load_best_model_at_end: true, metric_for_best_model: "loss" }),
+    hash({ load_best_model_at_end: true }),
+  );
+  assert.deepEqual(bestModelSettings(resolveConfig(step, { model: "m" })), {
+    loadBest: false,
+    metric: "eval_loss",
+    greaterIsBetter: false,
+  });
+
+  const invalid = (raw: Record<string, unknown>, pattern: RegExp) =>
+    assert.throws(() => resolveConfig(step, { model: "m", ...raw }), (e: Error) => {
+      assert.ok(e instanceof LatheError);
+      assert.match(e.message, pattern);
+      return true;
+    });
+  invalid(
+    { eval_steps: 5, metric_for_best_model: "accuracy" },
+    /train-sft\.metric_for_best_model: unknown metric "accuracy" \(read as "eval_accuracy"\); the evaluation computes "eval_loss"/,
+  );
+  invalid(
+    { eval_steps: 5, metric_for_best_model: "eval_mean_token_accuracy" },
+    /unknown metric "eval_mean_token_accuracy";/,
+  );
+  invalid(
+    { load_best_model_at_end: true },
+    /train-sft\.load_best_model_at_end: needs evaluations during training, but eval_steps is null .*; set eval_steps/,
+  );
 });
 
 Deno.test("train-sft runs end to end on a tokenize upstream: PEFT adapter, metrics, plot, trainer state, checkpoints", async () => {
@@ -236,6 +297,106 @@ Deno.test("a NaN loss fails train-sft with failure.json naming the last good che
     assert.equal(fresh.manifest.metrics.resumed_from_step, null);
     assert.equal(fresh.manifest.metrics.steps, 4);
     assert.equal(await Deno.stat(kept).catch(() => null), null);
+  });
+});
+
+/** The eval points after the first step, and the step of the lowest. */
+function bestEval(lines: MetricLine[]): { evals: MetricLine[]; best: MetricLine } {
+  const evals = lines.filter((l) => l.name === "eval_loss" && l.step > 0);
+  return { evals, best: evals.reduce((a, b) => (b.value < a.value ? b : a)) };
+}
+
+// A learning rate at which the eval loss of the synthetic chats rises again before step 6.
+const BEST = { ...SMALL, max_steps: 6, learning_rate: 2e-2, lr_scheduler_type: "constant", eval_steps: 1 };
+
+Deno.test("train-sft with load_best_model_at_end exports the best evaluation's adapter and records which one", async () => {
+  await withSetup(async (s) => {
+    const out = await train(s, { ...BEST, save_steps: 1, load_best_model_at_end: true });
+    const dir = join(s.runs, "a", "train-sft");
+    const { evals, best } = bestEval(await metricLines(dir));
+    assert.deepEqual(evals.map((l) => l.step), [1, 2, 3, 4, 5, 6]);
+    assert.ok(best.step < 6 && evals[5].value > best.value, JSON.stringify(evals));
+
+    const weights = out.manifest.outputs.adapter_weights.sha256;
+    const kept = (step: number) => join(dir, "checkpoints", `step-${step}`, "adapter_model.safetensors");
+    assert.equal(weights, (await sha256File(kept(best.step))).sha256);
+    assert.notEqual(weights, (await sha256File(kept(6))).sha256);
+    const m = out.manifest.metrics;
+    assert.equal(m.best_global_step, best.step);
+    assert.equal(m.best_metric, best.value);
+    assert.equal(m.best_model_checkpoint, `checkpoints/step-${best.step}`);
+    assert.equal(m.eval_loss, evals[5].value);
+    const state = JSON.parse(await Deno.readTextFile(join(dir, "trainer_state.json")));
+    assert.deepEqual(
+      [state.best_global_step, state.best_metric, state.best_model_checkpoint],
+      [best.step, best.value, `checkpoints/step-${best.step}`],
+    );
+    // The checkpoint's own trainer_state.json names itself, relative to the step directory.
+    const own = JSON.parse(
+      await Deno.readTextFile(join(dir, "checkpoints", `step-${best.step}`, "trainer_state.json")),
+    );
+    assert.equal(own.best_model_checkpoint, `checkpoints/step-${best.step}`);
+
+    // Without an eval split the step stops before loading the model.
+    await runStep(fakePrepare, {
+      runsRoot: s.runs,
+      runId: "c",
+      recipe: null,
+      seed: 1,
+      projectRoot: ROOT,
+      quiet: true,
+      config: { train: join(s.dir, "train.jsonl"), kind: "sft" },
+    });
+    await runStep(tokenizeStep, {
+      runsRoot: s.runs,
+      runId: "c",
+      recipe: null,
+      seed: 1,
+      projectRoot: ROOT,
+      quiet: true,
+      config: { tokenizer: "data/demo/tokenizer", max_seq_len: 96, workers: 1 },
+    });
+    trainSftHooks.wrapModel = () => {
+      throw new Error("the model was loaded");
+    };
+    await assert.rejects(
+      () => train(s, { ...BEST, load_best_model_at_end: true }, "c"),
+      /Cannot use train-sft\.load_best_model_at_end: there is no eval split/,
+    );
+  });
+});
+
+Deno.test("a killed train-sft with load_best_model_at_end resumes to the adapter and record of an uninterrupted run", async () => {
+  await withSetup(async (s) => {
+    const config = { ...BEST, save_steps: 2, load_best_model_at_end: true };
+    trainSftHooks.wrapModel = (model) => new FaultyModel(model, { throwAtStep: 5 });
+    await assert.rejects(() => train(s, config), /injected kill at step 5/);
+    delete trainSftHooks.wrapModel;
+    Deno.env.set("LATHE_RESUME", "1");
+    const resumed = await train(s, config);
+    Deno.env.delete("LATHE_RESUME");
+    assert.equal(resumed.manifest.metrics.resumed_from_step, 4);
+
+    await upstream(s, "b");
+    const whole = await train(s, config, "b", true);
+    // The exported adapter is not the last one.
+    assert.ok((whole.manifest.metrics.best_global_step as number) < 6);
+    assert.equal(
+      resumed.manifest.outputs.adapter_weights.sha256,
+      whole.manifest.outputs.adapter_weights.sha256,
+    );
+    for (const k of ["best_global_step", "best_metric", "best_model_checkpoint", "eval_loss", "train_loss"]) {
+      assert.equal(resumed.manifest.metrics[k], whole.manifest.metrics[k], k);
+    }
+    // trainer_state.json is the same but for the timings.
+    const timings = new Set(["train_runtime", "train_tokens_per_second", "tokens_per_second"]);
+    const state = async (run: string) => {
+      const text = await Deno.readTextFile(join(s.runs, run, "train-sft", "trainer_state.json"));
+      return JSON.parse(text, (key, value) => (timings.has(key) ? undefined : value));
+    };
+    const [a, b] = [await state("a"), await state("b")];
+    assert.equal(a.best_global_step, whole.manifest.metrics.best_global_step);
+    assert.deepEqual(a, b);
   });
 });
 

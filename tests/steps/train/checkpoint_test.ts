@@ -4,6 +4,7 @@ import { type LoraConfig, loraKey, readPeftAdapter } from "../../../formats/peft
 import { SafetensorsFile } from "../../../formats/safetensors.ts";
 import { buildBatch } from "../../../steps/train/batches.ts";
 import {
+  BEST_ADAPTER_DIR,
   listCheckpoints,
   loadCheckpoint,
   pruneCheckpoints,
@@ -161,9 +162,38 @@ Deno.test("saveCheckpoint() and loadCheckpoint() round-trip adapters, AdamW mome
       assert.deepEqual(byKey.get(`${w.layer}.${w.module}`)!.A, w.A);
       assert.deepEqual(byKey.get(`${w.layer}.${w.module}`)!.B, w.B);
     }
+    assert.equal(loaded.best, null);
     // A mismatch between the optimizer file and the loop state is refused.
     const bad = await saveCheckpoint(root, model, PEFT, training(7), trainer(7));
     await assert.rejects(() => loadCheckpoint(bad, host.config), /optimizer state is at step 1/);
+  });
+});
+
+Deno.test("a checkpoint of a load_best_model_at_end run keeps the best adapter beside the current one, bit for bit", async () => {
+  await withTempDir(async (dir) => {
+    const host = await nanoModel(join(dir, "m"));
+    const config = trainConfig({ lora: { r: 4, alpha: 8, target_modules: ["v_proj", "q_proj"] } });
+    using model = referenceModel(host, config, 2);
+    // The best adapter differs from the model's, whose B is 0 at init.
+    const best = (await model.getLora()).map((w) => ({
+      ...w,
+      A: w.A.map((v) => v / 3),
+      B: w.B.map((_, i) => Math.fround(Math.PI * (i + 1) / 7)),
+    }));
+    // No optimizer step taken: the loop state is at step 0.
+    const state = { ...training(0), bestModel: { step: 0, metric: 5.25, checkpoint: "checkpoints/step-0" } };
+    const path = await saveCheckpoint(join(dir, "ckpt"), model, PEFT, state, trainer(0), best);
+    assert.ok((await Deno.stat(join(path, BEST_ADAPTER_DIR, "adapter_model.safetensors"))).isFile);
+    const loaded = await loadCheckpoint(path, host.config);
+    assert.deepEqual(loaded.training.bestModel, state.bestModel);
+    const byKey = new Map(loaded.best!.map((w) => [`${w.layer}.${w.module}`, w]));
+    assert.equal(byKey.size, best.length);
+    for (const w of best) {
+      assert.deepEqual(byKey.get(`${w.layer}.${w.module}`)!.A, w.A);
+      assert.deepEqual(byKey.get(`${w.layer}.${w.module}`)!.B, w.B);
+    }
+    const current = new Map(loaded.lora.map((w) => [`${w.layer}.${w.module}`, w]));
+    for (const w of await model.getLora()) assert.deepEqual(current.get(`${w.layer}.${w.module}`)!.B, w.B);
   });
 });
 
@@ -178,4 +208,22 @@ Deno.test("listCheckpoints() ignores and removes half-written checkpoints; prune
     assert.deepEqual((await listCheckpoints(root)).map((c) => c.step), [4, 10]);
     assert.deepEqual(await listCheckpoints(join(root, "missing")), []);
   });
+});
+
+Deno.test("pruneCheckpoints() never deletes the best model's checkpoint, as transformers' rotation", async () => {
+  const cases: { limit: number; keep: number | null; left: number[] }[] = [
+    { limit: 2, keep: null, left: [6, 8] },
+    { limit: 2, keep: 4, left: [4, 8] }, // the best ranks as the second newest
+    { limit: 3, keep: 2, left: [2, 6, 8] },
+    { limit: 1, keep: 4, left: [4, 8] }, // limit 1: the newest stays too, so a run can resume
+    { limit: 1, keep: 8, left: [8] },
+    { limit: 2, keep: 5, left: [6, 8] }, // no checkpoint at that step: plain rotation
+  ];
+  for (const c of cases) {
+    await withTempDir(async (root) => {
+      for (const step of [2, 4, 6, 8]) await Deno.mkdir(join(root, `step-${step}`));
+      await pruneCheckpoints(root, c.limit, c.keep);
+      assert.deepEqual((await listCheckpoints(root)).map((x) => x.step), c.left, JSON.stringify(c));
+    });
+  }
 });

@@ -7,7 +7,8 @@ import { LatheError } from "../../../steps/errors.ts";
 import { sha256File } from "../../../steps/hash.ts";
 import { buildBatch, chunks, epochOrder } from "../../../steps/train/batches.ts";
 import { listCheckpoints, writeAdapter } from "../../../steps/train/checkpoint.ts";
-import { trainLoop, type TrainLoopOptions } from "../../../steps/train/loop.ts";
+import { finalTrainerState, trainLoop, type TrainLoopOptions } from "../../../steps/train/loop.ts";
+import { Progress } from "../../../steps/progress.ts";
 import type { TrainSftConfig } from "../../../steps/train/config.ts";
 import {
   FaultyModel,
@@ -15,6 +16,7 @@ import {
   makeSplit,
   memoryIo,
   nanoModel,
+  packedRow,
   patternDoc,
   patternRows,
   referenceModel,
@@ -328,5 +330,211 @@ Deno.test("a run killed after a checkpoint and resumed ends with the same adapte
     assert.deepEqual(exact(resumed.points), exact(whole.points));
     assert.equal(result.metrics.train_loss, wholeResult.metrics.train_loss);
     assert.equal(result.metrics.eval_loss, wholeResult.metrics.eval_loss);
+  });
+});
+
+/**
+ * Eval rows in the training pattern's tokens but the reverse order (next id = previous − 1):
+ * training first teaches which ids occur, which lowers the eval loss, then the forward order,
+ * which raises it again.
+ */
+function reversedRows(n: number, seqLen: number): RowSpec[] {
+  return Array.from({ length: n }, (_, i) => {
+    const doc = Array.from({ length: seqLen - 2 }, (_, t) => 20 + ((80 + i - t) % 8));
+    return packedRow(seqLen, [doc]);
+  });
+}
+
+async function withRisingEval(fn: (w: World) => Promise<void>): Promise<void> {
+  await withTempDir(async (dir) => {
+    const host = await nanoModel(join(dir, "model"));
+    const train = await makeSplit(dir, "train", patternRows(16, 32), { seqLen: 32, packed: true });
+    const evalSplit = await makeSplit(dir, "eval", reversedRows(4, 32), { seqLen: 32, packed: true });
+    await fn({ dir, host, train, eval: evalSplit });
+  });
+}
+
+const RISING = {
+  learning_rate: 1e-2,
+  lr_scheduler_type: "constant",
+  per_device_train_batch_size: 4,
+  gradient_accumulation_steps: 1,
+  lora: { dropout: 0 },
+  eval_steps: 1,
+};
+
+/** A progress reporter that keeps the text of its final line. */
+class FinalLine extends Progress {
+  static last = "";
+  constructor(total: number, unit?: string) {
+    super("test", total, unit, true);
+  }
+  override done(extra?: string): void {
+    FinalLine.last = extra ?? "";
+    super.done(extra);
+  }
+}
+
+/** The eval points after the first step, and the step of the lowest. */
+function evalsAfterStart(points: { name: string; step: number; value: number }[]) {
+  const evals = points.filter((p) => p.name === "eval_loss" && p.step > 0);
+  const best = evals.reduce((a, b) => (b.value < a.value ? b : a));
+  return { evals, best };
+}
+
+async function fileHash(path: string): Promise<string> {
+  return (await sha256File(path)).sha256;
+}
+
+Deno.test("load_best_model_at_end exports the adapter of the best evaluation when the eval loss rises after it", async () => {
+  await withRisingEval(async (w) => {
+    const config = trainConfig({
+      ...RISING,
+      max_steps: 6,
+      save_steps: 1,
+      save_total_limit: 2,
+      load_best_model_at_end: true,
+    });
+    const ckpt = join(w.dir, "ckpt");
+    const { opts, points } = options(w, config, { checkpointDir: ckpt });
+    opts.io.progress = (total, unit) => new FinalLine(total, unit);
+    const result = await trainLoop(opts);
+    const { evals, best } = evalsAfterStart(points);
+    assert.deepEqual(evals.map((p) => p.step), [1, 2, 3, 4, 5, 6]);
+    // The data make this a real choice: the loss rises after the best step, which is not the last.
+    assert.ok(best.step < 6 && evals[5].value > best.value, JSON.stringify(evals));
+
+    const exported = await adapterHash(join(w.dir, "exported"), opts.model);
+    assert.equal(exported, await fileHash(join(ckpt, `step-${best.step}`, "adapter_model.safetensors")));
+    assert.notEqual(exported, await fileHash(join(ckpt, "step-6", "adapter_model.safetensors")));
+    // save_total_limit 2 rotates the others out but keeps the best checkpoint.
+    assert.deepEqual((await listCheckpoints(ckpt)).map((c) => c.step), [best.step, 6]);
+
+    assert.equal(result.metrics.best_global_step, best.step);
+    assert.equal(result.metrics.best_metric, best.value);
+    assert.equal(result.metrics.best_model_checkpoint, join(ckpt, `step-${best.step}`));
+    assert.equal(result.metrics.eval_loss, evals[5].value); // the last evaluation, as before
+    const state = finalTrainerState(result, config);
+    assert.deepEqual(
+      [state.best_global_step, state.best_metric, state.best_model_checkpoint],
+      [best.step, best.value, join(ckpt, `step-${best.step}`)],
+    );
+    assert.deepEqual(Object.keys(state).slice(0, 3), [
+      "best_global_step",
+      "best_metric",
+      "best_model_checkpoint",
+    ]);
+    assert.match(FinalLine.last, new RegExp(`kept the adapter of step ${best.step} \\(best eval_loss \\d`));
+
+    // The same run without the flag trains identically and exports the last adapter.
+    const plain = trainConfig({ ...RISING, max_steps: 6, save_steps: 1 });
+    const last = options(w, plain, { checkpointDir: join(w.dir, "plain") });
+    const plainResult = await trainLoop(last.opts);
+    assert.equal(
+      await adapterHash(join(w.dir, "last"), last.opts.model),
+      await fileHash(join(ckpt, "step-6", "adapter_model.safetensors")),
+    );
+    assert.ok(!("best_global_step" in plainResult.metrics));
+    assert.ok(!("best_global_step" in finalTrainerState(plainResult, plain)));
+  });
+});
+
+Deno.test("load_best_model_at_end with early stopping exports the best adapter; greater_is_better flips the choice", async () => {
+  await withRisingEval(async (w) => {
+    const config = trainConfig({
+      ...RISING,
+      max_steps: 12,
+      save_steps: 1,
+      early_stopping_patience: 2,
+      load_best_model_at_end: true,
+    });
+    const ckpt = join(w.dir, "ckpt");
+    const { opts, points } = options(w, config, { checkpointDir: ckpt });
+    const result = await trainLoop(opts);
+    const { evals, best } = evalsAfterStart(points);
+    // Two evaluations without improvement after the best one end the run.
+    assert.equal(result.metrics.stopped_early, true);
+    assert.equal(result.metrics.steps, best.step + 2);
+    assert.equal(evals.at(-1)!.step, best.step + 2);
+    assert.equal(result.metrics.best_global_step, best.step);
+    assert.equal(
+      await adapterHash(join(w.dir, "exported"), opts.model),
+      await fileHash(join(ckpt, `step-${best.step}`, "adapter_model.safetensors")),
+    );
+
+    // A metric where greater is better keeps the highest evaluation after the start instead.
+    const greater = trainConfig({
+      ...RISING,
+      max_steps: 6,
+      load_best_model_at_end: true,
+      greater_is_better: true,
+    });
+    const g = options(w, greater);
+    const gResult = await trainLoop(g.opts);
+    const highest = evalsAfterStart(g.points).evals.reduce((a, b) => (b.value > a.value ? b : a));
+    assert.equal(gResult.metrics.best_global_step, highest.step);
+    assert.equal(gResult.metrics.best_metric, highest.value);
+    assert.equal(gResult.metrics.best_model_checkpoint, null); // no checkpoints were written
+  });
+});
+
+Deno.test("a load_best_model_at_end run killed after a checkpoint and resumed exports the same best adapter", async () => {
+  await withRisingEval(async (w) => {
+    const config = trainConfig({ ...RISING, max_steps: 7, save_steps: 2, load_best_model_at_end: true });
+    const whole = options(w, config, { checkpointDir: join(w.dir, "whole"), checkpointLabel: "checkpoints" });
+    const wholeResult = await trainLoop(whole.opts);
+    const best = evalsAfterStart(whole.points).best;
+    // The best step has no checkpoint of its own and lies before the one the run resumes from,
+    // so only the best adapter kept in that checkpoint can bring it back.
+    assert.ok(best.step < 4 && best.step % 2 === 1, `best step ${best.step}`);
+    assert.equal(wholeResult.metrics.best_model_checkpoint, null);
+
+    const ckpt = join(w.dir, "ckpt");
+    const killed = options(w, config, { checkpointDir: ckpt, checkpointLabel: "checkpoints" });
+    killed.opts.model = new FaultyModel(killed.opts.model, { throwAtStep: 5 });
+    await assert.rejects(() => trainLoop(killed.opts), /injected kill at step 5/);
+    assert.deepEqual((await listCheckpoints(ckpt)).map((c) => c.step), [2, 4]);
+
+    const resumed = options(w, config, { checkpointDir: ckpt, checkpointLabel: "checkpoints", resume: true });
+    const result = await trainLoop(resumed.opts);
+    assert.equal(result.metrics.resumed_from_step, 4);
+    assert.deepEqual(
+      await adapterHash(join(w.dir, "r"), resumed.opts.model),
+      await adapterHash(join(w.dir, "u"), whole.opts.model),
+    );
+    const { seconds: _a, tokens_per_s: _b, resumed_from_step: _c, ...same } = result.metrics;
+    const { seconds: _d, tokens_per_s: _e, resumed_from_step: _f, ...want } = wholeResult.metrics;
+    assert.deepEqual(same, want);
+    assert.deepEqual(result.state.bestModel, wholeResult.state.bestModel);
+    // Both checkpoints at step 6 hold the same state (but for the time), best adapter included.
+    const [a, b] = [join(ckpt, "step-6"), join(w.dir, "whole", "step-6")];
+    const loopState = async (dir: string) => {
+      const { seconds: _, ...rest } = JSON.parse(await Deno.readTextFile(join(dir, "training_state.json")));
+      return rest;
+    };
+    assert.deepEqual(await loopState(a), await loopState(b));
+    const bestFile = join("best_adapter", "adapter_model.safetensors");
+    assert.equal(await fileHash(join(a, bestFile)), await fileHash(join(b, bestFile)));
+  });
+});
+
+Deno.test("load_best_model_at_end needs an eval split, and resumes only from checkpoints that keep the best adapter", async () => {
+  await withRisingEval(async (w) => {
+    const config = trainConfig({ ...RISING, max_steps: 2, save_steps: 1, load_best_model_at_end: true });
+    await assert.rejects(() => trainLoop(options(w, config, { eval: null }).opts), (e: Error) => {
+      assert.ok(e instanceof LatheError);
+      assert.equal(e.message, "Cannot use train-sft.load_best_model_at_end: there is no eval split");
+      assert.match(e.hint ?? "", /give prepare an eval split .* or drop load_best_model_at_end/);
+      return true;
+    });
+    // Checkpoints written without the flag hold no best adapter.
+    const ckpt = join(w.dir, "ckpt");
+    await trainLoop(
+      options(w, trainConfig({ ...RISING, max_steps: 2, save_steps: 1 }), { checkpointDir: ckpt }).opts,
+    );
+    await assert.rejects(
+      () => trainLoop(options(w, config, { checkpointDir: ckpt, resume: true }).opts),
+      /Cannot resume from ".*step-2": it does not hold the best adapter that load_best_model_at_end keeps/,
+    );
   });
 });
