@@ -6,6 +6,10 @@
  * each its own buffer (`chunks[i] = { rowStart, rows, buffer }`), and the ops that take
  * weights handle chunks. f16 tensors hold u16 bit patterns; bf16 exists only on the host and
  * is converted at load (see `half.ts`). Every buffer is padded to a multiple of 4 bytes.
+ *
+ * `reshape` gives a view: another shape over the same buffers, never a copy. The buffers belong
+ * to a reference-counted storage that every view holds once; they go back to the pool when the
+ * last holder is destroyed.
  * @module
  */
 import type { Gpu } from "./device.ts";
@@ -41,26 +45,57 @@ export interface TensorOptions {
   maxChunkBytes?: number;
 }
 
-/** A tensor on the GPU. Call `destroy()` (or declare it with `using`) to return its buffers to the pool. */
+/**
+ * The buffers behind a tensor and its views. Each holder (the tensor that allocated them, and
+ * every view) counts once; the buffers return to the pool when the last holder lets go.
+ */
+class Storage {
+  readonly #gpu: Gpu;
+  readonly #buffers: readonly GPUBuffer[];
+  #holders = 1;
+
+  constructor(gpu: Gpu, buffers: readonly GPUBuffer[]) {
+    this.#gpu = gpu;
+    this.#buffers = buffers;
+  }
+
+  retain(): void {
+    this.#holders++;
+  }
+
+  release(): void {
+    if (--this.#holders > 0) return;
+    const p = pool(this.#gpu);
+    for (const b of this.#buffers) p.release(b);
+  }
+}
+
+/**
+ * A tensor on the GPU. Call `destroy()` (or declare it with `using`) to let go of its buffers;
+ * they return to the pool once no view of them is left.
+ */
 export class Tensor implements Disposable {
   readonly gpu: Gpu;
   readonly shape: readonly number[];
   readonly dtype: DType;
   readonly label: string;
-  #chunks: TensorChunk[];
+  #chunks: readonly TensorChunk[];
+  readonly #storage: Storage;
 
   private constructor(
     gpu: Gpu,
     shape: readonly number[],
     dtype: DType,
     label: string,
-    chunks: TensorChunk[],
+    chunks: readonly TensorChunk[],
+    storage: Storage,
   ) {
     this.gpu = gpu;
     this.shape = shape;
     this.dtype = dtype;
     this.label = label;
     this.#chunks = chunks;
+    this.#storage = storage;
   }
 
   /**
@@ -139,7 +174,8 @@ export class Tensor implements Disposable {
         });
       }
     }
-    return new Tensor(gpu, [...shape], dtype, label, chunks);
+    const storage = new Storage(gpu, chunks.map((c) => c.buffer));
+    return new Tensor(gpu, [...shape], dtype, label, chunks, storage);
   }
 
   /** A tensor of zeros (cleared on the GPU, in stream order). */
@@ -215,12 +251,57 @@ export class Tensor implements Disposable {
     return Float32Array.from(host);
   }
 
-  /** Returns the buffers to the pool. Safe to call twice; commands already recorded still run. */
+  /**
+   * The same elements under another shape: a view sharing this tensor's buffers, never a copy
+   * (writes through either are seen by both). One dimension may be -1, inferred from the others.
+   * An unsplit tensor takes any shape with the same element count; a tensor split into row
+   * chunks keeps its first dimension (its chunks hold whole rows), and another first dimension
+   * throws a RangeError, as does another element count.
+   *
+   * The view holds the buffers as the tensor does: they return to the pool when the last of
+   * the tensor and its views is destroyed, in any order.
+   *
+   * @param shape the view's shape
+   * @param label names the view (default: this tensor's label)
+   * @example
+   * ```ts
+   * const v = vProj.reshape([T, Hkv, hd], "v"); // [T, Hkv·hd] seen as [T, Hkv, hd]
+   * vProj.destroy(); // the buffer stays alive for v
+   * v.destroy(); // back to the pool
+   * ```
+   */
+  reshape(shape: readonly number[], label: string = this.label): Tensor {
+    const chunks = this.chunks;
+    const target = resolveShape(this, shape);
+    let viewChunks: readonly TensorChunk[];
+    if (chunks.length === 1) {
+      const c = chunks[0];
+      viewChunks = [{
+        rowStart: 0,
+        rows: target.length === 0 ? 1 : target[0],
+        buffer: c.buffer,
+        byteLength: c.byteLength,
+      }];
+    } else if (target.length > 0 && target[0] === this.rows) {
+      viewChunks = chunks;
+    } else {
+      throw new RangeError(
+        `Cannot reshape tensor "${this.label}" [${this.shape}] to [${shape}] without a copy: it is split into ` +
+          `${chunks.length} row chunks of whole rows, so a view must keep the first dimension ${this.rows}`,
+      );
+    }
+    this.#storage.retain();
+    return new Tensor(this.gpu, target, this.dtype, label, viewChunks, this.#storage);
+  }
+
+  /**
+   * Lets go of the buffers: they return to the pool when no view of them is left. Safe to call
+   * twice; commands already recorded still run.
+   */
   destroy(): void {
     if (this.#chunks.length === 0) return;
-    const p = pool(this.gpu);
-    for (const c of this.#chunks) p.release(c.buffer);
     this.#chunks = [];
+    this.#storage.release();
   }
 
   [Symbol.dispose](): void {
@@ -257,6 +338,28 @@ export async function readTensors(tensors: readonly Tensor[]): Promise<HostArray
     }
     return hostView(bytes.buffer, t.dtype);
   });
+}
+
+/** `shape` with a -1 resolved against `t`'s element count; throws when the counts differ. */
+function resolveShape(t: Tensor, shape: readonly number[]): number[] {
+  const fail = (why: string): never => {
+    throw new RangeError(`Cannot reshape tensor "${t.label}" [${t.shape}] to [${shape}]: ${why}`);
+  };
+  const free = shape.indexOf(-1);
+  if (free !== shape.lastIndexOf(-1)) fail("only one dimension may be -1");
+  for (const d of shape) {
+    if (d !== -1 && (!Number.isInteger(d) || d < 0)) fail(`dimension "${d}" is not a size`);
+  }
+  const n = t.size;
+  if (free === -1) {
+    const m = shapeSize(shape);
+    if (m !== n) fail(`it holds ${n} elements, the shape ${m}`);
+    return [...shape];
+  }
+  const known = shapeSize(shape.filter((_, i) => i !== free));
+  if (known === 0) fail(`the -1 dimension cannot be inferred next to a dimension of 0`);
+  if (n % known !== 0) fail(`its ${n} elements are not a multiple of ${known}`);
+  return shape.map((d, i) => i === free ? n / known : d);
 }
 
 /** Number of elements of a shape (1 for a scalar). */

@@ -21,9 +21,9 @@
  * In the f16 path the backward widens g and u to f32 for SwiGLU's gradient, so no gradient is
  * ever rounded to f16.
  *
- * The attention kernels take [T,heads,hd] tensors and the matmuls [T,heads·hd]; `tensor.ts` has
- * no zero-copy reshape, so the four tensors that change view (v, a, da, dv) are copied once
- * each (T·heads·hd elements, against the T·D·heads·hd multiply-adds of their projection).
+ * The attention kernels take [T,heads,hd] tensors and the matmuls [T,heads·hd]; the four
+ * tensors that change between the two (v, a, da, dv) are zero-copy views (`Tensor.reshape`)
+ * of the same buffer, which returns to the pool when both views are destroyed.
  * @module
  */
 import type { Gpu } from "../device.ts";
@@ -192,14 +192,6 @@ function projectBackward(
   });
 }
 
-/** A copy of `t` with another shape of the same size (see the module documentation). */
-function reshaped(t: Tensor, shape: number[], label: string): Tensor {
-  const out = Tensor.empty(t.gpu, shape, t.dtype, { label });
-  if (out.size !== t.size) throw new RangeError(`Cannot view "${t.label}" [${t.shape}] as [${shape}]`);
-  recorder(t.gpu).copyBuffer(t.buffer, 0, out.buffer, 0, Math.ceil(t.byteLength / 4) * 4);
-  return out;
-}
-
 /** The normed input in the activation dtype (RMSNorm writes its input's dtype, f32 here). */
 function normed(ctx: LayerContext, h: Tensor, w: Tensor, label: string): { x: Tensor; rstd: Tensor } {
   const { y, rstd } = rmsnormForward(h, w, { eps: ctx.config.rmsNormEps, label });
@@ -245,7 +237,7 @@ export function layerForward(
   const vLin = project(ctx, batch, layer, "v_proj", n1.x, xa);
   const q = ropeForward(qLin, batch.positions, ctx.rope, { label: `${p}.q` });
   const k = ropeForward(kLin, batch.positions, ctx.rope, { label: `${p}.k` });
-  const v = reshaped(vLin, [T, Hkv, hd], `${p}.v`);
+  const v = vLin.reshape([T, Hkv, hd], `${p}.v`);
   qLin.destroy();
   kLin.destroy();
   vLin.destroy();
@@ -254,7 +246,7 @@ export function layerForward(
     window: config.layerWindows[layer],
     docs: batch.docs,
   });
-  const attn2 = reshaped(attn, [T, H * hd], `${p}.attn`);
+  const attn2 = attn.reshape([T, H * hd]);
   const hMid = copyOf(hIn, `${p}.h_mid`);
   project(ctx, batch, layer, "o_proj", attn2, xa, hMid);
   attn2.destroy();
@@ -342,11 +334,11 @@ export function layerBackward(
   dx2.destroy();
 
   // Attention block: hMid = hIn + o(attention(rope(q(x1)), rope(k(x1)), v(x1))).
-  const attn2 = reshaped(saved.attn, [T, H * hd], `${p}.attn`);
+  const attn2 = saved.attn.reshape([T, H * hd]);
   const dAttn2 = f32([T, H * hd], `${p}.d_attn`);
   projectBackward(ctx, batch, layer, "o_proj", dh, attn2, saved, dAttn2, false);
   attn2.destroy();
-  const dAttn = reshaped(dAttn2, [T, H, hd], `${p}.d_attn`);
+  const dAttn = dAttn2.reshape([T, H, hd]);
   dAttn2.destroy();
   const { dq, dk, dv } = attentionBackward(dAttn, saved.q, saved.k, saved.v, saved.attn, saved.lse, {
     S: batch.seqLen,
@@ -356,7 +348,7 @@ export function layerBackward(
   dAttn.destroy();
   const dqLin = ropeBackward(dq, batch.positions, ctx.rope, { out: f32([T, H * hd], `${p}.dq`) });
   const dkLin = ropeBackward(dk, batch.positions, ctx.rope, { out: f32([T, Hkv * hd], `${p}.dk`) });
-  const dvLin = reshaped(dv, [T, Hkv * hd], `${p}.dv`);
+  const dvLin = dv.reshape([T, Hkv * hd]);
   dq.destroy();
   dk.destroy();
   dv.destroy();

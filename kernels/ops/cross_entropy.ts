@@ -16,25 +16,31 @@
  * micro-batches add up to the step's mean loss (`accumulateLoss`), as transformers'
  * `num_items_in_batch`.
  *
- * W (f32 or f16) may be split into row chunks. When a vocabulary chunk is not all of W, its rows
- * are copied into a [Vc,D] scratch in W's dtype before the products (the matmul takes whole
- * tensors); that copy is Vc·D elements against the T·Vc·D multiply-adds of the product.
- * This file is the only place these kernels' workgroup sizes are written.
+ * W (f32 or f16) may be split into row chunks. Vocabulary chunks never straddle them: each W
+ * chunk is cut into chunks of at most Vc rows, and the two products read W's rows in place:
+ * the chunk's buffer is bound whole and the matmul kernels (`matmul_wgsl.ts`) start at row
+ * v0 − rowStart through their B offset uniform (`b_off`), so W is never copied. The products
+ * are launched as `matmul` launches them (same kernel, tile and vec4 choices, so the same bits),
+ * except that they never split K, which `matmul` does on GPUs for products with few output
+ * tiles (dh = dz·W of a micro-batch of a few hundred tokens or fewer).
+ * This file is the only place the loss kernels' workgroup sizes are written.
  * @module
  */
 import type { Gpu } from "../device.ts";
 import { getKernel, type Kernel } from "../pipeline.ts";
 import { recorder } from "../recorder.ts";
-import { DTYPE_BYTES, Tensor } from "../tensor.ts";
+import { Tensor, type TensorChunk } from "../tensor.ts";
 import { grid } from "./_grid.ts";
-import { matmul } from "./matmul.ts";
+import { rowSegments } from "./_rowwise.ts";
+import { chooseConfig, type FloatDType, type MatmulConfig } from "./matmul.ts";
+import { MATMUL_UNIFORM_BYTES, matmulDirectWgsl, matmulUniforms, matmulWgsl } from "./matmul_wgsl.ts";
 
 /** Targets equal to this are not trained (PyTorch's ignore_index). */
 export const IGNORE_INDEX = -100;
 
 /** Invocations per workgroup of the three kernels (a power of two). */
 const WG = 256;
-/** Bytes of the chunk scratch (logits, and copied W rows) unless the caller sets `scratchBytes`. */
+/** Bytes of the chunk's [T,Vc] f32 logits unless the caller sets `scratchBytes`. */
 const DEFAULT_SCRATCH_BYTES = 64 * 1024 * 1024;
 /** Largest automatic chunk, and the multiple an automatic chunk is rounded down to. */
 const MAX_CHUNK = 32768;
@@ -46,7 +52,7 @@ export interface CrossEntropyOptions {
   n: number;
   /** Vc: vocabulary rows per chunk (default: the largest that fits `scratchBytes`, at most 32768). */
   chunk?: number;
-  /** Bytes the chunk scratch may take when `chunk` is not given (default 64 MiB). */
+  /** Bytes the chunk's logits may take when `chunk` is not given (default 64 MiB). */
   scratchBytes?: number;
 }
 
@@ -121,10 +127,8 @@ export function crossEntropyForward(
   const rec = recorder(gpu);
   const stats = kernel(gpu, "cross_entropy_stats", ["read", "read", "write"]);
   const state = Tensor.empty(gpu, [T, 4], "f32", { label: "ce_state" });
-  for (let v0 = 0; v0 < V; v0 += p.chunk) {
-    const C = Math.min(p.chunk, V - v0);
-    const rows = weightRows(W, v0, C);
-    const z = matmul(h, rows, { layout: "NT", outDtype: "f32", label: "ce_logits" });
+  for (const { wChunk, v0, C } of vocabularyChunks(W, p.chunk)) {
+    const z = logits(p, h, W, wChunk, v0, C, "ce_logits");
     rec.dispatch(
       stats,
       [z.buffer, targets.buffer, state.buffer],
@@ -132,7 +136,6 @@ export function crossEntropyForward(
       grid(gpu, T),
     );
     z.destroy();
-    if (rows !== W) rows.destroy();
   }
   const finish = kernel(gpu, "cross_entropy_finish", ["read", "read", "write", "write"]);
   const u = new Uint32Array(4);
@@ -163,7 +166,7 @@ export function crossEntropyBackward(
   options: CrossEntropyBackwardOptions,
 ): Tensor {
   const p = prepare(h, W, targets, options, "backward");
-  const { gpu, T, D, V } = p;
+  const { gpu, T, D } = p;
   checkOut(lse, [T], "lse");
   if (options.accumulate && options.dh === undefined) {
     throw new TypeError("Cannot accumulate the cross-entropy gradient: `accumulate` needs a `dh` tensor");
@@ -179,28 +182,37 @@ export function crossEntropyBackward(
   const grad = kernel(gpu, "cross_entropy_grad", ["write", "read", "read"]);
   const u = new Uint32Array(4);
   const scale = (options.dloss ?? 1) / options.n;
-  for (let v0 = 0; v0 < V; v0 += p.chunk) {
-    const C = Math.min(p.chunk, V - v0);
-    const rows = weightRows(W, v0, C);
-    const z = matmul(h, rows, { layout: "NT", outDtype: "f32", label: "ce_dlogits" });
+  // dh = Σ over chunks of dz·W[v0:v0+C]: a product per chunk, added in vocabulary order.
+  const config = chooseConfig(gpu, T, D);
+  for (const { wChunk, v0, C } of vocabularyChunks(W, p.chunk)) {
+    const z = logits(p, h, W, wChunk, v0, C, "ce_dlogits");
     u.set([T, C, v0]);
     new Float32Array(u.buffer)[3] = scale;
     rec.dispatch(grad, [z.buffer, targets.buffer, lse.buffer], u, grid(gpu, Math.ceil((T * C) / WG)));
-    matmul(z, rows, { layout: "NN", out: dh, accumulate: (options.accumulate ?? false) || v0 > 0 });
+    const accumulate = (options.accumulate ?? false) || v0 > 0;
+    for (const seg of rowSegments([dh])) {
+      // dh[rows of seg] (+)= dz[seg rows, C] · W[v0:v0+C, D]
+      product(gpu, config, "NN", { M: seg.rows, N: D, K: C }, {
+        a: { buffer: z.buffer, offset: seg.row * C, ld: C, dtype: "f32" },
+        b: { buffer: wChunk.buffer, offset: (v0 - wChunk.rowStart) * D, ld: D, dtype: W.dtype as FloatDType },
+        c: { buffer: seg.parts[0].buffer, offset: seg.parts[0].offset, ld: D, dtype: dh.dtype as FloatDType },
+        accumulate,
+      });
+    }
     z.destroy();
-    if (rows !== W) rows.destroy();
   }
   return dh;
 }
 
 /**
  * Vc for the product h[T,D]·W[V,D]ᵀ: `chunk` when given; else all of V when the [T,V] f32
- * logits fit `scratchBytes`, or the largest multiple of 256 (at most 32768) whose logits and
- * copied W rows fit it. Never more rows than one storage binding holds for T tokens.
+ * logits fit `scratchBytes`, or the largest multiple of 256 (at most 32768) whose [T,Vc] f32
+ * logits fit it. Never more rows than one storage binding holds for T tokens. The chunks
+ * actually run are cut further at W's row-chunk boundaries.
  *
  * @example
  * ```ts
- * crossEntropyChunk(h, W, { scratchBytes: 2 ** 26 }); // 2560 for T = 4096, D = 4096 and an f16 W
+ * crossEntropyChunk(h, W, { scratchBytes: 2 ** 26 }); // 4096 for T = 4096
  * ```
  */
 export function crossEntropyChunk(
@@ -231,9 +243,7 @@ export function crossEntropyChunk(
     if (4 * T * V <= budget) {
       chunk = V;
     } else {
-      // Per vocabulary row: 4·T bytes of logits and one copied W row.
-      const perRow = 4 * T + W.rowSize * DTYPE_BYTES[W.dtype];
-      chunk = Math.min(Math.floor(budget / perRow), MAX_CHUNK);
+      chunk = Math.min(Math.floor(budget / (4 * T)), MAX_CHUNK);
       chunk = Math.max(CHUNK_MULTIPLE, Math.floor(chunk / CHUNK_MULTIPLE) * CHUNK_MULTIPLE);
     }
   }
@@ -262,6 +272,7 @@ function prepare(
     if (t.dtype !== "f32" && t.dtype !== "f16") {
       fail(`"${t.label}" has dtype ${t.dtype}; f32 or f16 expected`);
     }
+    if (t.dtype === "f16" && !h.gpu.f16) fail(`"${t.label}" is f16 but this adapter has no shader-f16`);
   }
   if (targets.dtype !== "i32" || targets.shape.join() !== `${T}`) {
     fail(`targets "${targets.label}" is ${targets.dtype}[${targets.shape}]; i32 [${T}] expected`);
@@ -287,34 +298,132 @@ function kernel(gpu: Gpu, name: string, bindings: ("read" | "write")[]): Kernel 
   });
 }
 
+/** One vocabulary chunk: rows [v0, v0 + C) of W, all inside the W chunk `wChunk`. */
+interface VocabularyChunk {
+  wChunk: TensorChunk;
+  v0: number;
+  C: number;
+}
+
+/** W's rows in chunks of at most `chunk`, cut at every row-chunk boundary of W. */
+function* vocabularyChunks(W: Tensor, chunk: number): Generator<VocabularyChunk> {
+  for (const wChunk of W.chunks) {
+    const end = wChunk.rowStart + wChunk.rows;
+    for (let v0 = wChunk.rowStart; v0 < end; v0 += chunk) yield { wChunk, v0, C: Math.min(chunk, end - v0) };
+  }
+}
+
+/** z[T,C] f32 = h[T,D] · W[v0:v0+C, D]ᵀ, with W's rows read in place from their chunk. */
+function logits(
+  p: Problem,
+  h: Tensor,
+  W: Tensor,
+  wChunk: TensorChunk,
+  v0: number,
+  C: number,
+  label: string,
+): Tensor {
+  const { gpu, T, D } = p;
+  const z = Tensor.empty(gpu, [T, C], "f32", { label });
+  const config = chooseConfig(gpu, T, C);
+  for (const seg of rowSegments([h])) {
+    product(gpu, config, "NT", { M: seg.rows, N: C, K: D }, {
+      a: { buffer: seg.parts[0].buffer, offset: seg.parts[0].offset, ld: D, dtype: h.dtype as FloatDType },
+      b: { buffer: wChunk.buffer, offset: (v0 - wChunk.rowStart) * D, ld: D, dtype: W.dtype as FloatDType },
+      c: { buffer: z.buffer, offset: seg.row * C, ld: C, dtype: "f32" },
+      accumulate: false,
+    });
+  }
+  return z;
+}
+
+/** A matrix operand: its buffer, the element offset of its first element and its row stride. */
+interface Operand {
+  buffer: GPUBuffer;
+  offset: number;
+  ld: number;
+  dtype: FloatDType;
+}
+
 /**
- * W[v0:v0+C, D] as a tensor: W itself when the range is all of it, else a copy of those rows
- * (one buffer copy per W row chunk the range overlaps).
+ * C[M,N] (+)= op(A)·op(B) with the matmul kernels of `matmul_wgsl.ts` (NT: A[M,K]·B[N,K]ᵀ;
+ * NN: A[M,K]·B[K,N]), each operand at an element offset in its buffer: the launch `matmul`
+ * makes for one cell, so the results are the same bits.
  */
-function weightRows(W: Tensor, v0: number, C: number): Tensor {
-  if (v0 === 0 && C === W.rows) return W;
-  const rowBytes = W.rowSize * DTYPE_BYTES[W.dtype];
-  const rows = Tensor.empty(W.gpu, [C, W.rowSize], W.dtype, { label: `${W.label}[rows ${v0}..${v0 + C})` });
-  if (rows.chunked) {
-    throw new RangeError(
-      `Cannot copy ${C} rows of "${W.label}": they exceed one storage binding; use a smaller chunk`,
-    );
+function product(
+  gpu: Gpu,
+  config: MatmulConfig,
+  layout: "NT" | "NN",
+  dims: { M: number; N: number; K: number },
+  o: { a: Operand; b: Operand; c: Operand; accumulate: boolean },
+): void {
+  const { M, N, K } = dims;
+  const { a, b, c, accumulate } = o;
+  if (M === 0 || N === 0) return;
+  // vec4 access needs the contiguous dimension, leading dimension and offset to be multiples of 4.
+  const aligned = (n: number, x: Operand) => n % 4 === 0 && x.ld % 4 === 0 && x.offset % 4 === 0;
+  const variant = {
+    layout,
+    a: a.dtype,
+    b: b.dtype,
+    c: c.dtype,
+    bias: "none" as const,
+    accumulate,
+    vecA: aligned(K, a),
+    vecB: aligned(layout === "NT" ? K : N, b),
+    vecC: aligned(N, c),
+  };
+  const params = {
+    layout,
+    dtypes: `${a.dtype}${b.dtype}${c.dtype}`,
+    acc: accumulate,
+    vec: `${+variant.vecA}${+variant.vecB}${+variant.vecC}`,
+  };
+  // Every field of the tile names the variant (the tile is a kernel parameter).
+  const tileKey = (tile: object) => Object.entries(tile).map(([k, v]) => `${k}${v}`).join("/");
+  let kernel: Kernel;
+  let groups: [number, number];
+  if (config.kind === "tiled") {
+    const tile = config.tile;
+    const exact = M % tile.BM === 0 && N % tile.BN === 0 && K % tile.BK === 0;
+    // A K that is not a multiple of BK ends with a shorter step.
+    const kTail = !exact && K % tile.BK !== 0;
+    const tiled = { ...variant, exact, kTail, tile };
+    kernel = getKernel(gpu, {
+      name: "cross_entropy_matmul",
+      params: { ...params, exact, kTail, tile: tileKey(tile) },
+      code: () => matmulWgsl(tiled),
+      bindings: ["read", "read", "write"],
+      uniformBytes: MATMUL_UNIFORM_BYTES,
+    });
+    groups = [Math.ceil(N / tile.BN), Math.ceil(M / tile.BM)];
+  } else {
+    const tile = config.tile;
+    const kExact = K % 4 === 0;
+    kernel = getKernel(gpu, {
+      name: "cross_entropy_matmul_direct",
+      params: { ...params, kExact, tile: tileKey(tile) },
+      code: () => matmulDirectWgsl({ ...variant, kExact, tile }),
+      bindings: ["read", "read", "write"],
+      uniformBytes: MATMUL_UNIFORM_BYTES,
+    });
+    groups = [Math.ceil(N / (tile.WG * tile.TN)), Math.ceil(M / tile.TM)];
   }
-  const rec = recorder(W.gpu);
-  for (const c of W.chunks) {
-    const start = Math.max(v0, c.rowStart);
-    const end = Math.min(v0 + C, c.rowStart + c.rows);
-    if (end <= start) continue;
-    const src = (start - c.rowStart) * rowBytes;
-    const dst = (start - v0) * rowBytes;
-    const size = (end - start) * rowBytes;
-    if (src % 4 !== 0 || dst % 4 !== 0 || size % 4 !== 0) {
-      throw new RangeError(
-        `Cannot copy rows ${start}..${end} of "${W.label}" (${W.dtype}, ${W.rowSize} per row): the byte range ` +
-          `is not 4-byte aligned; use an even vocabulary chunk`,
-      );
-    }
-    rec.copyBuffer(c.buffer, src, rows.buffer, dst, size);
-  }
-  return rows;
+  const u = matmulUniforms({
+    M,
+    N,
+    K,
+    lda: a.ld,
+    ldb: b.ld,
+    ldc: c.ld,
+    aOff: a.offset,
+    bOff: b.offset,
+    cOff: c.offset,
+    biasOff: 0,
+    strideA: 0,
+    strideB: 0,
+    strideC: 0,
+    alpha: 1,
+  });
+  recorder(gpu).dispatch(kernel, [a.buffer, b.buffer, c.buffer], u, groups);
 }

@@ -20,7 +20,8 @@ import {
   lm_head_cross_entropy_forward,
 } from "../../kernels/reference/cross_entropy.ts";
 import type { Gpu } from "../../kernels/device.ts";
-import { type DType, Tensor } from "../../kernels/tensor.ts";
+import { bucketSize, type DType, memoryStats, resetPeakMemory, Tensor } from "../../kernels/tensor.ts";
+import { recorder } from "../../kernels/recorder.ts";
 import { assertClose, gpuTest, nanTensor, randn, rng, roundF16, type Tolerance } from "./_harness.ts";
 
 interface Case {
@@ -171,6 +172,57 @@ gpuTest("crossEntropy handles an lm_head split into row chunks", async (gpu) => 
   for (const chunk of [64, 128, 203]) compare(await runGpu(gpu, c, data, n, { chunk, wChunkRows: 50 }), ref);
 });
 
+gpuTest(
+  "crossEntropy reads an lm_head split into row chunks in place, with chunk boundaries off the vocabulary chunks",
+  async (gpu) => {
+    // D = 21: a vocabulary chunk of 37 rows starts at an element offset that is not a multiple of 4.
+    const c = { T: 7, D: 21, V: 211, ignored: 0.2, seed: 41 };
+    const data = makeCase(c);
+    const n = count_trained(data.targets);
+    const ref = reference(c, data, n);
+    // W chunks of 70 rows ([0,70), [70,140), [140,210), [210,211)); vocabulary chunks of 32 and 37
+    // end inside them and are cut at their boundaries.
+    for (const chunk of [32, 37]) compare(await runGpu(gpu, c, data, n, { chunk, wChunkRows: 70 }), ref);
+    // Where the W chunks hold whole vocabulary chunks, the vocabulary is cut exactly as for an
+    // unsplit W, so the results are the same bits: reading rows in place is exact.
+    const whole = await runGpu(gpu, c, data, n, { chunk: 35 });
+    const split = await runGpu(gpu, c, data, n, { chunk: 35, wChunkRows: 70 });
+    assert.equal(split.loss, whole.loss);
+    assert.deepEqual(split.lse, whole.lse);
+    assert.deepEqual(split.dh, whole.dh);
+  },
+);
+
+gpuTest("crossEntropy holds only the logits chunk, never a copy of W's rows or all of [T,V]", async (gpu) => {
+  const c = { T: 8, D: 64, V: 1000, ignored: 0.1, seed: 51 };
+  const chunk = 64;
+  const data = makeCase(c);
+  const n = count_trained(data.targets);
+  using h = Tensor.from(gpu, data.h, [c.T, c.D], "f32", { label: "h" });
+  using targets = Tensor.from(gpu, data.targets, [c.T], "i32", { label: "targets" });
+  for (const maxChunkBytes of [undefined, 300 * c.D * 4]) {
+    using W = Tensor.from(gpu, data.W, [c.V, c.D], "f32", { label: "W", maxChunkBytes });
+    await recorder(gpu).sync();
+    resetPeakMemory(gpu);
+    const base = memoryStats(gpu).liveBytes;
+    const { loss, lse } = crossEntropyForward(h, W, targets, { n, chunk });
+    const dh = crossEntropyBackward(h, W, targets, lse, { n, chunk });
+    const peak = memoryStats(gpu).peakBytes - base;
+    // Everything the two calls allocate, alive at once: the outputs, the forward's running
+    // state[T,4] and one [T,Vc] f32 logits chunk. A copy of W's rows alone would be Vc·D·4 bytes.
+    const [T, D] = [c.T, c.D];
+    const bound = bucketSize(4) + bucketSize(4 * T) + bucketSize(16 * T) + bucketSize(4 * T * D) +
+      bucketSize(4 * T * chunk);
+    assert.ok(peak <= bound, `peak ${peak} bytes exceeds ${bound} (W ${W.chunks.length} chunks)`);
+    assert.ok(bound < chunk * D * 4 && bound < 4 * T * c.V, "the bound excludes a copy and the full logits");
+    compare(
+      { loss: (await loss.readF32())[0], lse: await lse.readF32(), dh: await dh.readF32() },
+      reference(c, data, n),
+    );
+    for (const t of [loss, lse, dh]) t.destroy();
+  }
+});
+
 gpuTest("crossEntropy gives ignored tokens zero gradient and an all-ignored batch zero loss", async (gpu) => {
   const c = { T: 6, D: 8, V: 40, ignored: 0, seed: 3 };
   const data = makeCase(c);
@@ -211,9 +263,9 @@ gpuTest("crossEntropyChunk keeps the scratch within its budget and one binding",
   using h = Tensor.empty(gpu, [256, 64], "f32");
   using W = Tensor.empty(gpu, [50000, 64], "f32");
   assert.equal(crossEntropyChunk(h, W, { scratchBytes: 256 * 50000 * 4 }), 50000, "all of V fits");
-  const chunk = crossEntropyChunk(h, W, { scratchBytes: 8 * 1024 * 1024 });
-  assert.equal(chunk % 256, 0);
-  assert.ok(chunk * (4 * 256 + 64 * 4) <= 8 * 1024 * 1024, `chunk ${chunk} fits the budget`);
+  // The budget holds the [T,Vc] f32 logits alone (W's rows are read in place): 8 MiB / (4·256 B).
+  assert.equal(crossEntropyChunk(h, W, { scratchBytes: 8 * 1024 * 1024 }), 8192);
+  assert.equal(crossEntropyChunk(h, W, { scratchBytes: 8 * 1024 * 1024 - 1 }), 7936, "a multiple of 256");
   assert.equal(crossEntropyChunk(h, W, { chunk: 77 }), 77);
   assert.throws(() => crossEntropyChunk(h, W, { chunk: 0 }), /positive integer/);
   // However large the budget, [T,Vc] f32 logits stay within one storage binding.

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { scale } from "../../kernels/ops/elementwise.ts";
+import { fill, scale } from "../../kernels/ops/elementwise.ts";
 import { recorder } from "../../kernels/recorder.ts";
 import {
   bucketSize,
@@ -144,6 +144,118 @@ gpuTest("an upload into a pooled buffer waits for recorded work that still reads
   assert.deepEqual(await y.read(), new Float32Array(64).fill(6));
   reuse.destroy();
   y.destroy();
+});
+
+gpuTest("reshape() views the same buffer: writes through either are read through the other", async (gpu) => {
+  const data = Float32Array.from({ length: 24 }, (_, i) => i);
+  using x = Tensor.from(gpu, data, [4, 6], "f32", { label: "x" });
+  using v = x.reshape([2, 3, 4], "v");
+  assert.deepEqual(v.shape, [2, 3, 4]);
+  assert.equal(v.label, "v");
+  assert.equal(v.size, 24);
+  assert.equal(v.rows, 2);
+  assert.equal(v.rowSize, 12);
+  assert.equal(v.buffer, x.buffer);
+  assert.deepEqual(await v.read(), data);
+  scale(v, 2, { out: v }); // written through the view
+  assert.deepEqual(await x.read(), data.map((d) => 2 * d));
+  fill(x, -1); // written through the tensor
+  assert.deepEqual(await v.read(), new Float32Array(24).fill(-1));
+  // A view of a view, -1 inferred, and a scalar view of a one-element tensor.
+  using flat = v.reshape([-1]);
+  assert.deepEqual(flat.shape, [24]);
+  using inferred = x.reshape([3, -1, 2]);
+  assert.deepEqual(inferred.shape, [3, 4, 2]);
+  using one = Tensor.from(gpu, [7], [1, 1], "f32");
+  using scalar = one.reshape([]);
+  assert.deepEqual(scalar.shape, []);
+  assert.deepEqual([...(await scalar.read())], [7]);
+});
+
+gpuTest(
+  "a tensor and its views return their buffer to the pool once, when the last is destroyed",
+  async (gpu) => {
+    await recorder(gpu).sync();
+    const before = memoryStats(gpu);
+    const x = Tensor.from(gpu, randn(1000, 4), [10, 100], "f32", { label: "x" });
+    const bytes = bucketSize(4000);
+    const v = x.reshape([1000]);
+    const w = v.reshape([100, 10]);
+    const after = memoryStats(gpu);
+    assert.equal(after.liveBytes - before.liveBytes, bytes, "views add no live bytes");
+    assert.equal(after.liveBuffers - before.liveBuffers, 1, "views add no buffers");
+    x.destroy(); // the original first: its views keep the buffer
+    x.destroy();
+    assert.equal(x.destroyed, true);
+    assert.equal(v.destroyed, false);
+    assert.throws(() => x.reshape([1000]), /Cannot use tensor "x": it was destroyed/);
+    assert.equal(memoryStats(gpu).liveBytes - before.liveBytes, bytes);
+    assert.equal((await v.read()).length, 1000);
+    w.destroy();
+    w.destroy(); // a second destroy of a view does not release the buffer for the others
+    assert.equal(memoryStats(gpu).liveBuffers - before.liveBuffers, 1);
+    v.destroy();
+    const end = memoryStats(gpu);
+    assert.equal(end.liveBytes, before.liveBytes);
+    assert.equal(end.liveBuffers, before.liveBuffers);
+    assert.equal(end.pooledBytes - before.pooledBytes, bytes, "the buffer is pooled once");
+    // Released once, the buffer is handed out once: two new tensors of its bucket get two buffers.
+    using a = Tensor.empty(gpu, [1000], "f32");
+    using b = Tensor.empty(gpu, [1000], "f32");
+    assert.notEqual(a.buffer, b.buffer);
+  },
+);
+
+gpuTest("peak memory counts a viewed buffer once", (gpu) => {
+  resetPeakMemory(gpu);
+  const base = memoryStats(gpu).liveBytes;
+  {
+    using x = Tensor.empty(gpu, [64, 64], "f32");
+    using _a = x.reshape([4096]);
+    using _b = x.reshape([64, 8, 8]);
+  }
+  const stats = memoryStats(gpu);
+  assert.equal(stats.peakBytes - base, bucketSize(64 * 64 * 4));
+  assert.equal(stats.liveBytes, base);
+});
+
+gpuTest("views of a tensor split into row chunks keep its chunks and first dimension", async (gpu) => {
+  const data = randn(37 * 10, 5);
+  using t = Tensor.from(gpu, data, [37, 10], "f32", { label: "big", maxChunkBytes: 1000 });
+  using v = t.reshape([37, 2, 5], "big3");
+  assert.equal(v.chunked, true);
+  assert.deepEqual(v.chunks.map((c) => [c.rowStart, c.rows, c.byteLength]), [[0, 25, 1000], [25, 12, 480]]);
+  assert.deepEqual(v.chunks.map((c) => c.buffer), t.chunks.map((c) => c.buffer));
+  assert.deepEqual(await v.read(), data);
+  fill(v, 3);
+  assert.deepEqual(await t.read(), new Float32Array(370).fill(3));
+  assert.throws(
+    () => t.reshape([74, 5]),
+    (e: Error) =>
+      e instanceof RangeError &&
+      e.message === 'Cannot reshape tensor "big" [37,10] to [74,5] without a copy: it is split into 2 row ' +
+          "chunks of whole rows, so a view must keep the first dimension 37",
+  );
+  assert.throws(() => t.reshape([370]), /without a copy/);
+  assert.throws(() => t.reshape([-1]), /Cannot reshape tensor "big" \[37,10\] to \[-1\] without a copy/);
+});
+
+gpuTest("reshape() refuses another element count and shapes that are not sizes", (gpu) => {
+  using x = Tensor.empty(gpu, [2, 3], "f32", { label: "x" });
+  assert.throws(
+    () => x.reshape([4, 2]),
+    (e: Error) =>
+      e instanceof RangeError &&
+      e.message === 'Cannot reshape tensor "x" [2,3] to [4,2]: it holds 6 elements, the shape 8',
+  );
+  assert.throws(() => x.reshape([-1, -1]), /only one dimension may be -1/);
+  assert.throws(() => x.reshape([4, -1]), /its 6 elements are not a multiple of 4/);
+  assert.throws(() => x.reshape([1.5, 4]), /dimension "1.5" is not a size/);
+  assert.throws(() => x.reshape([-2, -3]), /dimension "-2" is not a size/);
+  using empty = Tensor.empty(gpu, [0, 3], "f32");
+  using flipped = empty.reshape([3, 0]);
+  assert.deepEqual(flipped.shape, [3, 0]);
+  assert.throws(() => empty.reshape([0, -1]), /cannot be inferred next to a dimension of 0/);
 });
 
 Deno.test("bucketSize() rounds up to four sizes per power of two", () => {
