@@ -8,7 +8,10 @@
  * defaults, e.g. 128 MiB storage bindings and 16 KiB workgroup memory).
  *
  * Environment: `DENO_WEBGPU_BACKEND` (read by Deno: `vulkan`, `gl`, `metal`, `dx12`) picks
- * the backend; `LATHE_F16=0` makes the engine use f32 even where `shader-f16` is offered.
+ * the backend; `LATHE_F16=0` makes the engine use f32 even where `shader-f16` is offered;
+ * `LATHE_MAX_BINDING_BYTES=<bytes>` lowers the largest storage binding the engine uses below the
+ * adapter's, so that tensors above it are split into row chunks (to run the chunked paths of every
+ * op on small models, e.g. in tests).
  * @module
  */
 import { LatheError } from "../steps/errors.ts";
@@ -41,11 +44,14 @@ export class Gpu {
   /** Label of the last kernel dispatched; named when the device is lost. */
   lastKernel: string | null = null;
   #lost: Error | null = null;
+  #bindingCap: number;
 
-  constructor(device: GPUDevice, info: GpuInfo, f16: boolean) {
+  /** @param bindingCap largest storage binding the engine uses, if below the adapter's limit */
+  constructor(device: GPUDevice, info: GpuInfo, f16: boolean, bindingCap: number = Infinity) {
     this.device = device;
     this.info = info;
     this.f16 = f16;
+    this.#bindingCap = bindingCap;
     this.limits = device.limits;
     this.timestamps = device.features.has("timestamp-query");
     this.subgroups = device.features.has("subgroups");
@@ -72,9 +78,12 @@ export class Gpu {
     if (this.#lost !== null) throw this.#lost;
   }
 
-  /** Largest byte size one buffer binding may have: tensors above it are split into row chunks. */
+  /**
+   * Largest byte size one buffer binding may have: tensors above it are split into row chunks. The
+   * adapter's limit, or less where {@link RequestGpuOptions.maxBindingBytes} asks for less.
+   */
   get maxBindingBytes(): number {
-    return Math.min(this.limits.maxStorageBufferBindingSize, this.limits.maxBufferSize);
+    return Math.min(this.limits.maxStorageBufferBindingSize, this.limits.maxBufferSize, this.#bindingCap);
   }
 }
 
@@ -82,6 +91,11 @@ export class Gpu {
 export interface RequestGpuOptions {
   /** Use f16 kernels when offered (default: true unless `LATHE_F16=0`). */
   f16?: boolean;
+  /**
+   * Largest storage binding the engine uses, in bytes, when below the adapter's limit (default:
+   * `LATHE_MAX_BINDING_BYTES`, else the adapter's limit). Tensors above it are split into row chunks.
+   */
+  maxBindingBytes?: number;
 }
 
 let shared: Promise<Gpu> | null = null;
@@ -107,6 +121,7 @@ export function getGpu(): Promise<Gpu> {
 
 /** The shared GPU, or null when no adapter exists (for tests and benchmarks that skip). */
 export async function tryGetGpu(): Promise<Gpu | null> {
+  bindingCapFromEnv(); // a malformed LATHE_MAX_BINDING_BYTES is an error, not a missing adapter
   try {
     return await getGpu();
   } catch (error) {
@@ -128,6 +143,12 @@ export async function requestGpu(options: RequestGpuOptions = {}): Promise<Gpu> 
   if (adapter === null) throw noAdapterError();
 
   const f16Wanted = options.f16 ?? Deno.env.get("LATHE_F16") !== "0";
+  const bindingCap = options.maxBindingBytes ?? bindingCapFromEnv();
+  if (!(Number.isInteger(bindingCap) && bindingCap >= 4) && bindingCap !== Infinity) {
+    throw new RangeError(
+      `Cannot use the GPU: maxBindingBytes "${bindingCap}" must be an integer of at least 4`,
+    );
+  }
   const offered = new Set<string>(adapter.features);
   const requiredFeatures = WANTED_FEATURES.filter((f) =>
     offered.has(f) && (f16Wanted || !f.endsWith("f16"))
@@ -152,7 +173,24 @@ export async function requestGpu(options: RequestGpuOptions = {}): Promise<Gpu> 
     features: [...device.features].sort(),
     fallback: (adapter.info as { isFallbackAdapter?: boolean }).isFallbackAdapter ?? false,
   };
-  return new Gpu(device, info, f16Wanted && device.features.has("shader-f16"));
+  return new Gpu(device, info, f16Wanted && device.features.has("shader-f16"), bindingCap);
+}
+
+/** `LATHE_MAX_BINDING_BYTES` as a number of bytes, or Infinity when unset. */
+function bindingCapFromEnv(): number {
+  const raw = Deno.env.get("LATHE_MAX_BINDING_BYTES");
+  if (raw === undefined || raw.trim() === "") return Infinity;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 4) {
+    throw new LatheError(
+      `Cannot use the GPU: LATHE_MAX_BINDING_BYTES "${raw}" is not a byte count of at least 4`,
+      {
+        hint:
+          "set it to the largest storage binding in bytes (e.g. 65536), or unset it to use the adapter's limit",
+      },
+    );
+  }
+  return value;
 }
 
 /**

@@ -10,15 +10,26 @@
  * Tensors: q[T,H,hd], k[T,Hkv,hd], v[T,Hkv,hd], out[T,H,hd], lse[T,H] (f32), docs[T] (u32/i32).
  * Query i of a row attends key j of the same row iff j <= i, j > i − W (when W is set) and
  * docs[i] == docs[j] (when docs are given); head h reads kv head ⌊h·Hkv / H⌋.
+ *
+ * Any of the tensors may be split into row chunks (tensors beyond the storage binding limit). Tokens are
+ * then cut into spans at every chunk boundary of the tensors read per query (q, out, lse, dout, dq,
+ * docs) and per key (k, v, dk, dv, docs), and each kernel runs once per (query span, key span) pair
+ * that holds an allowed pair, binding only the chunks holding the two spans; attention_wgsl.ts has the
+ * math that carries the forward's softmax state and the gradient sums across dispatches. With no tensor
+ * split, each kernel runs once over whole buffers, as the variant without chunks.
  * @module
  */
 import type { Gpu } from "../device.ts";
-import { getKernel } from "../pipeline.ts";
+import { getKernel, type Kernel } from "../pipeline.ts";
 import { recorder } from "../recorder.ts";
-import { Tensor } from "../tensor.ts";
+import { Tensor, type TensorChunk } from "../tensor.ts";
 import {
   ATTENTION_STATS_WORKGROUP,
   ATTENTION_UNIFORM_BYTES,
+  attentionBindingNames,
+  type AttentionChunks,
+  attentionChunkUniformBytes,
+  attentionChunkUniforms,
   attentionDkdvWgsl,
   attentionDqWgsl,
   type AttentionFloat,
@@ -31,6 +42,7 @@ import {
   attentionUniforms,
   type BackwardVariant,
   checkAttentionTile,
+  type ChunkDispatch,
   type DocDType,
   type ForwardVariant,
 } from "./attention_wgsl.ts";
@@ -171,7 +183,6 @@ function floatOf(what: string, t: Tensor, gpu: Gpu): AttentionFloat {
     fail(what, `"${t.label}" has dtype ${t.dtype}; f32 or f16 expected`);
   }
   if (t.dtype === "f16" && !gpu.f16) fail(what, `"${t.label}" is f16 but this adapter has no shader-f16`);
-  if (t.chunked) fail(what, `"${t.label}" is split into row chunks (call attention per row range)`);
   return t.dtype;
 }
 
@@ -199,7 +210,6 @@ function problem(what: string, q: Tensor, k: Tensor, v: Tensor, options: Attenti
   if (docs !== null) {
     if (docs.dtype !== "u32" && docs.dtype !== "i32") fail(what, `docs "${docs.label}" must be u32 or i32`);
     expectShape(what, docs, [T]);
-    if (docs.chunked) fail(what, `docs "${docs.label}" is split into row chunks`);
   }
   const B = T / S;
   const maxGroups = gpu.limits.maxComputeWorkgroupsPerDimension;
@@ -253,9 +263,127 @@ function uniforms(p: Problem, n = 0): Uint32Array {
   return attentionUniforms({ S: p.S, H: p.H, Hkv: p.Hkv, window: p.window, scale: p.scale, n });
 }
 
+/** The chunking of a call: null when no tensor of it is split (whole-tensor kernels), else how docs is bound. */
+function chunkingOf(tensors: readonly Tensor[], docs: Tensor | null): AttentionChunks | null {
+  if (!tensors.some((t) => t.chunked) && !docs?.chunked) return null;
+  return { splitDocs: docs?.chunked ?? false };
+}
+
+/** Kernel parameters naming a chunked variant (none for whole tensors, so their labels stay as they are). */
+function chunkParams(chunks: AttentionChunks | null): Record<string, string> {
+  return chunks === null ? {} : { chunks: chunks.splitDocs ? "rows+docs" : "rows" };
+}
+
+/** Storage access of each binding of a kernel (its outputs are the `write` ones). */
+function accesses(names: readonly string[], outputs: readonly string[]): ("read" | "write")[] {
+  return names.map((n) => (outputs.includes(n) ? "write" : "read"));
+}
+
+/** Tokens [lo, hi) lying in one chunk of each tensor a span was cut for. */
+interface Span {
+  lo: number;
+  hi: number;
+  /** The chunk of each tensor that holds the span. */
+  chunk: Map<Tensor, TensorChunk>;
+}
+
+/** Cuts tokens [0, T) at every chunk boundary of `tensors` (nulls skipped). */
+function spans(T: number, tensors: readonly (Tensor | null)[]): Span[] {
+  const list = tensors.filter((t): t is Tensor => t !== null);
+  const cuts = new Set([0, T]);
+  for (const t of list) for (const c of t.chunks) cuts.add(c.rowStart);
+  const sorted = [...cuts].sort((a, b) => a - b);
+  const out: Span[] = [];
+  for (let i = 0; i + 1 < sorted.length; i++) {
+    const lo = sorted[i];
+    const chunk = new Map(
+      list.map((t) => [t, t.chunks.find((c) => lo >= c.rowStart && lo < c.rowStart + c.rows)!]),
+    );
+    out.push({ lo, hi: sorted[i + 1], chunk });
+  }
+  return out;
+}
+
+/**
+ * Queries of span qs that may attend a key of span ks. Query τ of row b attends keys
+ * [max(bS, τ + 1 − W), τ]; they meet [ka, kb) iff τ ≥ ka, b ≤ ⌊(kb − 1)/S⌋ and (with a window)
+ * τ < kb + W − 1: one token range.
+ */
+function queriesSeeing(p: Problem, qs: Span, ks: Span): [number, number] {
+  let hi = Math.min(qs.hi, (Math.floor((ks.hi - 1) / p.S) + 1) * p.S);
+  if (p.window !== 0) hi = Math.min(hi, ks.hi + p.window - 1);
+  return [Math.max(qs.lo, ks.lo), hi];
+}
+
+/**
+ * Keys of span ks that a query of span qs may attend. Key κ of row b is attended by queries
+ * [κ, min((b + 1)S − 1, κ + W − 1)]; they meet [qa, qb) iff κ < qb, b ≥ ⌊qa/S⌋ and (with a
+ * window) κ > qa − W.
+ */
+function keysSeen(p: Problem, ks: Span, qs: Span): [number, number] {
+  let lo = Math.max(ks.lo, Math.floor(qs.lo / p.S) * p.S);
+  if (p.window !== 0) lo = Math.max(lo, qs.lo - p.window + 1);
+  return [lo, Math.min(ks.hi, qs.hi)];
+}
+
+/**
+ * Grid of the row-aligned tiles of `size` tokens that hold tokens [lo, hi): rows row0.. on z, tiles
+ * tile0.. of each row on x (all tiles of a row when the range spans rows; the kernel skips the others).
+ */
+function tileGrid(
+  S: number,
+  lo: number,
+  hi: number,
+  size: number,
+): { row0: number; tile0: number; x: number; z: number } {
+  const row0 = Math.floor(lo / S);
+  const row1 = Math.floor((hi - 1) / S);
+  if (row0 !== row1) return { row0, tile0: 0, x: Math.ceil(S / size), z: row1 - row0 + 1 };
+  const tile0 = Math.floor((lo - row0 * S) / size);
+  return { row0, tile0, x: Math.floor((hi - 1 - row0 * S) / size) - tile0 + 1, z: 1 };
+}
+
+/** Binds the named chunks in binding order and records one dispatch of a chunked variant. */
+function dispatchChunks(
+  p: Problem,
+  kernel: Kernel,
+  names: readonly string[],
+  bound: Record<string, TensorChunk | undefined>,
+  d: ChunkDispatch,
+  workgroups: [number, number, number?],
+  n = 0,
+): void {
+  const chunks = names.map((name) => bound[name]!);
+  const u = attentionChunkUniforms(
+    { S: p.S, H: p.H, Hkv: p.Hkv, window: p.window, scale: p.scale, n },
+    d,
+    chunks.map((c) => c.rowStart),
+  );
+  recorder(p.gpu).dispatch(kernel, chunks.map((c) => c.buffer), u, workgroups);
+}
+
+/** Bound chunks of the document ids: DOC (one chunk of an unsplit docs) or DOCQ and DOCK. */
+function docChunks(p: Problem, qs: Span, ks: Span): Record<string, TensorChunk | undefined> {
+  if (p.docs === null) return {};
+  return { DOC: qs.chunk.get(p.docs), DOCQ: qs.chunk.get(p.docs), DOCK: ks.chunk.get(p.docs) };
+}
+
+/** A chunked kernel must fit the adapter's storage buffers per shader stage (dkdv with split docs binds 9). */
+function checkBindings(what: string, p: Problem, kernel: string, names: readonly string[]): void {
+  const max = p.gpu.limits.maxStorageBuffersPerShaderStage;
+  if (names.length > max) {
+    fail(
+      what,
+      `its ${kernel} kernel on row chunks binds ${names.length} storage buffers and this adapter allows ${max} ` +
+        `per shader stage (docs split into chunks adds one; keep docs in one buffer)`,
+    );
+  }
+}
+
 /**
  * out = softmax(scale·q·kᵀ + mask)·v per head, and lse = log Σ_j exp(scale·q·k_j) over the allowed
- * keys, both per query. Inputs f32 or f16 (f16 needs shader-f16); accumulation f32.
+ * keys, both per query. Inputs f32 or f16 (f16 needs shader-f16); accumulation f32. Any tensor may
+ * be split into row chunks (see the module documentation).
  *
  * @example
  * ```ts
@@ -284,7 +412,11 @@ export function attentionForward(
   const out = output(what, gpu, options.out, [T, H, hd], variant.out, "attention_out");
   const lse = options.lse ?? Tensor.empty(gpu, [T, H], "f32", { label: "attention_lse" });
   expectShape(what, lse, [T, H]);
-  if (lse.dtype !== "f32" || lse.chunked) fail(what, `lse "${lse.label}" must be one f32 buffer`);
+  if (lse.dtype !== "f32") fail(what, `lse "${lse.label}" must be f32`);
+  const chunks = chunkingOf([q, k, v, out, lse], p.docs);
+  variant.chunks = chunks;
+  const names = attentionBindingNames("forward", p.docs !== null, chunks);
+  if (chunks !== null) checkBindings(what, p, "forward", names);
   const { BR, BC, TPR } = variant.tile;
   const kernel = getKernel(gpu, {
     name: "attention_forward",
@@ -293,22 +425,51 @@ export function attentionForward(
       tile: `${BR}x${BC}/${TPR}`,
       dtypes: `${variant.q}${variant.k}${variant.v}${variant.out}`,
       docs: variant.docs ?? "none",
+      ...chunkParams(chunks),
     },
     code: () => attentionForwardWgsl(variant),
-    bindings: p.docs
-      ? ["read", "read", "read", "read", "write", "write"]
-      : ["read", "read", "read", "write", "write"],
-    uniformBytes: ATTENTION_UNIFORM_BYTES,
+    bindings: accesses(names, ["O", "LSE"]),
+    uniformBytes: chunks === null ? ATTENTION_UNIFORM_BYTES : attentionChunkUniformBytes(names.length),
   });
-  const buffers = [q.buffer, k.buffer, v.buffer, ...(p.docs ? [p.docs.buffer] : []), out.buffer, lse.buffer];
-  recorder(gpu).dispatch(kernel, buffers, uniforms(p), [Math.ceil(p.S / BR), H, p.B]);
+  if (chunks === null) {
+    const buffers = [
+      q.buffer,
+      k.buffer,
+      v.buffer,
+      ...(p.docs ? [p.docs.buffer] : []),
+      out.buffer,
+      lse.buffer,
+    ];
+    recorder(gpu).dispatch(kernel, buffers, uniforms(p), [Math.ceil(p.S / BR), H, p.B]);
+    return { out, lse };
+  }
+  // Per query span, key spans in increasing order: each query starts fresh in the span holding the
+  // first key its position allows, max(row start, τ + 1 − W), and continues from (out, lse) in later ones.
+  for (const qs of spans(T, [q, out, lse, p.docs])) {
+    for (const ks of spans(T, [k, v, p.docs])) {
+      const [lo, hi] = queriesSeeing(p, qs, ks);
+      if (lo >= hi) continue;
+      const g = tileGrid(p.S, lo, hi, BR);
+      const bound = {
+        Q: qs.chunk.get(q),
+        K: ks.chunk.get(k),
+        V: ks.chunk.get(v),
+        O: qs.chunk.get(out),
+        LSE: qs.chunk.get(lse),
+        ...docChunks(p, qs, ks),
+      };
+      const d = { row0: g.row0, tile0: g.tile0, qLo: lo, qHi: hi, kLo: ks.lo, kHi: ks.hi };
+      dispatchChunks(p, kernel, names, bound, d, [g.x, H, g.z]);
+    }
+  }
   return { out, lse };
 }
 
 /**
  * Gradients of {@link attentionForward}, FlashAttention-2 style: D = rowsum(dout ⊙ out), then dq
  * (one workgroup per query tile) and dk, dv (one workgroup per key tile and kv head, summing the
- * query heads that share it). `out` and `lse` are the forward's; the masks must be the same.
+ * query heads that share it). `out` and `lse` are the forward's; the masks must be the same. Any
+ * tensor may be split into row chunks: dq then sums over key spans and dk, dv over query spans.
  *
  * @example
  * ```ts
@@ -331,7 +492,7 @@ export function attentionBackward(
   expectShape(what, dout, [T, H, hd]);
   expectShape(what, out, [T, H, hd]);
   expectShape(what, lse, [T, H]);
-  if (lse.dtype !== "f32" || lse.chunked) fail(what, `lse "${lse.label}" must be one f32 buffer`);
+  if (lse.dtype !== "f32") fail(what, `lse "${lse.label}" must be f32`);
   const grad = options.gradDtype ?? "f32";
   const dtypes = {
     q: floatOf(what, q, gpu),
@@ -366,37 +527,47 @@ export function attentionBackward(
   );
   if (dk.dtype !== dv.dtype) fail(what, `dk "${dk.label}" and dv "${dv.label}" must have the same dtype`);
   const docs = p.docs?.dtype as DocDType | undefined ?? null;
+  const chunks = chunkingOf([dout, q, k, v, out, lse, dq, dk, dv], p.docs);
   const rec = recorder(gpu);
   const u = uniforms(p, T * H);
 
-  // stats[T,H] = (lse, D): one f32 pair per query row, read by both gradient kernels.
-  const stats = Tensor.empty(gpu, [T, H, 2], "f32", { label: "attention_stats" });
+  // stats[T,H] = (lse, D): one f32 pair per query row, read by both gradient kernels. With q split,
+  // its chunks hold the same tokens as q's (8·H bytes a token against q's 2·H·hd or more).
+  const stats = Tensor.empty(gpu, [T, H, 2], "f32", {
+    label: "attention_stats",
+    ...(chunks !== null && q.chunked ? { maxChunkBytes: q.chunks[0].rows * H * 8 } : {}),
+  });
+  const statsNames = attentionBindingNames("stats", false);
   const statsKernel = getKernel(gpu, {
     name: "attention_stats",
-    params: { hd, dtypes: `${dtypes.dout}${outDtype}` },
-    code: () => attentionStatsWgsl({ hd, dout: dtypes.dout, out: outDtype }),
-    bindings: ["read", "read", "read", "write"],
-    uniformBytes: ATTENTION_UNIFORM_BYTES,
+    params: { hd, dtypes: `${dtypes.dout}${outDtype}`, ...chunkParams(chunks) },
+    code: () => attentionStatsWgsl({ hd, dout: dtypes.dout, out: outDtype, chunked: chunks !== null }),
+    bindings: accesses(statsNames, ["STATS"]),
+    uniformBytes: chunks === null ? ATTENTION_UNIFORM_BYTES : attentionChunkUniformBytes(statsNames.length),
   });
-  rec.dispatch(statsKernel, [dout.buffer, out.buffer, lse.buffer, stats.buffer], u, groups(gpu, T * H));
+  if (chunks === null) {
+    rec.dispatch(statsKernel, [dout.buffer, out.buffer, lse.buffer, stats.buffer], u, groups(gpu, T * H));
+  } else {
+    for (const s of spans(T, [dout, out, lse, stats])) {
+      const n = (s.hi - s.lo) * H;
+      const bound = {
+        DO: s.chunk.get(dout),
+        O: s.chunk.get(out),
+        LSE: s.chunk.get(lse),
+        STATS: s.chunk.get(stats),
+      };
+      const d = { row0: 0, tile0: 0, qLo: s.lo, qHi: s.hi, kLo: 0, kHi: 0 };
+      dispatchChunks(p, statsKernel, statsNames, bound, d, groups(gpu, n), n);
+    }
+  }
 
-  const inputs = [
-    q.buffer,
-    k.buffer,
-    v.buffer,
-    dout.buffer,
-    stats.buffer,
-    ...(p.docs ? [p.docs.buffer] : []),
-  ];
-  const reads = inputs.map(() => "read" as const);
   const base = `${dtypes.q}${dtypes.k}${dtypes.v}${dtypes.dout}`;
-
   // One backward kernel: its variant (tile by kind, gradient dtype) and its compiled pipeline.
   const backwardKernel = (
     kind: "dq" | "dkdv",
     grad: Tensor,
     code: (v: BackwardVariant) => string,
-    outputs: number,
+    outputs: string[],
   ) => {
     const variant: BackwardVariant = {
       hd,
@@ -404,25 +575,80 @@ export function attentionBackward(
       ...dtypes,
       grad: grad.dtype as AttentionFloat,
       docs,
+      chunks,
     };
+    const names = attentionBindingNames(kind, docs !== null, chunks);
+    if (chunks !== null) checkBindings(what, p, kind, names);
     const { BR, BC, TPR } = variant.tile;
     const kernel = getKernel(gpu, {
       name: `attention_${kind}`,
-      params: { hd, tile: `${BR}x${BC}/${TPR}`, dtypes: `${base}${variant.grad}`, docs: docs ?? "none" },
+      params: {
+        hd,
+        tile: `${BR}x${BC}/${TPR}`,
+        dtypes: `${base}${variant.grad}`,
+        docs: docs ?? "none",
+        ...chunkParams(chunks),
+      },
       code: () => code(variant),
-      bindings: [...reads, ...Array.from({ length: outputs }, () => "write" as const)],
-      uniformBytes: ATTENTION_UNIFORM_BYTES,
+      bindings: accesses(names, outputs),
+      uniformBytes: chunks === null ? ATTENTION_UNIFORM_BYTES : attentionChunkUniformBytes(names.length),
     });
-    return { kernel, tile: variant.tile };
+    return { kernel, tile: variant.tile, names };
   };
-  const dqPass = backwardKernel("dq", dq, attentionDqWgsl, 1);
-  rec.dispatch(dqPass.kernel, [...inputs, dq.buffer], u, [Math.ceil(p.S / dqPass.tile.BR), H, p.B]);
-  const kvPass = backwardKernel("dkdv", dk, attentionDkdvWgsl, 2);
-  rec.dispatch(kvPass.kernel, [...inputs, dk.buffer, dv.buffer], u, [
-    Math.ceil(p.S / kvPass.tile.BC),
-    Hkv,
-    p.B,
-  ]);
+  const dqPass = backwardKernel("dq", dq, attentionDqWgsl, ["DQ"]);
+  const kvPass = backwardKernel("dkdv", dk, attentionDkdvWgsl, ["DK", "DV"]);
+  if (chunks === null) {
+    const inputs = [
+      q.buffer,
+      k.buffer,
+      v.buffer,
+      dout.buffer,
+      stats.buffer,
+      ...(p.docs ? [p.docs.buffer] : []),
+    ];
+    rec.dispatch(dqPass.kernel, [...inputs, dq.buffer], u, [Math.ceil(p.S / dqPass.tile.BR), H, p.B]);
+    rec.dispatch(kvPass.kernel, [...inputs, dk.buffer, dv.buffer], u, [
+      Math.ceil(p.S / kvPass.tile.BC),
+      Hkv,
+      p.B,
+    ]);
+  } else {
+    const querySide = [q, dout, stats, p.docs];
+    const keySide = [k, v, p.docs];
+    const bind = (qs: Span, ks: Span) => ({
+      Q: qs.chunk.get(q),
+      K: ks.chunk.get(k),
+      V: ks.chunk.get(v),
+      DO: qs.chunk.get(dout),
+      STATS: qs.chunk.get(stats),
+      DQ: qs.chunk.get(dq),
+      DK: ks.chunk.get(dk),
+      DV: ks.chunk.get(dv),
+      ...docChunks(p, qs, ks),
+    });
+    // dq = Σ over key spans (increasing): `=` in the span where the forward starts fresh, then `+=`.
+    const keySpans = spans(T, keySide);
+    for (const qs of spans(T, [...querySide, dq])) {
+      for (const ks of keySpans) {
+        const [lo, hi] = queriesSeeing(p, qs, ks);
+        if (lo >= hi) continue;
+        const g = tileGrid(p.S, lo, hi, dqPass.tile.BR);
+        const d = { row0: g.row0, tile0: g.tile0, qLo: lo, qHi: hi, kLo: ks.lo, kHi: ks.hi };
+        dispatchChunks(p, dqPass.kernel, dqPass.names, bind(qs, ks), d, [g.x, H, g.z]);
+      }
+    }
+    // dk, dv = Σ over query spans (increasing): `=` in the span holding the key itself, then `+=`.
+    const querySpans = spans(T, querySide);
+    for (const ks of spans(T, [...keySide, dk, dv])) {
+      for (const qs of querySpans) {
+        const [lo, hi] = keysSeen(p, ks, qs);
+        if (lo >= hi) continue;
+        const g = tileGrid(p.S, lo, hi, kvPass.tile.BC);
+        const d = { row0: g.row0, tile0: g.tile0, qLo: qs.lo, qHi: qs.hi, kLo: lo, kHi: hi };
+        dispatchChunks(p, kvPass.kernel, kvPass.names, bind(qs, ks), d, [g.x, Hkv, g.z]);
+      }
+    }
+  }
   stats.destroy(); // back to the pool; the recorded dispatches still use it
   return { dq, dk, dv };
 }
