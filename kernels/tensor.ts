@@ -3,8 +3,9 @@
  *
  * Layout is row-major. A tensor's rows are its first dimension; a tensor larger than the
  * adapter's storage binding limit (`maxStorageBufferBindingSize`) is split into row chunks,
- * each its own buffer (`chunks[i] = { rowStart, rows, buffer }`), and the ops that take
- * weights handle chunks. f16 tensors hold u16 bit patterns; bf16 exists only on the host and
+ * each its own buffer (`chunks[i] = { rowStart, rows, buffer }`), and the ops handle chunks.
+ * Chunk boundaries depend on the shape alone (elements counted at 4 bytes whatever the dtype),
+ * so tensors of one shape always split at the same rows. f16 tensors hold u16 bit patterns; bf16 exists only on the host and
  * is converted at load (see `half.ts`). Every buffer is padded to a multiple of 4 bytes.
  *
  * `reshape` gives a view: another shape over the same buffers, never a copy. The buffers belong
@@ -21,6 +22,12 @@ export type DType = "f32" | "f16" | "u8" | "u32" | "i32";
 
 /** Bytes per element of each dtype. */
 export const DTYPE_BYTES: Readonly<Record<DType, number>> = { f32: 4, f16: 2, u8: 1, u32: 4, i32: 4 };
+
+/**
+ * Bytes per element used to place row-chunk boundaries, for every dtype: tensors of one shape
+ * split at the same rows (see {@link Tensor.empty}).
+ */
+export const SPLIT_ELEMENT_BYTES = 4;
 
 /** Host arrays a tensor reads back into: f16 as u16 bit patterns. */
 export type HostArray = Float32Array | Uint16Array | Uint8Array | Uint32Array | Int32Array;
@@ -153,15 +160,21 @@ export class Tensor implements Disposable {
     const rowBytes = shapeSize(shape.slice(1)) * DTYPE_BYTES[dtype];
     const total = rows * rowBytes;
     const limit = Math.floor((options.maxChunkBytes ?? gpu.maxBindingBytes) / 4) * 4;
+    // Where a tensor splits depends on its shape alone: rows are counted at SPLIT_ELEMENT_BYTES
+    // whatever the dtype, so an f16 activation and its f32 twin (a cast, a gradient) have the
+    // same chunks and elementwise ops pair them chunk by chunk. Narrow dtypes give up at most
+    // half (f16) or three quarters (u8) of a binding, and only in tensors that split at all.
+    const splitRowBytes = shapeSize(shape.slice(1)) * SPLIT_ELEMENT_BYTES;
     const chunks: TensorChunk[] = [];
     const p = pool(gpu);
-    if (total <= limit) {
+    if (rows * splitRowBytes <= limit) {
       chunks.push({ rowStart: 0, rows, buffer: p.acquire(total, label), byteLength: total });
     } else {
-      const perChunk = Math.floor(limit / rowBytes);
+      const perChunk = Math.floor(limit / splitRowBytes);
       if (perChunk === 0) {
         throw new RangeError(
-          `Cannot allocate "${label}": one row of ${rowBytes} bytes exceeds the binding limit of ${limit} bytes`,
+          `Cannot allocate "${label}": one row of ${splitRowBytes} bytes (counted at ${SPLIT_ELEMENT_BYTES} ` +
+            `per element) exceeds the binding limit of ${limit} bytes`,
         );
       }
       for (let r = 0; r < rows; r += perChunk) {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { fill, scale } from "../../kernels/ops/elementwise.ts";
+import { cast, fill, scale } from "../../kernels/ops/elementwise.ts";
 import { recorder } from "../../kernels/recorder.ts";
 import {
   bucketSize,
@@ -75,15 +75,43 @@ gpuTest("tensors over the chunk limit are split into row chunks and read back wh
 
   // f16 rows of odd length: chunk buffers are padded to whole words.
   const half = randn(9 * 3, 3);
-  using h = Tensor.from(gpu, half, [9, 3], "f16", { maxChunkBytes: 16 });
-  assert.equal(h.chunks.length, 5);
+  using h = Tensor.from(gpu, half, [9, 3], "f16", { maxChunkBytes: 24 });
+  assert.deepEqual(h.chunks.map((c) => [c.rowStart, c.rows, c.byteLength]), [
+    [0, 2, 12],
+    [2, 2, 12],
+    [
+      4,
+      2,
+      12,
+    ],
+    [6, 2, 12],
+    [8, 1, 6],
+  ]);
   assert.deepEqual(await h.readF32(), roundF16(half));
 });
+
+gpuTest(
+  "tensors of one shape split at the same rows whatever their dtype, so a cast pairs them chunk by chunk",
+  async (gpu) => {
+    const data = randn(37 * 10, 11);
+    using a = Tensor.from(gpu, data, [37, 10], "f32", { label: "a", maxChunkBytes: 1000 });
+    using h = Tensor.empty(gpu, [37, 10], "f16", { label: "h", maxChunkBytes: 1000 });
+    using i = Tensor.empty(gpu, [37, 10], "i32", { label: "i", maxChunkBytes: 1000 });
+    const rows = (t: Tensor) => t.chunks.map((c) => [c.rowStart, c.rows]);
+    assert.deepEqual(rows(a), [[0, 25], [25, 12]]);
+    assert.deepEqual(rows(h), rows(a));
+    assert.deepEqual(rows(i), rows(a));
+    using back = Tensor.empty(gpu, [37, 10], "f32", { label: "back", maxChunkBytes: 1000 });
+    cast(a, "f16", { out: h });
+    cast(h, "f32", { out: back });
+    assert.deepEqual(await back.readF32(), roundF16(data));
+  },
+);
 
 gpuTest("a row larger than the chunk limit is refused", (gpu) => {
   assert.throws(
     () => Tensor.empty(gpu, [4, 100], "f32", { label: "wide", maxChunkBytes: 256 }),
-    /Cannot allocate "wide": one row of 400 bytes exceeds the binding limit of 256 bytes/,
+    /Cannot allocate "wide": one row of 400 bytes \(counted at 4 per element\) exceeds the binding limit of 256 bytes/,
   );
 });
 
