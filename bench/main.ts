@@ -2,6 +2,8 @@
  * `deno task bench [name...] [-- options]`: runs the named benchmarks (all when none is named).
  * Each benchmark prints its own ratios against the reference named in its module. Without `--`,
  * the names end at the first argument that starts with `-` (`bench train --steps 2`).
+ * `deno task bench tune [options]` runs the matmul tile tuner (only when named: it writes the
+ * adapter's tuning table).
  * @module
  */
 import { LatheError, runMain } from "../steps/errors.ts";
@@ -19,6 +21,11 @@ export const BENCHMARKS: Record<string, () => Promise<BenchmarkModule>> = {
   train: () => import("./train.ts"),
 };
 
+/** Commands run only when named (not by a bare `deno task bench`). */
+export const COMMANDS: Record<string, () => Promise<BenchmarkModule>> = {
+  tune: async () => ({ run: (await import("./matmul.ts")).tune }),
+};
+
 if (import.meta.main) {
   await runMain(async () => {
     // Names run up to the first option or `--` (which starts with "-" too, and is dropped).
@@ -27,14 +34,16 @@ if (import.meta.main) {
     const names = Deno.args.slice(0, end);
     const rest = Deno.args.slice(Deno.args[end] === "--" ? end + 1 : end);
     for (const name of names) {
-      if (!(name in BENCHMARKS)) {
+      if (!(name in BENCHMARKS) && !(name in COMMANDS)) {
         throw new LatheError(`Cannot run benchmark "${name}": unknown`, {
-          hint: `known benchmarks: ${Object.keys(BENCHMARKS).join(", ")}`,
+          hint: `known benchmarks: ${Object.keys(BENCHMARKS).join(", ")}; commands: ${
+            Object.keys(COMMANDS).join(", ")
+          }`,
         });
       }
     }
     for (const name of names.length > 0 ? names : Object.keys(BENCHMARKS)) {
-      const mod = await BENCHMARKS[name]();
+      const mod = await (BENCHMARKS[name] ?? COMMANDS[name])();
       await (mod.run ?? mod.main)!(rest);
     }
   });

@@ -63,13 +63,26 @@ export {
   type FloatDType,
   matmul,
   MATMUL_TILES,
+  matmulCandidates,
+  type MatmulChoice,
+  matmulChoice,
   type MatmulConfig,
   type MatmulDirectTile,
   type MatmulLayout,
   matmulNaive,
   type MatmulOptions,
+  type MatmulShape,
   type MatmulTile,
 } from "./ops/matmul.ts";
+export {
+  latheCacheDir,
+  readTuningTable,
+  tuneMatmul,
+  type TuneOptions,
+  type TuneShape,
+  type TuningTable,
+  tuningTablePath,
+} from "./ops/matmul_tune.ts";
 export { add, axpy, cast, copy, type ElementwiseOptions, fill, mul, scale } from "./ops/elementwise.ts";
 
 // Training kernels: each op dispatches WGSL from kernels/wgsl/ and is tested against kernels/reference/.

@@ -8,13 +8,20 @@
  * computed; a rank-2 `b` is shared by all of them. Operands split into row chunks (weights
  * larger than the storage binding limit) are handled by splitting the product: chunks along
  * M or N write disjoint parts of C, chunks along K accumulate.
+ *
+ * The kernel and tile of a product come from, in order: `options.config`; the adapter's
+ * tuning table (`matmul_tune.ts`, written by `deno task bench tune`); the built-in heuristic
+ * {@link chooseConfig}. All tiles of a kernel family give the same bits (see
+ * `matmul_wgsl.ts`), and split-K depends on the shape and the adapter kind only, never on the
+ * tile, so neither the table nor the heuristic changes a result.
  * This file is the only place the matmul tile sizes are written.
  * @module
  */
 import type { Gpu } from "../device.ts";
-import { getKernel } from "../pipeline.ts";
+import { getKernel, type Kernel } from "../pipeline.ts";
 import { recorder } from "../recorder.ts";
 import { Tensor, type TensorChunk } from "../tensor.ts";
+import { tunedConfig } from "./matmul_tune.ts";
 import {
   type FloatDType,
   MATMUL_UNIFORM_BYTES,
@@ -29,6 +36,7 @@ import {
   SPLITK_WORKGROUP,
   type SplitKReduceVariant,
   splitKReduceWgsl,
+  tileStorageBytes,
   tileThreads,
 } from "./matmul_wgsl.ts";
 
@@ -56,16 +64,17 @@ export interface MatmulOptions {
   outDtype?: FloatDType;
   /** Label of a created output. */
   label?: string;
-  /** Kernel and tile sizes (default: chosen for the adapter and the problem size). */
+  /** Kernel and tile sizes (default: the adapter's tuning table, else {@link chooseConfig}). */
   config?: MatmulConfig;
   /**
    * Number of K ranges computed in parallel and summed afterwards (split-K); default: chosen
-   * on GPUs for products with few output tiles and a long K, 1 on CPU adapters.
+   * on GPUs from the shape alone for products with few output tiles and a long K, 1 on CPU
+   * adapters. It changes the summation order, so it is never taken from the tuning table.
    */
   splitK?: number;
 }
 
-/** Tiles of the tiled kernel: with DIRECT_TILES, the only place matmul tile sizes are written. */
+/** Tiles of the heuristic: with DIRECT_TILES and the spaces below, the only place tile sizes are written. */
 export const MATMUL_TILES = {
   /** 64×64 tile, 4×4 per thread, 256 threads: the default for discrete GPUs. */
   gpu64: { BM: 64, BN: 64, BK: 16, TM: 4, TN: 4 },
@@ -90,7 +99,136 @@ export const DIRECT_TILES = {
   rows4: { TM: 4, TN: 16, WG: 8 },
 } as const satisfies Record<string, MatmulDirectTile>;
 
-/** The kernel used for an M×N product on this adapter. */
+/**
+ * The tiles the tuner times on GPUs: every combination that fits the template's rules
+ * (TM | BM, TN | BN) with TX·TY = (BN/TN)·(BM/TM) threads in [minThreads, maxThreads], within
+ * the adapter's limits; with f16 operands each also with `f16Tiles`. The bounds keep the space
+ * small: fewer than 64 threads leave too few warps to hide memory latency, and 256 is WebGPU's
+ * default invocation limit (the 128×128 tile with 8×8 blocks already uses it).
+ */
+export const TILE_SPACE = {
+  BM: [32, 64, 128],
+  BN: [32, 64, 128],
+  BK: [8, 16, 32],
+  TM: [4, 8],
+  TN: [4, 8],
+  minThreads: 64,
+  maxThreads: 256,
+} as const;
+
+/** The register blocks the tuner times on CPU adapters (compile time grows with TM·TN). */
+export const DIRECT_SPACE = {
+  TM: [4, 8, 16],
+  TN: [8, 16],
+  WG: [8],
+} as const;
+
+/** Operand dtypes of a product, as far as the choice of kernel is concerned. */
+export interface MatmulOperands {
+  a: FloatDType;
+  b: FloatDType;
+}
+
+/**
+ * Every config of this adapter's kernel family that fits its limits for these operand dtypes:
+ * tiled tiles of {@link TILE_SPACE} on GPUs, direct blocks of {@link DIRECT_SPACE} on CPU
+ * adapters. The order is fixed (BM, BN, TM, TN, BK, then f16Tiles), so ties resolve alike.
+ *
+ * @example
+ * ```ts
+ * const configs = matmulCandidates(gpu, { a: "f16", b: "f16" });
+ * console.log(configs.length, configs.map(configName));
+ * ```
+ */
+export function matmulCandidates(gpu: Gpu, operands: MatmulOperands): MatmulConfig[] {
+  const out: MatmulConfig[] = [];
+  if (gpu.software) {
+    for (const TM of DIRECT_SPACE.TM) {
+      for (const TN of DIRECT_SPACE.TN) {
+        for (const WG of DIRECT_SPACE.WG) {
+          const config: MatmulConfig = { kind: "direct", tile: { TM, TN, WG } };
+          if (configFits(gpu, config, operands) === null) out.push(config);
+        }
+      }
+    }
+    return out;
+  }
+  const halfTiles = gpu.f16 && (operands.a === "f16" || operands.b === "f16") ? [false, true] : [false];
+  for (const BM of TILE_SPACE.BM) {
+    for (const BN of TILE_SPACE.BN) {
+      for (const TM of TILE_SPACE.TM) {
+        for (const TN of TILE_SPACE.TN) {
+          const threads = (BM / TM) * (BN / TN);
+          if (threads < TILE_SPACE.minThreads || threads > TILE_SPACE.maxThreads) continue;
+          for (const BK of TILE_SPACE.BK) {
+            for (const f16Tiles of halfTiles) {
+              const tile: MatmulTile = f16Tiles ? { BM, BN, BK, TM, TN, f16Tiles } : { BM, BN, BK, TM, TN };
+              const config: MatmulConfig = { kind: "tiled", tile };
+              if (configFits(gpu, config, operands) === null) out.push(config);
+            }
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/** A short name of a config: `tiled 128x64x16/8x8` (`h` for f16 tiles), `direct 8x16/8`. */
+export function configName(config: MatmulConfig): string {
+  if (config.kind === "tiled") {
+    const t = config.tile;
+    return `tiled ${t.BM}x${t.BN}x${t.BK}/${t.TM}x${t.TN}${t.f16Tiles ? "h" : ""}`;
+  }
+  const t = config.tile;
+  return `direct ${t.TM}x${t.TN}/${t.WG}`;
+}
+
+/**
+ * Why a config cannot run on this adapter with these operand dtypes (the template's rules,
+ * invocations and sizes per workgroup, workgroup storage, f16 tiles without shader-f16), or
+ * null when it can.
+ */
+export function configFits(gpu: Gpu, config: MatmulConfig, operands: MatmulOperands): string | null {
+  const limits = gpu.limits;
+  if (config.kind === "tiled") {
+    const tile = config.tile;
+    let grid: { TX: number; TY: number };
+    try {
+      grid = tileThreads(tile);
+    } catch (error) {
+      return (error as Error).message;
+    }
+    if (!(tile.BM > 0 && tile.BN > 0 && tile.BK > 0)) return "tile sizes must be positive";
+    const threads = grid.TX * grid.TY;
+    if (threads > limits.maxComputeInvocationsPerWorkgroup) {
+      return `${threads} invocations exceed this adapter's ${limits.maxComputeInvocationsPerWorkgroup}`;
+    }
+    if (grid.TX > limits.maxComputeWorkgroupSizeX || grid.TY > limits.maxComputeWorkgroupSizeY) {
+      const max = `${limits.maxComputeWorkgroupSizeX}×${limits.maxComputeWorkgroupSizeY}`;
+      return `a ${grid.TX}×${grid.TY} workgroup exceeds this adapter's ${max}`;
+    }
+    if (tile.f16Tiles && !gpu.f16 && (operands.a === "f16" || operands.b === "f16")) {
+      return "f16 tiles need shader-f16";
+    }
+    const bytes = tileStorageBytes(tile, operands.a, operands.b);
+    if (bytes > limits.maxComputeWorkgroupStorageSize) {
+      const max = limits.maxComputeWorkgroupStorageSize;
+      return `${bytes} bytes of workgroup memory exceed this adapter's ${max}`;
+    }
+    return null;
+  }
+  const { TM, TN, WG } = config.tile;
+  if (![TM, TN, WG].every((x) => Number.isInteger(x) && x > 0) || TM % 4 !== 0 || TN % 4 !== 0) {
+    return "TM and TN must be positive multiples of 4";
+  }
+  if (WG > limits.maxComputeInvocationsPerWorkgroup || WG > limits.maxComputeWorkgroupSizeX) {
+    return `${WG} invocations exceed this adapter's limits`;
+  }
+  return null;
+}
+
+/** The heuristic kernel for an M×N product on this adapter (used when no tuned entry exists). */
 export function chooseConfig(gpu: Gpu, M: number, N: number): MatmulConfig {
   if (gpu.software) {
     const tile = M <= 4 ? DIRECT_TILES.rows4 : M * N >= 256 * 256 ? DIRECT_TILES.large : DIRECT_TILES.medium;
@@ -100,6 +238,46 @@ export function chooseConfig(gpu: Gpu, M: number, N: number): MatmulConfig {
   if (M * N >= 2048 * 1024) return { kind: "tiled", tile: MATMUL_TILES.gpu128 };
   if (M * N <= 256 * 256) return { kind: "tiled", tile: MATMUL_TILES.small };
   return { kind: "tiled", tile: MATMUL_TILES.gpu64 };
+}
+
+/** A product as the choice of kernel sees it. */
+export interface MatmulShape extends MatmulOperands {
+  layout: MatmulLayout;
+  M: number;
+  N: number;
+  K: number;
+}
+
+/** The config {@link matmul} uses for a product, and where it came from. */
+export interface MatmulChoice {
+  config: MatmulConfig;
+  /** `tuned`: the adapter's tuning table; `heuristic`: {@link chooseConfig}. */
+  source: "tuned" | "heuristic";
+  /** The tuning-table entry used (its shape-class key), when `tuned`. */
+  entry?: string;
+}
+
+/**
+ * The config {@link matmul} uses for a product without `options.config`: the tuning table's
+ * entry for its shape class when one exists for this adapter (and fits it, and is of the
+ * adapter's kernel family), else the heuristic.
+ *
+ * @example
+ * ```ts
+ * const shape = { layout: "NT", a: "f16", b: "f16", M: 2048, N: 4096, K: 4096 } as const;
+ * const { config, source } = matmulChoice(gpu, shape);
+ * console.log(source, configName(config));
+ * ```
+ */
+export function matmulChoice(gpu: Gpu, shape: MatmulShape): MatmulChoice {
+  const heuristic = chooseConfig(gpu, shape.M, shape.N);
+  const tuned = tunedConfig(gpu, shape);
+  if (
+    tuned !== null && tuned.config.kind === heuristic.kind && configFits(gpu, tuned.config, shape) === null
+  ) {
+    return { config: tuned.config, source: "tuned", entry: tuned.entry };
+  }
+  return { config: heuristic, source: "heuristic" };
 }
 
 interface Problem {
@@ -115,6 +293,25 @@ interface Problem {
   out: Tensor;
 }
 
+/** One recorded kernel launch of a product. */
+export interface MatmulDispatch {
+  kernel: Kernel;
+  buffers: GPUBuffer[];
+  uniforms: Uint32Array;
+  groups: [number, number, number];
+}
+
+/**
+ * The launches of one product, in order, with the scratch tensors they use (destroy them
+ * after the launches are recorded) and the config they run.
+ */
+export interface MatmulPlan {
+  config: MatmulConfig;
+  dispatches: MatmulDispatch[];
+  scratch: Tensor[];
+  out: Tensor;
+}
+
 /**
  * C = alpha·op(A)·op(B) (+ bias) (+ C), tiled. Inputs f32 or f16 (f16 needs `gpu.f16`),
  * accumulation in f32.
@@ -126,41 +323,67 @@ interface Problem {
  * ```
  */
 export function matmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): Tensor {
+  const plan = planMatmul(a, b, options);
+  const rec = recorder(a.gpu);
+  for (const d of plan.dispatches) rec.dispatch(d.kernel, d.buffers, d.uniforms, d.groups);
+  for (const t of plan.scratch) t.destroy(); // back to the pool; the recorded commands run first
+  return plan.out;
+}
+
+/**
+ * The launches {@link matmul} records for a product, without recording them: `matmul` is
+ * `planMatmul` followed by recording, and the tuner times the same launches in its own passes.
+ * Validates like `matmul` and creates the output when absent.
+ */
+export function planMatmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): MatmulPlan {
   const p = prepare(a, b, options, "matmul");
   const alpha = options.alpha ?? 1;
-  const config = options.config ?? chooseConfig(p.gpu, p.M, p.N);
-  checkConfig(p.gpu, config);
+  const operands = { a: a.dtype as FloatDType, b: b.dtype as FloatDType };
+  const config = options.config ??
+    matmulChoice(p.gpu, { layout: p.layout, ...operands, M: p.M, N: p.N, K: p.K }).config;
+  const why = configFits(p.gpu, config, operands);
+  if (why !== null) {
+    throw new RangeError(
+      `Cannot run matmul with ${configName(config)} (${JSON.stringify(config.tile)}): ${why}`,
+    );
+  }
+  const plan: MatmulPlan = { config, dispatches: [], scratch: [], out: p.out };
   const bias = options.bias;
   for (const cell of cells(p, a, b)) {
     const accumulate = (options.accumulate ?? false) || cell.kIndex > 0;
     const cellBias = cell.kIndex === 0 ? bias : undefined;
-    const split = p.batch === 1 ? (options.splitK ?? splitCount(p.gpu, config, cell)) : 1;
+    const split = p.batch === 1 ? (options.splitK ?? splitCount(p.gpu, cell)) : 1;
     if (split <= 1) {
-      launch(p, config, cell, {
+      plan.dispatches.push(launch(p, config, cell, {
         accumulate,
         bias: cellBias,
         alpha,
         batch: p.batch,
         c: p.out.dtype as FloatDType,
-      });
+      }));
     } else {
-      splitK(p, config, cell, split, { accumulate, bias: cellBias, alpha });
+      splitK(p, config, cell, split, { accumulate, bias: cellBias, alpha }, plan);
     }
   }
-  return p.out;
+  return plan;
 }
+
+/** K ranges of split-K are multiples of this (a multiple of every BK and of 4, for vec4 loads). */
+const SPLITK_STEP = 32;
 
 /**
  * How many K ranges to split a product into on a GPU: a product with few output tiles and a
  * long K leaves most of the device idle, each workgroup walking all of K (e.g. the LoRA
  * shapes x[T,D]·A[r,D]ᵀ and dA = dHᵀ·x, with r = 16 columns or rows). Aim for ~2048
- * workgroups, each range at least 256 long. Measured on an H100 (NT f32): 16×4096×4096
- * 413 → 118 µs, 512×512×4096 329 → 142 µs, 4096×64×11008 899 → 321 µs; products with
- * K < 1024 gain less than the extra reduction costs, and ≥ 256 tiles already fill the device.
+ * workgroups of 64×64, each range at least 256 long. Measured on an H100 (NT f32):
+ * 16×4096×4096 413 → 118 µs, 512×512×4096 329 → 142 µs, 4096×64×11008 899 → 321 µs; products
+ * with K < 1024 gain less than the extra reduction costs, and ≥ 256 tiles already fill the
+ * device. The count depends on M, N, K and the adapter kind only: split-K changes the order
+ * of the sum, so it must not follow the tile (which the tuning table picks).
  */
-function splitCount(gpu: Gpu, config: MatmulConfig, cell: Cell): number {
-  if (gpu.software || config.kind !== "tiled" || cell.K < 1024) return 1;
-  const tiles = Math.ceil(cell.M / config.tile.BM) * Math.ceil(cell.N / config.tile.BN);
+function splitCount(gpu: Gpu, cell: Cell): number {
+  if (gpu.software || cell.K < 1024) return 1;
+  const tiles = Math.ceil(cell.M / 64) * Math.ceil(cell.N / 64);
   if (tiles >= 256) return 1;
   const split = Math.min(Math.ceil(2048 / tiles), Math.floor(cell.K / 256), 64);
   // The partial products must stay small: S·M·N f32 within 64 MiB.
@@ -169,7 +392,8 @@ function splitCount(gpu: Gpu, config: MatmulConfig, cell: Cell): number {
 
 /**
  * Split-K: S partial products over K ranges into P[S,M,N] (f32; the first S−1 ranges as one
- * batched dispatch, the shorter last range alone), then one reduction into C.
+ * batched dispatch, the shorter last range alone), then one reduction into C. The ranges are
+ * multiples of SPLITK_STEP, the same for every tile.
  */
 function splitK(
   p: Problem,
@@ -177,19 +401,20 @@ function splitK(
   cell: Cell,
   split: number,
   o: { accumulate: boolean; bias?: Tensor; alpha: number },
+  plan: MatmulPlan,
 ): void {
   const { M, N, K } = cell;
-  const step = config.kind === "tiled" ? config.tile.BK : 4;
-  const kChunk = Math.ceil(K / split / step) * step;
+  const kChunk = Math.ceil(K / split / SPLITK_STEP) * SPLITK_STEP;
   const S = Math.ceil(K / kChunk);
   // Element distance between k and k + 1 in A and in B.
   const aStep = p.layout === "TN" ? cell.lda : 1;
   const bStep = p.layout === "NT" ? 1 : cell.ldb;
   const partial = Tensor.empty(p.gpu, [S, M, N], "f32", { label: "matmul_splitk_partial" });
+  plan.scratch.push(partial);
   const into = { c: partial.buffer, ldc: N, strideC: M * N, kIndex: 0 };
   if (S > 1) {
     const full = { ...cell, ...into, K: kChunk, cOff: 0, strideA: kChunk * aStep, strideB: kChunk * bStep };
-    launch(p, config, full, { accumulate: false, alpha: 1, batch: S - 1, c: "f32" });
+    plan.dispatches.push(launch(p, config, full, { accumulate: false, alpha: 1, batch: S - 1, c: "f32" }));
   }
   const k0 = (S - 1) * kChunk;
   const last = {
@@ -200,7 +425,7 @@ function splitK(
     bOff: cell.bOff + k0 * bStep,
     cOff: (S - 1) * M * N,
   };
-  launch(p, config, last, { accumulate: false, alpha: 1, batch: 1, c: "f32" });
+  plan.dispatches.push(launch(p, config, last, { accumulate: false, alpha: 1, batch: 1, c: "f32" }));
 
   const variant: SplitKReduceVariant = {
     c: p.out.dtype as FloatDType,
@@ -220,17 +445,16 @@ function splitK(
   const groups = Math.ceil((M * N) / SPLITK_WORKGROUP);
   const maxGroups = p.gpu.limits.maxComputeWorkgroupsPerDimension;
   const y = Math.ceil(groups / maxGroups);
-  recorder(p.gpu).dispatch(kernel, buffers, u, [Math.ceil(groups / y), y]);
-  partial.destroy(); // back to the pool; the recorded commands run first
+  plan.dispatches.push({ kernel, buffers, uniforms: u, groups: [Math.ceil(groups / y), y, 1] });
 }
 
-/** Dispatches the tiled or direct kernel for one cell. */
+/** The launch of the tiled or direct kernel for one cell. */
 function launch(
   p: Problem,
   config: MatmulConfig,
   cell: Cell,
   o: { accumulate: boolean; bias?: Tensor; alpha: number; batch: number; c: FloatDType },
-): void {
+): MatmulDispatch {
   const bias = o.bias;
   // vec4 access needs the contiguous dimension, leading dimension, offset and batch stride
   // to be multiples of 4.
@@ -254,11 +478,18 @@ function launch(
   let name: string;
   let groups: [number, number, number];
   if (config.kind === "tiled") {
-    const tile = config.tile;
+    // f16 tiles matter only for f16 operands: without one, the f32 variant (one compiled kernel).
+    const halves = config.tile.f16Tiles && (dtypes.a === "f16" || dtypes.b === "f16");
+    const tile = { ...config.tile, f16Tiles: halves };
     const exact = cell.M % tile.BM === 0 && cell.N % tile.BN === 0 && cell.K % tile.BK === 0;
+    const kTail = cell.K % tile.BK !== 0;
     name = "matmul";
-    Object.assign(params, { exact, tile: `${tile.BM}x${tile.BN}x${tile.BK}/${tile.TM}x${tile.TN}` });
-    code = () => matmulWgsl({ ...common, exact, tile });
+    Object.assign(params, {
+      exact,
+      kTail,
+      tile: `${tile.BM}x${tile.BN}x${tile.BK}/${tile.TM}x${tile.TN}${tile.f16Tiles ? "h" : ""}`,
+    });
+    code = () => matmulWgsl({ ...common, exact, kTail, tile });
     groups = [Math.ceil(cell.N / tile.BN), Math.ceil(cell.M / tile.BM), o.batch];
   } else {
     const tile = config.tile;
@@ -276,28 +507,7 @@ function launch(
     uniformBytes: MATMUL_UNIFORM_BYTES,
   });
   const buffers = bias ? [cell.a, cell.b, bias.buffer, cell.c] : [cell.a, cell.b, cell.c];
-  recorder(p.gpu).dispatch(kernel, buffers, matmulUniforms({ ...cell, alpha: o.alpha }), groups);
-}
-
-/** Throws when a config breaks the template's rules or this adapter's limits. */
-function checkConfig(gpu: Gpu, config: MatmulConfig): void {
-  const limits = gpu.limits;
-  if (config.kind === "tiled") {
-    const { TX, TY } = tileThreads(config.tile);
-    if (
-      TX * TY > limits.maxComputeInvocationsPerWorkgroup ||
-      (config.tile.BM + config.tile.BN) * config.tile.BK * 4 > limits.maxComputeWorkgroupStorageSize
-    ) {
-      throw new RangeError(
-        `Cannot run matmul with tile ${JSON.stringify(config.tile)}: it exceeds this adapter's limits`,
-      );
-    }
-  } else if (
-    config.tile.WG > limits.maxComputeInvocationsPerWorkgroup || config.tile.TM % 4 !== 0 ||
-    config.tile.TN % 4 !== 0 || config.tile.TM < 4 || config.tile.TN < 4
-  ) {
-    throw new RangeError(`Cannot run matmul with direct tile ${JSON.stringify(config.tile)}`);
-  }
+  return { kernel, buffers, uniforms: matmulUniforms({ ...cell, alpha: o.alpha }), groups };
 }
 
 /**

@@ -7,7 +7,15 @@
  * thread accumulates its TM×TN register block from them. Thread (tx, ty) of the TX×TY grid
  * (TX = BN/TN, TY = BM/TM) owns rows (i·TY + ty)·4 + ii and columns (j·TX + tx)·4 + jj, so
  * neighbouring threads read neighbouring vec4s of workgroup memory and write neighbouring
- * vec4s of C. Accumulation is f32 for every input dtype.
+ * vec4s of C. Accumulation is f32 for every input dtype; with `f16Tiles`, an f16 operand's tile
+ * stays f16 in workgroup memory (half the bytes and the traffic) and is widened to f32 when
+ * read, so the products and sums are the f32 ones either way.
+ *
+ * Every tile accumulates each element of C in one f32 register, over k = 0, 1, …, K−1 in
+ * order, one `fma` per k, from 0: the tile sizes change which invocation computes an element
+ * and when, never the sequence of operations that produces it, so every tile gives the same
+ * bits. A K that is not a multiple of BK ends with a shorter step (`kTail`) rather than
+ * multiply-adds of zero padding, which could turn a −0 sum into +0.
  *
  * Host sizing: workgroups = (ceil(N/BN), ceil(M/BM), batch). C is written `=`, or `+=` with
  * `accumulate`. Layouts (row-major; ld = leading dimension in elements):
@@ -21,7 +29,10 @@
  * adapters (lavapipe/llvmpipe), where each invocation is one SIMD lane, every storage or
  * workgroup load costs a scalar access per lane, barriers switch coroutines, and caches
  * already give the reuse that workgroup memory gives a GPU. There the cost is the number of
- * loads per multiply-add, so each invocation holds a large TM×TN register block.
+ * loads per multiply-add, so each invocation holds a large TM×TN register block. It too sums
+ * each element over k in order, one `fma` per k, and pads K to a multiple of 4 for every block
+ * alike, so its blocks give the same bits as each other (the two families may differ in the
+ * sign of a zero sum, so a device uses one family: tiled on GPUs, direct on CPU adapters).
  * @module
  */
 
@@ -43,6 +54,8 @@ export interface MatmulTile {
   TM: number;
   /** Columns per thread (multiple of 4). */
   TN: number;
+  /** Keep the workgroup tiles of f16 operands in f16 (widened to f32 when read); default false. */
+  f16Tiles?: boolean;
 }
 
 /** Everything that selects one compiled variant of the tiled matmul. */
@@ -61,6 +74,8 @@ export interface MatmulVariant {
   vecC: boolean;
   /** M, N, K are multiples of BM, BN, BK: no bounds checks. */
   exact: boolean;
+  /** K is not a multiple of BK: the last K step is shorter (never set with `exact`). */
+  kTail: boolean;
   tile: MatmulTile;
 }
 
@@ -134,11 +149,24 @@ export function tileThreads(t: MatmulTile): { TX: number; TY: number } {
   return { TX: t.BN / t.TN, TY: t.BM / t.TM };
 }
 
+/**
+ * Bytes of workgroup memory a tile needs: BM·BK elements of A and BN·BK of B, 4 bytes each,
+ * or 2 for an f16 operand with `f16Tiles`.
+ */
+export function tileStorageBytes(t: MatmulTile, a: FloatDType, b: FloatDType): number {
+  const bytes = (dtype: FloatDType) => (t.f16Tiles && dtype === "f16" ? 2 : 4);
+  return t.BK * (t.BM * bytes(a) + t.BN * bytes(b));
+}
+
 /** Generates the WGSL of one variant (see the module documentation). */
 export function matmulWgsl(v: MatmulVariant): string {
   const { BM, BN, BK, TM, TN } = v.tile;
   const { TX, TY } = tileThreads(v.tile);
+  if (v.exact && v.kTail) throw new RangeError("Cannot build matmul: an exact variant has no K tail");
   const threads = TX * TY;
+  // Workgroup storage type of each operand's tile.
+  const sa: FloatDType = v.tile.f16Tiles && v.a === "f16" ? "f16" : "f32";
+  const sb: FloatDType = v.tile.f16Tiles && v.b === "f16" ? "f16" : "f32";
   const usesF16 = [v.a, v.b, v.c, v.bias].includes("f16");
   const edge = !v.exact;
   const L: string[] = [];
@@ -146,22 +174,23 @@ export function matmulWgsl(v: MatmulVariant): string {
   L.push(PARAMS_WGSL);
   L.push(bindingsWgsl(v));
   L.push(`
-var<workgroup> As: array<vec4<f32>, ${(BK * BM) / 4}>; // As[k·BM/4 + m/4] = A(m0 + m .. +3, k0 + k)
-var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(k0 + k, n0 + n .. +3)
+var<workgroup> As: array<vec4<${sa}>, ${(BK * BM) / 4}>; // As[k·BM/4 + m/4] = A(m0 + m .. +3, k0 + k)
+var<workgroup> Bs: array<vec4<${sb}>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(k0 + k, n0 + n .. +3)
 `);
 
-  // Loads one vec4 of an operand along its contiguous dimension at element index `idx`,
-  // masked by `ok` (row in range) and, for scalar loads, per element by `lim` (elements left).
-  const load4 = (name: string, vec: boolean, idx: string, ok: string, lim: string) => {
+  // Loads one vec4 of an operand along its contiguous dimension at element index `idx` as the
+  // tile's storage type `st`, masked by `ok` (row in range) and, for scalar loads, per element
+  // by `lim` (elements left).
+  const load4 = (name: string, vec: boolean, st: FloatDType, idx: string, ok: string, lim: string) => {
     if (vec) {
-      const value = `vec4<f32>(${name}[(${idx}) / 4u])`;
-      return edge ? `select(vec4<f32>(0.0), ${value}, ${ok})` : value;
+      const value = `vec4<${st}>(${name}[(${idx}) / 4u])`;
+      return edge ? `select(vec4<${st}>(0.0), ${value}, ${ok})` : value;
     }
     const parts = [0, 1, 2, 3].map((i) => {
-      const value = `f32(${name}[${idx} + ${i}u])`;
-      return edge ? `select(0.0, ${value}, ${ok} && ${i}u < ${lim})` : value;
+      const value = `${st}(${name}[${idx} + ${i}u])`;
+      return edge ? `select(${st}(0.0), ${value}, ${ok} && ${i}u < ${lim})` : value;
     });
-    return `vec4<f32>(${parts.join(", ")})`;
+    return `vec4<${st}>(${parts.join(", ")})`;
   };
 
   // Each thread moves `per` vec4 slots of each operand tile per K step: it fetches them from
@@ -170,6 +199,7 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
   interface Operand {
     name: "A" | "B";
     vec: boolean;
+    st: FloatDType; // workgroup storage type
     alongK: boolean; // stored [rows, K] (contiguous along k) rather than [K, rows]
     rows: number; // BM or BN
     shared: string;
@@ -182,6 +212,7 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
     {
       name: "A",
       vec: v.vecA,
+      st: sa,
       alongK: v.layout !== "TN",
       rows: BM,
       shared: "As",
@@ -193,6 +224,7 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
     {
       name: "B",
       vec: v.vecB,
+      st: sb,
       alongK: v.layout === "NT",
       rows: BN,
       shared: "Bs",
@@ -212,7 +244,7 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
       const id = `${o.name.toLowerCase()}${l}`;
       const guard = (l + 1) * threads > slots ? `s_${id} < ${slots}u` : "";
       setup.push(`  let s_${id} = li + ${l * threads}u;`);
-      setup.push(`  var p_${id} = vec4<f32>(0.0);`);
+      setup.push(`  var p_${id} = vec4<${o.st}>(0.0);`);
       if (o.alongK) {
         // [rows, K]: the slot is 4 consecutive k of one row; stored scattered k-major.
         setup.push(`  let r_${id} = s_${id} / ${BK / 4}u;`);
@@ -222,6 +254,7 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
         const value = load4(
           o.name,
           o.vec,
+          o.st,
           `${o.base} + (${gr}) * ${o.ld} + ${gk}`,
           `${gr} < ${o.limit} && ${gk} < u.K`,
           `u.K - (${gk})`,
@@ -240,6 +273,7 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
         const value = load4(
           o.name,
           o.vec,
+          o.st,
           `${o.base} + (${gk}) * ${o.ld} + ${gr}`,
           `${gk} < u.K && ${gr} < ${o.limit}`,
           `${o.limit} - (${gr})`,
@@ -251,8 +285,31 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
     }
   }
 
-  const body: string[] = [];
+  // The multiply-adds of one K step over k < `bound`: acc(m, n) = fma(A(m, k), B(k, n), acc).
+  const widen = (st: FloatDType, value: string) => st === "f16" ? `vec4<f32>(${value})` : value;
   const acc = (i: number, j: number) => `acc_${i}_${j}`; // row i of TM, column group j of TN/4
+  const step = (bound: string, indent: string): string[] => {
+    const S: string[] = [];
+    S.push(`${indent}for (var k = 0u; k < ${bound}; k++) {`);
+    for (let i = 0; i < TM / 4; i++) {
+      S.push(`${indent}  let a${i} = ${widen(sa, `As[k * ${BM / 4}u + ${i * TY}u + ty]`)};`);
+    }
+    for (let j = 0; j < TN / 4; j++) {
+      S.push(`${indent}  let b${j} = ${widen(sb, `Bs[k * ${BN / 4}u + ${j * TX}u + tx]`)};`);
+    }
+    for (let i = 0; i < TM / 4; i++) {
+      for (let ii = 0; ii < 4; ii++) {
+        for (let j = 0; j < TN / 4; j++) {
+          const c = acc(i * 4 + ii, j);
+          S.push(`${indent}  ${c} = fma(vec4<f32>(a${i}[${ii}]), b${j}, ${c});`);
+        }
+      }
+    }
+    S.push(`${indent}}`);
+    return S;
+  };
+
+  const body: string[] = [];
   body.push(`  let batch = wg.z;`);
   body.push(`  let a_base = u.a_off + batch * u.stride_a;`);
   body.push(`  let b_base = u.b_off + batch * u.stride_b;`);
@@ -276,18 +333,16 @@ var<workgroup> Bs: array<vec4<f32>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = B(
   body.push(`      let k0 = k0 + ${BK}u;`);
   body.push(...fetch.map((line) => `  ${line}`));
   body.push(`    }`);
-  body.push(`    for (var k = 0u; k < ${BK}u; k++) {`);
-  for (let i = 0; i < TM / 4; i++) body.push(`      let a${i} = As[k * ${BM / 4}u + ${i * TY}u + ty];`);
-  for (let j = 0; j < TN / 4; j++) body.push(`      let b${j} = Bs[k * ${BN / 4}u + ${j * TX}u + tx];`);
-  for (let i = 0; i < TM / 4; i++) {
-    for (let ii = 0; ii < 4; ii++) {
-      for (let j = 0; j < TN / 4; j++) {
-        const c = acc(i * 4 + ii, j);
-        body.push(`      ${c} = fma(vec4<f32>(a${i}[${ii}]), b${j}, ${c});`);
-      }
-    }
+  if (v.kTail) {
+    // The last step covers only the K − k0 < BK values of k that exist (a uniform branch).
+    body.push(`    if (k0 + ${BK}u <= u.K) {`);
+    body.push(...step(`${BK}u`, "      "));
+    body.push(`    } else {`);
+    body.push(...step(`u.K - k0`, "      "));
+    body.push(`    }`);
+  } else {
+    body.push(...step(`${BK}u`, "    "));
   }
-  body.push(`    }`);
   body.push(`    workgroupBarrier();`);
   body.push(`  }`);
 
@@ -355,7 +410,7 @@ function bindingsWgsl(v: BufferVariant): string {
 }
 
 /** One compiled variant of the direct kernel. */
-export interface MatmulDirectVariant extends Omit<MatmulVariant, "exact" | "tile"> {
+export interface MatmulDirectVariant extends Omit<MatmulVariant, "exact" | "kTail" | "tile"> {
   /** K is a multiple of 4: no masking of the last K step. */
   kExact: boolean;
   tile: MatmulDirectTile;
