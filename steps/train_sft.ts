@@ -10,8 +10,8 @@
  * Outputs: `adapter/` (adapter_config.json, adapter_model.safetensors; PEFT format, loadable
  * by `PeftModel.from_pretrained`; with `load_best_model_at_end`, the adapter of the best
  * evaluation, else the last one), `trainer_state.json` (transformers' layout with the log
- * history), `loss.svg`, `metrics.jsonl` (loss, lr, grad_norm, tokens_per_s, eval_loss) and
- * `checkpoints/step-N/`. While the step runs, checkpoints live in
+ * history), `loss.svg`, `metrics.jsonl` (loss, lr, grad_norm, tokens_per_s, mean_token_accuracy,
+ * eval_loss, eval_mean_token_accuracy) and `checkpoints/step-N/`. While the step runs, checkpoints live in
  * `runs/<id>/.train-sft.checkpoints/<key>/` (outside the staging directory, so a killed run
  * keeps them) and move into the step directory when it succeeds. docs/training.md has the
  * config reference.

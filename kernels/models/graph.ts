@@ -9,6 +9,7 @@
  *   x = rmsnorm(h_L, norm)                              x[T,D] f32
  *   lossSum = Σ_{t: target ≠ −100} (lse_t − x_t·W_{target})   W = lm_head (or embed_tokens, tied),
  *                                                       chunked over V (kernels/ops/cross_entropy.ts)
+ *   correct = Σ_{t: target ≠ −100} [argmax_v x_t·W_v = target]   counted in the same pass
  * The backward starts from d(lossSum / normaliser) and runs the layers in reverse
  * (kernels/models/layer.ts `layerBackward`); the embedding is frozen, so the first layer stops
  * at its q, k, v adapters.
@@ -19,7 +20,8 @@
  * one layer's activations from h_l just before that layer's backward, so at most one layer's
  * activations are alive. See docs/engine.md for the sizes.
  *
- * One readback per micro-batch (the loss), one per optimizer step (the gradient norm).
+ * One readback per micro-batch (the loss and the correct count together), one per optimizer step
+ * (the gradient norm).
  * @module
  */
 import { LatheError } from "../../steps/errors.ts";
@@ -44,7 +46,15 @@ import {
   type LayerContext,
   layerForward,
 } from "./layer.ts";
-import type { AdamWStep, Batch, LoraSpec, LoraWeights, OptimizerState, TrainableModel } from "./trainable.ts";
+import type {
+  AdamWStep,
+  Batch,
+  LoraSpec,
+  LoraWeights,
+  MicroBatchResult,
+  OptimizerState,
+  TrainableModel,
+} from "./trainable.ts";
 
 /** Options of {@link createGpuModel}. */
 export interface GpuModelOptions {
@@ -142,15 +152,15 @@ export class GpuModel implements TrainableModel {
     if (this.#disposed) throw new Error("Cannot use the webgpu model: it was disposed");
   }
 
-  /** Runs the forward (and, with `train`, the backward); returns the summed loss. */
+  /** Runs the forward (and, with `train`, the backward); returns the summed loss and correct count. */
   async #run(
     batch: Batch,
     train: { normaliser: number; dropoutSeed: number } | null,
-  ): Promise<{ lossSum: number; tokens: number }> {
+  ): Promise<MicroBatchResult> {
     this.#alive();
     const tokens = checkBatch(this.config, batch);
     // No trained token: zero loss and zero gradient, nothing to run.
-    if (tokens === 0) return { lossSum: 0, tokens: 0 };
+    if (tokens === 0) return { lossSum: 0, tokens: 0, correct: 0 };
     checkSequenceLength(this.config, batch.seqLen);
     rope_check_positions(this.#ropeConfig, batch.positions);
     const ctx = this.#ctx;
@@ -185,7 +195,7 @@ export class GpuModel implements TrainableModel {
         if (train === null) hs[l].destroy();
       }
       const { y: x, rstd } = rmsnormForward(hs[L], normW, { eps: this.config.rmsNormEps, label: "x_final" });
-      const { loss, lse } = crossEntropyForward(x, head, targets, { n: 1 });
+      const { loss, lse, correct } = crossEntropyForward(x, head, targets, { n: 1 });
       if (train !== null) {
         const dx = crossEntropyBackward(x, head, targets, lse, { n: train.normaliser });
         const dh = rmsnormBackward(dx, hs[L], normW, rstd).dx;
@@ -201,9 +211,10 @@ export class GpuModel implements TrainableModel {
         dh.destroy();
       }
       for (const t of [x, rstd, lse]) t.destroy();
-      const [lossSum] = (await readTensors([loss]))[0] as Float32Array;
+      const [lossRead, correctRead] = await readTensors([loss, correct]);
       loss.destroy();
-      return { lossSum, tokens };
+      correct.destroy();
+      return { lossSum: lossRead[0], tokens, correct: correctRead[0] };
     } finally {
       for (const s of saved) s?.destroy();
       for (const h of hs) h.destroy();
@@ -211,17 +222,13 @@ export class GpuModel implements TrainableModel {
     }
   }
 
-  async forwardBackward(
-    batch: Batch,
-    normaliser: number,
-    dropoutSeed: number,
-  ): Promise<{ lossSum: number; tokens: number }> {
+  async forwardBackward(batch: Batch, normaliser: number, dropoutSeed: number): Promise<MicroBatchResult> {
     if (!(normaliser > 0)) modelError(`normaliser ${normaliser} must be positive`);
     if (!Number.isInteger(dropoutSeed)) modelError(`dropoutSeed ${dropoutSeed} must be an integer`);
     return await this.#run(batch, { normaliser, dropoutSeed });
   }
 
-  async evaluate(batch: Batch): Promise<{ lossSum: number; tokens: number }> {
+  async evaluate(batch: Batch): Promise<MicroBatchResult> {
     return await this.#run(batch, null);
   }
 

@@ -17,12 +17,15 @@
  *   keep[T,K] = dropout_mask(loraDropoutSeed(dropoutSeed, layer, module), T·K, p)
  * (kernels/reference/linear_lora.ts), so a backend that replays `loraDropoutSeed` and
  * `dropout_mask` in u32 arithmetic drops exactly the same inputs.
+ *
+ * Token accuracy: `correct` counts the trained tokens whose argmax logit (f64, lowest index on
+ * ties) is the target, from the final hidden states and lm_head the forward keeps.
  * @module
  */
 import { loraKey } from "../../formats/peft.ts";
 import { adamw_step, clip_grad_norm, grad_norm } from "../reference/adamw.ts";
-import { count_trained } from "../reference/cross_entropy.ts";
-import { decoder_backward, decoder_forward } from "../reference/decoder.ts";
+import { count_correct, count_trained, lm_head_argmax } from "../reference/cross_entropy.ts";
+import { decoder_backward, decoder_forward, type DecoderForward } from "../reference/decoder.ts";
 import { dropout_mask, type LoraAdapter } from "../reference/linear_lora.ts";
 import { type ModelConfig, type Projection, projectionPath, PROJECTIONS, projectionShape } from "./config.ts";
 import {
@@ -31,6 +34,7 @@ import {
   initialAdapters,
   type LoraSpec,
   type LoraWeights,
+  type MicroBatchResult,
   type OptimizerState,
   type TrainableModel,
 } from "./trainable.ts";
@@ -154,15 +158,25 @@ export class ReferenceModel implements TrainableModel {
     };
   }
 
+  /** argmax of every token's logits and its margin over the runner-up, from a forward. */
+  #predictions(forward: DecoderForward): { argmax: Int32Array; margin: Float64Array } {
+    const { xF, head, T } = forward.saved;
+    return lm_head_argmax(xF, head, { T, V: this.config.vocabSize, D: this.config.hiddenSize });
+  }
+
+  #correct(forward: DecoderForward, batch: Batch): number {
+    return count_correct(this.#predictions(forward).argmax, batch.targets);
+  }
+
   #forwardBackward(
     batch: Batch,
     normaliser: number,
     dropoutSeed: number,
-  ): { lossSum: number; tokens: number } {
+  ): { lossSum: number; tokens: number; correct: number } {
     if (!(normaliser > 0)) contractError(`normaliser ${normaliser} must be positive`);
     const tokens = count_trained(batch.targets);
     // No trained token: zero loss and zero gradient, nothing to run.
-    if (tokens === 0) return { lossSum: 0, tokens: 0 };
+    if (tokens === 0) return { lossSum: 0, tokens: 0, correct: 0 };
     const T = batch.rows * batch.seqLen;
     const forward = decoder_forward(
       this.config,
@@ -176,12 +190,12 @@ export class ReferenceModel implements TrainableModel {
       for (let i = 0; i < s.dA.length; i++) s.dA[i] += g.dA[i];
       for (let i = 0; i < s.dB.length; i++) s.dB[i] += g.dB[i];
     }
-    return { lossSum: forward.loss * normaliser, tokens };
+    return { lossSum: forward.loss * normaliser, tokens, correct: this.#correct(forward, batch) };
   }
 
-  #evaluate(batch: Batch): { lossSum: number; tokens: number } {
+  #evaluate(batch: Batch): { lossSum: number; tokens: number; correct: number } {
     const tokens = count_trained(batch.targets);
-    if (tokens === 0) return { lossSum: 0, tokens: 0 };
+    if (tokens === 0) return { lossSum: 0, tokens: 0, correct: 0 };
     const T = batch.rows * batch.seqLen;
     const forward = decoder_forward(
       this.config,
@@ -189,7 +203,21 @@ export class ReferenceModel implements TrainableModel {
       this.#adapters(T, null),
       this.#input(batch, tokens),
     );
-    return { lossSum: forward.loss * tokens, tokens };
+    return { lossSum: forward.loss * tokens, tokens, correct: this.#correct(forward, batch) };
+  }
+
+  /**
+   * The model's prediction for every token of `batch`: argmax[T] of the logits (lowest index on
+   * ties) and margin[T], the maximum logit minus the largest other one (0 on a tie); with the
+   * dropout masks of `dropoutSeed` as in {@link forwardBackward}, or none (null, as evaluate).
+   * Beyond the contract: for tests and diagnostics.
+   */
+  predictions(batch: Batch, dropoutSeed: number | null = null): { argmax: Int32Array; margin: Float64Array } {
+    const T = batch.rows * batch.seqLen;
+    const adapters = this.#adapters(T, dropoutSeed);
+    // numItems only scales the loss, which is not used here.
+    const forward = decoder_forward(this.config, this.#weights, adapters, this.#input(batch, 1));
+    return this.#predictions(forward);
   }
 
   /** The accumulated gradients (f64 copies) by PEFT tensor name; the reference exposes them for tests. */
@@ -307,15 +335,11 @@ export class ReferenceModel implements TrainableModel {
     this.#step = state.step;
   }
 
-  forwardBackward(
-    batch: Batch,
-    normaliser: number,
-    dropoutSeed: number,
-  ): Promise<{ lossSum: number; tokens: number }> {
+  forwardBackward(batch: Batch, normaliser: number, dropoutSeed: number): Promise<MicroBatchResult> {
     return settle(() => this.#forwardBackward(batch, normaliser, dropoutSeed));
   }
 
-  evaluate(batch: Batch): Promise<{ lossSum: number; tokens: number }> {
+  evaluate(batch: Batch): Promise<MicroBatchResult> {
     return settle(() => this.#evaluate(batch));
   }
 

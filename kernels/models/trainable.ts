@@ -62,6 +62,20 @@ export interface OptimizerState {
   v: Map<string, Float32Array>;
 }
 
+/** What a backend returns for one micro-batch (forward, or forward and backward). */
+export interface MicroBatchResult {
+  /** Σ over the trained tokens of the cross-entropy, not normalised. */
+  lossSum: number;
+  /** Trained tokens (targets other than −100). */
+  tokens: number;
+  /**
+   * Trained tokens whose argmax logit (the lowest index among equal maxima, as torch.argmax)
+   * is the target: trl's `mean_token_accuracy` is Σ correct / Σ tokens. It comes from the
+   * same forward and readback as the loss.
+   */
+  correct: number;
+}
+
 /** A model that trains LoRA adapters. */
 export interface TrainableModel extends Disposable {
   readonly config: ModelConfig;
@@ -72,16 +86,13 @@ export interface TrainableModel extends Disposable {
    * Forward and backward of one micro-batch; adds the LoRA gradients of
    * Σ_tokens CE / `normaliser` into the gradient buffers (so micro-batches of one optimizer step,
    * each called with the step's total trained-token count, sum to the mean over the whole batch).
-   * `dropoutSeed` seeds LoRA dropout for this micro-batch. Returns the summed (unnormalised) loss
-   * and the trained-token count of this micro-batch.
+   * `dropoutSeed` seeds LoRA dropout for this micro-batch. Returns the summed (unnormalised) loss,
+   * the trained-token count and the correctly predicted tokens of this micro-batch (with
+   * dropout, as the loss).
    */
-  forwardBackward(
-    batch: Batch,
-    normaliser: number,
-    dropoutSeed: number,
-  ): Promise<{ lossSum: number; tokens: number }>;
-  /** Forward only, no dropout: summed loss and trained-token count. */
-  evaluate(batch: Batch): Promise<{ lossSum: number; tokens: number }>;
+  forwardBackward(batch: Batch, normaliser: number, dropoutSeed: number): Promise<MicroBatchResult>;
+  /** Forward only, no dropout: summed loss, trained-token count and correctly predicted tokens. */
+  evaluate(batch: Batch): Promise<MicroBatchResult>;
   /** Clips (if asked) and applies one AdamW step to every adapter, then zeroes the gradients. Returns the pre-clip global gradient norm. */
   optimizerStep(hp: AdamWStep): Promise<{ gradNorm: number }>;
   /** Zeroes the gradients without stepping (e.g. after a skipped non-finite step). */

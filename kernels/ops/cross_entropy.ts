@@ -5,9 +5,11 @@
  * T = tokens, D = hidden, V = vocab, Vc = vocabulary rows per chunk, N = normaliser.
  *
  * Forward, per chunk [v0, v0 + Vc):   z[T,Vc] = h[T,D] · W[v0:v0+Vc, D]ᵀ   (matmul NT)
- *   then `cross_entropy_stats` merges the chunk into each token's running (max, Σ e^(z − max))
- *   and picks the target's logit; `cross_entropy_finish` writes lse[T] and
- *   loss = Σ_{t trained} (lse[t] − z[t, y[t]]) / N.
+ *   then `cross_entropy_stats` merges the chunk into each token's running (max, Σ e^(z − max),
+ *   argmax) and picks the target's logit; `cross_entropy_finish` writes lse[T],
+ *   loss = Σ_{t trained} (lse[t] − z[t, y[t]]) / N and the count of trained tokens whose
+ *   argmax_v z[t, v] (lowest index on ties, as torch.argmax) is y[t]: the numerator of trl's
+ *   `mean_token_accuracy`, read back with the loss.
  * Backward, per chunk (logits recomputed):   dz = dloss/N · (softmax − onehot(y)) on trained tokens,
  *   0 on ignored ones (`cross_entropy_grad`, in place), then dh[T,D] += dz[T,Vc] · W[v0:v0+Vc, D]
  *   (matmul NN).
@@ -23,6 +25,10 @@
  * are launched as `matmul` launches them (same kernel, tile and vec4 choices, so the same bits),
  * except that they never split K, which `matmul` does on GPUs for products with few output
  * tiles (dh = dz·W of a micro-batch of a few hundred tokens or fewer).
+ * The running state[T,4] (16 bytes a token) is split into row chunks only past the storage binding
+ * limit; the two state kernels then run once per chunk with its first token in a uniform, the
+ * later chunks adding into loss and count (one chunk: one dispatch each, the loss summed in one
+ * tree). targets[T] and lse[T] must fit one binding.
  * This file is the only place the loss kernels' workgroup sizes are written.
  * @module
  */
@@ -64,6 +70,11 @@ export interface CrossEntropyForwardOptions extends CrossEntropyOptions {
   accumulateLoss?: boolean;
   /** lse[T] f32 to write (created when absent). */
   lse?: Tensor;
+  /**
+   * correct[1] u32 to write (created when absent): trained tokens whose argmax logit is the
+   * target. With `accumulateLoss` the count is added to it too.
+   */
+  correct?: Tensor;
 }
 
 /** What {@link crossEntropyForward} returns. */
@@ -72,6 +83,8 @@ export interface CrossEntropyForwardResult {
   loss: Tensor;
   /** lse[T] f32: log Σ_v e^(h_t·W_v), kept for the backward. */
   lse: Tensor;
+  /** correct[1] u32: Σ over trained tokens of [argmax_v h_t·W_v = y[t]] (ties: the lowest v). */
+  correct: Tensor;
 }
 
 /** Options of {@link crossEntropyBackward}. */
@@ -100,9 +113,9 @@ interface Problem {
  * @param targets y[T] i32, -100 for tokens that are not trained
  * @example
  * ```ts
- * const { loss, lse } = crossEntropyForward(h, lmHead, targets, { n: trainedTokens });
+ * const { loss, lse, correct } = crossEntropyForward(h, lmHead, targets, { n: trainedTokens });
  * const dh = crossEntropyBackward(h, lmHead, targets, lse, { n: trainedTokens });
- * const [value] = await loss.readF32();
+ * const [[value], [hits]] = await readTensors([loss, correct]); // one readback
  * ```
  */
 export function crossEntropyForward(
@@ -120,32 +133,50 @@ export function crossEntropyForward(
   checkOut(loss, [1], "loss");
   const lse = options.lse ?? Tensor.empty(gpu, [T], "f32", { label: "ce_lse" });
   checkOut(lse, [T], "lse");
+  const correct = options.correct ?? Tensor.empty(gpu, [1], "u32", { label: "ce_correct" });
+  if (correct.dtype !== "u32" || correct.shape.join() !== "1") {
+    throw new RangeError(
+      `Cannot write correct "${correct.label}" ${correct.dtype}[${correct.shape}]: u32 [1] expected`,
+    );
+  }
+  // A count created here starts from zero even when the loss accumulates.
+  const accumulateCount = (options.accumulateLoss ?? false) && options.correct !== undefined;
   if (T === 0) {
     if (!options.accumulateLoss) recorder(gpu).clearBuffer(loss.buffer, 0, 4);
-    return { loss, lse };
+    if (!accumulateCount) recorder(gpu).clearBuffer(correct.buffer, 0, 4);
+    return { loss, lse, correct };
   }
   const rec = recorder(gpu);
-  const stats = kernel(gpu, "cross_entropy_stats", ["read", "read", "write"]);
+  const stats = kernel(gpu, "cross_entropy_stats", ["read", "read", "write"], 20);
+  // Per token (m, s, z_target, argmax): three f32 and a u32, 16 bytes, never read on the host.
+  // Split into row chunks only past the binding limit; each chunk is its own dispatch.
   const state = Tensor.empty(gpu, [T, 4], "f32", { label: "ce_state" });
   for (const { wChunk, v0, C } of vocabularyChunks(W, p.chunk)) {
     const z = logits(p, h, W, wChunk, v0, C, "ce_logits");
-    rec.dispatch(
-      stats,
-      [z.buffer, targets.buffer, state.buffer],
-      new Uint32Array([T, C, v0, v0 === 0 ? 1 : 0]),
-      grid(gpu, T),
-    );
+    for (const part of state.chunks) {
+      rec.dispatch(
+        stats,
+        [z.buffer, targets.buffer, part.buffer],
+        new Uint32Array([part.rows, C, v0, v0 === 0 ? 1 : 0, part.rowStart]),
+        grid(gpu, part.rows),
+      );
+    }
     z.destroy();
   }
-  const finish = kernel(gpu, "cross_entropy_finish", ["read", "read", "write", "write"]);
-  const u = new Uint32Array(4);
-  u[0] = T;
-  u[1] = V;
-  new Float32Array(u.buffer)[2] = options.n;
-  u[3] = options.accumulateLoss ? 1 : 0;
-  rec.dispatch(finish, [state.buffer, targets.buffer, lse.buffer, loss.buffer], u, [1]);
+  const finish = kernel(gpu, "cross_entropy_finish", ["read", "read", "write", "write", "write"], 20);
+  const accumulate = (options.accumulateLoss ? 1 : 0) | (accumulateCount ? 2 : 0);
+  for (const [i, part] of state.chunks.entries()) {
+    const u = new Uint32Array(5);
+    u[0] = part.rows;
+    u[1] = V;
+    new Float32Array(u.buffer)[2] = options.n;
+    // Later state chunks add to what the first wrote.
+    u[3] = i === 0 ? accumulate : 3;
+    u[4] = part.rowStart;
+    rec.dispatch(finish, [part.buffer, targets.buffer, lse.buffer, loss.buffer, correct.buffer], u, [1]);
+  }
   state.destroy();
-  return { loss, lse };
+  return { loss, lse, correct };
 }
 
 /**
@@ -179,7 +210,7 @@ export function crossEntropyBackward(
   }
   if (T === 0) return dh;
   const rec = recorder(gpu);
-  const grad = kernel(gpu, "cross_entropy_grad", ["write", "read", "read"]);
+  const grad = kernel(gpu, "cross_entropy_grad", ["write", "read", "read"], 16);
   const u = new Uint32Array(4);
   const scale = (options.dloss ?? 1) / options.n;
   // dh = Σ over chunks of dz·W[v0:v0+C]: a product per chunk, added in vocabulary order.
@@ -288,12 +319,12 @@ function checkOut(t: Tensor, shape: number[], what: string): void {
   }
 }
 
-function kernel(gpu: Gpu, name: string, bindings: ("read" | "write")[]): Kernel {
+function kernel(gpu: Gpu, name: string, bindings: ("read" | "write")[], uniformBytes: number): Kernel {
   return getKernel(gpu, {
     name,
     code: () => Deno.readTextFileSync(new URL(`../wgsl/${name}.wgsl`, import.meta.url)),
     bindings,
-    uniformBytes: 16,
+    uniformBytes,
     constants: { WG },
   });
 }

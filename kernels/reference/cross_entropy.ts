@@ -18,6 +18,12 @@
  *   logits = hidden · Wᵀ;  dhidden = dlogits · W;  dW = dlogitsᵀ · hidden
  * Online log-sum-exp over chunks: m' = max(m, max_c z), s' = s · e^(m − m') + Σ_c e^(z − m'),
  * lse = m + log s.
+ *
+ * Token accuracy (trl's `mean_token_accuracy` = correct / trained tokens):
+ *   correct = Σ_{t trained} [argmax_v logits[t,v] = target[t]]
+ * with ties resolved to the lowest index, as torch.argmax; over chunks the running argmax moves
+ * only to a strictly larger chunk maximum, so the first maximum wins wherever the chunks are cut.
+ * A NaN logit is never the argmax (torch would return its index; the loss is NaN then anyway).
  * @module
  */
 import { alloc, expectLength, expectPositiveInt, type Floats } from "./_dense.ts";
@@ -69,18 +75,55 @@ function checkTargets(targets: ArrayLike<number>, dims: CrossEntropyDims): void 
   }
 }
 
+/** Sentinel of {@link token_argmax} for a row without a non-NaN logit above −∞. */
+export const NO_ARGMAX = -1;
+
+/**
+ * argmax[T] of logits[T,V], the lowest index among equal maxima (torch.argmax). NaN and −∞
+ * logits never win; a row with nothing else gets {@link NO_ARGMAX}.
+ */
+export function token_argmax(logits: Floats, T: number, V: number): Int32Array {
+  expectLength("logits[T,V]", logits, T * V);
+  const argmax = new Int32Array(T).fill(NO_ARGMAX);
+  for (let t = 0; t < T; t++) {
+    let best = -Infinity;
+    for (let v = 0; v < V; v++) {
+      const z = logits[t * V + v];
+      if (z > best) {
+        best = z;
+        argmax[t] = v;
+      }
+    }
+  }
+  return argmax;
+}
+
+/** Σ over trained tokens of [argmax[t] = target[t]]: the numerator of the token accuracy. */
+export function count_correct(
+  argmax: ArrayLike<number>,
+  targets: ArrayLike<number>,
+  mask?: ArrayLike<number> | null,
+): number {
+  expectLength("argmax[T]", argmax, targets.length);
+  let correct = 0;
+  for (let t = 0; t < targets.length; t++) {
+    if (is_trained(targets, mask, t) && argmax[t] === targets[t]) correct++;
+  }
+  return correct;
+}
+
 /**
  * Loss from full logits.
  *
  * @param logits logits[T,V]
  * @param targets target[T] (shifted; -100 ignored)
- * @returns loss and lse[T]
+ * @returns loss, lse[T], and the trained tokens whose argmax is their target
  */
 export function cross_entropy_forward<A extends Floats>(
   logits: A,
   targets: ArrayLike<number>,
   dims: CrossEntropyDims,
-): { loss: number; lse: A } {
+): { loss: number; lse: A; correct: number } {
   const { T, V, n, mask } = dims;
   checkTargets(targets, dims);
   expectLength("logits[T,V]", logits, T * V);
@@ -95,7 +138,8 @@ export function cross_entropy_forward<A extends Floats>(
     lse[t] = l;
     if (is_trained(targets, mask, t)) sum += l - logits[t * V + targets[t]];
   }
-  return { loss: sum / n, lse };
+  const correct = count_correct(token_argmax(logits, T, V), targets, mask);
+  return { loss: sum / n, lse, correct };
 }
 
 /**
@@ -163,23 +207,28 @@ function checkHead(hidden: Floats, W: Floats, dims: LmHeadCrossEntropyDims): num
  *
  * @param hidden hidden[T,D] (after the final norm)
  * @param W W[V,D]
- * @returns loss and lse[T]
+ * @returns loss, lse[T], argmax[T] of the logits (ties: lowest index) and the trained tokens
+ *   whose argmax is their target
  */
 export function lm_head_cross_entropy_forward<A extends Floats>(
   hidden: A,
   W: Floats,
   targets: ArrayLike<number>,
   dims: LmHeadCrossEntropyDims,
-): { loss: number; lse: A } {
+): { loss: number; lse: A; argmax: Int32Array; correct: number } {
   const { T, V, D, n, mask } = dims;
   checkTargets(targets, dims);
   const chunk = checkHead(hidden, W, dims);
   const m = new Float64Array(T).fill(-Infinity);
   const s = new Float64Array(T);
   const targetLogit = new Float64Array(T);
+  // Running argmax: the first maximum of the chunks seen so far (a later chunk must beat it).
+  const best = new Float64Array(T).fill(-Infinity);
+  const argmax = new Int32Array(T).fill(NO_ARGMAX);
   for (let v0 = 0; v0 < V; v0 += chunk) {
     const C = Math.min(chunk, V - v0);
     const z = chunkLogits(hidden, W, T, D, v0, C);
+    const chunkArgmax = token_argmax(z, T, C);
     for (let t = 0; t < T; t++) {
       let mc = -Infinity;
       for (let c = 0; c < C; c++) mc = Math.max(mc, z[t * C + c]);
@@ -190,6 +239,11 @@ export function lm_head_cross_entropy_forward<A extends Floats>(
       s[t] = sNew;
       const y = targets[t];
       if (y >= v0 && y < v0 + C) targetLogit[t] = z[t * C + (y - v0)];
+      const a = chunkArgmax[t];
+      if (a !== NO_ARGMAX && z[t * C + a] > best[t]) {
+        best[t] = z[t * C + a];
+        argmax[t] = v0 + a;
+      }
     }
   }
   const lse = alloc(hidden, T);
@@ -198,7 +252,38 @@ export function lm_head_cross_entropy_forward<A extends Floats>(
     lse[t] = m[t] + Math.log(s[t]);
     if (is_trained(targets, mask, t)) sum += m[t] + Math.log(s[t]) - targetLogit[t];
   }
-  return { loss: sum / n, lse };
+  return { loss: sum / n, lse, argmax, correct: count_correct(argmax, targets, mask) };
+}
+
+/**
+ * argmax[T] of logits = hidden · Wᵀ (ties: lowest index) and the margin of each token's maximum
+ * over the largest other logit (0 for a tie), without the loss: predictions of a model and how
+ * far they are from flipping.
+ *
+ * @param hidden hidden[T,D]
+ * @param W W[V,D]
+ */
+export function lm_head_argmax(
+  hidden: Floats,
+  W: Floats,
+  dims: { T: number; V: number; D: number },
+): { argmax: Int32Array; margin: Float64Array } {
+  const { T, V, D } = dims;
+  expectPositiveInt("V", V);
+  expectPositiveInt("D", D);
+  expectLength("hidden[T,D]", hidden, T * D);
+  expectLength("W[V,D]", W, V * D);
+  const z = chunkLogits(hidden, W, T, D, 0, V);
+  const argmax = token_argmax(z, T, V);
+  const margin = new Float64Array(T);
+  for (let t = 0; t < T; t++) {
+    const a = argmax[t];
+    if (a === NO_ARGMAX) continue;
+    let second = -Infinity;
+    for (let v = 0; v < V; v++) if (v !== a) second = Math.max(second, z[t * V + v]);
+    margin[t] = z[t * V + a] - second;
+  }
+  return { argmax, margin };
 }
 
 /**

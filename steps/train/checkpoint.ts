@@ -69,12 +69,23 @@ export interface TrainingState {
   seconds: number;
   /** Eval loss of the adapters before the first step, or null without an eval split. */
   evalLossBefore: number | null;
-  /** Early stopping: best eval_loss so far and evaluations since it improved. */
+  /**
+   * Early stopping: best value of metric_for_best_model so far (eval_loss unless configured
+   * otherwise; the name is kept from checkpoints that only knew eval_loss) and evaluations since
+   * it improved.
+   */
   bestEvalLoss: number | null;
   badEvals: number;
   /** Σ of the step losses since the last log entry, and their count (logging_steps windows). */
   windowLoss: number;
   windowSteps: number;
+  /**
+   * Σ of the step token accuracies since the last log entry, and the steps that had trained
+   * tokens (the accuracy's window). Checkpoints written before the accuracy was measured lack
+   * them; they resume as 0.
+   */
+  windowAccuracy: number;
+  windowAccuracySteps: number;
   /**
    * With load_best_model_at_end only (absent otherwise): the best evaluation so far, null before
    * the first; its adapter is the checkpoint's `best_adapter/`.

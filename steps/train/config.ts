@@ -32,8 +32,11 @@ export const LoraSection = z.strictObject({
   use_rslora: z.boolean().default(false),
 });
 
-/** The metrics an evaluation computes, by their transformers names. */
-export const EVAL_METRICS = ["eval_loss"] as const;
+/**
+ * The metrics an evaluation computes, by their transformers / trl names: the token-weighted
+ * cross-entropy and the share of trained tokens whose argmax logit is the target.
+ */
+export const EVAL_METRICS = ["eval_loss", "eval_mean_token_accuracy"] as const;
 /** One of {@link EVAL_METRICS}. */
 export type EvalMetric = typeof EVAL_METRICS[number];
 const DEFAULT_METRIC: EvalMetric = "eval_loss";
@@ -113,8 +116,9 @@ export const TrainSftConfig = z.strictObject({
    */
   load_best_model_at_end: z.boolean().optional(),
   /**
-   * The evaluation metric that ranks adapters and that early stopping watches; a name without
-   * the "eval_" prefix gets it, as in transformers ("loss" is "eval_loss"). Absent or null: "eval_loss".
+   * The evaluation metric that ranks adapters and that early stopping watches: one of
+   * {@link EVAL_METRICS}; a name without the "eval_" prefix gets it, as in transformers ("loss" is
+   * "eval_loss", "mean_token_accuracy" is "eval_mean_token_accuracy"). Absent or null: "eval_loss".
    */
   metric_for_best_model: z.string().min(1).nullable().optional(),
   /**

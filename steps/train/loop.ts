@@ -10,6 +10,13 @@
  * when the micro-batches hold different numbers of trained tokens). The step's loss is
  * Σ lossSum / N.
  *
+ * Token accuracy (trl's `mean_token_accuracy`): the trained tokens whose argmax logit is the
+ * target, counted by the backend in the loss's forward and readback, over the same N tokens:
+ * Σ correct / N for a step (a step without trained tokens has none), the mean of the step
+ * accuracies over a logging window (as the loss), and Σ correct / Σ tokens over the whole eval
+ * split for `eval_mean_token_accuracy` (token-weighted, as `eval_loss`). It only reads the
+ * forward: the loss, the gradients and so the adapters are the same bits with or without it.
+ *
  * Randomness is counter-based, so a resumed run replays exactly: the row order of epoch e
  * comes from PCG32(seed, SHUFFLE_STREAM + e), the dropout seeds of step s from
  * PCG32(seed, DROPOUT_STREAM + s) (one u32 per micro-batch, in order).
@@ -38,7 +45,7 @@ import {
   TRAINING_STATE_FORMAT,
   type TrainingState,
 } from "./checkpoint.ts";
-import { bestModelSettings, type TrainSftConfig } from "./config.ts";
+import { bestModelSettings, type EvalMetric, type TrainSftConfig } from "./config.ts";
 import { isBetter, recordEval } from "./early_stopping.ts";
 import { lrAt, planTraining, type TrainPlan } from "./schedule.ts";
 import { type LogEntry, trainerState } from "./trainer_state.ts";
@@ -83,6 +90,8 @@ export interface TrainMetrics {
   eval_loss: number | null;
   /** Eval loss of the adapters before the first step. */
   eval_loss_before: number | null;
+  /** Eval token accuracy after training (trl's `eval_mean_token_accuracy`); null without an eval split. */
+  eval_mean_token_accuracy: number | null;
   /** Token slots (padding included) per second of training. */
   tokens_per_s: number;
   steps: number;
@@ -112,18 +121,26 @@ export function dropoutSeeds(seed: number, step: number, count: number): number[
   return Array.from({ length: count }, () => rng.nextU32());
 }
 
-/** Token-weighted mean loss of `model` over every row of `split` (no dropout); null when nothing is trained. */
+/** The metrics of one evaluation, by their transformers names (the {@link EvalMetric}s). */
+export type EvalResult = Record<EvalMetric, number>;
+
+/**
+ * Token-weighted mean loss and token accuracy of `model` over every row of `split` (no
+ * dropout); null when nothing is trained.
+ */
 export async function evaluateSplit(
   model: TrainableModel,
   split: Split,
   batchSize: number,
-): Promise<number | null> {
+): Promise<EvalResult | null> {
   let lossSum = 0;
   let tokens = 0;
+  let correct = 0;
   for (const rows of chunks(split.rows, batchSize)) {
     const r = await model.evaluate(buildBatch(rows, split.index.pad_id));
     lossSum += r.lossSum;
     tokens += r.tokens;
+    correct += r.correct;
   }
   if (tokens === 0) return null;
   const loss = lossSum / tokens;
@@ -132,7 +149,17 @@ export async function evaluateSplit(
       hint: "the adapters or the base model hold non-finite values",
     });
   }
-  return loss;
+  return { eval_loss: loss, eval_mean_token_accuracy: correct / tokens };
+}
+
+/** The log_history entry of an evaluation. */
+function evalEntry(step: number, epoch: number, result: EvalResult): LogEntry {
+  return { step, epoch, ...result };
+}
+
+/** The evaluation a log_history entry records (accuracy NaN in entries written before it was measured). */
+function evalOf(e: LogEntry): EvalResult {
+  return { eval_loss: e.eval_loss!, eval_mean_token_accuracy: e.eval_mean_token_accuracy ?? NaN };
 }
 
 /**
@@ -192,6 +219,8 @@ function freshState(seed: number, rows: number, plan: TrainPlan): TrainingState 
     badEvals: 0,
     windowLoss: 0,
     windowSteps: 0,
+    windowAccuracy: 0,
+    windowAccuracySteps: 0,
   };
 }
 
@@ -201,8 +230,17 @@ function replay(io: LoopIo, history: readonly LogEntry[]): void {
     if (e.learning_rate !== undefined) io.log("lr", e.step, e.learning_rate);
     if (e.grad_norm !== undefined) io.log("grad_norm", e.step, e.grad_norm);
     if (e.tokens_per_second !== undefined) io.log("tokens_per_s", e.step, e.tokens_per_second);
+    if (e.mean_token_accuracy !== undefined) io.log("mean_token_accuracy", e.step, e.mean_token_accuracy);
     if (e.eval_loss !== undefined) io.log("eval_loss", e.step, e.eval_loss);
+    if (e.eval_mean_token_accuracy !== undefined) {
+      io.log("eval_mean_token_accuracy", e.step, e.eval_mean_token_accuracy);
+    }
   }
+}
+
+function logEval(io: LoopIo, step: number, result: EvalResult): void {
+  io.log("eval_loss", step, result.eval_loss);
+  io.log("eval_mean_token_accuracy", step, result.eval_mean_token_accuracy);
 }
 
 /**
@@ -256,12 +294,16 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     resumedFrom = t.step;
     replay(io, history);
   } else if (evalSplit) {
-    state.evalLossBefore = await evaluateSplit(model, evalSplit, evalBs);
-    if (state.evalLossBefore !== null) {
-      history.push({ step: 0, epoch: 0, eval_loss: state.evalLossBefore });
-      io.log("eval_loss", 0, state.evalLossBefore);
+    const before = await evaluateSplit(model, evalSplit, evalBs);
+    state.evalLossBefore = before?.eval_loss ?? null;
+    if (before !== null) {
+      history.push(evalEntry(0, 0, before));
+      logEval(io, 0, before);
     }
   }
+  // Checkpoints written before token accuracy was measured lack its window.
+  state.windowAccuracy ??= 0;
+  state.windowAccuracySteps ??= 0;
 
   const epochAt = () => state.epoch + state.position / n;
   const checkpointName = (step: number) =>
@@ -298,7 +340,7 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
   let order = epochOrder(n, seed, state.epoch);
   const evals = history.filter((e) => e.eval_loss !== undefined);
   let lastEvalStep = evals.length > 0 ? evals[evals.length - 1].step : -1;
-  let lastEval: number | null = evals.length > 0 ? evals[evals.length - 1].eval_loss! : null;
+  let lastEval: EvalResult | null = evals.length > 0 ? evalOf(evals[evals.length - 1]) : null;
   // A run killed right after early stopping triggered does not train on when resumed.
   let stoppedEarly = config.early_stopping_patience !== null &&
     state.badEvals >= config.early_stopping_patience;
@@ -319,11 +361,13 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     const normaliser = Math.max(1, stepTokens);
     const seeds = dropoutSeeds(seed, state.step, micro.length);
     let lossSum = 0;
+    let correct = 0;
     let slots = 0;
     for (let i = 0; i < micro.length; i++) {
       const r = await model.forwardBackward(micro[i], normaliser, seeds[i]);
       if (!Number.isFinite(r.lossSum)) throw nonFinite("loss", r.lossSum, state.step + 1, lastCheckpoint);
       lossSum += r.lossSum;
+      correct += r.correct;
       slots += micro[i].rows * micro[i].seqLen;
     }
     const lr = lrAt(config, plan, state.step);
@@ -346,6 +390,11 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     state.trainedTokens += stepTokens;
     state.windowLoss += loss;
     state.windowSteps++;
+    const accuracy = stepTokens > 0 ? correct / stepTokens : null;
+    if (accuracy !== null) {
+      state.windowAccuracy += accuracy;
+      state.windowAccuracySteps++;
+    }
     span.tokens += slots;
     const step = state.step;
 
@@ -360,31 +409,39 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
         grad_norm: gradNorm,
         tokens_per_second: span.tokens / Math.max(1e-9, span.seconds),
       };
+      if (state.windowAccuracySteps > 0) {
+        entry.mean_token_accuracy = state.windowAccuracy / state.windowAccuracySteps;
+      }
       history.push(entry);
       io.log("loss", step, entry.loss!);
       io.log("lr", step, lr);
       io.log("grad_norm", step, gradNorm);
       io.log("tokens_per_s", step, entry.tokens_per_second!);
+      if (entry.mean_token_accuracy !== undefined) {
+        io.log("mean_token_accuracy", step, entry.mean_token_accuracy);
+      }
       state.windowLoss = state.windowSteps = 0;
+      state.windowAccuracy = state.windowAccuracySteps = 0;
       span.tokens = span.seconds = 0;
     }
     if (evalSplit && config.eval_steps !== null && step % config.eval_steps === 0) {
       lastEval = await evaluateSplit(model, evalSplit, evalBs);
       lastEvalStep = step;
       if (lastEval !== null) {
-        history.push({ step, epoch: epochAt(), eval_loss: lastEval });
-        io.log("eval_loss", step, lastEval);
+        history.push(evalEntry(step, epochAt(), lastEval));
+        logEval(io, step, lastEval);
+        const value = lastEval[settings.metric];
         const early = { best: state.bestEvalLoss, bad: state.badEvals };
         stoppedEarly = recordEval(
           early,
-          lastEval,
+          value,
           config.early_stopping_patience,
           config.early_stopping_threshold,
           settings.greaterIsBetter,
         );
         state.bestEvalLoss = early.best;
         state.badEvals = early.bad;
-        await keepIfBest(step, lastEval);
+        await keepIfBest(step, value);
       }
     }
     state.seconds += (performance.now() - started) / 1000;
@@ -405,15 +462,16 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
       }
     }
     const rate = slots / Math.max(1e-9, (performance.now() - started) / 1000);
-    progress.tick(1, `loss ${loss.toFixed(4)} · lr ${lr.toExponential(2)} · ${humanCount(rate)} tok/s`);
+    const acc = accuracy === null ? "" : ` · acc ${(100 * accuracy).toFixed(1)}%`;
+    progress.tick(1, `loss ${loss.toFixed(4)}${acc} · lr ${lr.toExponential(2)} · ${humanCount(rate)} tok/s`);
   }
 
   if (evalSplit && lastEvalStep !== state.step) {
     lastEval = await evaluateSplit(model, evalSplit, evalBs);
     if (lastEval !== null) {
-      history.push({ step: state.step, epoch: epochAt(), eval_loss: lastEval });
-      io.log("eval_loss", state.step, lastEval);
-      await keepIfBest(state.step, lastEval);
+      history.push(evalEntry(state.step, epochAt(), lastEval));
+      logEval(io, state.step, lastEval);
+      await keepIfBest(state.step, lastEval[settings.metric]);
     }
   }
   const best: BestModelRecord | null = state.bestModel ?? null;
@@ -435,8 +493,9 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
   return {
     metrics: {
       train_loss: state.step > 0 ? state.lossSum / state.step : 0,
-      eval_loss: evalSplit ? lastEval : null,
+      eval_loss: evalSplit ? lastEval?.eval_loss ?? null : null,
       eval_loss_before: state.evalLossBefore,
+      eval_mean_token_accuracy: evalSplit ? nullIfNaN(lastEval?.eval_mean_token_accuracy) : null,
       tokens_per_s: tokensPerS,
       steps: state.step,
       epochs: epochAt(),
@@ -457,6 +516,10 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     plan,
     state,
   };
+}
+
+function nullIfNaN(value: number | undefined): number | null {
+  return value === undefined || Number.isNaN(value) ? null : value;
 }
 
 /** The trainer_state.json object of a finished loop. */

@@ -1,8 +1,9 @@
 /**
  * `trainer_state.json` as transformers' `TrainerState.save_to_json` writes it (the fields a
  * single-process run has), so tools that read a transformers output directory read lathe's.
- * `log_history` holds one entry per logging step (`loss`, `learning_rate`, `grad_norm`), one per
- * evaluation (`eval_loss`) and a final summary (`train_loss`, `train_runtime`).
+ * `log_history` holds one entry per logging step (`loss`, `learning_rate`, `grad_norm`, trl's
+ * `mean_token_accuracy`), one per evaluation (`eval_loss`, `eval_mean_token_accuracy`) and a final
+ * summary (`train_loss`, `train_runtime`).
  *
  * With load_best_model_at_end the best evaluation is recorded as recent transformers records it:
  * `best_global_step`, `best_metric` and `best_model_checkpoint` (the checkpoint directory that
@@ -21,7 +22,11 @@ export interface LogEntry {
   grad_norm?: number;
   /** Token slots per second over the logging window (lathe's addition). */
   tokens_per_second?: number;
+  /** Share of trained tokens whose argmax logit is the target (trl), mean over the window's steps. */
+  mean_token_accuracy?: number;
   eval_loss?: number;
+  /** The same over the whole eval split, token-weighted (trl). */
+  eval_mean_token_accuracy?: number;
   train_loss?: number;
   train_runtime?: number;
   train_tokens_per_second?: number;

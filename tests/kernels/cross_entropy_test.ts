@@ -5,7 +5,9 @@
  * scale = max |ref| of the compared array: f32 atol 1e-5·scale, rtol 1e-4; f16 weights and
  * hidden states atol 1e-3·scale, rtol 1e-2 (the reference sees the same f16-rounded inputs,
  * the GPU keeps its logits in f32, so only summation order differs; the looser bound covers
- * the f16 products of the matmul).
+ * the f16 products of the matmul). The count of correctly predicted tokens is compared
+ * exactly: the cases keep every non-tied maximum far from its runner-up (checked), and tied
+ * maxima come from identical W rows, whose logits are the same bits in f32 and in f64.
  */
 import assert from "node:assert/strict";
 import {
@@ -16,11 +18,19 @@ import {
 import {
   count_trained,
   IGNORE_INDEX,
+  lm_head_argmax,
   lm_head_cross_entropy_backward,
   lm_head_cross_entropy_forward,
 } from "../../kernels/reference/cross_entropy.ts";
-import type { Gpu } from "../../kernels/device.ts";
-import { bucketSize, type DType, memoryStats, resetPeakMemory, Tensor } from "../../kernels/tensor.ts";
+import { type Gpu, requestGpu } from "../../kernels/device.ts";
+import {
+  bucketSize,
+  type DType,
+  memoryStats,
+  readTensors,
+  resetPeakMemory,
+  Tensor,
+} from "../../kernels/tensor.ts";
 import { recorder } from "../../kernels/recorder.ts";
 import { assertClose, gpuTest, nanTensor, randn, rng, roundF16, type Tolerance } from "./_harness.ts";
 
@@ -58,7 +68,7 @@ interface RunOptions {
   wChunkRows?: number;
 }
 
-/** Runs forward and backward on the GPU and returns loss, lse and dh. */
+/** Runs forward and backward on the GPU and returns loss, lse, dh and the correct count. */
 async function runGpu(
   gpu: Gpu,
   c: Case,
@@ -76,10 +86,13 @@ async function runGpu(
   using targets = Tensor.from(gpu, data.targets, [T], "i32", { label: "targets" });
   if (options.wChunkRows !== undefined) assert.ok(W.chunked, "W is split into row chunks");
   using loss = nanTensor(gpu, [1], "f32", "loss");
-  const { lse } = crossEntropyForward(h, W, targets, { n, chunk: options.chunk, loss });
+  // Garbage in the count buffer: the forward must overwrite it.
+  using correct = Tensor.from(gpu, [0xdeadbeef], [1], "u32", { label: "correct" });
+  const { lse } = crossEntropyForward(h, W, targets, { n, chunk: options.chunk, loss, correct });
   using _lse = lse;
   using dh = crossEntropyBackward(h, W, targets, lse, { n, chunk: options.chunk });
-  return { loss: (await loss.readF32())[0], lse: await lse.readF32(), dh: await dh.readF32() };
+  const [l, hits] = await readTensors([loss, correct]);
+  return { loss: l[0], lse: await lse.readF32(), dh: await dh.readF32(), correct: hits[0] };
 }
 
 function reference(c: Case, data: ReturnType<typeof makeCase>, n: number, f16 = false) {
@@ -88,7 +101,7 @@ function reference(c: Case, data: ReturnType<typeof makeCase>, n: number, f16 = 
   const dims = { T: c.T, V: c.V, D: c.D, n, chunk: 64 };
   const fwd = lm_head_cross_entropy_forward(h, W, data.targets, dims);
   const bwd = lm_head_cross_entropy_backward(h, W, data.targets, fwd.lse, dims);
-  return { loss: fwd.loss, lse: fwd.lse, dh: bwd.dhidden };
+  return { loss: fwd.loss, lse: fwd.lse, dh: bwd.dhidden, correct: fwd.correct };
 }
 
 function compare(
@@ -99,6 +112,7 @@ function compare(
   assertClose([got.loss], [ref.loss], tolerance([ref.loss], f16, "loss"));
   assertClose(got.lse, ref.lse, tolerance(ref.lse, f16, "lse"));
   assertClose(got.dh, ref.dh, tolerance(ref.dh, f16, "dh"));
+  assert.equal(got.correct, ref.correct, "correctly predicted tokens");
 }
 
 const BASE: Case = { T: 13, D: 24, V: 300, ignored: 0.3, seed: 11 };
@@ -163,6 +177,138 @@ gpuTest("crossEntropy accumulates the losses of micro-batches into one step loss
   assertClose(await loss.readF32(), [ref.loss], tolerance([ref.loss], false, "accumulated loss"));
 });
 
+/**
+ * A case whose maxima tie: W's V rows are copies of P distinct random rows (most appearing at
+ * several scattered indices), so a token's largest logit is mostly shared by several vocabulary
+ * rows, exactly, in f32 as in f64. Targets cycle through five kinds: ignored, the lowest index
+ * of the maximum (correct), a higher index of the same maximum (a tie that is not the argmax),
+ * a random row, and the lowest index again.
+ */
+function tiedCase(T: number, D: number, V: number, P: number, seed: number) {
+  const pool = randn(P * D, seed, 0.5);
+  const h = randn(T * D, seed + 1, 1);
+  const next = rng(seed + 2);
+  const rowOf = Array.from({ length: V }, () => Math.floor(next() * P));
+  const W = new Float32Array(V * D);
+  for (let v = 0; v < V; v++) W.set(pool.subarray(rowOf[v] * D, (rowOf[v] + 1) * D), v * D);
+  const { argmax } = lm_head_argmax(h, W, { T, V, D });
+  // The first maximum is the lowest index holding the pool row of the maximum; margins over
+  // the other pool rows stay far above f32 rounding, so the GPU cannot pick another pool row.
+  const distinct = lm_head_argmax(h, pool, { T, V: P, D }).margin;
+  for (let t = 0; t < T; t++) {
+    assert.ok(distinct[t] > 1e-3, `token ${t}: the top two pool rows are ${distinct[t]} apart`);
+  }
+  const targets = new Int32Array(T);
+  let expected = 0;
+  let laterTies = 0;
+  for (let t = 0; t < T; t++) {
+    const a = argmax[t];
+    const copies = rowOf.flatMap((r, v) => (r === rowOf[a] ? [v] : []));
+    switch (t % 5) {
+      case 0:
+        targets[t] = IGNORE_INDEX;
+        break;
+      case 2:
+        targets[t] = copies.at(-1)!;
+        if (targets[t] !== a) laterTies++;
+        break;
+      case 3:
+        targets[t] = Math.floor(next() * V);
+        break;
+      default:
+        targets[t] = a;
+    }
+    if (targets[t] === a) expected++;
+  }
+  assert.ok(laterTies >= T / 10, `only ${laterTies} targets are a tied maximum above the lowest index`);
+  return { data: { h, W, targets }, expected, argmax };
+}
+
+gpuTest(
+  "crossEntropy counts tokens whose argmax is the target, ties to the lowest index, for every chunking of V and W",
+  async (gpu) => {
+    const c = { T: 40, D: 24, V: 300, ignored: 0, seed: 61 };
+    const { data, expected, argmax } = tiedCase(c.T, c.D, c.V, 40, c.seed);
+    assert.ok(argmax.some((a) => a >= 64), "some first maxima lie beyond the first vocabulary chunk");
+    const n = count_trained(data.targets);
+    const ref = reference(c, data, n);
+    assert.equal(ref.correct, expected, "the reference counts the constructed hits");
+    // Vocabulary chunks of 16 to all of V (ties inside one invocation, between invocations, and
+    // between chunks), and W split into row chunks of 50 that vocabulary chunks straddle.
+    for (const chunk of [16, 37, 64, 300, 1000]) {
+      for (const wChunkRows of [undefined, 50]) {
+        const got = await runGpu(gpu, c, data, n, { chunk, wChunkRows });
+        assert.equal(got.correct, expected, `chunk ${chunk}, W rows per chunk ${wChunkRows ?? c.V}`);
+        compare(got, ref);
+      }
+    }
+  },
+);
+
+gpuTest(
+  "crossEntropy adds the correct counts of micro-batches with the loss, and a fresh count starts at zero",
+  async (gpu) => {
+    const c = { T: 30, D: 16, V: 120, ignored: 0, seed: 71 };
+    const { data, expected } = tiedCase(c.T, c.D, c.V, 25, c.seed);
+    const n = count_trained(data.targets);
+    using W = Tensor.from(gpu, data.W, [c.V, c.D], "f32", { label: "W" });
+    using loss = Tensor.from(gpu, [0], [1], "f32", { label: "loss" });
+    using correct = Tensor.from(gpu, [0], [1], "u32", { label: "correct" });
+    const parts = [[0, 7], [7, 20], [20, 30]];
+    const own: number[] = [];
+    for (const [i, [a, b]] of parts.entries()) {
+      using h = Tensor.from(gpu, data.h.subarray(a * c.D, b * c.D), [b - a, c.D], "f32");
+      using targets = Tensor.from(gpu, data.targets.subarray(a, b), [b - a], "i32");
+      const accumulateLoss = i > 0;
+      const r = crossEntropyForward(h, W, targets, { n, chunk: 32, loss, correct, accumulateLoss });
+      r.lse.destroy();
+      // Accumulating into the loss alone: the count created for this call holds this part only.
+      using scratch = Tensor.from(gpu, [5], [1], "f32", { label: "scratch_loss" });
+      const alone = crossEntropyForward(h, W, targets, { n, chunk: 32, loss: scratch, accumulateLoss: true });
+      alone.lse.destroy();
+      using aloneCorrect = alone.correct;
+      own.push((await aloneCorrect.read())[0]);
+    }
+    const [[total]] = await readTensors([correct]);
+    assert.equal(total, expected);
+    const refParts = parts.map(([a, b]) => {
+      const sub = { h: data.h.subarray(a * c.D, b * c.D), W: data.W, targets: data.targets.subarray(a, b) };
+      return reference({ ...c, T: b - a }, sub, n).correct;
+    });
+    assert.deepEqual(own, refParts);
+    assert.ok(own.every((k) => k > 0) && own.reduce((s, k) => s + k, 0) === expected, JSON.stringify(own));
+  },
+);
+
+gpuTest(
+  "crossEntropy splits its running state into row chunks past the binding limit: same loss, lse, dh and count",
+  async (shared) => {
+    // A 1 KiB binding cap: state[T,4] (1600 bytes) takes two chunks, h, dh and W several, the
+    // logits two vocabulary rows per chunk; targets and lse (400 bytes) stay whole.
+    const gpu = await requestGpu({ maxBindingBytes: 1024, f16: false });
+    try {
+      const c = { T: 100, D: 16, V: 60, ignored: 0, seed: 81 };
+      const { data, expected } = tiedCase(c.T, c.D, c.V, 15, c.seed);
+      const n = count_trained(data.targets);
+      using hProbe = Tensor.empty(gpu, [c.T, c.D], "f32");
+      using wProbe = Tensor.empty(gpu, [c.V, c.D], "f32");
+      const chunk = crossEntropyChunk(hProbe, wProbe);
+      assert.equal(chunk, 2, "[T,Vc] f32 logits within 1 KiB");
+      const got = await runGpu(gpu, c, data, n);
+      compare(got, reference(c, data, n));
+      assert.equal(got.correct, expected);
+      // Uncapped, with the same vocabulary chunks: every token's state is computed alike, so lse
+      // is the same bits; the loss adds the two state chunks' sums in another order.
+      const whole = await runGpu(shared, c, data, n, { chunk });
+      assertClose([got.loss], [whole.loss], { atol: 1e-6, rtol: 1e-5, name: "loss capped vs uncapped" });
+      assert.deepEqual(got.lse, whole.lse);
+      assert.equal(got.correct, whole.correct);
+    } finally {
+      gpu.device.destroy();
+    }
+  },
+);
+
 gpuTest("crossEntropy handles an lm_head split into row chunks", async (gpu) => {
   const c = { T: 9, D: 20, V: 203, ignored: 0.25, seed: 21 };
   const data = makeCase(c);
@@ -205,21 +351,27 @@ gpuTest("crossEntropy holds only the logits chunk, never a copy of W's rows or a
     await recorder(gpu).sync();
     resetPeakMemory(gpu);
     const base = memoryStats(gpu).liveBytes;
-    const { loss, lse } = crossEntropyForward(h, W, targets, { n, chunk });
+    const { loss, lse, correct } = crossEntropyForward(h, W, targets, { n, chunk });
     const dh = crossEntropyBackward(h, W, targets, lse, { n, chunk });
     const peak = memoryStats(gpu).peakBytes - base;
-    // Everything the two calls allocate, alive at once: the outputs, the forward's running
-    // state[T,4] and one [T,Vc] f32 logits chunk. A copy of W's rows alone would be Vc·D·4 bytes.
+    // Everything the two calls allocate, alive at once: the outputs (loss, correct count, lse, dh),
+    // the forward's running state[T,4] and one [T,Vc] f32 logits chunk. A copy of W's rows alone
+    // would be Vc·D·4 bytes.
     const [T, D] = [c.T, c.D];
-    const bound = bucketSize(4) + bucketSize(4 * T) + bucketSize(16 * T) + bucketSize(4 * T * D) +
+    const bound = 2 * bucketSize(4) + bucketSize(4 * T) + bucketSize(16 * T) + bucketSize(4 * T * D) +
       bucketSize(4 * T * chunk);
     assert.ok(peak <= bound, `peak ${peak} bytes exceeds ${bound} (W ${W.chunks.length} chunks)`);
     assert.ok(bound < chunk * D * 4 && bound < 4 * T * c.V, "the bound excludes a copy and the full logits");
     compare(
-      { loss: (await loss.readF32())[0], lse: await lse.readF32(), dh: await dh.readF32() },
+      {
+        loss: (await loss.readF32())[0],
+        lse: await lse.readF32(),
+        dh: await dh.readF32(),
+        correct: (await correct.read())[0],
+      },
       reference(c, data, n),
     );
-    for (const t of [loss, lse, dh]) t.destroy();
+    for (const t of [loss, lse, dh, correct]) t.destroy();
   }
 });
 
@@ -233,6 +385,7 @@ gpuTest("crossEntropy gives ignored tokens zero gradient and an all-ignored batc
   data.targets.fill(IGNORE_INDEX);
   const none = await runGpu(gpu, c, data, 1, { chunk: 16 });
   assert.equal(none.loss, 0);
+  assert.equal(none.correct, 0);
   assert.ok(none.dh.every((v) => v === 0), "dh is zero");
 });
 

@@ -156,6 +156,26 @@ Deno.test("train-sft best-model keys keep the key of configs without them, read 
     metric: "eval_loss",
     greaterIsBetter: false,
   });
+  // trl's token accuracy: "mean_token_accuracy" reads as "eval_mean_token_accuracy", and a name
+  // not ending in "loss" makes a larger value better.
+  const accuracy = { load_best_model_at_end: true, metric_for_best_model: "mean_token_accuracy" };
+  assert.deepEqual(bestModelSettings(resolveConfig(step, { model: "m", eval_steps: 5, ...accuracy })), {
+    loadBest: true,
+    metric: "eval_mean_token_accuracy",
+    greaterIsBetter: true,
+  });
+  const byAccuracy = hash(accuracy);
+  assert.notEqual(byAccuracy, hash({ load_best_model_at_end: true }));
+  for (
+    const same of [
+      { ...accuracy, metric_for_best_model: "eval_mean_token_accuracy" },
+      { ...accuracy, greater_is_better: true },
+      { ...accuracy, greater_is_better: null },
+    ]
+  ) {
+    assert.equal(hash(same), byAccuracy, JSON.stringify(same));
+  }
+  assert.notEqual(hash({ ...accuracy, greater_is_better: false }), byAccuracy);
 
   const invalid = (raw: Record<string, unknown>, pattern: RegExp) =>
     assert.throws(() => resolveConfig(step, { model: "m", ...raw }), (e: Error) => {
@@ -165,11 +185,11 @@ Deno.test("train-sft best-model keys keep the key of configs without them, read 
     });
   invalid(
     { eval_steps: 5, metric_for_best_model: "accuracy" },
-    /train-sft\.metric_for_best_model: unknown metric "accuracy" \(read as "eval_accuracy"\); the evaluation computes "eval_loss"/,
+    /train-sft\.metric_for_best_model: unknown metric "accuracy" \(read as "eval_accuracy"\); the evaluation computes "eval_loss", "eval_mean_token_accuracy"/,
   );
   invalid(
-    { eval_steps: 5, metric_for_best_model: "eval_mean_token_accuracy" },
-    /unknown metric "eval_mean_token_accuracy";/,
+    { eval_steps: 5, metric_for_best_model: "eval_token_accuracy" },
+    /unknown metric "eval_token_accuracy";/,
   );
   invalid(
     { load_best_model_at_end: true },
@@ -193,7 +213,15 @@ Deno.test("train-sft runs end to end on a tokenize upstream: PEFT adapter, metri
     ]);
     assert.deepEqual(Object.keys(m.sources).sort(), ["model/config.json", "model/model.safetensors"]);
     for (
-      const k of ["train_loss", "eval_loss", "eval_loss_before", "tokens_per_s", "trained_tokens", "seconds"]
+      const k of [
+        "train_loss",
+        "eval_loss",
+        "eval_loss_before",
+        "eval_mean_token_accuracy",
+        "tokens_per_s",
+        "trained_tokens",
+        "seconds",
+      ]
     ) {
       assert.equal(typeof m.metrics[k], "number", k);
     }
@@ -212,7 +240,13 @@ Deno.test("train-sft runs end to end on a tokenize upstream: PEFT adapter, metri
     assert.deepEqual(at("lr"), [1, 2, 3, 4]);
     assert.deepEqual(at("grad_norm"), [1, 2, 3, 4]);
     assert.deepEqual(at("tokens_per_s"), [1, 2, 3, 4]);
+    assert.deepEqual(at("mean_token_accuracy"), [1, 2, 3, 4]);
     assert.deepEqual(at("eval_loss"), [0, 2, 4]);
+    assert.deepEqual(at("eval_mean_token_accuracy"), [0, 2, 4]);
+    const accuracies = lines.filter((l) => l.name.endsWith("mean_token_accuracy")).map((l) => l.value);
+    assert.ok(accuracies.every((a) => a >= 0 && a <= 1), JSON.stringify(accuracies));
+    assert.equal(m.metrics.eval_mean_token_accuracy, lines.at(-1)!.value);
+    assert.equal(lines.at(-1)!.name, "eval_mean_token_accuracy");
 
     const state = JSON.parse(await Deno.readTextFile(join(dir, "trainer_state.json")));
     assert.equal(state.global_step, 4);
@@ -404,7 +438,8 @@ gpuTest(
   "train-sft on the webgpu backend agrees with the cpu-reference backend and records the adapter",
   async (gpu) => {
     await withSetup(async (s) => {
-      const config = { ...SMALL, max_steps: 2, save_steps: null };
+      // Three steps at a high rate: enough for some eval tokens to be predicted.
+      const config = { ...SMALL, max_steps: 3, learning_rate: 2e-2, save_steps: null };
       const cpu = (await train(s, config)).manifest;
       const web = (await train(s, { ...config, backend: "webgpu" })).manifest;
       assert.equal(web.env.gpu?.description, gpu.info.description);
@@ -415,6 +450,14 @@ gpuTest(
         const [a, b] = [cpu.metrics[k] as number, web.metrics[k] as number];
         assert.ok(Math.abs(a - b) <= tol * Math.abs(a), `${k}: cpu ${a} vs webgpu ${b}`);
       }
+      // The accuracy is a count: equal in f32; in f16 one of the 37 trained eval tokens may flip
+      // when the rounding swaps its top two logits.
+      const [a, b] = [cpu.metrics.eval_mean_token_accuracy, web.metrics.eval_mean_token_accuracy] as number[];
+      assert.ok(a > 0, "some eval tokens are predicted");
+      assert.ok(
+        Math.abs(a - b) <= (gpu.f16 ? 1.5 / 37 : 1e-12),
+        `eval_mean_token_accuracy: cpu ${a} vs webgpu ${b}`,
+      );
     });
   },
 );

@@ -1,11 +1,15 @@
 import assert from "node:assert/strict";
 import {
+  count_correct,
   count_trained,
   cross_entropy_backward,
   cross_entropy_forward,
   IGNORE_INDEX,
+  lm_head_argmax,
   lm_head_cross_entropy_backward,
   lm_head_cross_entropy_forward,
+  NO_ARGMAX,
+  token_argmax,
 } from "../../../kernels/reference/cross_entropy.ts";
 import { assertClose, checkGradient, dot, random, randomArray } from "./_check.ts";
 
@@ -109,4 +113,67 @@ Deno.test("cross_entropy names a target outside the vocabulary and a non-positiv
     /token 1: target "3" is neither -100 nor in \[0, 3\)/,
   );
   assert.throws(() => cross_entropy_forward(new Float64Array(6), [1, 2], { T: 2, V: 3, n: 0 }), /N "0"/);
+});
+
+Deno.test("token_argmax takes the lowest index among equal maxima and never a NaN", () => {
+  const logits = Float64Array.from([
+    ...[1, 3, 3, 2], // tie at 1 and 2
+    ...[5, 5, 5, 5], // all equal
+    ...[NaN, 0, 7, NaN], // NaN is skipped
+    ...[-Infinity, -Infinity, -Infinity, -Infinity], // nothing above −∞
+    ...[-2, -1, -1.5, -Infinity],
+  ]);
+  assert.deepEqual([...token_argmax(logits, 5, 4)], [1, 0, 2, NO_ARGMAX, 1]);
+  // Trained tokens whose argmax is the target; ignored and masked tokens never count.
+  assert.equal(count_correct([1, 0, 2, NO_ARGMAX, 1], [1, 0, IGNORE_INDEX, 3, 2]), 2);
+  assert.equal(count_correct([1, 0, 2, NO_ARGMAX, 1], [1, 0, 2, 3, 1], [1, 0, 1, 1, 1]), 3);
+  const full = cross_entropy_forward(logits.subarray(0, 8), [2, 0], { T: 2, V: 4, n: 2 });
+  assert.equal(full.correct, 1); // target 2 ties with 1, which wins
+});
+
+Deno.test("lm_head_cross_entropy_forward counts correct tokens as the full logits do for every chunk size, ties included", () => {
+  const rand = random(16);
+  const T = 12, D = 5, V = 23;
+  const hidden = new Float64Array(T * D);
+  // Rows 3, 9 and 17 are equal, as are 6 and 20: ties within a chunk and across chunks.
+  // Unit rows: hidden along a row makes that row's logit (and its copies') the largest.
+  const pool = randomArray(rand, V * D, 2);
+  for (let v = 0; v < V; v++) {
+    const row = pool.subarray(v * D, v * D + D);
+    const norm = Math.hypot(...row);
+    for (let d = 0; d < D; d++) row[d] /= norm;
+  }
+  const W = pool.slice();
+  for (const [to, from] of [[9, 3], [17, 3], [20, 6]]) W.set(pool.subarray(from * D, from * D + D), to * D);
+  // Every token predicts a tied row (hidden points along it); targets aim at each copy.
+  for (let t = 0; t < T; t++) {
+    const row = t % 2 === 0 ? 3 : 6;
+    for (let d = 0; d < D; d++) hidden[t * D + d] = 3 * W[row * D + d];
+  }
+  const argmax = token_argmax(logitsOf(hidden, W, T, D, V), T, V);
+  assert.ok(argmax.some((a) => a === 3) && argmax.some((a) => a === 6), `argmax ${argmax}`);
+  const targets = Array.from({ length: T }, (_, t) => [argmax[t], 9, 17, 20, IGNORE_INDEX, 0][t % 6]);
+  const want = targets.filter((y, t) => y === argmax[t]).length;
+  assert.ok(want >= 2);
+  const dims = { T, V, D, n: 1 };
+  for (const chunk of [1, 4, 7, 10, 23, 1024]) {
+    const fused = lm_head_cross_entropy_forward(hidden, W, targets, { ...dims, chunk });
+    assert.deepEqual([...fused.argmax], [...argmax], `argmax (chunk ${chunk})`);
+    assert.equal(fused.correct, want, `correct (chunk ${chunk})`);
+  }
+  const plain = cross_entropy_forward(logitsOf(hidden, W, T, D, V), targets, { T, V, n: 1 });
+  assert.equal(plain.correct, want);
+  // A mask leaves tokens out of the count as it leaves them out of the loss.
+  const mask = Array.from({ length: T }, (_, t) => (t < 6 ? 0 : 1));
+  const masked = lm_head_cross_entropy_forward(hidden, W, targets, { ...dims, chunk: 4, mask });
+  assert.equal(masked.correct, targets.filter((y, t) => t >= 6 && y === argmax[t]).length);
+  // lm_head_argmax: the same argmax, a zero margin on ties, the gap to the runner-up otherwise.
+  const top = lm_head_argmax(hidden, W, { T, V, D });
+  assert.deepEqual([...top.argmax], [...argmax]);
+  const z = logitsOf(hidden, W, T, D, V);
+  for (let t = 0; t < T; t++) {
+    const row = Array.from(z.subarray(t * V, t * V + V)).sort((a, b) => b - a);
+    assert.equal(top.margin[t], row[0] - row[1], `margin of token ${t}`);
+  }
+  assert.ok(top.margin.every((m) => m === 0), "every maximum here is tied");
 });

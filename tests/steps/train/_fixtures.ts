@@ -14,6 +14,7 @@ import type {
   Batch,
   LoraSpec,
   LoraWeights,
+  MicroBatchResult,
   OptimizerState,
   TrainableModel,
 } from "../../../kernels/models/trainable.ts";
@@ -178,7 +179,7 @@ export interface Faults {
   /** Called before each optimizer step with the model (e.g. to read gradients). */
   beforeStep?: (step: number) => void;
   /** Receives every forwardBackward result. */
-  onMicroBatch?: (result: { lossSum: number; tokens: number }, batch: Batch) => void;
+  onMicroBatch?: (result: MicroBatchResult, batch: Batch) => void;
 }
 
 /** Delegates to a model and injects {@link Faults}. */
@@ -207,7 +208,7 @@ export class FaultyModel implements TrainableModel {
     if (step === this.faults.throwAtStep) throw new Error(`injected kill at step ${step}`);
     const r = await this.inner.forwardBackward(batch, normaliser, dropoutSeed);
     this.faults.onMicroBatch?.(r, batch);
-    return step === this.faults.nanAtStep ? { lossSum: NaN, tokens: r.tokens } : r;
+    return step === this.faults.nanAtStep ? { ...r, lossSum: NaN } : r;
   }
   evaluate(batch: Batch) {
     return this.inner.evaluate(batch);

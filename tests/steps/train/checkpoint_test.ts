@@ -45,6 +45,8 @@ function training(step: number): TrainingState {
     badEvals: 1,
     windowLoss: 3.1,
     windowSteps: 1,
+    windowAccuracy: 0.25,
+    windowAccuracySteps: 1,
   };
 }
 

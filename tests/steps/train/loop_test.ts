@@ -538,3 +538,129 @@ Deno.test("load_best_model_at_end needs an eval split, and resumes only from che
     );
   });
 });
+
+Deno.test("trainLoop() logs mean_token_accuracy as Σ correct / N of each step, averaged over the logging window, and eval_mean_token_accuracy over the eval split", async () => {
+  await withWorld(async (w) => {
+    const config = trainConfig({
+      max_steps: 6,
+      learning_rate: 1e-2,
+      lr_scheduler_type: "constant",
+      per_device_train_batch_size: 2,
+      gradient_accumulation_steps: 2,
+      per_device_eval_batch_size: 3,
+      logging_steps: 2,
+      eval_steps: 3,
+    });
+    const { opts, points } = options(w, config);
+    // The micro-batch results of each step, as the backend returned them.
+    const steps: { correct: number; tokens: number }[][] = [[]];
+    opts.model = new FaultyModel(opts.model, {
+      onMicroBatch: (r) => steps.at(-1)!.push({ correct: r.correct, tokens: r.tokens }),
+      beforeStep: () => steps.push([]),
+    });
+    const result = await trainLoop(opts);
+    steps.pop();
+    assert.equal(steps.length, 6);
+    const stepAccuracy = steps.map((micro) => {
+      const sum = (k: "correct" | "tokens") => micro.reduce((s, m) => s + m[k], 0);
+      return sum("correct") / sum("tokens");
+    });
+    // The model learns the pattern: most tokens end up predicted.
+    assert.ok(stepAccuracy[5] > 0.5 && stepAccuracy[0] < 0.2, JSON.stringify(stepAccuracy));
+    const logged = points.filter((p) => p.name === "mean_token_accuracy");
+    assert.deepEqual(logged.map((p) => p.step), [2, 4, 6]);
+    logged.forEach((p, i) => {
+      assert.equal(p.value, (stepAccuracy[2 * i] + stepAccuracy[2 * i + 1]) / 2, `step ${p.step}`);
+    });
+
+    // The evaluations: Σ correct / Σ trained tokens over every eval row, counted here from fresh
+    // predictions of models holding the adapters before training and after the last step.
+    const evals = points.filter((p) => p.name === "eval_mean_token_accuracy");
+    assert.deepEqual(evals.map((p) => p.step), [0, 3, 6]);
+    const evalAccuracy = (model: ReferenceModel) => {
+      let correct = 0;
+      let tokens = 0;
+      for (const rows of chunks(w.eval.rows, 3)) {
+        const batch = buildBatch(rows, w.eval.index.pad_id);
+        const { argmax } = model.predictions(batch);
+        batch.targets.forEach((y, t) => {
+          if (y === -100) return;
+          tokens++;
+          if (argmax[t] === y) correct++;
+        });
+      }
+      return correct / tokens;
+    };
+    const fresh = referenceModel(w.host, config, 1);
+    assert.equal(evals[0].value, evalAccuracy(fresh));
+    await fresh.setLora(await opts.model.getLora());
+    assert.equal(evals[2].value, evalAccuracy(fresh));
+    assert.ok(evals[2].value > evals[0].value + 0.3, JSON.stringify(evals));
+    assert.equal(result.metrics.eval_mean_token_accuracy, evals[2].value);
+
+    // trainer_state.json carries both under trl's names.
+    const history = finalTrainerState(result, config).log_history;
+    assert.deepEqual(
+      history.filter((e) => e.mean_token_accuracy !== undefined).map((e) => [e.step, e.mean_token_accuracy]),
+      logged.map((p) => [p.step, p.value]),
+    );
+    assert.deepEqual(
+      history.filter((e) => e.eval_loss !== undefined).map((e) => [e.step, e.eval_mean_token_accuracy]),
+      evals.map((p) => [p.step, p.value]),
+    );
+  });
+});
+
+Deno.test("metric_for_best_model mean_token_accuracy keeps the adapter of the most accurate evaluation, and early stopping watches it", async () => {
+  await withRisingEval(async (w) => {
+    const base = { ...RISING, max_steps: 7, save_steps: 1, load_best_model_at_end: true };
+    const config = trainConfig({ ...base, metric_for_best_model: "mean_token_accuracy" });
+    const ckpt = join(w.dir, "ckpt");
+    const { opts, points } = options(w, config, { checkpointDir: ckpt });
+    const result = await trainLoop(opts);
+    const after = (name: string) => points.filter((p) => p.name === name && p.step > 0);
+    const accuracy = after("eval_mean_token_accuracy");
+    assert.deepEqual(accuracy.map((p) => p.step), [1, 2, 3, 4, 5, 6, 7]);
+    // The first of the highest accuracies wins (a tie keeps the earlier adapter).
+    const best = accuracy.reduce((a, b) => (b.value > a.value ? b : a));
+    const lowestLoss = after("eval_loss").reduce((a, b) => (b.value < a.value ? b : a));
+    // The data make this a real choice: neither the last step nor the step of the lowest loss.
+    assert.ok(best.step < 7 && best.step !== lowestLoss.step, JSON.stringify({ best, lowestLoss }));
+
+    assert.equal(result.metrics.best_global_step, best.step);
+    assert.equal(result.metrics.best_metric, best.value);
+    const exported = await adapterHash(join(w.dir, "exported"), opts.model);
+    assert.equal(exported, await fileHash(join(ckpt, `step-${best.step}`, "adapter_model.safetensors")));
+
+    // Ranking by eval_loss on the same run keeps the adapter of the lowest loss instead.
+    const byLoss = options(w, trainConfig(base), { checkpointDir: join(w.dir, "loss") });
+    const lossResult = await trainLoop(byLoss.opts);
+    assert.equal(lossResult.metrics.best_global_step, lowestLoss.step);
+
+    // Early stopping counts evaluations without a higher accuracy.
+    const patience = 2;
+    const stopping = trainConfig({
+      ...RISING,
+      max_steps: 12,
+      metric_for_best_model: "eval_mean_token_accuracy",
+      early_stopping_patience: patience,
+    });
+    const early = options(w, stopping);
+    const earlyResult = await trainLoop(early.opts);
+    // The step at which `patience` evaluations in a row fail to beat the best of `name`.
+    const stopStep = (name: string, better: (a: number, b: number) => boolean) => {
+      let best: number | null = null;
+      let bad = 0;
+      for (const p of early.points.filter((p) => p.name === name && p.step > 0)) {
+        if (best === null || better(p.value, best)) [best, bad] = [p.value, 0];
+        else if (++bad >= patience) return p.step;
+      }
+      return null;
+    };
+    const byAccuracy = stopStep("eval_mean_token_accuracy", (a, b) => a > b);
+    const byLossStop = stopStep("eval_loss", (a, b) => a < b);
+    assert.ok(byAccuracy !== null && byAccuracy !== byLossStop, `${byAccuracy} vs ${byLossStop}`);
+    assert.equal(earlyResult.metrics.stopped_early, true);
+    assert.equal(earlyResult.metrics.steps, byAccuracy);
+  });
+});
