@@ -73,6 +73,7 @@ export {
   type MatmulOptions,
   type MatmulShape,
   type MatmulTile,
+  type RowRange,
 } from "./ops/matmul.ts";
 export {
   latheCacheDir,

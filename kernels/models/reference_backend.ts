@@ -19,12 +19,12 @@
  * `dropout_mask` in u32 arithmetic drops exactly the same inputs.
  *
  * Token accuracy: `correct` counts the trained tokens whose argmax logit (f64, lowest index on
- * ties) is the target, from the final hidden states and lm_head the forward keeps.
+ * ties) is the target, counted by the decoder's forward in the same pass over the logits as the loss.
  * @module
  */
 import { loraKey } from "../../formats/peft.ts";
 import { adamw_step, clip_grad_norm, grad_norm } from "../reference/adamw.ts";
-import { count_correct, count_trained, lm_head_argmax } from "../reference/cross_entropy.ts";
+import { count_trained, lm_head_argmax } from "../reference/cross_entropy.ts";
 import { decoder_backward, decoder_forward, type DecoderForward } from "../reference/decoder.ts";
 import { dropout_mask, type LoraAdapter } from "../reference/linear_lora.ts";
 import { type ModelConfig, type Projection, projectionPath, PROJECTIONS, projectionShape } from "./config.ts";
@@ -164,10 +164,6 @@ export class ReferenceModel implements TrainableModel {
     return lm_head_argmax(xF, head, { T, V: this.config.vocabSize, D: this.config.hiddenSize });
   }
 
-  #correct(forward: DecoderForward, batch: Batch): number {
-    return count_correct(this.#predictions(forward).argmax, batch.targets);
-  }
-
   #forwardBackward(
     batch: Batch,
     normaliser: number,
@@ -190,7 +186,7 @@ export class ReferenceModel implements TrainableModel {
       for (let i = 0; i < s.dA.length; i++) s.dA[i] += g.dA[i];
       for (let i = 0; i < s.dB.length; i++) s.dB[i] += g.dB[i];
     }
-    return { lossSum: forward.loss * normaliser, tokens, correct: this.#correct(forward, batch) };
+    return { lossSum: forward.loss * normaliser, tokens, correct: forward.correct };
   }
 
   #evaluate(batch: Batch): { lossSum: number; tokens: number; correct: number } {
@@ -203,7 +199,7 @@ export class ReferenceModel implements TrainableModel {
       this.#adapters(T, null),
       this.#input(batch, tokens),
     );
-    return { lossSum: forward.loss * tokens, tokens, correct: this.#correct(forward, batch) };
+    return { lossSum: forward.loss * tokens, tokens, correct: forward.correct };
   }
 
   /**

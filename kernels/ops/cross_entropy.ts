@@ -19,12 +19,12 @@
  * `num_items_in_batch`.
  *
  * W (f32 or f16) may be split into row chunks. Vocabulary chunks never straddle them: each W
- * chunk is cut into chunks of at most Vc rows, and the two products read W's rows in place:
- * the chunk's buffer is bound whole and the matmul kernels (`matmul_wgsl.ts`) start at row
- * v0 − rowStart through their B offset uniform (`b_off`), so W is never copied. The products
- * are launched as `matmul` launches them (same kernel, tile and vec4 choices, so the same bits),
- * except that they never split K, which `matmul` does on GPUs for products with few output
- * tiles (dh = dz·W of a micro-batch of a few hundred tokens or fewer).
+ * chunk is cut into chunks of at most Vc rows, and the two products are `matmul` calls that
+ * read W's rows v0..v0+Vc in place (`bRows`, within one W chunk), so W is never copied. They
+ * take the adapter's tuned tile like any product (every tile gives the same bits) and, on
+ * GPUs, split K where `matmul` does (dh = dz·W of a micro-batch of few tokens and a long
+ * chunk), its partial sums (at most 64 MiB) alive only while the product runs. The forward
+ * and the backward compute each chunk's logits with the same call, so the same bits.
  * The running state[T,4] (16 bytes a token) is split into row chunks only past the storage binding
  * limit; the two state kernels then run once per chunk with its first token in a uniform, the
  * later chunks adding into loss and count (one chunk: one dispatch each, the loss summed in one
@@ -35,11 +35,9 @@
 import type { Gpu } from "../device.ts";
 import { getKernel, type Kernel } from "../pipeline.ts";
 import { recorder } from "../recorder.ts";
-import { Tensor, type TensorChunk } from "../tensor.ts";
+import { Tensor } from "../tensor.ts";
 import { grid } from "./_grid.ts";
-import { rowSegments } from "./_rowwise.ts";
-import { chooseConfig, type FloatDType, type MatmulConfig } from "./matmul.ts";
-import { MATMUL_UNIFORM_BYTES, matmulDirectWgsl, matmulUniforms, matmulWgsl } from "./matmul_wgsl.ts";
+import { matmul } from "./matmul.ts";
 
 /** Targets equal to this are not trained (PyTorch's ignore_index). */
 export const IGNORE_INDEX = -100;
@@ -151,8 +149,8 @@ export function crossEntropyForward(
   // Per token (m, s, z_target, argmax): three f32 and a u32, 16 bytes, never read on the host.
   // Split into row chunks only past the binding limit; each chunk is its own dispatch.
   const state = Tensor.empty(gpu, [T, 4], "f32", { label: "ce_state" });
-  for (const { wChunk, v0, C } of vocabularyChunks(W, p.chunk)) {
-    const z = logits(p, h, W, wChunk, v0, C, "ce_logits");
+  for (const { v0, C } of vocabularyChunks(W, p.chunk)) {
+    const z = logits(p, h, W, v0, C, "ce_logits");
     for (const part of state.chunks) {
       rec.dispatch(
         stats,
@@ -214,22 +212,14 @@ export function crossEntropyBackward(
   const u = new Uint32Array(4);
   const scale = (options.dloss ?? 1) / options.n;
   // dh = Σ over chunks of dz·W[v0:v0+C]: a product per chunk, added in vocabulary order.
-  const config = chooseConfig(gpu, T, D);
-  for (const { wChunk, v0, C } of vocabularyChunks(W, p.chunk)) {
-    const z = logits(p, h, W, wChunk, v0, C, "ce_dlogits");
+  for (const { v0, C } of vocabularyChunks(W, p.chunk)) {
+    const z = logits(p, h, W, v0, C, "ce_dlogits");
     u.set([T, C, v0]);
     new Float32Array(u.buffer)[3] = scale;
     rec.dispatch(grad, [z.buffer, targets.buffer, lse.buffer], u, grid(gpu, Math.ceil((T * C) / WG)));
+    // dh[T,D] (+)= dz[T,C] · W[v0:v0+C, D]
     const accumulate = (options.accumulate ?? false) || v0 > 0;
-    for (const seg of rowSegments([dh])) {
-      // dh[rows of seg] (+)= dz[seg rows, C] · W[v0:v0+C, D]
-      product(gpu, config, "NN", { M: seg.rows, N: D, K: C }, {
-        a: { buffer: z.buffer, offset: seg.row * C, ld: C, dtype: "f32" },
-        b: { buffer: wChunk.buffer, offset: (v0 - wChunk.rowStart) * D, ld: D, dtype: W.dtype as FloatDType },
-        c: { buffer: seg.parts[0].buffer, offset: seg.parts[0].offset, ld: D, dtype: dh.dtype as FloatDType },
-        accumulate,
-      });
-    }
+    matmul(z, W, { layout: "NN", bRows: { start: v0, count: C }, out: dh, accumulate });
     z.destroy();
   }
   return dh;
@@ -329,9 +319,8 @@ function kernel(gpu: Gpu, name: string, bindings: ("read" | "write")[], uniformB
   });
 }
 
-/** One vocabulary chunk: rows [v0, v0 + C) of W, all inside the W chunk `wChunk`. */
+/** One vocabulary chunk: rows [v0, v0 + C) of W, all inside one row chunk of W. */
 interface VocabularyChunk {
-  wChunk: TensorChunk;
   v0: number;
   C: number;
 }
@@ -340,121 +329,12 @@ interface VocabularyChunk {
 function* vocabularyChunks(W: Tensor, chunk: number): Generator<VocabularyChunk> {
   for (const wChunk of W.chunks) {
     const end = wChunk.rowStart + wChunk.rows;
-    for (let v0 = wChunk.rowStart; v0 < end; v0 += chunk) yield { wChunk, v0, C: Math.min(chunk, end - v0) };
+    for (let v0 = wChunk.rowStart; v0 < end; v0 += chunk) yield { v0, C: Math.min(chunk, end - v0) };
   }
 }
 
 /** z[T,C] f32 = h[T,D] · W[v0:v0+C, D]ᵀ, with W's rows read in place from their chunk. */
-function logits(
-  p: Problem,
-  h: Tensor,
-  W: Tensor,
-  wChunk: TensorChunk,
-  v0: number,
-  C: number,
-  label: string,
-): Tensor {
-  const { gpu, T, D } = p;
-  const z = Tensor.empty(gpu, [T, C], "f32", { label });
-  const config = chooseConfig(gpu, T, C);
-  for (const seg of rowSegments([h])) {
-    product(gpu, config, "NT", { M: seg.rows, N: C, K: D }, {
-      a: { buffer: seg.parts[0].buffer, offset: seg.parts[0].offset, ld: D, dtype: h.dtype as FloatDType },
-      b: { buffer: wChunk.buffer, offset: (v0 - wChunk.rowStart) * D, ld: D, dtype: W.dtype as FloatDType },
-      c: { buffer: z.buffer, offset: seg.row * C, ld: C, dtype: "f32" },
-      accumulate: false,
-    });
-  }
-  return z;
-}
-
-/** A matrix operand: its buffer, the element offset of its first element and its row stride. */
-interface Operand {
-  buffer: GPUBuffer;
-  offset: number;
-  ld: number;
-  dtype: FloatDType;
-}
-
-/**
- * C[M,N] (+)= op(A)·op(B) with the matmul kernels of `matmul_wgsl.ts` (NT: A[M,K]·B[N,K]ᵀ;
- * NN: A[M,K]·B[K,N]), each operand at an element offset in its buffer: the launch `matmul`
- * makes for one cell, so the results are the same bits.
- */
-function product(
-  gpu: Gpu,
-  config: MatmulConfig,
-  layout: "NT" | "NN",
-  dims: { M: number; N: number; K: number },
-  o: { a: Operand; b: Operand; c: Operand; accumulate: boolean },
-): void {
-  const { M, N, K } = dims;
-  const { a, b, c, accumulate } = o;
-  if (M === 0 || N === 0) return;
-  // vec4 access needs the contiguous dimension, leading dimension and offset to be multiples of 4.
-  const aligned = (n: number, x: Operand) => n % 4 === 0 && x.ld % 4 === 0 && x.offset % 4 === 0;
-  const variant = {
-    layout,
-    a: a.dtype,
-    b: b.dtype,
-    c: c.dtype,
-    bias: "none" as const,
-    accumulate,
-    vecA: aligned(K, a),
-    vecB: aligned(layout === "NT" ? K : N, b),
-    vecC: aligned(N, c),
-  };
-  const params = {
-    layout,
-    dtypes: `${a.dtype}${b.dtype}${c.dtype}`,
-    acc: accumulate,
-    vec: `${+variant.vecA}${+variant.vecB}${+variant.vecC}`,
-  };
-  // Every field of the tile names the variant (the tile is a kernel parameter).
-  const tileKey = (tile: object) => Object.entries(tile).map(([k, v]) => `${k}${v}`).join("/");
-  let kernel: Kernel;
-  let groups: [number, number];
-  if (config.kind === "tiled") {
-    const tile = config.tile;
-    const exact = M % tile.BM === 0 && N % tile.BN === 0 && K % tile.BK === 0;
-    // A K that is not a multiple of BK ends with a shorter step.
-    const kTail = !exact && K % tile.BK !== 0;
-    const tiled = { ...variant, exact, kTail, tile };
-    kernel = getKernel(gpu, {
-      name: "cross_entropy_matmul",
-      params: { ...params, exact, kTail, tile: tileKey(tile) },
-      code: () => matmulWgsl(tiled),
-      bindings: ["read", "read", "write"],
-      uniformBytes: MATMUL_UNIFORM_BYTES,
-    });
-    groups = [Math.ceil(N / tile.BN), Math.ceil(M / tile.BM)];
-  } else {
-    const tile = config.tile;
-    const kExact = K % 4 === 0;
-    kernel = getKernel(gpu, {
-      name: "cross_entropy_matmul_direct",
-      params: { ...params, kExact, tile: tileKey(tile) },
-      code: () => matmulDirectWgsl({ ...variant, kExact, tile }),
-      bindings: ["read", "read", "write"],
-      uniformBytes: MATMUL_UNIFORM_BYTES,
-    });
-    groups = [Math.ceil(N / (tile.WG * tile.TN)), Math.ceil(M / tile.TM)];
-  }
-  const u = matmulUniforms({
-    M,
-    N,
-    K,
-    lda: a.ld,
-    ldb: b.ld,
-    ldc: c.ld,
-    aOff: a.offset,
-    bOff: b.offset,
-    cOff: c.offset,
-    biasOff: 0,
-    strideA: 0,
-    strideB: 0,
-    strideC: 0,
-    alpha: 1,
-  });
-  recorder(gpu).dispatch(kernel, [a.buffer, b.buffer, c.buffer], u, groups);
+function logits(p: Problem, h: Tensor, W: Tensor, v0: number, C: number, label: string): Tensor {
+  const z = Tensor.empty(p.gpu, [p.T, C], "f32", { label });
+  return matmul(h, W, { layout: "NT", bRows: { start: v0, count: C }, out: z });
 }

@@ -7,7 +7,9 @@
  * With a leading batch dimension on `a` (and optionally `b`), each of the Bt products is
  * computed; a rank-2 `b` is shared by all of them. Operands split into row chunks (weights
  * larger than the storage binding limit) are handled by splitting the product: chunks along
- * M or N write disjoint parts of C, chunks along K accumulate.
+ * M or N write disjoint parts of C, chunks along K accumulate. `aRows`/`bRows` take a range of
+ * a rank-2 operand's rows in place of the whole operand (e.g. rows v0..v0+Vc of an lm_head
+ * W[V,D]): the range is read where it lies, through the kernels' element offsets, never copied.
  *
  * The kernel and tile of a product come from, in order: `options.config`; the adapter's
  * tuning table (`matmul_tune.ts`, written by `deno task bench tune`); the built-in heuristic
@@ -72,6 +74,24 @@ export interface MatmulOptions {
    * adapters. It changes the summation order, so it is never taken from the tuning table.
    */
   splitK?: number;
+  /**
+   * Rows [start, start + count) of A's first dimension (M for NN and NT, K for TN) stand for A:
+   * the product is that of a copy of those rows, read in place. A must have rank 2 and the rows
+   * must lie within one of its row chunks.
+   */
+  aRows?: RowRange;
+  /**
+   * Rows [start, start + count) of B's first dimension (N for NT, K for NN and TN) stand for B:
+   * the product is that of a copy of those rows, read in place. B must have rank 2 and the rows
+   * must lie within one of its row chunks.
+   */
+  bRows?: RowRange;
+}
+
+/** Rows [start, start + count) of a tensor's first dimension. */
+export interface RowRange {
+  start: number;
+  count: number;
 }
 
 /** Tiles of the heuristic: with DIRECT_TILES and the spaces below, the only place tile sizes are written. */
@@ -291,6 +311,9 @@ interface Problem {
   K: number;
   bBatched: boolean;
   out: Tensor;
+  /** First row of A and of B the product reads (`aRows`/`bRows`; 0 for the whole operand). */
+  aRow0: number;
+  bRow0: number;
 }
 
 /** One recorded kernel launch of a product. */
@@ -320,6 +343,8 @@ export interface MatmulPlan {
  * ```ts
  * // y[T,out] = x[T,in] · W[out,in]ᵀ + b[out]
  * const y = matmul(x, W, { layout: "NT", bias: b });
+ * // z[T,Vc] = h[T,D] · W[v0:v0+Vc, D]ᵀ, W's rows read where they lie
+ * const z = matmul(h, W, { layout: "NT", bRows: { start: v0, count: Vc } });
  * ```
  */
 export function matmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): Tensor {
@@ -557,8 +582,8 @@ function prepare(a: Tensor, b: Tensor, options: MatmulOptions, name: string): Pr
   const batch = a.shape.length === 3 ? a.shape[0] : 1;
   const bBatched = b.shape.length === 3;
   if (bBatched && b.shape[0] !== batch) fail("batch sizes differ");
-  const [a0, a1] = a.shape.slice(-2);
-  const [b0, b1] = b.shape.slice(-2);
+  const [a0, a1] = rowsShape(a, options.aRows, "aRows", fail).slice(-2);
+  const [b0, b1] = rowsShape(b, options.bRows, "bRows", fail).slice(-2);
   const M = layout === "TN" ? a1 : a0;
   const K = layout === "TN" ? a0 : a1;
   const N = layout === "NT" ? b0 : b1;
@@ -592,7 +617,39 @@ function prepare(a: Tensor, b: Tensor, options: MatmulOptions, name: string): Pr
     if (out.dtype === "f16" && !gpu.f16) fail("an f16 output needs shader-f16");
     if (out.shape.length === 3 && out.chunked) fail("a batched output cannot be split into row chunks");
   }
-  return { gpu, a, b, layout, batch, M, N, K, bBatched, out };
+  const aRow0 = options.aRows?.start ?? 0;
+  const bRow0 = options.bRows?.start ?? 0;
+  return { gpu, a, b, layout, batch, M, N, K, bBatched, out, aRow0, bRow0 };
+}
+
+/**
+ * The shape of an operand as the product sees it: its own, or `range.count` rows of it. A range
+ * needs a rank-2 operand and must lie within its rows and within one of its row chunks, so
+ * that one binding at an element offset reads it as a copy of those rows would be read.
+ */
+function rowsShape(
+  t: Tensor,
+  range: RowRange | undefined,
+  name: string,
+  fail: (why: string) => never,
+): readonly number[] {
+  if (range === undefined) return t.shape;
+  const { start, count } = range;
+  const rows = `${name} [${start},${start + count})`;
+  if (t.shape.length !== 2) fail(`${rows} needs a rank-2 operand, "${t.label}" has rank ${t.shape.length}`);
+  if (!Number.isInteger(start) || !Number.isInteger(count) || start < 0 || count < 0) {
+    fail(`${name} start "${start}" and count "${count}" must be non-negative integers`);
+  }
+  if (start + count > t.shape[0]) fail(`${rows} exceeds the ${t.shape[0]} rows of "${t.label}"`);
+  const chunk = t.chunks.find((c) => start >= c.rowStart && start < c.rowStart + c.rows);
+  if (count > 0 && chunk !== undefined && start + count > chunk.rowStart + chunk.rows) {
+    const chunks = t.chunks.map((c) => `[${c.rowStart},${c.rowStart + c.rows})`).join(", ");
+    fail(
+      `${rows} crosses the row-chunk boundary at row ${chunk.rowStart + chunk.rows} of "${t.label}" ` +
+        `(chunks ${chunks}); a row range must lie within one chunk`,
+    );
+  }
+  return [count, t.shape[1]];
 }
 
 /** One sub-product: buffers, its dims, leading dims and element offsets. */
@@ -609,15 +666,19 @@ interface Cell extends Omit<MatmulUniformParams, "alpha"> {
  * rows of A are M (NN, NT) or K (TN); rows of B are K (NN, TN) or N (NT); rows of C are M.
  */
 function* cells(p: Problem, a: Tensor, b: Tensor): Generator<Cell> {
-  const { layout, M, N, K, out } = p;
+  const { layout, M, N, K, out, aRow0, bRow0 } = p;
   const mCuts = new Set([0, M]);
   const nCuts = new Set([0, N]);
   const kCuts = new Set([0, K]);
-  // Only rank-2 tensors are ever split (checked in prepare), so chunk rows are matrix rows.
-  const addCuts = (set: Set<number>, t: Tensor) => t.chunks.forEach((c) => set.add(c.rowStart));
-  addCuts(layout === "TN" ? kCuts : mCuts, a);
-  addCuts(layout === "NT" ? nCuts : kCuts, b);
-  addCuts(mCuts, out);
+  // Only rank-2 tensors are ever split (checked in prepare), so chunk rows are matrix rows. Row
+  // r of an operand read from row0 on is row row0 + r of its tensor.
+  const addCuts = (set: Set<number>, t: Tensor, row0: number, rows: number) =>
+    t.chunks.forEach((c) => {
+      if (c.rowStart - row0 > 0 && c.rowStart - row0 < rows) set.add(c.rowStart - row0);
+    });
+  addCuts(layout === "TN" ? kCuts : mCuts, a, aRow0, layout === "TN" ? K : M);
+  addCuts(layout === "NT" ? nCuts : kCuts, b, bRow0, layout === "NT" ? N : K);
+  addCuts(mCuts, out, 0, M);
   const ranges = (set: Set<number>) => {
     const s = [...set].sort((x, y) => x - y);
     return s.slice(1).map((end, i) => [s[i], end - s[i]] as const).filter(([, n]) => n > 0);
@@ -631,8 +692,10 @@ function* cells(p: Problem, a: Tensor, b: Tensor): Generator<Cell> {
       const kRanges = ranges(kCuts);
       for (let ki = 0; ki < Math.max(1, kRanges.length); ki++) {
         const [k0, kLen] = kRanges[ki] ?? [0, 0];
-        const ac = find(a, layout === "TN" ? k0 : m0);
-        const bc = find(b, layout === "NT" ? n0 : k0);
+        const aRow = aRow0 + (layout === "TN" ? k0 : m0);
+        const bRow = bRow0 + (layout === "NT" ? n0 : k0);
+        const ac = find(a, aRow);
+        const bc = find(b, bRow);
         const cc = find(out, m0);
         yield {
           a: ac.buffer,
@@ -644,8 +707,8 @@ function* cells(p: Problem, a: Tensor, b: Tensor): Generator<Cell> {
           lda: aM,
           ldb: bN,
           ldc: N,
-          aOff: layout === "TN" ? (k0 - ac.rowStart) * aM + m0 : (m0 - ac.rowStart) * aM + k0,
-          bOff: layout === "NT" ? (n0 - bc.rowStart) * bN + k0 : (k0 - bc.rowStart) * bN + n0,
+          aOff: (aRow - ac.rowStart) * aM + (layout === "TN" ? m0 : k0),
+          bOff: (bRow - bc.rowStart) * bN + (layout === "NT" ? k0 : n0),
           cOff: (m0 - cc.rowStart) * N + n0,
           biasOff: n0,
           strideA: p.batch > 1 ? M * K : 0,

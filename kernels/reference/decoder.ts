@@ -17,6 +17,7 @@
  *     x = rmsnorm(h, post_attention_layernorm)
  *     h = h + (silu(x·Wgᵀ) ⊙ x·Wuᵀ)·Wdᵀ  (+ biases with mlpBias)     gate/up [T,F]
  *   loss = cross_entropy(rmsnorm(h, norm) · Wheadᵀ, targets) / N   Whead = lm_head or embed_tokens (tied)
+ *   correct = Σ_{t trained} [argmax_v logits[t,v] = target[t]]   (lowest v on ties; in the loss's pass)
  * Every projection may carry a LoRA adapter (y += s · dropout(x)·Aᵀ·Bᵀ). The backward runs the same
  * graph in reverse; the base weights are frozen.
  * @module
@@ -188,6 +189,11 @@ export interface DecoderForward {
   loss: number;
   /** N used. */
   numItems: number;
+  /**
+   * Trained tokens whose argmax logit (f64, lowest index on ties) is the target: the numerator
+   * of the token accuracy, from the loss's own pass over the logits.
+   */
+  correct: number;
   /** Internal activations, read by the backward. */
   readonly saved: {
     config: DecoderConfig;
@@ -404,6 +410,7 @@ export function decoder_forward(
   return {
     loss: ce.loss,
     numItems,
+    correct: ce.correct,
     saved: {
       config,
       input,

@@ -14,9 +14,10 @@ import {
   type MatmulLayout,
   matmulNaive,
   type MatmulOptions,
+  type RowRange,
 } from "../../kernels/ops/matmul.ts";
 import { matmul_forward } from "../../kernels/reference/matmul.ts";
-import { Tensor } from "../../kernels/tensor.ts";
+import { readTensors, Tensor } from "../../kernels/tensor.ts";
 import { assertClose, gpuTest, nanTensor, randn, roundF16 } from "./_harness.ts";
 
 const LAYOUTS: MatmulLayout[] = ["NN", "NT", "TN"];
@@ -211,6 +212,287 @@ gpuTest(
         bias: true,
       });
     }
+  },
+);
+
+/** A product that reads row ranges of its operands in place (`aRows`/`bRows`). */
+interface RowsCase {
+  layout: MatmulLayout;
+  /** Shapes of the whole operands (the ranges are taken from their first dimension). */
+  aShape: number[];
+  bShape: number[];
+  aRows?: RowRange;
+  bRows?: RowRange;
+  dtype?: "f32" | "f16";
+  outDtype?: "f32" | "f16";
+  /** Rows per chunk of A and B (splits them). */
+  aChunkRows?: number;
+  bChunkRows?: number;
+  alpha?: number;
+  accumulate?: boolean;
+  bias?: boolean;
+  config?: MatmulConfig;
+  splitK?: number;
+}
+
+/**
+ * Runs a product on row ranges read in place and the same product on copies of those rows,
+ * and asserts that both outputs hold the same bits.
+ */
+async function checkRows(gpu: Gpu, c: RowsCase, seed = 1): Promise<void> {
+  const dtype = c.dtype ?? "f32";
+  const outDtype = c.outDtype ?? "f32";
+  const count = (shape: number[]) => shape.reduce((x, y) => x * y, 1);
+  const a = randn(count(c.aShape), seed);
+  const b = randn(count(c.bShape), seed + 1);
+  // Row-chunk limits in bytes: boundaries are placed at 4 bytes per element whatever the dtype.
+  const limit = (shape: number[], rows?: number) =>
+    rows === undefined ? undefined : rows * count(shape.slice(1)) * 4;
+  using A = Tensor.from(gpu, a, c.aShape, dtype, {
+    label: "A",
+    maxChunkBytes: limit(c.aShape, c.aChunkRows),
+  });
+  using B = Tensor.from(gpu, b, c.bShape, dtype, {
+    label: "B",
+    maxChunkBytes: limit(c.bShape, c.bChunkRows),
+  });
+  if (c.aChunkRows !== undefined) assert.ok(A.chunked, "A is split");
+  if (c.bChunkRows !== undefined) assert.ok(B.chunked, "B is split");
+  const copy = (data: Float32Array, shape: number[], range: RowRange | undefined, label: string) => {
+    if (range === undefined) return Tensor.from(gpu, data, shape, dtype, { label });
+    const row = count(shape.slice(1));
+    const rows = data.subarray(range.start * row, (range.start + range.count) * row);
+    return Tensor.from(gpu, rows, [range.count, ...shape.slice(1)], dtype, { label });
+  };
+  using aCopy = copy(a, c.aShape, c.aRows, "A_copy");
+  using bCopy = copy(b, c.bShape, c.bRows, "B_copy");
+  assert.ok(!aCopy.chunked && !bCopy.chunked, "the copies are whole");
+  const M = c.layout === "TN" ? aCopy.shape.at(-1)! : aCopy.shape.at(-2)!;
+  const N = c.layout === "NT" ? bCopy.shape.at(-2)! : bCopy.shape.at(-1)!;
+  const outShape = c.aShape.length === 3 ? [c.aShape[0], M, N] : [M, N];
+  using BIAS = c.bias ? Tensor.from(gpu, randn(N, seed + 2), [N], dtype, { label: "bias" }) : undefined;
+  const c0 = randn(count(outShape), seed + 3);
+  using inPlace = c.accumulate
+    ? Tensor.from(gpu, c0, outShape, outDtype, { label: "C" })
+    : nanTensor(gpu, outShape, outDtype, "C");
+  using copied = c.accumulate
+    ? Tensor.from(gpu, c0, outShape, outDtype, { label: "C_copy" })
+    : nanTensor(gpu, outShape, outDtype, "C_copy");
+  const options: MatmulOptions = {
+    layout: c.layout,
+    alpha: c.alpha,
+    accumulate: c.accumulate,
+    bias: BIAS,
+    config: c.config,
+    splitK: c.splitK,
+  };
+  matmul(A, B, { ...options, out: inPlace, aRows: c.aRows, bRows: c.bRows });
+  matmul(aCopy, bCopy, { ...options, out: copied });
+  const [got, want] = await readTensors([inPlace, copied]);
+  const bytes = (x: ArrayBufferView) => new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
+  assert.deepEqual(bytes(got), bytes(want), `rows read in place vs copied: ${JSON.stringify(c)}`);
+  // The copied product is itself right (not two equal wrong answers).
+  const round = dtype === "f16" ? roundF16 : (x: Float32Array) => x;
+  assert.ok((await copied.readF32()).every(Number.isFinite), "every output element is written");
+  const ref = matmul_forward(round(await aCopy.readF32()), round(await bCopy.readF32()), {
+    layout: c.layout,
+    M,
+    N,
+    K: c.layout === "NT" ? bCopy.shape.at(-1)! : bCopy.shape.at(-2)!,
+    batch: c.aShape.length === 3 ? c.aShape[0] : 1,
+    alpha: c.alpha,
+    bias: BIAS ? await BIAS.readF32() : undefined,
+    c0: c.accumulate ? (outDtype === "f16" ? roundF16(c0) : c0) : undefined,
+  });
+  const K = c.layout === "NT" ? bCopy.shape.at(-1)! : bCopy.shape.at(-2)!;
+  const tol = { atol: 1e-6 * Math.max(K, 16), rtol: outDtype === "f16" ? 2 ** -10 : 1e-5, name: "copy" };
+  assertClose(await copied.readF32(), ref, tol);
+}
+
+gpuTest(
+  "matmul reads a row range of B in place: the bits of the product on a copy of those rows",
+  async (gpu) => {
+    // NT: W[50,12] in row chunks of 16; ranges of N: a whole chunk, inside one, the first rows, the
+    // short last chunk; with bias, alpha and accumulation.
+    for (const [start, count] of [[16, 16], [18, 11], [0, 5], [48, 2]]) {
+      await checkRows(gpu, {
+        layout: "NT",
+        aShape: [9, 12],
+        bShape: [50, 12],
+        bRows: { start, count },
+        bChunkRows: 16,
+        bias: true,
+        alpha: 0.5,
+        accumulate: true,
+      });
+    }
+    // NN: B[50,20] in row chunks of 13; ranges of K, the partial sums of a chunked K avoided.
+    for (const [start, count] of [[13, 13], [40, 9], [1, 11]]) {
+      await checkRows(gpu, {
+        layout: "NN",
+        aShape: [9, count],
+        bShape: [50, 20],
+        bRows: { start, count },
+        bChunkRows: 13,
+        bias: true,
+        accumulate: true,
+        alpha: -2,
+      });
+    }
+    // Odd row lengths: offsets that are not multiples of 4 (scalar loads), both kernels.
+    for (const config of [TILED, DIRECT]) {
+      await checkRows(gpu, {
+        layout: "NT",
+        aShape: [7, 21],
+        bShape: [40, 21],
+        bRows: { start: 5, count: 30 },
+        config,
+      });
+      await checkRows(gpu, {
+        layout: "NN",
+        aShape: [7, 17],
+        bShape: [40, 23],
+        bRows: { start: 3, count: 17 },
+        config,
+      });
+      await checkRows(gpu, {
+        layout: "NT",
+        aShape: [65, 36],
+        bShape: [300, 36],
+        bRows: { start: 151, count: 131 },
+        bChunkRows: 150,
+        config,
+      });
+    }
+    // An unsplit B, a range covering all of it, and a batched A sharing the range of B.
+    await checkRows(gpu, { layout: "NT", aShape: [5, 8], bShape: [30, 8], bRows: { start: 0, count: 30 } });
+    await checkRows(gpu, {
+      layout: "NT",
+      aShape: [3, 5, 8],
+      bShape: [30, 8],
+      bRows: { start: 9, count: 12 },
+    });
+  },
+);
+
+gpuTest("matmul reads a row range of A in place, alone or with one of B (TN: both along K)", async (gpu) => {
+  await checkRows(gpu, {
+    layout: "NN",
+    aShape: [40, 6],
+    bShape: [6, 9],
+    aRows: { start: 14, count: 11 },
+    aChunkRows: 13,
+  });
+  await checkRows(gpu, {
+    layout: "NT",
+    aShape: [40, 10],
+    bShape: [7, 10],
+    aRows: { start: 26, count: 13 },
+    aChunkRows: 13,
+    bias: true,
+    accumulate: true,
+  });
+  await checkRows(gpu, {
+    layout: "TN",
+    aShape: [50, 9],
+    bShape: [60, 11],
+    aRows: { start: 3, count: 20 },
+    bRows: { start: 31, count: 20 },
+    aChunkRows: 25,
+    bChunkRows: 30,
+    alpha: 0.25,
+  });
+});
+
+gpuTest("split-K over a row range of B gives the bits of split-K over a copy", async (gpu) => {
+  for (const config of [TILED, DIRECT]) {
+    await checkRows(gpu, {
+      layout: "NN",
+      aShape: [5, 100],
+      bShape: [230, 12],
+      bRows: { start: 101, count: 100 },
+      bChunkRows: 101,
+      splitK: 3,
+      config,
+      bias: true,
+      accumulate: true,
+    });
+    await checkRows(gpu, {
+      layout: "NT",
+      aShape: [6, 70],
+      bShape: [20, 70],
+      bRows: { start: 7, count: 9 },
+      splitK: 2,
+      config,
+    });
+  }
+});
+
+gpuTest("matmul reads row ranges of f16 operands in place, to f32 and f16 outputs", async (gpu) => {
+  for (const outDtype of ["f32", "f16"] as const) {
+    await checkRows(gpu, {
+      layout: "NT",
+      aShape: [11, 21],
+      bShape: [90, 21],
+      bRows: { start: 33, count: 37 },
+      bChunkRows: 70,
+      dtype: "f16",
+      outDtype,
+      bias: true,
+      accumulate: true,
+    });
+    await checkRows(gpu, {
+      layout: "NN",
+      aShape: [11, 29],
+      bShape: [90, 24],
+      bRows: { start: 45, count: 29 },
+      bChunkRows: 45,
+      dtype: "f16",
+      outDtype,
+      alpha: 0.5,
+    });
+  }
+}, { needsF16: true });
+
+gpuTest(
+  "matmul refuses a row range outside its operand, across a row-chunk boundary or of a batch",
+  (gpu) => {
+    using x = Tensor.empty(gpu, [4, 8], "f32", { label: "x" });
+    using W = Tensor.empty(gpu, [50, 8], "f32", { label: "W", maxChunkBytes: 16 * 8 * 4 });
+    assert.equal(W.chunks.length, 4);
+    assert.throws(
+      () => matmul(x, W, { layout: "NT", bRows: { start: 10, count: 10 } }),
+      (e: unknown) =>
+        e instanceof RangeError &&
+        /Cannot run matmul NT on "x" \[4,8\] and "W" \[50,8\]: bRows \[10,20\) crosses the row-chunk boundary at row 16 of "W" \(chunks \[0,16\), \[16,32\), \[32,48\), \[48,50\)\)/
+          .test(e.message),
+    );
+    assert.throws(
+      () => matmul(x, W, { layout: "NT", bRows: { start: 45, count: 6 } }),
+      /bRows \[45,51\) exceeds the 50 rows of "W"/,
+    );
+    assert.throws(
+      () => matmul(x, W, { layout: "NT", bRows: { start: -1, count: 2 } }),
+      /bRows start "-1" and count "2" must be non-negative integers/,
+    );
+    assert.throws(
+      () => matmul(x, W, { layout: "NT", bRows: { start: 0, count: 1.5 } }),
+      /must be non-negative integers/,
+    );
+    // NN: the range is K, which must match A's columns.
+    assert.throws(
+      () => matmul(x, W, { layout: "NN", bRows: { start: 16, count: 7 } }),
+      /inner dimensions differ \(8 vs 7\)/,
+    );
+    assert.throws(
+      () => matmul(x, W, { layout: "NT", aRows: { start: 1, count: 4 } }),
+      /aRows \[1,5\) exceeds the 4 rows of "x"/,
+    );
+    using batched = Tensor.empty(gpu, [2, 4, 8], "f32", { label: "xb" });
+    assert.throws(
+      () => matmul(batched, W, { layout: "NT", aRows: { start: 0, count: 1 } }),
+      /aRows \[0,1\) needs a rank-2 operand, "xb" has rank 3/,
+    );
   },
 );
 

@@ -10,7 +10,7 @@ import {
   projection_name,
   projection_shape,
 } from "../../../kernels/reference/decoder.ts";
-import { IGNORE_INDEX } from "../../../kernels/reference/cross_entropy.ts";
+import { count_correct, IGNORE_INDEX, lm_head_argmax } from "../../../kernels/reference/cross_entropy.ts";
 import { type ModelConfig, parseModelConfig } from "../../../kernels/models/config.ts";
 import { dropout_mask, lora_scaling, type LoraAdapter } from "../../../kernels/reference/linear_lora.ts";
 import { assertClose, checkGradient, random, randomArray, someIndices } from "./_check.ts";
@@ -262,6 +262,29 @@ Deno.test("decoder_forward with ids equals gathered inputs_embeds; zero lora_B k
   const adapters = tinyAdapters(config, [[0, "self_attn.q_proj"], [1, "mlp.down_proj"]], 36);
   for (const a of adapters.values()) (a.B as Float64Array).fill(0);
   assert.equal(decoder_loss(config, weights, adapters, { B: 1, S: 5, ids, targets }), base);
+});
+
+Deno.test("decoder_forward counts trained tokens whose argmax logit is the target, for every vocabulary chunk", () => {
+  const config = MISTRAL;
+  const V = config.vocabSize;
+  const weights = tinyWeights(config, 37);
+  const adapters = tinyAdapters(config, [[0, "self_attn.v_proj"], [1, "mlp.up_proj"]], 38);
+  const rand = random(39);
+  const ids = Int32Array.from({ length: 12 }, () => Math.floor((rand() + 1) / 2 * V));
+  const input = { B: 2, S: 6, ids, targets: new Int32Array(12) };
+  // The hidden states do not depend on the targets: the predictions of a first pass hold for the second.
+  const { xF, head, T } = decoder_forward(config, weights, adapters, input).saved;
+  const { argmax } = lm_head_argmax(xF, head, { T, V, D: config.hiddenSize });
+  // Per token, by t mod 4: ignored (its target the argmax), the argmax, another token, the argmax.
+  const targets = Int32Array.from(argmax, (a, t) => [IGNORE_INDEX, a, (a + 1) % V, a][t % 4]);
+  for (const vocabChunk of [undefined, 1, 3, 4, V]) {
+    const forward = decoder_forward(config, weights, adapters, { ...input, targets, vocabChunk });
+    assert.equal(forward.correct, 6, `vocabulary chunk ${vocabChunk}`);
+    assert.equal(forward.correct, count_correct(argmax, targets));
+  }
+  // An ignored token whose argmax is its target does not count.
+  targets[0] = argmax[0];
+  assert.equal(decoder_forward(config, weights, adapters, { ...input, targets }).correct, 7);
 });
 
 Deno.test("decoder_forward names a missing weight, a wrong-sized weight and an unknown adapter", () => {
