@@ -35,10 +35,12 @@ import {
   type AttentionFloat,
   attentionForwardWgsl,
   type AttentionKernel,
+  attentionRegisters,
   attentionSharedBytes,
   attentionStatsWgsl,
   attentionThreads,
   type AttentionTile,
+  type AttentionTileFloats,
   attentionUniforms,
   type BackwardVariant,
   checkAttentionTile,
@@ -47,7 +49,7 @@ import {
   type ForwardVariant,
 } from "./attention_wgsl.ts";
 
-export type { AttentionFloat, AttentionKernel, AttentionTile };
+export type { AttentionFloat, AttentionKernel, AttentionTile, AttentionTileFloats };
 
 /** Masks and sizes shared by the forward and the backward. */
 export interface AttentionMaskOptions {
@@ -83,10 +85,12 @@ export interface AttentionBackwardOptions extends AttentionMaskOptions {
   gradDtype?: AttentionFloat;
 }
 
-/** Tile sizes: powers of two tried, largest first. */
+/** Tile sides tried: powers of two. */
 const TILE_SIZES = [64, 32, 16, 8, 4, 2] as const;
-/** Threads per query row (forward, dq) or key (dkdv): at most this many, dividing hd/4. */
-const MAX_TPR = 16;
+/** Threads per row group tried: powers of two up to 16 (they must divide hd/4). */
+const TPRS = [16, 8, 4, 2, 1] as const;
+/** Rows per thread tried. */
+const RPTS = [8, 4, 2, 1] as const;
 /** Invocations per workgroup at most (WebGPU's default limit). */
 const MAX_THREADS = 256;
 
@@ -98,15 +102,58 @@ const MAX_THREADS = 256;
 const GL_STORAGE_BYTES = 2048;
 
 /**
- * The tile of one attention kernel for head dim `hd` on this adapter: TPR = the largest power of
- * two ≤ 16 dividing hd/4; then the (Br, Bc) pair of powers of two ≤ 64 that fits the workgroup
- * memory budget and invocation limit with the largest min(Br, Bc), then the largest Br·Bc, then
- * the largest thread-row dimension (Br for forward and dq, Bc for dkdv). The budget is the
- * adapter's limit, or on the GL backend {@link GL_STORAGE_BYTES}, doubled until a tile fits.
+ * Per adapter kind: the fewest invocations a workgroup should have (a GPU needs several warps per
+ * workgroup; a CPU adapter one SIMD vector of 8 lanes), the most f32 values a thread keeps live
+ * ({@link attentionRegisters}: a GPU's register file, a CPU adapter's stack), the largest score block
+ * RPT × Bc/TPR (unrolled code: a CPU adapter's LLVM compile time grows steeply with it), and what one
+ * barrier costs per invocation, in units of one workgroup-memory load (a CPU adapter switches
+ * coroutines). The CPU figures were measured on lavapipe (bench/attention.ts, `--tiles`); the GPU ones
+ * are the register and occupancy budget of the matmul's tiles, not yet measured for attention.
+ */
+const ADAPTER_RULES = {
+  gpu: { minThreads: 128, maxRegisters: 128, maxBlock: 32, barrier: 2 },
+  cpu: { minThreads: 8, maxRegisters: 160, maxBlock: 16, barrier: 16 },
+} as const;
+
+/**
+ * Estimated cost of a tile per (query, key) pair, in workgroup-memory loads of one f32: the score
+ * block's loads (hd·(TPR/cols + 1/RPT) per product), the accumulation's (TPR + hd/RPT per product),
+ * the global-to-workgroup copies, the p / ds and row-max traffic, and the barriers.
+ */
+export function attentionTileCost(
+  kernel: AttentionKernel,
+  hd: number,
+  tile: Required<AttentionTile>,
+  barrier: number,
+): number {
+  const { BR, BC, TPR, RPT } = tile;
+  const threads = attentionThreads(kernel, tile);
+  switch (kernel) {
+    case "forward":
+      return hd * TPR / BC + hd / RPT + (TPR + hd / RPT) + 4 * hd / BR + TPR * (1 + TPR) / BC + 2 +
+        4 * barrier * threads / (BR * BC);
+    case "dq":
+      return 2 * (hd * TPR / BC + hd / RPT) + (TPR + hd / RPT) + 4 * hd / BR + 1 +
+        3 * barrier * threads / (BR * BC);
+    case "dkdv":
+      return 2 * (hd * TPR / BR + hd / RPT) + 2 * (TPR + hd / RPT) + 4 * hd / BC + 2 +
+        3 * barrier * threads / (BR * BC);
+  }
+}
+
+/**
+ * The tile of one attention kernel for head dim `hd` on this adapter: among the tiles whose sides are
+ * powers of two ≤ 64, TPR ≤ 16 and RPT ≤ 8 that satisfy the template's rules, the adapter's invocation
+ * limit (at most 256) and the workgroup memory budget, and keep a thread's live values and invocation
+ * count within the adapter kind's rules ({@link ADAPTER_RULES}), the one of least
+ * {@link attentionTileCost}. The budget is the adapter's limit, or on the GL backend
+ * {@link GL_STORAGE_BYTES}, doubled until a tile fits. `floats` are the workgroup storage types of the
+ * q, k, v, dout tiles (an f16 tile takes half the bytes; a string sets all four); `software` overrides the
+ * adapter kind.
  *
  * @example
  * ```ts
- * chooseAttentionTile(gpu, "forward", 64, { storageBytes: 16384 }); // { BR: 16, BC: 16, TPR: 16 }
+ * chooseAttentionTile(gpu, "forward", 128, { storageBytes: 16384, floats: "f16" });
  * ```
  * @throws {RangeError} when hd is not a multiple of 4 or no tile fits the adapter's limits.
  */
@@ -114,32 +161,54 @@ export function chooseAttentionTile(
   gpu: Gpu,
   kernel: AttentionKernel,
   hd: number,
-  limits: { storageBytes?: number; threads?: number } = {},
-): AttentionTile {
+  limits: {
+    storageBytes?: number;
+    threads?: number;
+    floats?: AttentionFloat | AttentionTileFloats;
+    software?: boolean;
+  } = {},
+): Required<AttentionTile> {
   if (!Number.isInteger(hd) || hd <= 0 || hd % 4 !== 0) {
     throw new RangeError(`Cannot run attention with head dim ${hd}: it must be a positive multiple of 4`);
   }
-  let TPR = 1;
-  while (TPR * 2 <= MAX_TPR && (hd / 4) % (TPR * 2) === 0) TPR *= 2;
   const storage = limits.storageBytes ?? gpu.limits.maxComputeWorkgroupStorageSize;
   const threads = Math.min(
     limits.threads ?? MAX_THREADS,
     gpu.limits.maxComputeInvocationsPerWorkgroup,
     gpu.limits.maxComputeWorkgroupSizeX,
   );
-  const rank = (t: AttentionTile) => [Math.min(t.BR, t.BC), t.BR * t.BC, kernel === "dkdv" ? t.BC : t.BR];
-  const best = (budget: number): AttentionTile | null => {
-    let found: AttentionTile | null = null;
-    for (const BR of TILE_SIZES) {
-      for (const BC of TILE_SIZES) {
-        const tile = { BR, BC, TPR };
-        if (attentionThreads(kernel, tile) > threads || attentionSharedBytes(kernel, hd, tile) > budget) {
-          continue;
+  const rules = ADAPTER_RULES[(limits.software ?? gpu.software) ? "cpu" : "gpu"];
+  const floats = limits.floats ?? "f32";
+  const tiles: Required<AttentionTile>[] = [];
+  for (const BR of TILE_SIZES) {
+    for (const BC of TILE_SIZES) {
+      for (const TPR of TPRS) {
+        for (const RPT of RPTS) {
+          const tile = { BR, BC, TPR, RPT };
+          const [rows, cols] = kernel === "dkdv" ? [BC, BR] : [BR, BC];
+          if ((hd / 4) % TPR !== 0 || cols % TPR !== 0 || rows % RPT !== 0) continue;
+          if (attentionThreads(kernel, tile) > threads) continue;
+          tiles.push(tile);
         }
-        if (found === null || greater(rank(tile), rank(found))) found = tile;
       }
     }
-    return found;
+  }
+  // The rules on invocations and live values are relaxed (in that order) where no tile meets them.
+  const best = (budget: number): Required<AttentionTile> | null => {
+    for (const strict of [2, 1, 0]) {
+      let found: Required<AttentionTile> | null = null;
+      let least = Infinity;
+      for (const tile of tiles) {
+        if (attentionSharedBytes(kernel, hd, tile, floats) > budget) continue;
+        if (strict >= 1 && attentionRegisters(kernel, hd, tile) > rules.maxRegisters) continue;
+        if (strict >= 1 && tile.RPT * scoreColumns(kernel, tile) > rules.maxBlock) continue;
+        if (strict >= 2 && attentionThreads(kernel, tile) < Math.min(rules.minThreads, threads)) continue;
+        const cost = attentionTileCost(kernel, hd, tile, rules.barrier);
+        if (cost < least) [found, least] = [tile, cost];
+      }
+      if (found !== null) return found;
+    }
+    return null;
   };
   const gl = limits.storageBytes === undefined && gpu.info.backend.split(",")[0] === "gl";
   for (let budget = gl ? Math.min(GL_STORAGE_BYTES, storage) : storage; budget <= storage; budget *= 2) {
@@ -153,9 +222,14 @@ export function chooseAttentionTile(
   );
 }
 
-function greater(a: number[], b: number[]): boolean {
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return a[i] > b[i];
-  return false;
+/** Score-block entries per thread on the TPR-split side: Bc/TPR (forward, dq) or Br/TPR (dkdv). */
+function scoreColumns(kernel: AttentionKernel, t: Required<AttentionTile>): number {
+  return (kernel === "dkdv" ? t.BR : t.BC) / t.TPR;
+}
+
+/** `BRxBC/TPR/RPT`: a tile as kernel labels and benchmarks name it. */
+export function attentionTileName(tile: AttentionTile): string {
+  return `${tile.BR}x${tile.BC}/${tile.TPR}/${tile.RPT ?? 1}`;
 }
 
 /** Shapes and masks of one call, validated. */
@@ -229,14 +303,22 @@ function problem(what: string, q: Tensor, k: Tensor, v: Tensor, options: Attenti
   };
 }
 
-function tileFor(p: Problem, kernel: AttentionKernel, options: AttentionMaskOptions): AttentionTile {
-  const tile = options.tiles?.[kernel] ?? chooseAttentionTile(p.gpu, kernel, p.hd);
-  checkAttentionTile(p.hd, tile);
+function tileFor(
+  p: Problem,
+  kernel: AttentionKernel,
+  options: AttentionMaskOptions,
+  floats: AttentionTileFloats,
+): Required<AttentionTile> {
+  const given = options.tiles?.[kernel];
+  const tile = given === undefined
+    ? chooseAttentionTile(p.gpu, kernel, p.hd, { floats })
+    : { ...given, RPT: given.RPT ?? 1 };
+  checkAttentionTile(kernel, p.hd, tile);
   const limits = p.gpu.limits;
   if (
     attentionThreads(kernel, tile) >
       Math.min(limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX) ||
-    attentionSharedBytes(kernel, p.hd, tile) > limits.maxComputeWorkgroupStorageSize
+    attentionSharedBytes(kernel, p.hd, tile, floats) > limits.maxComputeWorkgroupStorageSize
   ) {
     throw new RangeError(
       `Cannot run attention ${kernel} with tile ${JSON.stringify(tile)}: it exceeds this adapter's limits`,
@@ -267,6 +349,14 @@ function uniforms(p: Problem, n = 0): Uint32Array {
 function chunkingOf(tensors: readonly Tensor[], docs: Tensor | null): AttentionChunks | null {
   if (!tensors.some((t) => t.chunked) && !docs?.chunked) return null;
   return { splitDocs: docs?.chunked ?? false };
+}
+
+/**
+ * Whether this adapter's kernels keep their inner loops rolled: on CPU adapters, where that halves
+ * compile time at the same speed (see `attentionLoopBound` in attention_wgsl.ts).
+ */
+function rolledLoops(gpu: Gpu): boolean {
+  return gpu.software;
 }
 
 /** Kernel parameters naming a chunked variant (none for whole tensors, so their labels stay as they are). */
@@ -400,14 +490,14 @@ export function attentionForward(
   const what = "attention forward";
   const p = problem(what, q, k, v, options);
   const { gpu, T, H, hd } = p;
+  const inputs = { q: floatOf(what, q, gpu), k: floatOf(what, k, gpu), v: floatOf(what, v, gpu) };
   const variant: ForwardVariant = {
     hd,
-    tile: tileFor(p, "forward", options),
-    q: floatOf(what, q, gpu),
-    k: floatOf(what, k, gpu),
-    v: floatOf(what, v, gpu),
+    tile: tileFor(p, "forward", options, inputs),
+    ...inputs,
     out: options.out?.dtype as AttentionFloat | undefined ?? options.outDtype ?? (q.dtype as AttentionFloat),
     docs: p.docs?.dtype as DocDType | undefined ?? null,
+    rolled: rolledLoops(gpu),
   };
   const out = output(what, gpu, options.out, [T, H, hd], variant.out, "attention_out");
   const lse = options.lse ?? Tensor.empty(gpu, [T, H], "f32", { label: "attention_lse" });
@@ -417,15 +507,16 @@ export function attentionForward(
   variant.chunks = chunks;
   const names = attentionBindingNames("forward", p.docs !== null, chunks);
   if (chunks !== null) checkBindings(what, p, "forward", names);
-  const { BR, BC, TPR } = variant.tile;
+  const { BR } = variant.tile;
   const kernel = getKernel(gpu, {
     name: "attention_forward",
     params: {
       hd,
-      tile: `${BR}x${BC}/${TPR}`,
+      tile: attentionTileName(variant.tile),
       dtypes: `${variant.q}${variant.k}${variant.v}${variant.out}`,
       docs: variant.docs ?? "none",
       ...chunkParams(chunks),
+      ...(variant.rolled ? { loops: "rolled" } : {}),
     },
     code: () => attentionForwardWgsl(variant),
     bindings: accesses(names, ["O", "LSE"]),
@@ -571,23 +662,24 @@ export function attentionBackward(
   ) => {
     const variant: BackwardVariant = {
       hd,
-      tile: tileFor(p, kind, options),
+      tile: tileFor(p, kind, options, dtypes),
       ...dtypes,
       grad: grad.dtype as AttentionFloat,
       docs,
       chunks,
+      rolled: rolledLoops(gpu),
     };
     const names = attentionBindingNames(kind, docs !== null, chunks);
     if (chunks !== null) checkBindings(what, p, kind, names);
-    const { BR, BC, TPR } = variant.tile;
     const kernel = getKernel(gpu, {
       name: `attention_${kind}`,
       params: {
         hd,
-        tile: `${BR}x${BC}/${TPR}`,
+        tile: attentionTileName(variant.tile),
         dtypes: `${base}${variant.grad}`,
         docs: docs ?? "none",
         ...chunkParams(chunks),
+        ...(variant.rolled ? { loops: "rolled" } : {}),
       },
       code: () => code(variant),
       bindings: accesses(names, outputs),

@@ -7,29 +7,45 @@
  * Buffers: q[T,H,hd], k[T,Hkv,hd], v[T,Hkv,hd], out[T,H,hd], dout[T,H,hd], lse[T,H] (f32),
  * docs[T] (u32 or i32 document ids), stats[T,H] = vec2(lse, D) with D = rowsum(dout ⊙ out).
  * Within a row, query i attends key j iff j <= i, j + W > i (when W > 0) and docs[i] == docs[j];
- * head h reads kv head ⌊h / G⌋.
+ * head h reads kv head ⌊h / G⌋. s = scale·q·k.
  *
  * Kernels (the host sizes every dispatch; tile sizes come from the host, kernels/ops/attention.ts):
- * - forward: one workgroup per (query tile of Br rows, head h, row b) = grid (⌈S/Br⌉, H, B), Br·TPR
- *   threads: TPR threads per query row. It walks the key tiles of Bc keys that the causal and window
- *   bounds leave, skips tiles where no (query, key) pair shares a document, and keeps the running
- *   max m, sum l and output accumulator in f32 registers (online softmax): per tile, each thread's
- *   max and sum over its own keys meet in workgroup memory, so exp runs once per (query, key).
- *   Writes out `=`, lse `=`.
+ * - forward: one workgroup per (query tile of Br rows, head h, row b) = grid (⌈S/Br⌉, H, B). It walks the
+ *   key tiles of Bc keys that the causal and window bounds leave, skips tiles where no (query, key) pair
+ *   shares a document, and keeps the running max m, sum l and output accumulator in f32 registers (online
+ *   softmax). Per key tile: k into workgroup memory and v into registers; each thread its RPT×Bc/TPR
+ *   block of scores in registers and their row max; the row max over the TPR threads of a row group; v
+ *   stored where k was, p = exp(s − m_new) once per (query, key) into workgroup memory; then each thread
+ *   adds p·v to its RPT×(hd/TPR) output block, summing l from the same p. Writes out `=`, lse `=`.
  * - stats: one invocation per (token, head): stats = (lse, D). Writes stats `=`.
- * - dq: same grid and threads as the forward; for each key tile recomputes p = exp(s − lse) and
- *   ds = p·(dout·v − D), then dq += scale·ds·k. Skips tiles as the forward does. Writes dq `=`.
- * - dkdv: one workgroup per (key tile of Bc keys, kv head, row b) = grid (⌈S/Bc⌉, Hkv, B), Bc·TPR
- *   threads: TPR threads per key. It walks the G query heads of its kv head and the query tiles
- *   the causal and window bounds leave, and accumulates dv += p·dout and dk += scale·ds·q in
- *   registers, so dk and dv are written once (`=`), with no atomics (WGSL has no float atomics).
+ * - dq: same grid and threads as the forward; per key tile, k and v into workgroup memory, each thread its
+ *   block of s and dp = dout·v, ds = p·(dp − D) with p = exp(s − lse) into workgroup memory, then
+ *   dq += ds·k on its output block; scale applied at the store. Skips tiles as the forward does. Writes
+ *   dq `=`.
+ * - dkdv: one workgroup per (key tile of Bc keys, kv head, row b) = grid (⌈S/Bc⌉, Hkv, B). It keeps k and
+ *   v of its keys in workgroup memory and walks the G query heads of its kv head and the query tiles of
+ *   Br rows the causal and window bounds leave: per query tile, q, dout, lse and D into workgroup memory,
+ *   each thread its RPT keys × Br/TPR queries block of p and ds into workgroup memory, then dv += p·dout
+ *   and dk += ds·q on its RPT×(hd/TPR) blocks in registers; dk and dv are written once (`=`), with no
+ *   atomics (WGSL has no float atomics).
  *
- * A thread owning row r of a tile and lane t < TPR computes the scores (r, c) for c ≡ t (mod TPR)
- * as full hd-long dot products from workgroup memory, and owns the output vec4s d4 ≡ t (mod TPR).
- * Masked scores hold the finite sentinel MASKED (WGSL has no infinity literal, and shader
- * compilers may assume finite floats); a row with every score so far masked keeps m = MASKED,
- * l = 0, acc = 0, and its p are 0, never exp(MASKED − MASKED).
- * Workgroup memory is f32 for every input dtype; accumulation is f32.
+ * Register blocking: thread (g, t) of a workgroup, g = ⌊li / TPR⌋ and t = li mod TPR, owns the RPT tile
+ * rows g·RPT … g·RPT + RPT − 1 (queries in forward and dq, keys in dkdv), the Bc/TPR keys (Br/TPR queries
+ * in dkdv) c ≡ t (mod TPR) of the score block, and the output vec4s d4 ≡ t (mod TPR). Per vec4 of hd the
+ * score block loads RPT + Bc/TPR vec4s of workgroup memory for RPT·Bc/TPR vec4 dot products, and the
+ * accumulation loads RPT p and hd/(4·TPR) vec4s per key for RPT·hd/(4·TPR) vec4 multiply-adds. Tile rows
+ * are padded by one vec4 when hd/4 is a multiple of 4 (≥ 8), so that threads reading one column of
+ * consecutive rows meet different banks. p and ds tiles hold each thread's RPT entries contiguously (as
+ * vec4 when RPT is a multiple of 4).
+ *
+ * Precision: the workgroup tile of q, k, v or dout is f16 where that tensor is f16 (the forward's shared
+ * k-then-v tile where both are), widened to f32 when read, else f32; scores, softmax state, p, ds and every
+ * sum are f32. Each sum runs in a fixed order (hd in order, keys or queries of a tile in order, tiles in
+ * order), so equal inputs give equal bits. Loops over hd and over a tile's keys or queries have constant
+ * bounds, or in rolled variants (CPU adapters) bounds plus the uniform `zero`, so that LLVM keeps them rolled.
+ * Masked scores hold the finite sentinel MASKED (WGSL has no infinity literal, and shader compilers may
+ * assume finite floats); a row with every score so far masked keeps m = MASKED, l = 0, acc = 0, and its
+ * p are 0, never exp(MASKED − MASKED).
  *
  * Row chunks (`chunks` in a variant): tensors larger than one storage binding are split along T into
  * separate buffers. A chunked variant runs once per (query range, key range) pair whose ranges can
@@ -58,11 +74,17 @@ export type AttentionFloat = "f32" | "f16";
 /** Dtypes of document ids (compared for equality only). */
 export type DocDType = "u32" | "i32";
 
-/** One kernel's tile: Br query rows, Bc keys, TPR threads per row (forward, dq) or per key (dkdv). */
+/**
+ * One kernel's tile. Forward and dq: Br query rows per workgroup, key tiles of Bc keys, (Br/RPT)·TPR
+ * threads. dkdv: Bc keys per workgroup, query tiles of Br rows, (Bc/RPT)·TPR threads. TPR threads share
+ * each group of RPT rows (queries; keys in dkdv) and split the other side of the score tile and hd.
+ */
 export interface AttentionTile {
   BR: number;
   BC: number;
   TPR: number;
+  /** Tile rows per thread: queries (forward, dq) or keys (dkdv); default 1. */
+  RPT?: number;
 }
 
 /** The kernels of the attention op. */
@@ -91,7 +113,7 @@ export interface ChunkDispatch {
 
 /** Bytes of the uniform block of a chunked variant with `buffers` storage bindings. */
 export function attentionChunkUniformBytes(buffers: number): number {
-  return Math.ceil((12 + buffers) / 4) * 16;
+  return Math.ceil((13 + buffers) / 4) * 16;
 }
 
 /** Invocations per workgroup of the stats kernel. */
@@ -110,7 +132,7 @@ export function attentionUniforms(
 
 /**
  * Packs the uniform block of a chunked variant: S, H, Hkv, W, scale, n, row0, tile0, q_lo, q_hi, k_lo,
- * k_hi, then `at` = the first token of the chunk bound at each storage binding, in binding order.
+ * k_hi, zero, then `at` = the first token of the chunk bound at each storage binding, in binding order.
  */
 export function attentionChunkUniforms(
   p: { S: number; H: number; Hkv: number; window: number; scale: number; n?: number },
@@ -119,41 +141,110 @@ export function attentionChunkUniforms(
 ): Uint32Array {
   const u = new Uint32Array(attentionChunkUniformBytes(at.length) / 4);
   u.set(attentionUniforms(p).subarray(0, 6));
-  u.set([d.row0, d.tile0, d.qLo, d.qHi, d.kLo, d.kHi, ...at], 6);
+  u.set([d.row0, d.tile0, d.qLo, d.qHi, d.kLo, d.kHi, 0, ...at], 6);
   return u;
 }
 
-/** Workgroup memory of a kernel in f32 words (atomics and flags excluded). */
-export function attentionSharedWords(kernel: AttentionKernel, hd: number, t: AttentionTile): number {
+/** A tile with RPT filled in. */
+function full(t: AttentionTile): Required<AttentionTile> {
+  return { BR: t.BR, BC: t.BC, TPR: t.TPR, RPT: t.RPT ?? 1 };
+}
+
+/** The tile's split: rows = the side RPT divides (Br, or Bc in dkdv), cols = the side TPR divides. */
+function sides(kernel: AttentionKernel, t: AttentionTile): { rows: number; cols: number } {
+  return kernel === "dkdv" ? { rows: t.BC, cols: t.BR } : { rows: t.BR, cols: t.BC };
+}
+
+/**
+ * Row stride of a q, k, v or dout tile in workgroup memory, in vec4s: hd/4, plus one when hd/4 is a
+ * multiple of 4 from 8 up, so that threads reading one column of consecutive rows meet different banks.
+ */
+export function attentionRowStride(hd: number): number {
+  const HD4 = hd / 4;
+  return HD4 >= 8 && HD4 % 4 === 0 ? HD4 + 1 : HD4;
+}
+
+/**
+ * Workgroup storage types of the q, k, v and dout tiles: f16 where that tensor is f16 (half the bytes,
+ * widened to f32 when read), else f32; absent: f32. The forward's one k-then-v tile is f16 when both are.
+ */
+export interface AttentionTileFloats {
+  q?: AttentionFloat;
+  k?: AttentionFloat;
+  v?: AttentionFloat;
+  dout?: AttentionFloat;
+}
+
+/** Storage type of each workgroup tile by its name in the templates. */
+function tileTypes(f: AttentionTileFloats): Record<"Qs" | "KVs" | "Ks" | "Vs" | "dOs", AttentionFloat> {
+  const t = (x: AttentionFloat | undefined): AttentionFloat => x === "f16" ? "f16" : "f32";
+  return {
+    Qs: t(f.q),
+    Ks: t(f.k),
+    Vs: t(f.v),
+    KVs: f.k === "f16" && f.v === "f16" ? "f16" : "f32",
+    dOs: t(f.dout),
+  };
+}
+
+/**
+ * Bytes of workgroup memory of a kernel: its q, k, v, dout tiles (padded rows, each f16 or f32 as
+ * `floats` says; one type for all when a string), the f32 p / ds tiles and row statistics, and the
+ * tile-skip flags.
+ */
+export function attentionSharedBytes(
+  kernel: AttentionKernel,
+  hd: number,
+  tile: AttentionTile,
+  floats: AttentionFloat | AttentionTileFloats = "f32",
+): number {
+  const t = full(tile);
+  const f = tileTypes(
+    typeof floats === "string" ? { q: floats, k: floats, v: floats, dout: floats } : floats,
+  );
+  const row = (x: AttentionFloat) => attentionRowStride(hd) * (x === "f16" ? 8 : 16);
   switch (kernel) {
-    case "forward": // Qs[Br,hd], KVs[Bc,hd] (k, then v), Ps[Br,Bc], Ms, Ls [Br,TPR]
-      return (t.BR + t.BC) * hd + t.BR * t.BC + 2 * t.BR * t.TPR;
-    case "dq": // Qs, dOs [Br,hd], Ks, Vs [Bc,hd], dSs[Br,Bc]
-      return 2 * (t.BR + t.BC) * hd + t.BR * t.BC;
-    case "dkdv": // Ks, Vs [Bc,hd], Qs, dOs [Br,hd], Pt, dSt [Bc,Br], Ls, Ds [Br]
-      return 2 * (t.BR + t.BC) * hd + 2 * t.BR * t.BC + 2 * t.BR;
+    case "forward": // Qs[Br], KVs[Bc] (k, then v); Ps[Bc·Br], Ms[Br·TPR]
+      return t.BR * row(f.Qs) + t.BC * row(f.KVs) + 4 * (t.BR * t.BC + t.BR * t.TPR) + 8;
+    case "dq": // Qs, dOs [Br]; Ks, Vs [Bc]; dSs[Bc·Br]
+      return t.BR * (row(f.Qs) + row(f.dOs)) + t.BC * (row(f.Ks) + row(f.Vs)) + 4 * t.BR * t.BC + 8;
+    case "dkdv": // Ks, Vs [Bc]; Qs, dOs [Br]; Ps, dSs [Br·Bc]; Ls, Ds [Br]
+      return t.BR * (row(f.Qs) + row(f.dOs)) + t.BC * (row(f.Ks) + row(f.Vs)) +
+        4 * (2 * t.BR * t.BC + 2 * t.BR) + 8;
   }
 }
 
-/** Bytes of workgroup memory of a kernel, flags included. */
-export function attentionSharedBytes(kernel: AttentionKernel, hd: number, t: AttentionTile): number {
-  return 4 * attentionSharedWords(kernel, hd, t) + 8;
+/** Invocations per workgroup of a kernel: (rows / RPT)·TPR. */
+export function attentionThreads(kernel: AttentionKernel, tile: AttentionTile): number {
+  const t = full(tile);
+  return (sides(kernel, t).rows / t.RPT) * t.TPR;
 }
 
-/** Invocations per workgroup of a kernel. */
-export function attentionThreads(kernel: AttentionKernel, t: AttentionTile): number {
-  return (kernel === "dkdv" ? t.BC : t.BR) * t.TPR;
+/**
+ * f32 values one thread keeps live in the inner loops: output accumulators (RPT·hd/TPR, twice in
+ * dkdv), the score block (RPT·cols/TPR, twice for s and dp in dq and dkdv) and the vec4 operands.
+ */
+export function attentionRegisters(kernel: AttentionKernel, hd: number, tile: AttentionTile): number {
+  const t = full(tile);
+  const perRow = sides(kernel, t).cols / t.TPR;
+  const acc = (t.RPT * hd) / t.TPR;
+  const pairs = kernel === "forward" ? 1 : 2;
+  return (kernel === "dkdv" ? 2 : 1) * acc + pairs * (t.RPT * perRow + 4 * (t.RPT + perRow));
 }
 
 /** Checks the template's rules for a tile and head dim. */
-export function checkAttentionTile(hd: number, t: AttentionTile): void {
-  const ok = hd % 4 === 0 && (hd / 4) % t.TPR === 0 &&
-    [t.BR, t.BC, t.TPR].every((x) => Number.isInteger(x) && x > 0);
+export function checkAttentionTile(kernel: AttentionKernel, hd: number, tile: AttentionTile): void {
+  const t = full(tile);
+  const { rows, cols } = sides(kernel, t);
+  const ok = hd % 4 === 0 && [t.BR, t.BC, t.TPR, t.RPT].every((x) => Number.isInteger(x) && x > 0) &&
+    (hd / 4) % t.TPR === 0 && cols % t.TPR === 0 && rows % t.RPT === 0;
   if (!ok) {
+    const [r, c] = kernel === "dkdv" ? ["Bc", "Br"] : ["Br", "Bc"];
     throw new RangeError(
-      `Cannot build attention tile ${
-        JSON.stringify(t)
-      } for hd ${hd}: hd must be a multiple of 4 and hd/4 of TPR`,
+      `Cannot build attention ${kernel} tile ${
+        JSON.stringify(tile)
+      } for hd ${hd}: hd must be a multiple of 4, ` +
+        `hd/4 and ${c} multiples of TPR, and ${r} a multiple of RPT`,
     );
   }
 }
@@ -169,6 +260,8 @@ export interface ForwardVariant {
   docs: DocDType | null;
   /** Row-chunk addressing; absent or null: whole tensors. */
   chunks?: AttentionChunks | null;
+  /** Keep the loops over hd and over a tile's keys or queries rolled (see {@link attentionLoopBound}). */
+  rolled?: boolean;
 }
 
 /** Everything that selects one compiled backward (dq or dkdv) variant. */
@@ -184,6 +277,8 @@ export interface BackwardVariant {
   docs: DocDType | null;
   /** Row-chunk addressing; absent or null: whole tensors. */
   chunks?: AttentionChunks | null;
+  /** Keep the loops over hd and over a tile's keys or queries rolled (see {@link attentionLoopBound}). */
+  rolled?: boolean;
 }
 
 /** Everything that selects one compiled stats variant. */
@@ -196,7 +291,8 @@ export interface StatsVariant {
 }
 
 const HEADER = `
-struct Params { S: u32, H: u32, Hkv: u32, window: u32, scale: f32, n: u32, pad0: u32, pad1: u32 }
+// zero is always 0: added to the loop bounds of rolled variants.
+struct Params { S: u32, H: u32, Hkv: u32, window: u32, scale: f32, n: u32, zero: u32, pad1: u32 }
 // Score of a masked (query, key) pair: finite, below any real score.
 const MASKED: f32 = -3.0e38;`;
 
@@ -206,6 +302,7 @@ function chunkHeader(list: Binding[]): string {
 struct Params {
   S: u32, H: u32, Hkv: u32, window: u32, scale: f32, n: u32, row0: u32, tile0: u32,
   q_lo: u32, q_hi: u32, k_lo: u32, k_hi: u32, // this dispatch's queries and keys, as tokens of T
+  zero: u32, // always 0: added to the loop bounds of rolled variants
   ${list.map(([name]) => `at_${name}: u32,`).join(" ")} // first token of the chunk bound as each buffer
 }
 // Score of a masked (query, key) pair: finite, below any real score.
@@ -322,16 +419,233 @@ export function attentionBindingNames(
   }
 }
 
-/** Lines of the uniform "is any pair of this tile allowed" test that ends in `continue` when none is. */
-function tileSkip(pairs: string, cond: string): string {
-  return `
-    // Skip the tile when no (query, key) pair of it is allowed (documents): decided by all threads,
-    // read back uniformly so that every barrier below stays in uniform control flow.
-    var any_pair = false;
-    ${pairs} {
-      if (${cond}) { any_pair = true; }
+/** 0 … n − 1. */
+function seq(n: number): number[] {
+  return Array.from({ length: n }, (_, k) => k);
+}
+
+/** Lines `f(0) … f(n − 1)` joined by newlines: the unrolled per-thread lines of a kernel. */
+function unroll(n: number, f: (k: number) => string): string {
+  return seq(n).map(f).join("\n");
+}
+
+/** `max(x0, max(x1, …))` of the given expressions. */
+function maxOf(xs: string[]): string {
+  return xs.reduceRight((acc, x) => (acc === "" ? x : `max(${x}, ${acc})`), "");
+}
+
+/** Sizes every template derives from its variant. */
+interface Layout {
+  HD4: number;
+  /** Row stride of the q, k, v, dout tiles in vec4s. */
+  HS: number;
+  BR: number;
+  BC: number;
+  TPR: number;
+  RPT: number;
+  /** Score-block entries per thread on the TPR-split side: Bc/TPR (forward, dq) or Br/TPR (dkdv). */
+  RK: number;
+  /** Output vec4s per thread and row: hd/(4·TPR). */
+  N: number;
+  THREADS: number;
+  /** Workgroup storage type of each q, k, v, dout tile, by name. */
+  st: Record<string, AttentionFloat>;
+  rolled: boolean;
+}
+
+/**
+ * The bound `n` of an inner loop (over hd, or a tile's keys or queries) in WGSL: the constant, or in a
+ * rolled variant `n + u.zero`, which the shader compiler cannot see as a constant and so does not unroll
+ * fully. On CPU adapters (lavapipe, llvmpipe: LLVM) fully unrolled loops compile for longer (the attention
+ * tests' kernels: 63 s against 45 s, cold) and run no faster; GPUs keep the constant.
+ */
+export function attentionLoopBound(n: number, rolled: boolean): string {
+  return rolled ? `${n}u + u.zero` : `${n}u`;
+}
+
+function layoutOf(
+  kernel: AttentionKernel,
+  hd: number,
+  tile: AttentionTile,
+  floats: AttentionTileFloats,
+  rolled = false,
+): Layout {
+  checkAttentionTile(kernel, hd, tile);
+  const t = full(tile);
+  const { cols } = sides(kernel, t);
+  return {
+    HD4: hd / 4,
+    HS: attentionRowStride(hd),
+    BR: t.BR,
+    BC: t.BC,
+    TPR: t.TPR,
+    RPT: t.RPT,
+    RK: cols / t.TPR,
+    N: hd / 4 / t.TPR,
+    THREADS: attentionThreads(kernel, t),
+    st: tileTypes(floats),
+    rolled,
+  };
+}
+
+/** A value read from workgroup tile `shared`, widened to f32. */
+function widen(L: Layout, shared: string, value: string): string {
+  return L.st[shared] === "f16" ? `vec4<f32>(${value})` : value;
+}
+
+/**
+ * Lines copying positions p0 … p0 + rows − 1 of the tensors in `pairs` (head `head` of `heads`) into their
+ * workgroup tiles, row r at r·HS; zero where `inRange(pos)` fails.
+ */
+function loadTiles(
+  R: Rows,
+  L: Layout,
+  pairs: [tensor: string, shared: string][],
+  rows: number,
+  p0: string,
+  inRange: (pos: string) => string,
+  heads: string,
+  head: string,
+  indent: string,
+): string {
+  const i = indent;
+  const lines = [
+    `${i}for (var s = li; s < ${rows * L.HD4}u; s += ${L.THREADS}u) {`,
+    `${i}  let row = s / ${L.HD4}u;`,
+    `${i}  let col = s % ${L.HD4}u;`,
+    `${i}  let pos = ${p0} + row;`,
+    `${i}  let in_range = ${inRange("pos")};`,
+  ];
+  for (const [X, shared] of pairs) {
+    lines.push(
+      `${i}  var x_${X} = vec4<${L.st[shared]}>(0.0);`,
+      `${i}  if (in_range) { x_${X} = vec4<${L.st[shared]}>(${X}[((${
+        R.tok(X, "pos")
+      }) * ${heads} + ${head}) * ${L.HD4}u + col]); }`,
+      `${i}  ${shared}[row * ${L.HS}u + col] = x_${X};`,
+    );
+  }
+  lines.push(`${i}}`);
+  return lines.join("\n");
+}
+
+/**
+ * A copy of `rows` positions of tensor X into workgroup tile `shared` in two halves, so that the global
+ * loads can be issued early (their latency hidden behind other work) and stored after a barrier: `fetch`
+ * reads this thread's ⌈rows·hd/4 / threads⌉ vec4s into registers (zero where `inRange(pos)` fails),
+ * `store` writes them to the tile.
+ */
+function prefetchTile(
+  R: Rows,
+  L: Layout,
+  [X, shared]: [tensor: string, shared: string],
+  rows: number,
+  p0: string,
+  inRange: (pos: string) => string,
+  heads: string,
+  head: string,
+  indent: string,
+): { fetch: string; store: string } {
+  const i = indent;
+  const slots = rows * L.HD4;
+  const per = Math.ceil(slots / L.THREADS);
+  const exact = slots % L.THREADS === 0;
+  const type = `vec4<${L.st[shared]}>`;
+  const fetch = [
+    `${i}var pf_${X}: array<${type}, ${per}>;`,
+    `${i}for (var l = 0u; l < ${per}u; l++) {`,
+    `${i}  let s = li + l * ${L.THREADS}u;`,
+    `${i}  let pos = ${p0} + s / ${L.HD4}u;`,
+    `${i}  var x = ${type}(0.0);`,
+    `${i}  if (${exact ? "" : `s < ${slots}u && `}${inRange("pos")}) {`,
+    `${i}    x = ${type}(${X}[((${R.tok(X, "pos")}) * ${heads} + ${head}) * ${L.HD4}u + s % ${L.HD4}u]);`,
+    `${i}  }`,
+    `${i}  pf_${X}[l] = x;`,
+    `${i}}`,
+  ];
+  const put = `${shared}[s / ${L.HD4}u * ${L.HS}u + s % ${L.HD4}u] = pf_${X}[l];`;
+  const store = [
+    `${i}for (var l = 0u; l < ${per}u; l++) {`,
+    `${i}  let s = li + l * ${L.THREADS}u;`,
+    `${i}  ${exact ? put : `if (s < ${slots}u) { ${put} }`}`,
+    `${i}}`,
+  ];
+  return { fetch: fetch.join("\n"), store: store.join("\n") };
+}
+
+/**
+ * Lines of the score block: for each product `acc = A·B`, acc_a_b = Σ_d A[rowA(a)]·B[rowB(b)] over
+ * the hd/4 vec4s in order, a < nA (this thread's RPT rows), b < nB (its TPR-strided entries).
+ */
+function blockDots(
+  L: Layout,
+  products: { acc: string; A: string; B: string }[],
+  nA: number,
+  rowA: (a: number) => string,
+  nB: number,
+  rowB: (b: number) => string,
+  indent: string,
+): string {
+  const i = indent;
+  const lines: string[] = [];
+  for (const p of products) {
+    for (const a of seq(nA)) for (const b of seq(nB)) lines.push(`${i}var ${p.acc}_${a}_${b} = 0.0;`);
+  }
+  lines.push(`${i}for (var d = 0u; d < ${attentionLoopBound(L.HD4, L.rolled)}; d++) {`);
+  for (const p of products) {
+    for (const a of seq(nA)) {
+      lines.push(`${i}  let ${p.A}_${a} = ${widen(L, p.A, `${p.A}[(${rowA(a)}) * ${L.HS}u + d]`)};`);
     }
-    if (any_pair) { atomicOr(&tile_live, 1u); }
+    for (const b of seq(nB)) {
+      lines.push(`${i}  let ${p.B}_${b} = ${widen(L, p.B, `${p.B}[(${rowB(b)}) * ${L.HS}u + d]`)};`);
+    }
+    for (const a of seq(nA)) {
+      for (const b of seq(nB)) lines.push(`${i}  ${p.acc}_${a}_${b} += dot(${p.A}_${a}, ${p.B}_${b});`);
+    }
+  }
+  lines.push(`${i}}`);
+  return lines.join("\n");
+}
+
+/**
+ * A p or ds tile of f32 in workgroup memory, `size` entries, in which each thread's RPT entries for one
+ * key (forward, dq) or query (dkdv) are contiguous: vec4s when RPT is a multiple of 4.
+ */
+function pTile(name: string, size: number, RPT: number) {
+  const vec = RPT % 4 === 0;
+  return {
+    decl: vec
+      ? `var<workgroup> ${name}: array<vec4<f32>, ${size / 4}>;`
+      : `var<workgroup> ${name}: array<f32, ${size}>;`,
+    /** A line writing `values` (RPT expressions) as the run that starts at flat index `start` (a multiple of RPT). */
+    write: (start: string, values: string[], indent: string) =>
+      vec
+        ? seq(RPT / 4).map((k) =>
+          `${indent}${name}[(${start}) / 4u + ${k}u] = vec4<f32>(${
+            values.slice(4 * k, 4 * k + 4).join(", ")
+          });`
+        ).join("\n")
+        : values.map((x, a) => `${indent}${name}[${start} + ${a}u] = ${x};`).join("\n"),
+    /** Lines reading the run at `start` into `${v}_0 … ${v}_{RPT−1}`. */
+    read: (start: string, v: string, indent: string) =>
+      vec
+        ? [
+          ...seq(RPT / 4).map((k) => `${indent}let ${v}4_${k} = ${name}[(${start}) / 4u + ${k}u];`),
+          ...seq(RPT).map((a) => `${indent}let ${v}_${a} = ${v}4_${a >> 2}[${a & 3}];`),
+        ].join("\n")
+        : seq(RPT).map((a) => `${indent}let ${v}_${a} = ${name}[${start} + ${a}u];`).join("\n"),
+  };
+}
+
+/**
+ * Lines of the test that ends in `continue` when no (query, key) pair of the tile is allowed (documents):
+ * every thread contributes `any`, its own pairs, read back uniformly so that every barrier below stays
+ * in uniform control flow. Its barrier is also the one that starts the tile.
+ */
+function tileSkip(any: string): string {
+  return `
+    // Skip the tile when no (query, key) pair of it is allowed (documents).
+    if (${any}) { atomicOr(&tile_live, 1u); }
     workgroupBarrier();
     if (li == 0u) {
       tile_flag = atomicLoad(&tile_live);
@@ -344,28 +658,22 @@ const SKIP_DECLS = `
 var<workgroup> tile_live: atomic<u32>;
 var<workgroup> tile_flag: u32;`;
 
-/** `f(0) … f(n − 1)` joined by newlines: the unrolled per-thread vec4 lines of a kernel. */
-function unroll(n: number, f: (k: number) => string): string {
-  return Array.from({ length: n }, (_, k) => f(k)).join("\n");
-}
-
 /**
- * Lines `X[at + n·TPR + t] = value(n)` for a thread's vec4s n = 0 … N − 1, stored as vec4<type>; with
- * `add`, the value is added to what X holds (a gradient summed over dispatches).
+ * `X[at + e·TPR + t] = value(e)` for a thread's vec4s e = 0 … N − 1 of one row, stored as vec4<type>;
+ * with `add`, the value is added to what X holds (a gradient summed over dispatches).
  */
-function storeVec4s(
+function storeRow(
   X: string,
   at: string,
-  N: number,
-  TPR: number,
+  L: Layout,
   type: AttentionFloat,
-  value: (n: number) => string,
+  value: (e: number) => string,
   add: boolean,
   indent: string,
 ): string {
-  return unroll(N, (n) => {
-    const e = `${X}[${at} + ${n * TPR}u + t]`;
-    return `${indent}${e} = vec4<${type}>(${add ? `vec4<f32>(${e}) + ` : ""}${value(n)});`;
+  return unroll(L.N, (e) => {
+    const x = `${X}[${at} + ${e * L.TPR}u + t]`;
+    return `${indent}${x} = vec4<${type}>(${add ? `vec4<f32>(${x}) + ` : ""}${value(e)});`;
   });
 }
 
@@ -383,83 +691,51 @@ function backwardInputs(v: BackwardVariant): Binding[] {
 }
 
 /**
- * Lines loading the vec4 `s % hd/4` of position `pos` from buffers A and B (same shape) into x and y,
- * zero outside the guard; `scaleA` multiplies A's value.
+ * Where a query-tile workgroup stands: first query q0, head h, row base, kv head, thread (g, t) and its
+ * queries i_a = q0 + g·RPT + a with ok_a (a query of this dispatch) and, with documents, doc_a; in row
+ * chunks also the dispatch's queries [qa, qb) of the row (a tile outside them returns).
  */
-function loadPair(
-  R: Rows,
-  [A, B]: [string, string],
-  pos: string,
-  guard: string,
-  heads: string,
-  head: string,
-  HD4: number,
-  indent: string,
-  scaleA = "",
-): string {
-  const at = (X: string) => `((${R.tok(X, pos)}) * ${heads} + ${head}) * ${HD4}u + s % ${HD4}u`;
-  const i = indent;
-  return [
-    `${i}var x = vec4<f32>(0.0);`,
-    `${i}var y = vec4<f32>(0.0);`,
-    `${i}if (${guard}) {`,
-    ...(R.chunked
-      ? [`${i}  x = vec4<f32>(${A}[${at(A)}])${scaleA};`, `${i}  y = vec4<f32>(${B}[${at(B)}]);`]
-      : [
-        `${i}  let o = ${at(A)};`,
-        `${i}  x = vec4<f32>(${A}[o])${scaleA};`,
-        `${i}  y = vec4<f32>(${B}[o]);`,
-      ]),
-    `${i}}`,
-  ].join("\n");
-}
-
-/**
- * Where a query-tile workgroup stands: first query q0, head h, row base, kv head, this thread's query i;
- * in row chunks also the dispatch's queries [qa, qb) of the row (a tile outside them returns).
- */
-function queryTileIds(BR: number, TPR: number, R: Rows): string {
+function queryTileIds(L: Layout, docs: boolean, R: Rows): string {
   const head = R.chunked
-    ? `  let q0 = (u.tile0 + wg.x) * ${BR}u;
+    ? `  let q0 = (u.tile0 + wg.x) * ${L.BR}u;
   let h = wg.y;
   let base = (u.row0 + wg.z) * u.S; // first token of row b
   // This dispatch's queries of row b, row-local: [qa, qb) = [q_lo, q_hi) ∩ row b.
   let qa = max(u.q_lo, base) - base;
   let qb = max(min(u.q_hi, base + u.S), base) - base;
-  if (q0 + ${BR}u <= qa || q0 >= qb) { return; }`
-    : `  let q0 = wg.x * ${BR}u;
+  if (q0 + ${L.BR}u <= qa || q0 >= qb) { return; }`
+    : `  let q0 = wg.x * ${L.BR}u;
   let h = wg.y;
   let base = wg.z * u.S; // first token of row b`;
   return `${head}
   let kvh = h / (u.H / u.Hkv);
-  let r = li / ${TPR}u;
-  let t = li % ${TPR}u;
-  let i = q0 + r;
-  let row_ok = ${R.qIn("i")};`;
+  let g = li / ${L.TPR}u;
+  let t = li % ${L.TPR}u;
+  let qr = g * ${L.RPT}u; // this thread's first row of the tile
+${unroll(L.RPT, (a) => `  let i_${a} = q0 + qr + ${a}u;\n  let ok_${a} = ${R.qIn(`i_${a}`)};`)}
+${docs ? unroll(L.RPT, (a) => `  let doc_${a} = ${R.docQ(R.qClamp(`i_${a}`))};`) : ""}`;
 }
 
 /**
  * The key tiles a query tile visits, from k_start while `keyLoop(R)` holds, as the causal and window
- * bounds (and in row chunks the dispatch's keys [ka, kb)) leave them, and the document id of this
- * thread's query.
+ * bounds (and in row chunks the dispatch's keys [ka, kb)) leave them.
  */
-function queryTileKeyRange(BR: number, BC: number, docs: boolean, R: Rows): string {
-  const doc = `  ${docs ? `let doc_i = ${R.docQ(R.qClamp("i"))};` : ""}`;
+function queryTileKeyRange(L: Layout, R: Rows): string {
   if (!R.chunked) {
-    return `${doc}
+    return `
   // Keys left by the causal and window bounds: [q0 + 1 − W, last query of the tile].
-  let q_last = min(q0 + ${BR}u, u.S) - 1u;
+  let q_last = min(q0 + ${L.BR}u, u.S) - 1u;
   var k_start = 0u;
-  if (u.window != 0u && q0 >= u.window) { k_start = (q0 + 1u - u.window) / ${BC}u * ${BC}u; }`;
+  if (u.window != 0u && q0 >= u.window) { k_start = (q0 + 1u - u.window) / ${L.BC}u * ${L.BC}u; }`;
   }
-  return `${doc}
+  return `
   // This dispatch's keys of row b, row-local: [ka, kb) = [k_lo, k_hi) ∩ row b.
   let ka = max(u.k_lo, base) - base;
   let kb = max(min(u.k_hi, base + u.S), base) - base;
   // Keys left by the causal and window bounds and the range: [max(ka, q0 + 1 − W), last query] ∩ [ka, kb).
-  let q_last = min(q0 + ${BR}u, qb) - 1u;
-  var k_start = ka / ${BC}u * ${BC}u;
-  if (u.window != 0u && q0 >= u.window) { k_start = max(k_start, (q0 + 1u - u.window) / ${BC}u * ${BC}u); }
+  let q_last = min(q0 + ${L.BR}u, qb) - 1u;
+  var k_start = ka / ${L.BC}u * ${L.BC}u;
+  if (u.window != 0u && q0 >= u.window) { k_start = max(k_start, (q0 + 1u - u.window) / ${L.BC}u * ${L.BC}u); }
   let k_end = min(q_last + 1u, kb);`;
 }
 
@@ -468,24 +744,30 @@ function keyLoop(R: Rows): string {
   return R.chunked ? "k0 < k_end" : "k0 <= q_last";
 }
 
-/** Start of a key-tile iteration of a query-tile kernel: skip tiles of other documents, else a barrier. */
-function keyTileEntry(BC: number, TPR: number, docs: boolean, R: Rows): string {
-  return docs
-    ? tileSkip(
-      `for (var c = t; c < ${BC}u; c += ${TPR}u)`,
-      `row_ok && ${R.kIn("k0 + c")} && allowed(i, k0 + c) && ${R.docK("k0 + c")} == doc_i`,
-    )
-    : "workgroupBarrier();";
+/**
+ * Start of a key-tile iteration of a query-tile kernel: this thread's keys j_b = k0 + t + b·TPR, the masks
+ * pair_a_b (allowed) of its (query a, key b) pairs, then the tile-skip test (documents) or a barrier.
+ */
+function keyTileEntry(L: Layout, docs: boolean, R: Rows): string {
+  const lines = [unroll(L.RK, (b) => `    let j_${b} = k0 + t + ${b * L.TPR}u;`)];
+  if (docs) lines.push(unroll(L.RK, (b) => `    let kdoc_${b} = ${R.docK(R.kClamp(`j_${b}`))};`));
+  const masks: string[] = [];
+  for (const a of seq(L.RPT)) {
+    for (const b of seq(L.RK)) {
+      const doc = docs ? ` && kdoc_${b} == doc_${a}` : "";
+      masks.push(`    let pair_${a}_${b} = ok_${a} && ${R.kIn(`j_${b}`)} && allowed(i_${a}, j_${b})${doc};`);
+    }
+  }
+  lines.push(masks.join("\n"));
+  const all = seq(L.RPT).flatMap((a) => seq(L.RK).map((b) => `pair_${a}_${b}`));
+  lines.push(docs ? tileSkip(all.join(" || ")) : "    workgroupBarrier();");
+  return lines.join("\n");
 }
 
 /** WGSL of the forward kernel (see the module documentation). */
 export function attentionForwardWgsl(v: ForwardVariant): string {
-  const { hd } = v;
-  const { BR, BC, TPR } = v.tile;
-  checkAttentionTile(hd, v.tile);
-  const HD4 = hd / 4;
-  const N = HD4 / TPR; // output vec4s per thread
-  const THREADS = BR * TPR;
+  const L = layoutOf("forward", v.hd, v.tile, { q: v.q, k: v.k, v: v.v }, v.rolled);
+  const { HD4, HS, BR, BC, TPR, RPT, RK, N, THREADS } = L;
   const docs = v.docs !== null;
   const R = rowsOf(v.chunks);
   const list: Binding[] = [
@@ -495,121 +777,103 @@ export function attentionForwardWgsl(v: ForwardVariant): string {
   ];
   list.push(...docBindings(v.docs, v.chunks));
   list.push(["O", vec(v.out), "read_write"], ["LSE", "array<f32>", "read_write"]);
-  const L = opening([v.q, v.k, v.v, v.out], list, R.chunked);
-  L.push(`
-var<workgroup> Qs: array<vec4<f32>, ${BR * HD4}>;  // Qs[r·hd/4 + d4] = scale · q[row q0 + r]
-var<workgroup> KVs: array<vec4<f32>, ${BC * HD4}>; // k, then v, of keys k0 .. k0 + Bc
-var<workgroup> Ps: array<f32, ${BR * BC}>;         // Ps[r·Bc + c] = score (or MASKED), then p
-var<workgroup> Ms: array<f32, ${BR * TPR}>;        // Ms[r·TPR + t] = max of thread t's scores of row r
-var<workgroup> Ls: array<f32, ${BR * TPR}>;        // Ls[r·TPR + t] = sum of thread t's p of row r`);
-  if (docs) L.push(SKIP_DECLS);
-  const acc = (n: number) => `acc${n}`;
-  const range = (f: (n: number) => string) => unroll(N, f);
-  const docCond = docs ? ` && ${R.docK("j")} == doc_i` : "";
-  const loadKV = (src: string) => `
-    for (var s = li; s < ${BC * HD4}u; s += ${THREADS}u) {
-      let j = k0 + s / ${HD4}u;
-      var x = vec4<f32>(0.0);
-      if (${R.kIn("j")}) { x = vec4<f32>(${src}[((${
-    R.tok(src, "j")
-  }) * u.Hkv + kvh) * ${HD4}u + s % ${HD4}u]); }
-      KVs[s] = x;
-    }`;
-  const outAt = `((${R.tok("O", "i")}) * u.H + h) * ${HD4}u`;
-  const lseAt = `(${R.tok("LSE", "i")}) * u.H + h`;
+  const W = opening([v.q, v.k, v.v, v.out], list, R.chunked);
+  const P = pTile("Ps", BC * BR, RPT);
+  W.push(`
+var<workgroup> Qs: array<vec4<${L.st.Qs}>, ${BR * HS}>;  // q of rows q0 .. q0 + Br, row r at r·${HS}
+var<workgroup> KVs: array<vec4<${L.st.KVs}>, ${BC * HS}>; // k, then v, of keys k0 .. k0 + Bc
+${P.decl} // Ps[c·Br + r] = p of (query r, key c)
+var<workgroup> Ms: array<f32, ${BR * TPR}>; // Ms[r·TPR + t] = max of thread t's scores of row r`);
+  if (docs) W.push(SKIP_DECLS);
+  const rows = (f: (a: number) => string) => unroll(RPT, f);
+  const block = (f: (a: number, e: number) => string) => unroll(RPT, (a) => unroll(N, (e) => f(a, e)));
+  const outAt = (a: number) => `((${R.tok("O", `i_${a}`)}) * u.H + h) * ${HD4}u`;
+  const lseAt = (a: number) => `(${R.tok("LSE", `i_${a}`)}) * u.H + h`;
   // Row chunks: continue from the state earlier key ranges left in (out, lse) (module documentation).
   const resume = R.chunked
     ? `
-  // Earlier key ranges left this query's state as (o, lse) unless this range holds its first key.
-  let o_at = ${outAt};
-  if (row_ok && base + first_key(i) < u.k_lo) {
-    m = LSE[${lseAt}];
-    if (m != MASKED) { l = 1.0; }
-${range((n) => `    ${acc(n)} = vec4<f32>(O[o_at + ${n * TPR}u + t]);`)}
-  }
-  storageBarrier(); // lse is read by every thread of the row before one of them writes it`
+  // Earlier key ranges left a query's state as (o, lse) unless this range holds its first key.
+${
+      rows((a) =>
+        `  if (ok_${a} && base + first_key(i_${a}) < u.k_lo) {
+    m_${a} = LSE[${lseAt(a)}];
+    if (m_${a} != MASKED) { l_${a} = 1.0; }
+${unroll(N, (e) => `    acc_${a}_${e} = vec4<f32>(O[${outAt(a)} + ${e * TPR}u + t]);`)}
+  }`
+      )
+    }
+  storageBarrier(); // lse is read by every thread of a row before one of them writes it`
     : "";
-  const store = R.chunked
-    ? `  if (row_ok) {
+  const store = (a: number) =>
+    R.chunked
+      ? `  if (ok_${a}) {
     // A query with no allowed key so far keeps the empty state: out = 0, lse = MASKED.
     var inv = 0.0;
     var lse = MASKED;
-    if (l > 0.0) {
-      inv = 1.0 / l;
-      lse = m + log(l);
+    if (l_${a} > 0.0) {
+      inv = 1.0 / l_${a};
+      lse = m_${a} + log(l_${a});
     }
-${range((n) => `    O[o_at + ${n * TPR}u + t] = vec4<${v.out}>(${acc(n)} * inv);`)}
-    if (t == 0u) { LSE[${lseAt}] = lse; }
+${storeRow("O", outAt(a), L, v.out, (e) => `acc_${a}_${e} * inv`, false, "    ")}
+    if (t == 0u) { LSE[${lseAt(a)}] = lse; }
   }`
-    : `  if (row_ok) {
-    let o = ${outAt};
-    let inv = 1.0 / l;
-${range((n) => `    O[o + ${n * TPR}u + t] = vec4<${v.out}>(${acc(n)} * inv);`)}
-    if (t == 0u) { LSE[${lseAt}] = m + log(l); }
+      : `  if (ok_${a}) {
+    let inv = 1.0 / l_${a};
+${storeRow("O", outAt(a), L, v.out, (e) => `acc_${a}_${e} * inv`, false, "    ")}
+    if (t == 0u) { LSE[${lseAt(a)}] = m_${a} + log(l_${a}); }
   }`;
-  L.push(`
+  const keyRows = (b: number) => `t + ${b * TPR}u`;
+  const vTile = prefetchTile(R, L, ["V", "KVs"], BC, "k0", R.kIn, "u.Hkv", "kvh", "    ");
+  W.push(`
 @compute @workgroup_size(${THREADS})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-${queryTileIds(BR, TPR, R)}
-  for (var s = li; s < ${BR * HD4}u; s += ${THREADS}u) {
-    let ii = q0 + s / ${HD4}u;
-    var x = vec4<f32>(0.0);
-    if (${R.qIn("ii")}) { x = vec4<f32>(Q[((${
-    R.tok("Q", "ii")
-  }) * u.H + h) * ${HD4}u + s % ${HD4}u]) * u.scale; }
-    Qs[s] = x;
-  }
-${queryTileKeyRange(BR, BC, docs, R)}
-  var m = MASKED;
-  var l = 0.0;
-${range((n) => `  var ${acc(n)} = vec4<f32>(0.0);`)}${resume}
+${queryTileIds(L, docs, R)}
+${loadTiles(R, L, [["Q", "Qs"]], BR, "q0", R.qIn, "u.H", "h", "  ")}
+${queryTileKeyRange(L, R)}
+${rows((a) => `  var m_${a} = MASKED;\n  var l_${a} = 0.0;`)}
+${block((a, e) => `  var acc_${a}_${e} = vec4<f32>(0.0);`)}${resume}
   for (var k0 = k_start; ${keyLoop(R)}; k0 += ${BC}u) {
-    ${keyTileEntry(BC, TPR, docs, R)}
-    ${loadKV("K")}
+${keyTileEntry(L, docs, R)}
+${loadTiles(R, L, [["K", "KVs"]], BC, "k0", R.kIn, "u.Hkv", "kvh", "    ")}
+    // v is read now and stored once k is no longer needed, so its loads overlap the scores.
+${vTile.fetch}
     workgroupBarrier();
-    // Scores of this thread's keys, and their max.
-    var m_own = MASKED;
-    for (var c = t; c < ${BC}u; c += ${TPR}u) {
-      let j = k0 + c;
-      var sc = MASKED;
-      if (row_ok && ${R.kIn("j")} && allowed(i, j)${docCond}) {
-        var qk = 0.0;
-        for (var d = 0u; d < ${HD4}u; d++) { qk += dot(Qs[r * ${HD4}u + d], KVs[c * ${HD4}u + d]); }
-        sc = qk;
-      }
-      Ps[r * ${BC}u + c] = sc;
-      m_own = max(m_own, sc);
-    }
-    Ms[li] = m_own;
+    // Scores s = scale·q·k of this thread's rows and keys (MASKED where not allowed), and their row max.
+${blockDots(L, [{ acc: "s", A: "Qs", B: "KVs" }], RPT, (a) => `qr + ${a}u`, RK, keyRows, "    ")}
+${rows((a) => unroll(RK, (b) => `    s_${a}_${b} = select(MASKED, s_${a}_${b} * u.scale, pair_${a}_${b});`))}
+${rows((a) => `    Ms[(qr + ${a}u) * ${TPR}u + t] = ${maxOf(seq(RK).map((b) => `s_${a}_${b}`))};`)}
     workgroupBarrier();
-    ${loadKV("V")}
-    // Row max over the TPR threads of the row; then p = exp(s − m_new) once per pair, in place.
-    var m_new = m;
-    for (var x = 0u; x < ${TPR}u; x++) { m_new = max(m_new, Ms[r * ${TPR}u + x]); }
-    var l_own = 0.0;
-    for (var c = t; c < ${BC}u; c += ${TPR}u) {
-      let sc = Ps[r * ${BC}u + c];
-      var p = 0.0;
-      if (sc != MASKED) { p = exp(sc - m_new); }
-      Ps[r * ${BC}u + c] = p;
-      l_own += p;
+${vTile.store}
+    // Row max over the TPR threads of the row group; then p = exp(s − m_new) once per pair.
+${rows((a) => `    var mn_${a} = m_${a};`)}
+    for (var x = 0u; x < ${TPR}u; x++) {
+${rows((a) => `      mn_${a} = max(mn_${a}, Ms[(qr + ${a}u) * ${TPR}u + x]);`)}
     }
-    Ls[li] = l_own;
-    workgroupBarrier();
-    // Online softmax: rescale what was summed under the old max.
-    let alpha = exp(m - m_new);
-    l *= alpha;
-    for (var x = 0u; x < ${TPR}u; x++) { l += Ls[r * ${TPR}u + x]; }
-${range((n) => `    ${acc(n)} *= alpha;`)}
-    for (var c = 0u; c < ${BC}u; c++) {
-      let p = Ps[r * ${BC}u + c];
-${range((n) => `      ${acc(n)} += p * KVs[c * ${HD4}u + ${n * TPR}u + t];`)}
-    }
-    m = m_new;
+${
+    unroll(RK, (b) =>
+      rows((a) =>
+        `    let p_${a}_${b} = select(0.0, exp(s_${a}_${b} - mn_${a}), pair_${a}_${b});`
+      ) + "\n" +
+      P.write(`(${keyRows(b)}) * ${BR}u + qr`, seq(RPT).map((a) => `p_${a}_${b}`), "    "))
   }
-${store}
+    workgroupBarrier();
+    // Online softmax: rescale what was summed under the old max, then add p·v and p over the tile's keys.
+${
+    rows((a) =>
+      `    let alpha_${a} = exp(m_${a} - mn_${a});\n    l_${a} *= alpha_${a};\n    m_${a} = mn_${a};\n` +
+      unroll(N, (e) => `    acc_${a}_${e} *= alpha_${a};`)
+    )
+  }
+    for (var c = 0u; c < ${attentionLoopBound(BC, L.rolled)}; c++) {
+${P.read(`c * ${BR}u + qr`, "p", "      ")}
+${unroll(N, (e) => `      let v_${e} = ${widen(L, "KVs", `KVs[c * ${HS}u + ${e * TPR}u + t]`)};`)}
+${rows((a) => `      l_${a} += p_${a};`)}
+${block((a, e) => `      acc_${a}_${e} = fma(vec4<f32>(p_${a}), v_${e}, acc_${a}_${e});`)}
+    }
+  }
+${rows(store)}
 }`);
-  return L.join("\n");
+  return W.join("\n");
 }
 
 /** WGSL of the stats kernel: stats[t,h] = (lse[t,h], Σ_d dout[t,h,d]·out[t,h,d]). */
@@ -642,114 +906,112 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 
 /** WGSL of the dq kernel (see the module documentation). */
 export function attentionDqWgsl(v: BackwardVariant): string {
-  const { hd } = v;
-  const { BR, BC, TPR } = v.tile;
-  checkAttentionTile(hd, v.tile);
-  const HD4 = hd / 4;
-  const N = HD4 / TPR;
-  const THREADS = BR * TPR;
+  const L = layoutOf("dq", v.hd, v.tile, { q: v.q, k: v.k, v: v.v, dout: v.dout }, v.rolled);
+  const { HD4, HS, BR, BC, TPR, RPT, RK, N, THREADS } = L;
   const docs = v.docs !== null;
   const R = rowsOf(v.chunks);
   const list = backwardInputs(v);
   list.push(["DQ", vec(v.grad), "read_write"]);
-  const L = opening([v.q, v.k, v.v, v.dout, v.grad], list, R.chunked);
-  L.push(`
-var<workgroup> Qs: array<vec4<f32>, ${BR * HD4}>;  // scale · q of rows q0 .. q0 + Br
-var<workgroup> dOs: array<vec4<f32>, ${BR * HD4}>; // dout of rows q0 .. q0 + Br
-var<workgroup> Ks: array<vec4<f32>, ${BC * HD4}>;  // k of keys k0 .. k0 + Bc
-var<workgroup> Vs: array<vec4<f32>, ${BC * HD4}>;  // v of keys k0 .. k0 + Bc
-var<workgroup> dSs: array<f32, ${BR * BC}>;        // dSs[r·Bc + c] = ds (0 where masked)`);
-  if (docs) L.push(SKIP_DECLS);
-  const range = (f: (n: number) => string) => unroll(N, f);
-  const docCond = docs ? ` && ${R.docK("j")} == doc_i` : "";
-  const dqAt = `((${R.tok("DQ", "i")}) * u.H + h) * ${HD4}u`;
+  const W = opening([v.q, v.k, v.v, v.dout, v.grad], list, R.chunked);
+  const DS = pTile("dSs", BC * BR, RPT);
+  W.push(`
+var<workgroup> Qs: array<vec4<${L.st.Qs}>, ${BR * HS}>;  // q of rows q0 .. q0 + Br, row r at r·${HS}
+var<workgroup> dOs: array<vec4<${L.st.dOs}>, ${BR * HS}>; // dout of rows q0 .. q0 + Br
+var<workgroup> Ks: array<vec4<${L.st.Ks}>, ${BC * HS}>;  // k of keys k0 .. k0 + Bc
+var<workgroup> Vs: array<vec4<${L.st.Vs}>, ${BC * HS}>;  // v of keys k0 .. k0 + Bc
+${DS.decl} // dSs[c·Br + r] = ds of (query r, key c), 0 where masked`);
+  if (docs) W.push(SKIP_DECLS);
+  const rows = (f: (a: number) => string) => unroll(RPT, f);
+  const block = (f: (a: number, e: number) => string) => unroll(RPT, (a) => unroll(N, (e) => f(a, e)));
+  const dqAt = (a: number) => `((${R.tok("DQ", `i_${a}`)}) * u.H + h) * ${HD4}u`;
+  const value = (a: number) => (e: number) => `acc_${a}_${e} * u.scale`;
   // Row chunks: dq starts in the key range that holds the query's first key and adds in later ones.
-  const store = R.chunked
-    ? `  if (row_ok) {
-    let o = ${dqAt};
-    if (base + first_key(i) >= u.k_lo) {
-${storeVec4s("DQ", "o", N, TPR, v.grad, (n) => `acc${n} * u.scale`, false, "      ")}
+  const store = (a: number) =>
+    R.chunked
+      ? `  if (ok_${a}) {
+    if (base + first_key(i_${a}) >= u.k_lo) {
+${storeRow("DQ", dqAt(a), L, v.grad, value(a), false, "      ")}
     } else {
-${storeVec4s("DQ", "o", N, TPR, v.grad, (n) => `acc${n} * u.scale`, true, "      ")}
+${storeRow("DQ", dqAt(a), L, v.grad, value(a), true, "      ")}
     }
   }`
-    : `  if (row_ok) {
-    let o = ${dqAt};
-${storeVec4s("DQ", "o", N, TPR, v.grad, (n) => `acc${n} * u.scale`, false, "    ")}
+      : `  if (ok_${a}) {
+${storeRow("DQ", dqAt(a), L, v.grad, value(a), false, "    ")}
   }`;
-  L.push(`
+  const keyRows = (b: number) => `t + ${b * TPR}u`;
+  W.push(`
 @compute @workgroup_size(${THREADS})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-${queryTileIds(BR, TPR, R)}
-  for (var s = li; s < ${BR * HD4}u; s += ${THREADS}u) {
-    let ii = q0 + s / ${HD4}u;
-${loadPair(R, ["Q", "DO"], "ii", R.qIn("ii"), "u.H", "h", HD4, "    ", " * u.scale")}
-    Qs[s] = x;
-    dOs[s] = y;
-  }
-  let st = STATS[(${R.tok("STATS", R.qClamp("i"))}) * u.H + h]; // (lse, D) of query i
-${queryTileKeyRange(BR, BC, docs, R)}
-${range((n) => `  var acc${n} = vec4<f32>(0.0);`)}
+${queryTileIds(L, docs, R)}
+${loadTiles(R, L, [["Q", "Qs"], ["DO", "dOs"]], BR, "q0", R.qIn, "u.H", "h", "  ")}
+${rows((a) => `  let st_${a} = STATS[(${R.tok("STATS", R.qClamp(`i_${a}`))}) * u.H + h]; // (lse, D)`)}
+${queryTileKeyRange(L, R)}
+${block((a, e) => `  var acc_${a}_${e} = vec4<f32>(0.0);`)}
   for (var k0 = k_start; ${keyLoop(R)}; k0 += ${BC}u) {
-    ${keyTileEntry(BC, TPR, docs, R)}
-    for (var s = li; s < ${BC * HD4}u; s += ${THREADS}u) {
-      let j = k0 + s / ${HD4}u;
-${loadPair(R, ["K", "V"], "j", R.kIn("j"), "u.Hkv", "kvh", HD4, "      ")}
-      Ks[s] = x;
-      Vs[s] = y;
-    }
+${keyTileEntry(L, docs, R)}
+${loadTiles(R, L, [["K", "Ks"], ["V", "Vs"]], BC, "k0", R.kIn, "u.Hkv", "kvh", "    ")}
     workgroupBarrier();
-    // ds = p · (dout·v − D), p = exp(scale·q·k − lse)
-    for (var c = t; c < ${BC}u; c += ${TPR}u) {
-      let j = k0 + c;
-      var ds = 0.0;
-      if (row_ok && ${R.kIn("j")} && allowed(i, j)${docCond}) {
-        var qk = 0.0;
-        var dp = 0.0;
-        for (var d = 0u; d < ${HD4}u; d++) {
-          qk += dot(Qs[r * ${HD4}u + d], Ks[c * ${HD4}u + d]);
-          dp += dot(dOs[r * ${HD4}u + d], Vs[c * ${HD4}u + d]);
-        }
-        ds = exp(qk - st.x) * (dp - st.y);
-      }
-      dSs[r * ${BC}u + c] = ds;
-    }
+    // ds = p·(dout·v − D), p = exp(scale·q·k − lse); 0 where masked.
+${
+    blockDots(
+      L,
+      [{ acc: "s", A: "Qs", B: "Ks" }, { acc: "dp", A: "dOs", B: "Vs" }],
+      RPT,
+      (a) => `qr + ${a}u`,
+      RK,
+      keyRows,
+      "    ",
+    )
+  }
+${
+    unroll(RK, (b) =>
+      rows((a) =>
+        `    let ds_${a}_${b} = exp(select(MASKED, s_${a}_${b} * u.scale - st_${a}.x, pair_${a}_${b})) * ` +
+        `(dp_${a}_${b} - st_${a}.y);`
+      ) + "\n" +
+      DS.write(
+        `(${keyRows(b)}) * ${BR}u + qr`,
+        seq(RPT).map((a) =>
+          `ds_${a}_${b}`
+        ),
+        "    ",
+      ))
+  }
     workgroupBarrier();
-    for (var c = 0u; c < ${BC}u; c++) {
-      let ds = dSs[r * ${BC}u + c];
-${range((n) => `      acc${n} += ds * Ks[c * ${HD4}u + ${n * TPR}u + t];`)}
+    for (var c = 0u; c < ${attentionLoopBound(BC, L.rolled)}; c++) {
+${DS.read(`c * ${BR}u + qr`, "ds", "      ")}
+${unroll(N, (e) => `      let k_${e} = ${widen(L, "Ks", `Ks[c * ${HS}u + ${e * TPR}u + t]`)};`)}
+${block((a, e) => `      acc_${a}_${e} = fma(vec4<f32>(ds_${a}), k_${e}, acc_${a}_${e});`)}
     }
   }
-${store}
+${rows(store)}
 }`);
-  return L.join("\n");
+  return W.join("\n");
 }
 
 /** WGSL of the dkdv kernel (see the module documentation). */
 export function attentionDkdvWgsl(v: BackwardVariant): string {
-  const { hd } = v;
-  const { BR, BC, TPR } = v.tile;
-  checkAttentionTile(hd, v.tile);
-  const HD4 = hd / 4;
-  const N = HD4 / TPR;
-  const THREADS = BC * TPR;
+  const L = layoutOf("dkdv", v.hd, v.tile, { q: v.q, k: v.k, v: v.v, dout: v.dout }, v.rolled);
+  const { HD4, HS, BR, BC, TPR, RPT, RK, N, THREADS } = L;
   const docs = v.docs !== null;
   const R = rowsOf(v.chunks);
   const list = backwardInputs(v);
   list.push(["DK", vec(v.grad), "read_write"], ["DV", vec(v.grad), "read_write"]);
-  const L = opening([v.q, v.k, v.v, v.dout, v.grad], list, R.chunked);
-  L.push(`
-var<workgroup> Ks: array<vec4<f32>, ${BC * HD4}>;  // k of keys k0 .. k0 + Bc
-var<workgroup> Vs: array<vec4<f32>, ${BC * HD4}>;  // v of keys k0 .. k0 + Bc
-var<workgroup> Qs: array<vec4<f32>, ${BR * HD4}>;  // scale · q of rows q0 .. q0 + Br (head h)
-var<workgroup> dOs: array<vec4<f32>, ${BR * HD4}>; // dout of rows q0 .. q0 + Br (head h)
-var<workgroup> Pt: array<f32, ${BC * BR}>;         // Pt[c·Br + r] = p (0 where masked)
-var<workgroup> dSt: array<f32, ${BC * BR}>;        // dSt[c·Br + r] = ds (0 where masked)
-var<workgroup> Ls: array<f32, ${BR}>;              // lse of rows q0 .. q0 + Br
-var<workgroup> Ds: array<f32, ${BR}>;              // D of rows q0 .. q0 + Br`);
-  if (docs) L.push(SKIP_DECLS);
-  const range = (f: (n: number) => string) => unroll(N, f);
-  const docCond = docs ? ` && ${R.docQ("i")} == doc_j` : "";
+  const W = opening([v.q, v.k, v.v, v.dout, v.grad], list, R.chunked);
+  const P = pTile("Ps", BR * BC, RPT);
+  const DS = pTile("dSs", BR * BC, RPT);
+  W.push(`
+var<workgroup> Ks: array<vec4<${L.st.Ks}>, ${BC * HS}>;  // k of keys k0 .. k0 + Bc, row c at c·${HS}
+var<workgroup> Vs: array<vec4<${L.st.Vs}>, ${BC * HS}>;  // v of keys k0 .. k0 + Bc
+var<workgroup> Qs: array<vec4<${L.st.Qs}>, ${BR * HS}>;  // q of rows q0 .. q0 + Br (head h)
+var<workgroup> dOs: array<vec4<${L.st.dOs}>, ${BR * HS}>; // dout of rows q0 .. q0 + Br (head h)
+${P.decl} // Ps[r·Bc + c] = p of (query r, key c), 0 where masked
+${DS.decl} // dSs[r·Bc + c] = ds of (query r, key c), 0 where masked
+var<workgroup> Ls: array<f32, ${BR}>; // lse of rows q0 .. q0 + Br
+var<workgroup> Ds: array<f32, ${BR}>; // D of rows q0 .. q0 + Br`);
+  if (docs) W.push(SKIP_DECLS);
+  const keys = (f: (a: number) => string) => unroll(RPT, f);
+  const block = (f: (a: number, e: number) => string) => unroll(RPT, (a) => unroll(N, (e) => f(a, e)));
   const head = R.chunked
     ? `  let k0 = (u.tile0 + wg.x) * ${BC}u;
   let kvh = wg.y;
@@ -777,60 +1039,57 @@ var<workgroup> Ds: array<f32, ${BR}>;              // D of rows q0 .. q0 + Br`);
   var q_last = u.S - 1u;
   if (u.window != 0u) { q_last = min(q_last, k_last + u.window - 1u); }
   let q_start = k0 / ${BR}u * ${BR}u;`;
-  const at = (X: string) => `((${R.tok(X, "j")}) * u.Hkv + kvh) * ${HD4}u`;
+  const at = (X: string, a: number) => `((${R.tok(X, `j_${a}`)}) * u.Hkv + kvh) * ${HD4}u`;
+  const dk = (a: number) => (e: number) => `dk_${a}_${e} * u.scale`;
+  const dv = (a: number) => (e: number) => `dv_${a}_${e}`;
   // Row chunks: dk and dv start in the query range that holds key j (its first query) and add in later ones.
-  const store = R.chunked
-    ? `  if (key_ok) {
-    let ok = ${at("DK")};
-    let ov = ${at("DV")};
-    if (base + j >= u.q_lo) {
-${storeVec4s("DK", "ok", N, TPR, v.grad, (n) => `dk${n}`, false, "      ")}
-${storeVec4s("DV", "ov", N, TPR, v.grad, (n) => `dv${n}`, false, "      ")}
+  const store = (a: number) =>
+    R.chunked
+      ? `  if (kok_${a}) {
+    if (base + j_${a} >= u.q_lo) {
+${storeRow("DK", at("DK", a), L, v.grad, dk(a), false, "      ")}
+${storeRow("DV", at("DV", a), L, v.grad, dv(a), false, "      ")}
     } else {
-${storeVec4s("DK", "ok", N, TPR, v.grad, (n) => `dk${n}`, true, "      ")}
-${storeVec4s("DV", "ov", N, TPR, v.grad, (n) => `dv${n}`, true, "      ")}
+${storeRow("DK", at("DK", a), L, v.grad, dk(a), true, "      ")}
+${storeRow("DV", at("DV", a), L, v.grad, dv(a), true, "      ")}
     }
   }`
-    : `  if (key_ok) {
-    let o = ${at("DK")};
-${storeVec4s("DK", "o", N, TPR, v.grad, (n) => `dk${n}`, false, "    ")}
-${storeVec4s("DV", "o", N, TPR, v.grad, (n) => `dv${n}`, false, "    ")}
+      : `  if (kok_${a}) {
+${storeRow("DK", at("DK", a), L, v.grad, dk(a), false, "    ")}
+${storeRow("DV", at("DV", a), L, v.grad, dv(a), false, "    ")}
   }`;
-  L.push(`
+  const queryRows = (b: number) => `t + ${b * TPR}u`;
+  const masks: string[] = [];
+  for (const a of seq(RPT)) {
+    for (const b of seq(RK)) {
+      const doc = docs ? ` && qdoc_${b} == doc_${a}` : "";
+      masks.push(
+        `      let pair_${a}_${b} = kok_${a} && ${R.qIn(`i_${b}`)} && allowed(i_${b}, j_${a})${doc};`,
+      );
+    }
+  }
+  const all = seq(RPT).flatMap((a) => seq(RK).map((b) => `pair_${a}_${b}`));
+  W.push(`
 @compute @workgroup_size(${THREADS})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
 ${head}
   let G = u.H / u.Hkv;
-  let c = li / ${TPR}u;
+  let g = li / ${TPR}u;
   let t = li % ${TPR}u;
-  let j = k0 + c;
-  let key_ok = ${R.kIn("j")};
-  for (var s = li; s < ${BC * HD4}u; s += ${THREADS}u) {
-    let jj = k0 + s / ${HD4}u;
-${loadPair(R, ["K", "V"], "jj", R.kIn("jj"), "u.Hkv", "kvh", HD4, "    ")}
-    Ks[s] = x;
-    Vs[s] = y;
-  }
-  ${docs ? `let doc_j = ${R.docK(R.kClamp("j"))};` : ""}
+  let kc = g * ${RPT}u; // this thread's first key of the tile
+${keys((a) => `  let j_${a} = k0 + kc + ${a}u;\n  let kok_${a} = ${R.kIn(`j_${a}`)};`)}
+${docs ? keys((a) => `  let doc_${a} = ${R.docK(R.kClamp(`j_${a}`))};`) : ""}
+${loadTiles(R, L, [["K", "Ks"], ["V", "Vs"]], BC, "k0", R.kIn, "u.Hkv", "kvh", "  ")}
 ${queries}
-${range((n) => `  var dk${n} = vec4<f32>(0.0);\n  var dv${n} = vec4<f32>(0.0);`)}
-  for (var g = 0u; g < G; g++) {
-    let h = kvh * G + g;
+${block((a, e) => `  var dk_${a}_${e} = vec4<f32>(0.0);\n  var dv_${a}_${e} = vec4<f32>(0.0);`)}
+  for (var gh = 0u; gh < G; gh++) {
+    let h = kvh * G + gh;
     for (var q0 = q_start; ${R.chunked ? "q0 < q_end" : "q0 <= q_last"}; q0 += ${BR}u) {
-      ${
-    docs
-      ? tileSkip(
-        `for (var r = t; r < ${BR}u; r += ${TPR}u)`,
-        `key_ok && ${R.qIn("q0 + r")} && allowed(q0 + r, j) && ${R.docQ("q0 + r")} == doc_j`,
-      )
-      : "workgroupBarrier();"
-  }
-      for (var s = li; s < ${BR * HD4}u; s += ${THREADS}u) {
-        let ii = q0 + s / ${HD4}u;
-${loadPair(R, ["Q", "DO"], "ii", R.qIn("ii"), "u.H", "h", HD4, "        ", " * u.scale")}
-        Qs[s] = x;
-        dOs[s] = y;
-      }
+${unroll(RK, (b) => `      let i_${b} = q0 + ${queryRows(b)};`)}
+${docs ? unroll(RK, (b) => `      let qdoc_${b} = ${R.docQ(R.qClamp(`i_${b}`))};`) : ""}
+${masks.join("\n")}
+${docs ? tileSkip(all.join(" || ")).replaceAll("\n    ", "\n      ") : "      workgroupBarrier();"}
+${loadTiles(R, L, [["Q", "Qs"], ["DO", "dOs"]], BR, "q0", R.qIn, "u.H", "h", "      ")}
       for (var s = li; s < ${BR}u; s += ${THREADS}u) {
         let ii = q0 + s;
         var st = vec2<f32>(0.0);
@@ -839,33 +1098,40 @@ ${loadPair(R, ["Q", "DO"], "ii", R.qIn("ii"), "u.H", "h", HD4, "        ", " * u
         Ds[s] = st.y;
       }
       workgroupBarrier();
-      for (var r = t; r < ${BR}u; r += ${TPR}u) {
-        let i = q0 + r;
-        var p = 0.0;
-        var ds = 0.0;
-        if (key_ok && ${R.qIn("i")} && allowed(i, j)${docCond}) {
-          var qk = 0.0;
-          var dp = 0.0;
-          for (var d = 0u; d < ${HD4}u; d++) {
-            qk += dot(Qs[r * ${HD4}u + d], Ks[c * ${HD4}u + d]);
-            dp += dot(dOs[r * ${HD4}u + d], Vs[c * ${HD4}u + d]);
-          }
-          p = exp(qk - Ls[r]);
-          ds = p * (dp - Ds[r]);
-        }
-        Pt[c * ${BR}u + r] = p;
-        dSt[c * ${BR}u + r] = ds;
-      }
+      // p = exp(scale·q·k − lse), ds = p·(dout·v − D) of this thread's keys and queries; 0 where masked.
+${
+    blockDots(
+      L,
+      [{ acc: "s", A: "Ks", B: "Qs" }, { acc: "dp", A: "Vs", B: "dOs" }],
+      RPT,
+      (a) => `kc + ${a}u`,
+      RK,
+      queryRows,
+      "      ",
+    )
+  }
+${
+    unroll(RK, (b) =>
+      `      let lse_${b} = Ls[${queryRows(b)}];\n      let dd_${b} = Ds[${queryRows(b)}];\n` +
+      keys((a) =>
+        `      let p_${a}_${b} = exp(select(MASKED, s_${a}_${b} * u.scale - lse_${b}, pair_${a}_${b}));\n` +
+        `      let ds_${a}_${b} = p_${a}_${b} * (dp_${a}_${b} - dd_${b});`
+      ) + "\n" +
+      P.write(`(${queryRows(b)}) * ${BC}u + kc`, seq(RPT).map((a) => `p_${a}_${b}`), "      ") + "\n" +
+      DS.write(`(${queryRows(b)}) * ${BC}u + kc`, seq(RPT).map((a) => `ds_${a}_${b}`), "      "))
+  }
       workgroupBarrier();
-      for (var r = 0u; r < ${BR}u; r++) {
-        let p = Pt[c * ${BR}u + r];
-        let ds = dSt[c * ${BR}u + r];
-${range((n) => `        dv${n} += p * dOs[r * ${HD4}u + ${n * TPR}u + t];`)}
-${range((n) => `        dk${n} += ds * Qs[r * ${HD4}u + ${n * TPR}u + t];`)}
+      for (var r = 0u; r < ${attentionLoopBound(BR, L.rolled)}; r++) {
+${P.read(`r * ${BC}u + kc`, "p", "        ")}
+${DS.read(`r * ${BC}u + kc`, "ds", "        ")}
+${unroll(N, (e) => `        let q_${e} = ${widen(L, "Qs", `Qs[r * ${HS}u + ${e * TPR}u + t]`)};`)}
+${unroll(N, (e) => `        let do_${e} = ${widen(L, "dOs", `dOs[r * ${HS}u + ${e * TPR}u + t]`)};`)}
+${block((a, e) => `        dv_${a}_${e} = fma(vec4<f32>(p_${a}), do_${e}, dv_${a}_${e});`)}
+${block((a, e) => `        dk_${a}_${e} = fma(vec4<f32>(ds_${a}), q_${e}, dk_${a}_${e});`)}
       }
     }
   }
-${store}
+${keys(store)}
 }`);
-  return L.join("\n");
+  return W.join("\n");
 }

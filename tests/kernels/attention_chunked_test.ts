@@ -54,6 +54,13 @@ const SMALL: Partial<Record<AttentionKernel, AttentionTile>> = {
   dkdv: { BR: 4, BC: 8, TPR: 2 },
 };
 
+/** The same with several rows per thread (4 queries, 2 queries, 4 keys): chunk boundaries cut row groups. */
+const BLOCKED: Partial<Record<AttentionKernel, AttentionTile>> = {
+  forward: { BR: 8, BC: 8, TPR: 2, RPT: 4 },
+  dq: { BR: 8, BC: 4, TPR: 2, RPT: 2 },
+  dkdv: { BR: 4, BC: 8, TPR: 2, RPT: 4 },
+};
+
 /** doc[T] for `n` documents per row with random lengths, via position ids as packing writes them. */
 function packedDocs(B: number, S: number, n: number, seed: number): Int32Array {
   const next = rng(seed);
@@ -213,7 +220,7 @@ gpuTest(
       window: 9,
       docsPerRow: 3,
       rows: { q: 20, k: 15, v: 15, out: 20, lse: 33, dout: 20, dq: 20, dk: 15, dv: 15 },
-      tiles: SMALL,
+      tiles: BLOCKED,
       seed: 6,
     });
   },

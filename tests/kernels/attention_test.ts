@@ -2,12 +2,15 @@
 // B = rows, S = tokens per row, T = B·S, H = query heads, Hkv = kv heads, hd = head dim, W = window.
 // Tolerances |gpu − ref| <= atol + rtol·|ref|: f32 atol 2e-5, rtol 1e-4 (f32 sums in another order than
 // the reference's f64); f16 inputs atol 1e-2, rtol 1e-2 against a reference fed the f16-rounded inputs.
+// Tiles: the adapter's choice, SMALL (one row per thread) and BLOCKED (register blocks of 2 and 4 rows per
+// thread, p tiles read as vec4), small enough that short rows span many tiles.
 import assert from "node:assert/strict";
 import {
   attentionBackward,
   attentionForward,
   type AttentionKernel,
   type AttentionTile,
+  attentionTileCost,
   chooseAttentionTile,
 } from "../../kernels/ops/attention.ts";
 import { attentionSharedBytes, attentionThreads } from "../../kernels/ops/attention_wgsl.ts";
@@ -34,7 +37,9 @@ interface Case {
   /** Documents per row (packing), drawn at random cut points; absent: one per row. */
   docsPerRow?: number;
   tiles?: Partial<Record<AttentionKernel, AttentionTile>>;
+  /** dtype of q, k, v (and out); dout too unless `doutDtype` says otherwise. */
   dtype?: "f32" | "f16";
+  doutDtype?: "f32" | "f16";
   seed: number;
 }
 
@@ -64,7 +69,8 @@ async function checkCase(gpu: Gpu, c: Case): Promise<void> {
   const q = round(randn(T * H * hd, c.seed));
   const k = round(randn(T * Hkv * hd, c.seed + 1));
   const v = round(randn(T * Hkv * hd, c.seed + 2));
-  const dout = round(randn(T * H * hd, c.seed + 3));
+  const doutDtype = c.doutDtype ?? dtype;
+  const dout = doutDtype === "f16" ? roundF16(randn(T * H * hd, c.seed + 3)) : randn(T * H * hd, c.seed + 3);
   const docIds = c.docsPerRow ? packedDocs(B, S, c.docsPerRow, c.seed + 4) : null;
   const dims: AttentionDims = { B, S, H, Hkv, hd, window: c.window ?? null, docIds };
   const ref = attention_forward(q, k, v, dims);
@@ -75,7 +81,7 @@ async function checkCase(gpu: Gpu, c: Case): Promise<void> {
   using tq = Tensor.from(gpu, q, [T, H, hd], dtype, { label: "q" });
   using tk = Tensor.from(gpu, k, [T, Hkv, hd], dtype, { label: "k" });
   using tv = Tensor.from(gpu, v, [T, Hkv, hd], dtype, { label: "v" });
-  using tdout = Tensor.from(gpu, dout, [T, H, hd], dtype, { label: "dout" });
+  using tdout = Tensor.from(gpu, dout, [T, H, hd], doutDtype, { label: "dout" });
   using docs = docIds ? Tensor.from(gpu, Uint32Array.from(docIds), [T], "u32", { label: "docs" }) : null;
   const mask = { S, window: c.window, docs, tiles: c.tiles };
   using out = nanTensor(gpu, [T, H, hd], dtype, "out");
@@ -91,7 +97,7 @@ async function checkCase(gpu: Gpu, c: Case): Promise<void> {
   const [gOut, gLse, gDq, gDk, gDv] = await Promise.all([out, lse, dq, dk, dv].map((t) => t.readF32()));
   const name = `B=${B} S=${S} H=${H} Hkv=${Hkv} hd=${hd} W=${c.window ?? "-"} docs=${
     c.docsPerRow ?? 1
-  } ${dtype}`;
+  } ${dtype} dout ${doutDtype} tiles ${JSON.stringify(c.tiles ?? "chosen")}`;
   assertClose(gOut, ref.out, { ...tol, name: `out (${name})` });
   assertClose(gLse, ref.lse, { ...tol, name: `lse (${name})` });
   assertClose(gDq, grads.dq, { ...tol, name: `dq (${name})` });
@@ -104,6 +110,16 @@ const SMALL: Partial<Record<AttentionKernel, AttentionTile>> = {
   forward: { BR: 8, BC: 8, TPR: 2 },
   dq: { BR: 8, BC: 4, TPR: 2 },
   dkdv: { BR: 4, BC: 8, TPR: 2 },
+};
+
+/**
+ * Small register-blocked tiles: 4 query rows (forward), 2 (dq) or 4 keys (dkdv) per thread, so row groups
+ * straddle the end of a row, the causal diagonal and document edges; RPT 4 reads p and ds as vec4.
+ */
+const BLOCKED: Partial<Record<AttentionKernel, AttentionTile>> = {
+  forward: { BR: 8, BC: 8, TPR: 2, RPT: 4 },
+  dq: { BR: 8, BC: 4, TPR: 2, RPT: 2 },
+  dkdv: { BR: 4, BC: 8, TPR: 2, RPT: 4 },
 };
 
 gpuTest(
@@ -158,6 +174,35 @@ gpuTest("attention matches the reference with documents and a window together", 
   });
 });
 
+gpuTest(
+  "attention with several rows per thread (register blocks of 2 and 4) matches the reference under every mask",
+  async (gpu) => {
+    await checkCase(gpu, { B: 2, S: 37, H: 4, Hkv: 2, hd: 16, tiles: BLOCKED, seed: 31 });
+    await checkCase(gpu, { B: 2, S: 41, H: 4, Hkv: 1, hd: 16, window: 5, tiles: BLOCKED, seed: 32 });
+    await checkCase(gpu, { B: 2, S: 43, H: 4, Hkv: 1, hd: 16, docsPerRow: 3, tiles: BLOCKED, seed: 33 });
+    await checkCase(gpu, { B: 2, S: 24, H: 2, Hkv: 1, hd: 16, docsPerRow: 24, tiles: BLOCKED, seed: 34 });
+  },
+);
+
+gpuTest("attention gives the same bits when run twice on the same inputs", async (gpu) => {
+  const B = 2, S = 29, H = 4, Hkv = 2, hd = 32, T = B * S;
+  using q = Tensor.from(gpu, randn(T * H * hd, 41), [T, H, hd]);
+  using k = Tensor.from(gpu, randn(T * Hkv * hd, 42), [T, Hkv, hd]);
+  using v = Tensor.from(gpu, randn(T * Hkv * hd, 43), [T, Hkv, hd]);
+  using dout = Tensor.from(gpu, randn(T * H * hd, 44), [T, H, hd]);
+  using docs = Tensor.from(gpu, Uint32Array.from(packedDocs(B, S, 2, 45)), [T], "u32");
+  const once = async () => {
+    const { out, lse } = attentionForward(q, k, v, { S, window: 11, docs });
+    const { dq, dk, dv } = attentionBackward(dout, q, k, v, out, lse, { S, window: 11, docs });
+    const all = [out, lse, dq, dk, dv];
+    const values = await readTensors(all);
+    for (const t of all) t.destroy();
+    return values.map((x) => new Uint32Array(x.buffer, x.byteOffset, x.length));
+  };
+  const [first, second] = [await once(), await once()];
+  ["out", "lse", "dq", "dk", "dv"].forEach((name, i) => assert.deepEqual(second[i], first[i], name));
+});
+
 gpuTest("attention skips key tiles of other documents and stays exact (one-token documents)", async (gpu) => {
   // Every token its own document: each query sees only itself, out = v of its kv head, lse = scale·q·k.
   await checkCase(gpu, { B: 2, S: 24, H: 2, Hkv: 1, hd: 16, docsPerRow: 24, tiles: SMALL, seed: 15 });
@@ -190,7 +235,56 @@ gpuTest("attention with f16 q, k, v, dout matches the reference within f16 toler
     dtype: "f16",
     seed: 19,
   });
+  // f16 tiles with several rows per thread.
+  await checkCase(gpu, {
+    B: 2,
+    S: 29,
+    H: 4,
+    Hkv: 2,
+    hd: 16,
+    docsPerRow: 2,
+    tiles: BLOCKED,
+    dtype: "f16",
+    seed: 20,
+  });
 }, { needsF16: true });
+
+gpuTest(
+  "attention with f16 q, k, v and f32 dout (training's dtypes: f16 and f32 tiles together, GPU tiles) matches the reference",
+  async (gpu) => {
+    await checkCase(gpu, {
+      B: 2,
+      S: 33,
+      H: 4,
+      Hkv: 2,
+      hd: 32,
+      window: 13,
+      dtype: "f16",
+      doutDtype: "f32",
+      seed: 22,
+    });
+    // The tiles a GPU gets for these dtypes (at most 32 KiB here): 128 or more threads, blocks of 4 rows.
+    const floats = { q: "f16", k: "f16", v: "f16", dout: "f32" } as const;
+    const storageBytes = Math.min(32768, gpu.limits.maxComputeWorkgroupStorageSize);
+    const tiles: Partial<Record<AttentionKernel, AttentionTile>> = {};
+    for (const kernel of ["forward", "dq", "dkdv"] as const) {
+      tiles[kernel] = chooseAttentionTile(gpu, kernel, 128, { storageBytes, software: false, floats });
+    }
+    await checkCase(gpu, {
+      B: 1,
+      S: 70,
+      H: 4,
+      Hkv: 1,
+      hd: 128,
+      docsPerRow: 2,
+      tiles,
+      dtype: "f16",
+      doutDtype: "f32",
+      seed: 23,
+    });
+  },
+  { needsF16: true },
+);
 
 gpuTest("attention's scale override equals scaling q (out, lse and dq·scale)", async (gpu) => {
   const B = 1, S = 19, H = 2, Hkv = 1, hd = 16, T = B * S;
@@ -246,17 +340,14 @@ Deno.test(
   () => {
     for (const hd of [16, 32, 64, 128]) {
       for (const kernel of ["forward", "dq", "dkdv"] as const) {
-        const tile = chooseAttentionTile(gpu!, kernel, hd, { storageBytes: 16384, threads: 256 });
-        assert.ok(
-          attentionSharedBytes(kernel, hd, tile) <= 16384,
-          `${kernel} hd ${hd}: ${JSON.stringify(tile)}`,
-        );
-        assert.ok(attentionThreads(kernel, tile) <= 256, `${kernel} hd ${hd}: ${JSON.stringify(tile)}`);
-        assert.equal((hd / 4) % tile.TPR, 0);
-        assert.ok(
-          tile.BR >= 4 && tile.BC >= 4,
-          `${kernel} hd ${hd}: ${JSON.stringify(tile)} is needlessly small`,
-        );
+        for (const floats of ["f32", "f16"] as const) {
+          const tile = chooseAttentionTile(gpu!, kernel, hd, { storageBytes: 16384, threads: 256, floats });
+          const what = `${kernel} hd ${hd} ${floats}: ${JSON.stringify(tile)}`;
+          assert.ok(attentionSharedBytes(kernel, hd, tile, floats) <= 16384, what);
+          assert.ok(attentionThreads(kernel, tile) <= 256, what);
+          assert.equal((hd / 4) % tile.TPR, 0, what);
+          assert.ok(tile.BR >= 4 && tile.BC >= 4, `${what} is needlessly small`);
+        }
         if (gpu!.info.backend === "gl" && hd <= 32) {
           const chosen = chooseAttentionTile(gpu!, kernel, hd);
           assert.ok(
@@ -266,6 +357,29 @@ Deno.test(
         }
       }
     }
+  },
+);
+
+Deno.test(
+  "chooseAttentionTile blocks several rows per thread on a GPU with 48 KiB (Llama-3-8B's hd 128, f16 tiles)",
+  { ignore: gpu === null },
+  () => {
+    const floats = { q: "f16", k: "f16", v: "f16", dout: "f32" } as const;
+    for (const kernel of ["forward", "dq", "dkdv"] as const) {
+      const tile = chooseAttentionTile(gpu!, kernel, 128, { storageBytes: 49152, software: false, floats });
+      const what = `${kernel}: ${JSON.stringify(tile)}`;
+      assert.ok(attentionSharedBytes(kernel, 128, tile, floats) <= 49152, what);
+      assert.ok(attentionThreads(kernel, tile) >= 128 && attentionThreads(kernel, tile) <= 256, what);
+      assert.ok(tile.RPT >= 2, `${what}: one row per thread`);
+      // Each loaded vec4 of the score block serves at least 2 dot products on both sides.
+      assert.ok((kernel === "dkdv" ? tile.BR : tile.BC) / tile.TPR >= 2, what);
+    }
+    // Per pair, the estimated workgroup-memory loads fall with more rows per thread.
+    const base = { BR: 64, BC: 32, TPR: 8 };
+    assert.ok(
+      attentionTileCost("forward", 128, { ...base, RPT: 4 }, 2) <
+        attentionTileCost("forward", 128, { ...base, RPT: 1 }, 2),
+    );
   },
 );
 
@@ -286,4 +400,12 @@ gpuTest("attention rejects mismatched shapes, a bad S, hd not a multiple of 4 an
   assert.throws(() => attentionForward(q, k, k, { docs }), /expected \[8\]/);
   assert.throws(() => attentionForward(q, k, k, { docs: fdocs }), /must be u32 or i32/);
   assert.throws(() => attentionForward(q, k, k, { window: 0 }), /window "0" must be a positive integer/);
+  assert.throws(
+    () => attentionForward(q, k, k, { tiles: { forward: { BR: 8, BC: 6, TPR: 4 } } }),
+    /Cannot build attention forward tile .* Bc multiples of TPR/,
+  );
+  assert.throws(
+    () => attentionForward(q, k, k, { tiles: { forward: { BR: 6, BC: 8, TPR: 2, RPT: 4 } } }),
+    /Br a multiple of RPT/,
+  );
 });
