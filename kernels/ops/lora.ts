@@ -4,18 +4,44 @@
  * T = tokens, K = in features, N = out features, r = LoRA rank, s = scaling (lora_alpha / r, or
  * lora_alpha / sqrt(r) with rslora), p = dropout probability, keep[T,K] the seeded mask.
  * Forward:
- *   y[T,N] (+)= x·Wᵀ (+ b)                matmul NT (W f32 or f16, may be split into row chunks)
  *   z[T,K]   = x ⊙ keep / (1 − p)         `lora_dropout` (z = x when p = 0; a scratch, not kept)
  *   xa[T,r]  = z · Aᵀ                     matmul NT; the only activation the backward needs
- *   y       += s · xa · Bᵀ                matmul NT, alpha = s, accumulate
+ *   y[T,N] (+)= x·Wᵀ (+ b) + s·xa·Bᵀ      one matmul NT (W f32 or f16, may be split into row
+ *                                         chunks) with the low-rank term (xa, B, s) inside
  * Backward (dA and dB are added into, for gradient accumulation):
  *   dB[N,r] += s · dyᵀ · xa               matmul TN
  *   dxa[T,r] = s · dy · B                 matmul NN
  *   dA[r,K] += dxaᵀ · z                   matmul TN (z recomputed from x and the seed)
- *   dx[T,K] (+)= dy · W + (dxa · A) ⊙ keep / (1 − p)    matmul NN, then `lora_dropout` accumulating
+ *   dx[T,K] (+)= dy · W + dxa · A         p = 0: one matmul NN with the low-rank term (dxa, A, 1)
+ *   dx[T,K] (+)= dy · W + (dxa · A) ⊙ keep / (1 − p)    p > 0: matmul NN, matmul NN into a
+ *                                         scratch, then `lora_dropout` accumulating
  * The mask is keep[i] = pcg_hash(i ^ pcg_hash(seed)) >= floor(p·2³²) over the flat [T,K] index,
  * bit-identical to the reference's `dropout_mask(seed, T·K, p)`; the caller gives one seed per
  * (step, layer, module) and passes the same seed to the backward.
+ *
+ * Fused and unfused. A low-rank term (`MatmulOptions.lowRank`) continues the projection matmul's
+ * accumulators over the r values of the rank: against a second matmul accumulating into y (or dx),
+ * it saves a dispatch and a read and a write of y (dx), and adds r/K of the projection's
+ * multiply-adds to its kernel. The second matmul (`fuse: false`) remains where the term cannot go
+ * inside: W null, the backward with dropout (the mask stands between dxa·A and dx), and xa, dxa, A
+ * or B split into row chunks (which takes a binding limit below T·r·4 or N·r·4 bytes). Everywhere
+ * else the term goes inside, on every adapter, because that paid at every shape measured (`deno
+ * task bench lora`, docs/benchmarks.md): on lavapipe and llvmpipe GL, the tiny Llamas' projections
+ * (T 1024, K and N 32–256, r 8), T 256 with K = N = 512, r 16, and r/K up to 1 (K = r = 64) ran
+ * 1.00–1.17× as fast per pass fused (most near 1.03×), the term's own pass costing 0.9–3.5 ms
+ * there against mostly 0.2–1.7 ms added to the projection; none was slower beyond the noise. On
+ * GPUs the trade should go the same way (unmeasured so far): inside, the term's multiply-adds read
+ * A2 and B2 from cache with as many loads per multiply-add as the main loop has, while its own
+ * pass is a dispatch plus 2·T·N elements of memory traffic; `deno task bench lora` on a GPU times
+ * both sides at 7B projection shapes (T 2048, K = N = 4096, r 16 and others).
+ *
+ * Precision. The two forms add in a different order: fused, an element of y is (Σ_k x·W + Σ_q
+ * (s·xa)·B) (+ b) (+ y) rounded once to y's dtype; unfused, x·Wᵀ (+ b) (+ y) is rounded to y's
+ * dtype, then s·Σ_q xa·B is added and rounded again. Both stay within |gpu − ref| ≤ 1e-5·max|ref|
+ * + 1e-4·|ref| of the f64 reference (f32; f16 x and W: 1e-3·max|ref| + 1e-2·|ref|),
+ * tests/kernels/lora_test.ts; fused and unfused differ by ≤ 3e-7 of max|y| in f32, by up to one
+ * f16 rounding of y in f16 (≈ 8e-4 relative; fused, rounding once, has a 10–15 % smaller mean
+ * error). Each form gives the same bits on every run, and for every tile the tuner may pick.
  *
  * With W = null only the adapter's terms are computed (the frozen product comes from another
  * kernel, e.g. a dequantizing matmul): the forward adds into `out`, the backward into `dx`.
@@ -59,6 +85,12 @@ export interface LoraForwardOptions {
   outDtype?: FloatDType;
   /** Label of a created y. */
   label?: string;
+  /**
+   * Add s·xa·Bᵀ inside y's matmul (its `lowRank` term) where the matmul can take it (W given, xa
+   * and B whole), as pays everywhere measured (see the module documentation); `false` adds it
+   * with a second matmul accumulating into y. Default true.
+   */
+  fuse?: boolean;
 }
 
 /** What {@link loraForward} returns. */
@@ -81,6 +113,12 @@ export interface LoraBackwardOptions {
   accumulateDx?: boolean;
   /** Skip dx (the first layer's input needs no gradient). */
   skipDx?: boolean;
+  /**
+   * Add dxa·A inside dx's matmul (its `lowRank` term) where the matmul can take it (W given, no
+   * dropout, dxa and A whole), as pays everywhere measured (see the module documentation);
+   * `false` adds it with a second matmul accumulating into dx. Default true.
+   */
+  fuse?: boolean;
 }
 
 /** What {@link loraBackward} returns. */
@@ -124,30 +162,35 @@ export function loraForward(
   options: LoraForwardOptions = {},
 ): LoraForwardResult {
   const { T, N } = dims(x, W, lora, "forward");
-  let y: Tensor;
-  if (W !== null) {
-    y = matmul(x, W, {
-      layout: "NT",
-      bias: options.bias,
-      out: options.out,
-      accumulate: options.accumulate,
-      outDtype: options.outDtype,
-      label: options.label ?? "lora_y",
-    });
-  } else {
+  if (W === null) {
     if (options.out === undefined) {
       throw new TypeError("Cannot run the LoRA forward without W: `out` is needed");
     }
     if (options.bias !== undefined) throw new TypeError("Cannot add a bias in the LoRA forward without W");
-    y = options.out;
   }
-  if (y.shape.join() !== `${T},${N}`) {
-    throw new RangeError(`Cannot write y "${y.label}" [${y.shape}]: [${T},${N}] expected`);
+  const out = options.out;
+  if (out !== undefined && out.shape.join() !== `${T},${N}`) {
+    throw new RangeError(`Cannot write y "${out.label}" [${out.shape}]: [${T},${N}] expected`);
   }
   const z = dropoutInput(x, lora);
   const xa = matmul(z, lora.A, { layout: "NT", outDtype: "f32", label: "lora_xa" });
   if (z !== x) z.destroy();
-  matmul(xa, lora.B, { layout: "NT", alpha: lora.scaling, out: y, accumulate: true });
+  const term = { a: xa, b: lora.B, scale: lora.scaling };
+  if (W === null) {
+    matmul(xa, lora.B, { layout: "NT", alpha: lora.scaling, out, accumulate: true });
+    return { y: out!, xa };
+  }
+  const fused = (options.fuse ?? true) && fusable(term);
+  const y = matmul(x, W, {
+    layout: "NT",
+    bias: options.bias,
+    out,
+    accumulate: options.accumulate,
+    outDtype: options.outDtype,
+    label: options.label ?? "lora_y",
+    lowRank: fused ? term : undefined,
+  });
+  if (!fused) matmul(xa, lora.B, { layout: "NT", alpha: lora.scaling, out: y, accumulate: true });
   return { y, xa };
 }
 
@@ -201,6 +244,9 @@ export function loraBackward(
   let dx: Tensor | null = null;
   if (!options.skipDx) {
     let started = options.accumulateDx ?? false;
+    // Without dropout the mask is the identity: dxa·A is a low-rank term of dx's matmul.
+    const term = { a: dxa, b: lora.A, scale: 1 };
+    const fused = W !== null && (lora.dropout ?? 0) === 0 && (options.fuse ?? true) && fusable(term);
     if (W !== null) {
       dx = matmul(dy, W, {
         layout: "NN",
@@ -208,6 +254,7 @@ export function loraBackward(
         accumulate: started,
         outDtype: "f32",
         label: "lora_dx",
+        lowRank: fused ? term : undefined,
       });
       started = true;
     } else {
@@ -216,9 +263,9 @@ export function loraBackward(
     if (dx.shape.join() !== `${T},${K}`) {
       throw new RangeError(`Cannot write dx "${dx.label}" [${dx.shape}]: [${T},${K}] expected`);
     }
-    if ((lora.dropout ?? 0) === 0) {
+    if (!fused && (lora.dropout ?? 0) === 0) {
       matmul(dxa, lora.A, { layout: "NN", out: dx, accumulate: started });
-    } else {
+    } else if (!fused) {
       // dz = dxa·A reuses z's scratch (z is no longer needed once dA is recorded).
       const dz = z !== x ? z : Tensor.empty(gpu, [T, K], "f32", { label: "lora_dz" });
       matmul(dxa, lora.A, { layout: "NN", out: dz });
@@ -297,6 +344,11 @@ function dropoutWgsl(f16: boolean): string {
   const line = "alias Src = f32;";
   if (!code.includes(line)) throw new Error(`Cannot specialise lora_dropout.wgsl: "${line}" is missing`);
   return `enable f16;\n${code.replace(line, "alias Src = f16;")}`;
+}
+
+/** A low-rank term the matmul can take: both operands whole (not split into row chunks). */
+function fusable(term: { a: Tensor; b: Tensor }): boolean {
+  return !term.a.chunked && !term.b.chunked;
 }
 
 /** z = dropout(x) as an f32 scratch, or x itself when p = 0. */

@@ -10,6 +10,9 @@
  * M or N write disjoint parts of C, chunks along K accumulate. `aRows`/`bRows` take a range of
  * a rank-2 operand's rows in place of the whole operand (e.g. rows v0..v0+Vc of an lm_head
  * W[V,D]): the range is read where it lies, through the kernels' element offsets, never copied.
+ * `lowRank` adds scale·a·op(b) of a second, short operand pair in the same accumulator (NN and
+ * NT): the LoRA term of a projection (y = x·Wᵀ + s·xa·Bᵀ, dx = dy·W + dxa·A) without a second
+ * pass over C.
  *
  * The kernel and tile of a product come from, in order: `options.config`; the adapter's
  * tuning table (`matmul_tune.ts`, written by `deno task bench tune`); the built-in heuristic
@@ -26,6 +29,8 @@ import { Tensor, type TensorChunk } from "../tensor.ts";
 import { tunedConfig } from "./matmul_tune.ts";
 import {
   type FloatDType,
+  type LowRankVariant,
+  MATMUL_LOWRANK_UNIFORM_BYTES,
   MATMUL_UNIFORM_BYTES,
   type MatmulDirectTile,
   matmulDirectWgsl,
@@ -86,6 +91,25 @@ export interface MatmulOptions {
    * must lie within one of its row chunks.
    */
   bRows?: RowRange;
+  /**
+   * A low-rank term added in the same accumulator: C = alpha·op(A)·op(B) + scale·a·op(b)
+   * (+ bias) (+ C), for layouts NN and NT of unbatched products. Both operands f32, whole (not
+   * split into row chunks), with `a` [M,r] and `b` [N,r] for NT (y = x·Wᵀ + s·xa·Bᵀ) or [r,N]
+   * for NN (dx = dy·W + dxa·A). The term is summed after op(A)·op(B), once per element of C
+   * whatever the row chunks of A, B and C; alpha must not be 0 (the kernel scales a by
+   * scale/alpha).
+   */
+  lowRank?: LowRank;
+}
+
+/** The low-rank term of {@link MatmulOptions.lowRank}. */
+export interface LowRank {
+  /** a[M,r], f32. */
+  a: Tensor;
+  /** b[N,r] (NT) or b[r,N] (NN), f32. */
+  b: Tensor;
+  /** The term's scale (s of the LoRA term; 1 for dx). */
+  scale: number;
 }
 
 /** Rows [start, start + count) of a tensor's first dimension. */
@@ -314,6 +338,16 @@ interface Problem {
   /** First row of A and of B the product reads (`aRows`/`bRows`; 0 for the whole operand). */
   aRow0: number;
   bRow0: number;
+  /** The low-rank term with its rank, checked. */
+  lowRank?: LowRank & { r: number };
+}
+
+/** The low-rank term as one launch carries it: scale already divided by alpha. */
+interface LowRankLaunch {
+  a: Tensor;
+  b: Tensor;
+  r: number;
+  scale: number;
 }
 
 /** One recorded kernel launch of a product. */
@@ -374,20 +408,25 @@ export function planMatmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): M
   }
   const plan: MatmulPlan = { config, dispatches: [], scratch: [], out: p.out };
   const bias = options.bias;
+  const lowRank: LowRankLaunch | undefined = p.lowRank && { ...p.lowRank, scale: p.lowRank.scale / alpha };
   for (const cell of cells(p, a, b)) {
     const accumulate = (options.accumulate ?? false) || cell.kIndex > 0;
-    const cellBias = cell.kIndex === 0 ? bias : undefined;
+    // The bias and the low-rank term go with the first K range only: added once per element.
+    const first = cell.kIndex === 0;
+    const cellBias = first ? bias : undefined;
+    const cellLowRank = first ? lowRank : undefined;
     const split = p.batch === 1 ? (options.splitK ?? splitCount(p.gpu, cell)) : 1;
     if (split <= 1) {
       plan.dispatches.push(launch(p, config, cell, {
         accumulate,
         bias: cellBias,
+        lowRank: cellLowRank,
         alpha,
         batch: p.batch,
         c: p.out.dtype as FloatDType,
       }));
     } else {
-      splitK(p, config, cell, split, { accumulate, bias: cellBias, alpha }, plan);
+      splitK(p, config, cell, split, { accumulate, bias: cellBias, lowRank: cellLowRank, alpha }, plan);
     }
   }
   return plan;
@@ -417,15 +456,15 @@ function splitCount(gpu: Gpu, cell: Cell): number {
 
 /**
  * Split-K: S partial products over K ranges into P[S,M,N] (f32; the first S−1 ranges as one
- * batched dispatch, the shorter last range alone), then one reduction into C. The ranges are
- * multiples of SPLITK_STEP, the same for every tile.
+ * batched dispatch, the shorter last range alone, with the low-rank term when there is one),
+ * then one reduction into C. The ranges are multiples of SPLITK_STEP, the same for every tile.
  */
 function splitK(
   p: Problem,
   config: MatmulConfig,
   cell: Cell,
   split: number,
-  o: { accumulate: boolean; bias?: Tensor; alpha: number },
+  o: { accumulate: boolean; bias?: Tensor; lowRank?: LowRankLaunch; alpha: number },
   plan: MatmulPlan,
 ): void {
   const { M, N, K } = cell;
@@ -450,7 +489,9 @@ function splitK(
     bOff: cell.bOff + k0 * bStep,
     cOff: (S - 1) * M * N,
   };
-  plan.dispatches.push(launch(p, config, last, { accumulate: false, alpha: 1, batch: 1, c: "f32" }));
+  plan.dispatches.push(
+    launch(p, config, last, { accumulate: false, lowRank: o.lowRank, alpha: 1, batch: 1, c: "f32" }),
+  );
 
   const variant: SplitKReduceVariant = {
     c: p.out.dtype as FloatDType,
@@ -478,9 +519,29 @@ function launch(
   p: Problem,
   config: MatmulConfig,
   cell: Cell,
-  o: { accumulate: boolean; bias?: Tensor; alpha: number; batch: number; c: FloatDType },
+  o: {
+    accumulate: boolean;
+    bias?: Tensor;
+    lowRank?: LowRankLaunch;
+    alpha: number;
+    batch: number;
+    c: FloatDType;
+  },
 ): MatmulDispatch {
   const bias = o.bias;
+  const lr = o.lowRank;
+  // The low-rank operands, whole tensors: A2[M,r] from row m0, B2 from column (NN) or row (NT) n0.
+  const lowRank = lr && {
+    r: lr.r,
+    scale: lr.scale,
+    a2Off: cell.m0 * lr.r,
+    b2Off: p.layout === "NT" ? cell.n0 * lr.r : cell.n0,
+    ldb2: p.layout === "NT" ? lr.r : p.N,
+  };
+  const lrVariant: LowRankVariant | undefined = lowRank && {
+    vecR: lowRank.r % 4 === 0,
+    vecN: p.layout === "NN" && aligned4(p.N, lowRank.b2Off),
+  };
   // vec4 access needs the contiguous dimension, leading dimension, offset and batch stride
   // to be multiples of 4.
   const a4 = (p.layout === "TN" ? cell.M : cell.K) % 4 === 0 && aligned4(cell.lda, cell.aOff, cell.strideA);
@@ -492,13 +553,22 @@ function launch(
     c: o.c,
     bias: bias ? bias.dtype as FloatDType : "none" as const,
   };
-  const common = { layout: p.layout, ...dtypes, accumulate: o.accumulate, vecA: a4, vecB: b4, vecC: c4 };
-  const params = {
+  const common = {
+    layout: p.layout,
+    ...dtypes,
+    accumulate: o.accumulate,
+    vecA: a4,
+    vecB: b4,
+    vecC: c4,
+    lowRank: lrVariant,
+  };
+  const params: Record<string, string | boolean> = {
     layout: p.layout,
     dtypes: `${dtypes.a}${dtypes.b}${dtypes.c}${bias ? dtypes.bias : ""}`,
     acc: o.accumulate,
     vec: `${+a4}${+b4}${+c4}`,
   };
+  if (lrVariant) params.lowRank = `${+lrVariant.vecR}${+lrVariant.vecN}`;
   let code: () => string;
   let name: string;
   let groups: [number, number, number];
@@ -524,15 +594,19 @@ function launch(
     code = () => matmulDirectWgsl({ ...common, kExact, tile });
     groups = [Math.ceil(cell.N / (tile.WG * tile.TN)), Math.ceil(cell.M / tile.TM), o.batch];
   }
+  // A, B, BIAS, A2, B2, C: at most 5 storage bindings (GL allows 16 per stage).
+  const buffers = [cell.a, cell.b];
+  if (bias) buffers.push(bias.buffer);
+  if (lr) buffers.push(lr.a.buffer, lr.b.buffer);
+  buffers.push(cell.c);
   const kernel = getKernel(p.gpu, {
     name,
     params,
     code,
-    bindings: bias ? ["read", "read", "read", "write"] : ["read", "read", "write"],
-    uniformBytes: MATMUL_UNIFORM_BYTES,
+    bindings: [...buffers.slice(0, -1).map(() => "read" as const), "write"],
+    uniformBytes: lowRank ? MATMUL_LOWRANK_UNIFORM_BYTES : MATMUL_UNIFORM_BYTES,
   });
-  const buffers = bias ? [cell.a, cell.b, bias.buffer, cell.c] : [cell.a, cell.b, cell.c];
-  return { kernel, buffers, uniforms: matmulUniforms({ ...cell, alpha: o.alpha }), groups };
+  return { kernel, buffers, uniforms: matmulUniforms({ ...cell, alpha: o.alpha, lowRank }), groups };
 }
 
 /**
@@ -540,6 +614,9 @@ function launch(
  * Kept as the readable baseline for tests and benchmarks.
  */
 export function matmulNaive(a: Tensor, b: Tensor, options: MatmulOptions = {}): Tensor {
+  if (options.lowRank !== undefined) {
+    throw new TypeError("Cannot run matmul_naive with a low-rank term: `lowRank` needs `matmul`");
+  }
   const p = prepare(a, b, options, "matmul_naive");
   for (const t of [a, b, p.out, options.bias]) {
     if (t === undefined) continue;
@@ -619,7 +696,48 @@ function prepare(a: Tensor, b: Tensor, options: MatmulOptions, name: string): Pr
   }
   const aRow0 = options.aRows?.start ?? 0;
   const bRow0 = options.bRows?.start ?? 0;
-  return { gpu, a, b, layout, batch, M, N, K, bBatched, out, aRow0, bRow0 };
+  const lowRank = options.lowRank &&
+    checkLowRank(options.lowRank, { gpu, layout, batch, M, N, options, fail });
+  return { gpu, a, b, layout, batch, M, N, K, bBatched, out, aRow0, bRow0, lowRank };
+}
+
+/** Checks a low-rank term against its product and returns it with its rank. */
+function checkLowRank(
+  lr: LowRank,
+  p: {
+    gpu: Gpu;
+    layout: MatmulLayout;
+    batch: number;
+    M: number;
+    N: number;
+    options: MatmulOptions;
+    fail: (why: string) => never;
+  },
+): LowRank & { r: number } {
+  const { layout, M, N, fail } = p;
+  if (layout === "TN") fail("a low-rank term needs layout NN or NT");
+  if (p.batch !== 1) fail("a low-rank term needs an unbatched product");
+  const alpha = p.options.alpha ?? 1;
+  if (!Number.isFinite(alpha) || alpha === 0) {
+    fail(`a low-rank term needs a finite, nonzero alpha (got "${alpha}")`);
+  }
+  if (!Number.isFinite(lr.scale)) fail(`the low-rank scale "${lr.scale}" must be finite`);
+  for (const [name, t] of [["a", lr.a], ["b", lr.b]] as const) {
+    const what = `low-rank ${name} "${t.label}"`;
+    if (t.gpu !== p.gpu) fail(`${what} belongs to another device`);
+    if (t.dtype !== "f32") fail(`${what} has dtype ${t.dtype}; f32 expected`);
+    if (t.shape.length !== 2) fail(`${what} [${t.shape}] must have rank 2`);
+    if (t.chunked) fail(`${what} is split into row chunks; it must be one buffer`);
+  }
+  const r = lr.a.shape[1];
+  if (lr.a.shape[0] !== M || r < 1) {
+    fail(`low-rank a "${lr.a.label}" [${lr.a.shape}] must be [${M},r] with r ≥ 1`);
+  }
+  const bShape = layout === "NT" ? [N, r] : [r, N];
+  if (lr.b.shape.join() !== bShape.join()) {
+    fail(`low-rank b "${lr.b.label}" [${lr.b.shape}] must be [${bShape}] for ${layout}`);
+  }
+  return { ...lr, r };
 }
 
 /**
@@ -653,12 +771,15 @@ function rowsShape(
 }
 
 /** One sub-product: buffers, its dims, leading dims and element offsets. */
-interface Cell extends Omit<MatmulUniformParams, "alpha"> {
+interface Cell extends Omit<MatmulUniformParams, "alpha" | "lowRank"> {
   a: GPUBuffer;
   b: GPUBuffer;
   c: GPUBuffer;
   /** Index of the K range: ranges after the first accumulate. */
   kIndex: number;
+  /** First row and column of C the cell computes (in the product). */
+  m0: number;
+  n0: number;
 }
 
 /**
@@ -715,6 +836,8 @@ function* cells(p: Problem, a: Tensor, b: Tensor): Generator<Cell> {
           strideB: p.bBatched ? N * K : 0,
           strideC: p.batch > 1 ? M * N : 0,
           kIndex: ki,
+          m0,
+          n0,
         };
       }
     }

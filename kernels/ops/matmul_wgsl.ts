@@ -25,6 +25,17 @@
  * Offsets (a_off, b_off, c_off, bias_off) and batch strides are in elements, so one binding
  * can serve a sub-matrix (row chunks of a weight, a slice of a batch).
  *
+ * With a low-rank term (`lowRank`, NN and NT, unbatched), the accumulator of each element goes on
+ * after k = K−1 over a second, short segment q = 0, 1, …, r−1 of another operand pair, both f32:
+ *   NT: acc += Σ_q (s·A2[m,q])·B2[n,q]     A2[M,r], B2[N,r]   — y = x·Wᵀ + s·xa·Bᵀ (LoRA forward)
+ *   NN: acc += Σ_q (s·A2[m,q])·B2[q,n]     A2[M,r], B2[r,N]   — dx = dy·W + dxa·A (LoRA backward)
+ * with s = `lr_scale` (the host passes scale/alpha, so C = alpha·op(A)·op(B) + scale·A2·op(B2)),
+ * one `fma` per q in order, after the products of op(A)·op(B): the epilogue then applies alpha, bias and C
+ * as without it. Each invocation reads the r values of its rows of A2 and columns of B2 straight
+ * from storage (no workgroup memory: r is small, and the reads hit the cache), 4 values of q per
+ * step when r is a multiple of 4, else one; either way one `fma` per q, so the tile does not
+ * change the bits here either. The term adds A2 and B2 to the bindings (5 storage buffers at most).
+ *
  * A second family, `matmulDirectWgsl`, uses no workgroup memory: it is the fast form on CPU
  * adapters (lavapipe/llvmpipe), where each invocation is one SIMD lane, every storage or
  * workgroup load costs a scalar access per lane, barriers switch coroutines, and caches
@@ -77,6 +88,16 @@ export interface MatmulVariant {
   /** K is not a multiple of BK: the last K step is shorter (never set with `exact`). */
   kTail: boolean;
   tile: MatmulTile;
+  /** A low-rank term continues the accumulators (NN and NT only); absent: none. */
+  lowRank?: LowRankVariant;
+}
+
+/** How a fused low-rank term's operands A2[M,r] and B2 (NT: [N,r], NN: [r,N]) are read. */
+export interface LowRankVariant {
+  /** r is a multiple of 4: A2, and NT's B2, read as vec4 along r, four values of q per step. */
+  vecR: boolean;
+  /** NN: N, ldb2 and b2_off are multiples of 4: B2[r,N] read as vec4 along N. */
+  vecN: boolean;
 }
 
 /** Register block of the direct (no workgroup memory) kernel. */
@@ -91,6 +112,9 @@ export interface MatmulDirectTile {
 
 /** Bytes of the uniform block (see `Params` below). */
 export const MATMUL_UNIFORM_BYTES = 64;
+
+/** Bytes of the uniform block with a low-rank term ({@link MatmulLowRankParams} added). */
+export const MATMUL_LOWRANK_UNIFORM_BYTES = 80;
 
 /** The uniform block: dims, leading dims, offsets, batch strides (elements), alpha. */
 export interface MatmulUniformParams {
@@ -108,11 +132,24 @@ export interface MatmulUniformParams {
   strideB: number;
   strideC: number;
   alpha: number;
+  /** The low-rank term's fields, for a variant with `lowRank`. */
+  lowRank?: MatmulLowRankParams;
+}
+
+/** Uniform fields of a low-rank term: its rank, scale, element offsets and B2's leading dimension. */
+export interface MatmulLowRankParams {
+  r: number;
+  /** Multiplies A2: scale/alpha for C = alpha·op(A)·op(B) + scale·A2·op(B2). */
+  scale: number;
+  a2Off: number;
+  b2Off: number;
+  /** Row length of B2 in elements: r for NT's B2[N,r], N for NN's B2[r,N]. */
+  ldb2: number;
 }
 
 /** Packs the uniform block of {@link MatmulUniformParams}. */
 export function matmulUniforms(p: MatmulUniformParams): Uint32Array {
-  const u = new Uint32Array(16);
+  const u = new Uint32Array(p.lowRank ? MATMUL_LOWRANK_UNIFORM_BYTES / 4 : MATMUL_UNIFORM_BYTES / 4);
   u.set([
     p.M,
     p.N,
@@ -128,17 +165,30 @@ export function matmulUniforms(p: MatmulUniformParams): Uint32Array {
     p.strideB,
     p.strideC,
   ]);
-  new Float32Array(u.buffer)[13] = p.alpha;
+  const f = new Float32Array(u.buffer);
+  f[13] = p.alpha;
+  if (p.lowRank) {
+    const lr = p.lowRank;
+    u[14] = lr.r;
+    f[15] = lr.scale;
+    u.set([lr.a2Off, lr.b2Off, lr.ldb2], 16);
+  }
   return u;
 }
 
-const PARAMS_WGSL = `
+/** The uniform block's WGSL: a low-rank term's fields take the padding and follow it. */
+function paramsWgsl(lowRank: boolean): string {
+  const tail = lowRank
+    ? "r: u32, lr_scale: f32,\n  a2_off: u32, b2_off: u32, ldb2: u32, pad0: u32,"
+    : "pad0: u32, pad1: u32,";
+  return `
 struct Params {
   M: u32, N: u32, K: u32, lda: u32,
   ldb: u32, ldc: u32, a_off: u32, b_off: u32,
   c_off: u32, bias_off: u32, stride_a: u32, stride_b: u32,
-  stride_c: u32, alpha: f32, pad0: u32, pad1: u32,
+  stride_c: u32, alpha: f32, ${tail}
 }`;
+}
 
 /** Checks that a tile fits the template's rules and returns the thread grid. */
 export function tileThreads(t: MatmulTile): { TX: number; TY: number } {
@@ -171,7 +221,7 @@ export function matmulWgsl(v: MatmulVariant): string {
   const edge = !v.exact;
   const L: string[] = [];
   if (usesF16) L.push("enable f16;");
-  L.push(PARAMS_WGSL);
+  L.push(paramsWgsl(v.lowRank !== undefined));
   L.push(bindingsWgsl(v));
   L.push(`
 var<workgroup> As: array<vec4<${sa}>, ${(BK * BM) / 4}>; // As[k·BM/4 + m/4] = A(m0 + m .. +3, k0 + k)
@@ -345,6 +395,20 @@ var<workgroup> Bs: array<vec4<${sb}>, ${(BK * BN) / 4}>; // Bs[k·BN/4 + n/4] = 
   }
   body.push(`    workgroupBarrier();`);
   body.push(`  }`);
+  if (v.lowRank !== undefined) {
+    const rows: string[] = [];
+    for (let i = 0; i < TM / 4; i++) {
+      for (let ii = 0; ii < 4; ii++) rows.push(`m0 + ${i * TY * 4}u + ty * 4u + ${ii}u`);
+    }
+    const groups = Array.from({ length: TN / 4 }, (_, j) => `n0 + ${j * TX * 4}u + tx * 4u`);
+    body.push(...lowRankWgsl(v.layout, v.lowRank, {
+      rows,
+      groups,
+      clamp: edge,
+      update: (i, g, x, y) => [`${acc(i, g)} = fma(vec4<f32>(${x}), ${y}, ${acc(i, g)});`],
+      indent: "  ",
+    }));
+  }
 
   // Epilogue: C = alpha·acc (+ bias) (+ C).
   for (let i = 0; i < TM / 4; i++) {
@@ -392,9 +456,106 @@ ${body.join("\n")}
   return L.join("\n");
 }
 
-type BufferVariant = Pick<MatmulVariant, "a" | "b" | "c" | "bias" | "vecA" | "vecB" | "vecC">;
+/** Where one invocation's register block lies, for {@link lowRankWgsl}. */
+interface RegisterBlock {
+  /** Row indices of C (in the product), one per row of the block. */
+  rows: string[];
+  /** First column of each group of 4 consecutive columns of the block. */
+  groups: string[];
+  /** Clamp rows and columns into the product before loading (false when every one is in range). */
+  clamp: boolean;
+  /**
+   * Statements for acc(row i, columns of group g) += x·y: `x` an f32, `y` the vec4 of the group's
+   * 4 values, `yAt(jj)` its element jj.
+   */
+  update: (i: number, g: number, x: string, y: string, yAt: (jj: number) => string) => string[];
+  indent: string;
+}
 
-/** Declarations of A, B, BIAS (when present), C and the uniform block, in binding order. */
+/**
+ * The low-rank segment of a register block (see the module documentation): for q = 0 .. r−1 in
+ * order, acc(m, n) = fma(A2[m,q]·lr_scale, op(B2)(q, n), acc(m, n)).
+ */
+function lowRankWgsl(layout: MatmulLayout, lr: LowRankVariant, block: RegisterBlock): string[] {
+  if (layout === "TN") throw new RangeError("Cannot build matmul: a low-rank term needs layout NN or NT");
+  const { rows, groups, clamp } = block;
+  const I = block.indent;
+  const S: string[] = [`${I}{`];
+  if (clamp) {
+    S.push(`${I}  let lr_m_last = max(u.M, 1u) - 1u;`);
+    S.push(`${I}  let lr_n_last = max(u.N, 1u) - 1u;`);
+  }
+  const row = (e: string) => clamp ? `min(${e}, lr_m_last)` : `(${e})`;
+  const col = (e: string) => clamp ? `min(${e}, lr_n_last)` : `(${e})`;
+  const colGroup = (e: string) => clamp ? `min(${e}, max(u.N, 4u) - 4u)` : `(${e})`;
+  const jjs = [0, 1, 2, 3];
+  // Element index of A2(row, 0) and of B2 at q = 0 of each column (NN with vec4: of each group).
+  rows.forEach((r, i) => S.push(`${I}  let lr_a${i} = u.a2_off + ${row(r)} * u.r;`));
+  const vecGroups = layout === "NN" && lr.vecN;
+  groups.forEach((c, g) => {
+    if (vecGroups) S.push(`${I}  let lr_b${g} = u.b2_off + ${colGroup(c)};`);
+    else {
+      for (const jj of jjs) {
+        const index = col(`${c} + ${jj}u`);
+        S.push(`${I}  let lr_b${g}_${jj} = u.b2_off + ${layout === "NT" ? `${index} * u.r` : index};`);
+      }
+    }
+  });
+  const update = (i: number, g: number, x: string, y: string, yAt: (jj: number) => string) =>
+    block.update(i, g, x, y, yAt).map((line) => `${I}    ${line}`);
+  if (lr.vecR) {
+    // Four values of q per step: vec4 loads along r (A2, and NT's B2).
+    S.push(`${I}  for (var q = 0u; q < u.r; q += 4u) {`);
+    rows.forEach((_, i) => S.push(`${I}    let x${i} = A2[(lr_a${i} + q) / 4u] * u.lr_scale;`));
+    groups.forEach((_, g) => {
+      if (layout === "NT") {
+        for (const jj of jjs) S.push(`${I}    let y${g}_${jj} = B2[(lr_b${g}_${jj} + q) / 4u];`);
+      } else {
+        for (let t = 0; t < 4; t++) {
+          const value = vecGroups
+            ? `B2[(lr_b${g} + (q + ${t}u) * u.ldb2) / 4u]`
+            : `vec4<f32>(${jjs.map((jj) => `B2[lr_b${g}_${jj} + (q + ${t}u) * u.ldb2]`).join(", ")})`;
+          S.push(`${I}    let y${t}_${g} = ${value};`);
+        }
+      }
+    });
+    for (let t = 0; t < 4; t++) {
+      rows.forEach((_, i) =>
+        groups.forEach((_, g) => {
+          if (layout === "NT") {
+            const at = (jj: number) => `y${g}_${jj}[${t}]`;
+            S.push(...update(i, g, `x${i}[${t}]`, `vec4<f32>(${jjs.map(at).join(", ")})`, at));
+          } else {
+            S.push(...update(i, g, `x${i}[${t}]`, `y${t}_${g}`, (jj) => `y${t}_${g}[${jj}]`));
+          }
+        })
+      );
+    }
+  } else {
+    S.push(`${I}  for (var q = 0u; q < u.r; q++) {`);
+    rows.forEach((_, i) => S.push(`${I}    let x${i} = A2[lr_a${i} + q] * u.lr_scale;`));
+    groups.forEach((_, g) => {
+      let value: string;
+      if (layout === "NT") value = `vec4<f32>(${jjs.map((jj) => `B2[lr_b${g}_${jj} + q]`).join(", ")})`;
+      else if (vecGroups) value = `B2[(lr_b${g} + q * u.ldb2) / 4u]`;
+      else value = `vec4<f32>(${jjs.map((jj) => `B2[lr_b${g}_${jj} + q * u.ldb2]`).join(", ")})`;
+      S.push(`${I}    let y${g} = ${value};`);
+    });
+    rows.forEach((_, i) =>
+      groups.forEach((_, g) => S.push(...update(i, g, `x${i}`, `y${g}`, (jj) => `y${g}[${jj}]`)))
+    );
+  }
+  S.push(`${I}  }`);
+  S.push(`${I}}`);
+  return S;
+}
+
+type BufferVariant = Pick<
+  MatmulVariant,
+  "layout" | "a" | "b" | "c" | "bias" | "vecA" | "vecB" | "vecC" | "lowRank"
+>;
+
+/** Declarations of A, B, BIAS, A2 and B2 (when present), C and the uniform block, in binding order. */
 function bindingsWgsl(v: BufferVariant): string {
   const arr = (t: FloatDType, vec: boolean) => vec ? `array<vec4<${t}>>` : `array<${t}>`;
   const L: string[] = [];
@@ -403,6 +564,11 @@ function bindingsWgsl(v: BufferVariant): string {
   L.push(`@group(0) @binding(${binding++}) var<storage, read> B: ${arr(v.b, v.vecB)};`);
   if (v.bias !== "none") {
     L.push(`@group(0) @binding(${binding++}) var<storage, read> BIAS: array<${v.bias}>;`);
+  }
+  if (v.lowRank !== undefined) {
+    const vecB2 = v.layout === "NT" ? v.lowRank.vecR : v.lowRank.vecN;
+    L.push(`@group(0) @binding(${binding++}) var<storage, read> A2: ${arr("f32", v.lowRank.vecR)};`);
+    L.push(`@group(0) @binding(${binding++}) var<storage, read> B2: ${arr("f32", vecB2)};`);
   }
   L.push(`@group(0) @binding(${binding++}) var<storage, read_write> C: ${arr(v.c, v.vecC)};`);
   L.push(`@group(0) @binding(${binding++}) var<uniform> u: Params;`);
@@ -436,7 +602,7 @@ export function matmulDirectWgsl(v: MatmulDirectVariant): string {
   const usesF16 = [v.a, v.b, v.c, v.bias].includes("f16");
   const L: string[] = [];
   if (usesF16) L.push("enable f16;");
-  L.push(PARAMS_WGSL);
+  L.push(paramsWgsl(v.lowRank !== undefined));
   L.push(bindingsWgsl(v));
   const B: string[] = [];
   const aAt = (idx: string) => v.vecA ? `f32(A[(${idx}) / 4u][(${idx}) % 4u])` : `f32(A[${idx}])`;
@@ -541,6 +707,16 @@ export function matmulDirectWgsl(v: MatmulDirectVariant): string {
     }
   }
   B.push(`  }`);
+  if (v.lowRank !== undefined) {
+    B.push(...lowRankWgsl(v.layout, v.lowRank, {
+      rows: Array.from({ length: TM }, (_, i) => `m0 + ${i}u`),
+      groups: Array.from({ length: TN / 4 }, (_, g) => col(4 * g)),
+      clamp: true,
+      update: (i, g, x, _y, yAt) =>
+        [0, 1, 2, 3].map((jj) => `acc${i}_${4 * g + jj} = fma(${x}, ${yAt(jj)}, acc${i}_${4 * g + jj});`),
+      indent: "  ",
+    }));
+  }
 
   // Epilogue: C = alpha·acc (+ bias) (+ C), a vec4 of columns at a time when aligned. The
   // bias depends on the column only: loaded once per column, not per element.

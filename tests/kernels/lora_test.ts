@@ -4,8 +4,9 @@
  * T = tokens, K = in features, N = out features, r = LoRA rank. Tolerance,
  * |gpu − ref| ≤ atol + rtol·|ref| with scale = max |ref| of the compared array: f32 atol
  * 1e-5·scale, rtol 1e-4; f16 W and x atol 1e-3·scale, rtol 1e-2 (the reference sees the same
- * f16-rounded inputs; the looser bound covers the f16 products). The dropout mask is compared
- * bit for bit.
+ * f16-rounded inputs; the looser bound covers the f16 products). The same bounds hold for the
+ * fused path (the adapter's term inside the projection's matmul) and the unfused one, which
+ * differ from each other in the order of the sum only. The dropout mask is compared bit for bit.
  */
 import assert from "node:assert/strict";
 import {
@@ -22,6 +23,7 @@ import {
   type LoraAdapter,
 } from "../../kernels/reference/linear_lora.ts";
 import type { Gpu } from "../../kernels/device.ts";
+import { recorder } from "../../kernels/recorder.ts";
 import { type DType, Tensor } from "../../kernels/tensor.ts";
 import { assertClose, gpuTest, nanTensor, randn, roundF16, type Tolerance } from "./_harness.ts";
 
@@ -77,6 +79,8 @@ interface RunOptions {
   dtype?: DType;
   /** Rows of W per buffer (splits W into row chunks). */
   wChunkRows?: number;
+  /** The forward's and backward's `fuse` (default: their rule). */
+  fuse?: boolean;
 }
 
 async function runGpu(gpu: Gpu, c: Case, d: ReturnType<typeof makeData>, options: RunOptions = {}) {
@@ -97,14 +101,15 @@ async function runGpu(gpu: Gpu, c: Case, d: ReturnType<typeof makeData>, options
     dropout: c.p,
     seed: c.seed,
   };
-  const { y, xa } = loraForward(x, W, lora, { bias: c.bias ? bias : undefined, outDtype: "f32" });
+  const fuse = options.fuse;
+  const { y, xa } = loraForward(x, W, lora, { bias: c.bias ? bias : undefined, outDtype: "f32", fuse });
   using _y = y;
   using _xa = xa;
   // Given dA and dB are added into; a given dx is overwritten (NaN shows an element not written).
   using dA = Tensor.zeros(gpu, [c.r, c.K], "f32", { label: "dA" });
   using dB = Tensor.zeros(gpu, [c.N, c.r], "f32", { label: "dB" });
   using dx = nanTensor(gpu, [c.T, c.K], "f32", "dx");
-  loraBackward(dy, x, W, lora, xa, { dA, dB, dx });
+  loraBackward(dy, x, W, lora, xa, { dA, dB, dx, fuse });
   return {
     y: await y.readF32(),
     xa: await xa.readF32(),
@@ -221,9 +226,64 @@ gpuTest("lora with an f16 W split into row chunks and f16 x matches the referenc
   for (const p of [0, 0.1]) {
     const c = { ...BASE, T: 12, K: 32, N: 40, r: 8, p };
     const d = makeData(c);
-    compare(await runGpu(gpu, c, d, { dtype: "f16", wChunkRows: 12 }), reference(c, d, true), true);
+    for (const fuse of [true, false]) {
+      compare(await runGpu(gpu, c, d, { dtype: "f16", wChunkRows: 12, fuse }), reference(c, d, true), true);
+    }
   }
 }, { needsF16: true });
+
+gpuTest("lora fused and unfused both match the reference, with W whole or in row chunks", async (gpu) => {
+  for (const p of [0, 0.1]) {
+    // r 6 reads one value of the rank per step inside the fused matmul, r 8 four.
+    for (const r of [6, 8]) {
+      const c = { ...BASE, T: 13, K: 24, N: 36, r, p };
+      const d = makeData(c);
+      const ref = reference(c, d);
+      for (const wChunkRows of [undefined, 10]) {
+        const fused = await runGpu(gpu, c, d, { fuse: true, wChunkRows });
+        const unfused = await runGpu(gpu, c, d, { fuse: false, wChunkRows });
+        compare(fused, ref);
+        compare(unfused, ref);
+        // dA, dB and xa come from the same products either way.
+        for (const k of ["xa", "dA", "dB"] as const) assert.deepEqual(fused[k], unfused[k], k);
+      }
+    }
+  }
+});
+
+gpuTest("lora fused records one dispatch fewer per pass, and gives the same bits every run", async (gpu) => {
+  const c = { ...BASE, T: 9, K: 16, N: 20, r: 4 };
+  const d = makeData(c);
+  using x = Tensor.from(gpu, d.x, [c.T, c.K], "f32");
+  using W = Tensor.from(gpu, d.W, [c.N, c.K], "f32");
+  using A = Tensor.from(gpu, d.A, [c.r, c.K], "f32");
+  using B = Tensor.from(gpu, d.B, [c.N, c.r], "f32");
+  using dy = Tensor.from(gpu, d.dy, [c.T, c.N], "f32");
+  const rec = recorder(gpu);
+  const run = async (fuse: boolean, p: number) => {
+    const lora: LoraWeights = { A, B, scaling: 2, dropout: p, seed: c.seed };
+    const d0 = rec.dispatchCount;
+    const { y, xa } = loraForward(x, W, lora, { fuse });
+    const d1 = rec.dispatchCount;
+    const g = loraBackward(dy, x, W, lora, xa, { fuse });
+    const d2 = rec.dispatchCount;
+    const [yh, dx] = [await y.readF32(), await g.dx!.readF32()];
+    [y, xa, g.dx!, g.dA, g.dB].forEach((t) => t.destroy());
+    return { forward: d1 - d0, backward: d2 - d1, y: yh, dx };
+  };
+  const unfused = await run(false, 0);
+  const fused = await run(true, 0);
+  assert.equal(fused.forward, unfused.forward - 1, "forward: y·Bᵀ's own matmul is gone");
+  assert.equal(fused.backward, unfused.backward - 1, "backward: dxa·A's own matmul is gone");
+  const again = await run(true, 0);
+  assert.deepEqual(again.y, fused.y, "y: same bits on a second run");
+  assert.deepEqual(again.dx, fused.dx, "dx: same bits on a second run");
+  // With dropout the mask stands between dxa·A and dx: only the forward fuses.
+  const unfusedDrop = await run(false, 0.1);
+  const fusedDrop = await run(true, 0.1);
+  assert.equal(fusedDrop.forward, unfusedDrop.forward - 1);
+  assert.equal(fusedDrop.backward, unfusedDrop.backward);
+});
 
 gpuTest("lora refuses mismatched shapes, a bad dropout and a missing seed", (gpu) => {
   using x = Tensor.zeros(gpu, [4, 6], "f32", { label: "x" });

@@ -123,6 +123,9 @@ interface Case {
   accumulate: boolean;
   bias: boolean;
   alpha: number;
+  /** Rank of a low-rank term C += scale·A2[M,r]·op(B2) (NN, NT; unbatched), or none. */
+  r?: number;
+  scale?: number;
 }
 
 /**
@@ -141,6 +144,23 @@ const CASE: Case = {
   bias: true,
   alpha: 0.75,
 };
+
+/**
+ * Low-rank terms (the fused LoRA products): r = 6 reads one value of q per step, r = 8 four;
+ * ragged M, N and a K with a short last step for BK 16 and 32, bias, accumulation and alpha.
+ */
+const LOW_RANK_CASES: Case[] = [6, 8].map((r) => ({
+  M: 67,
+  N: 130,
+  K: 72,
+  batch: 1,
+  bBatched: false,
+  accumulate: true,
+  bias: true,
+  alpha: 0.75,
+  r,
+  scale: 2.5,
+}));
 
 /** Runs every config on one case and returns the raw output words per config. */
 async function runAll(
@@ -161,16 +181,22 @@ async function runAll(
   const bShape = layout === "NT" ? [N, K] : [K, N];
   using B = Tensor.from(gpu, b, c.bBatched ? [batch, ...bShape] : bShape, dtype, { label: "B" });
   using BIAS = bias ? Tensor.from(gpu, bias, [N], dtype, { label: "bias" }) : undefined;
+  const r = c.r ?? 0;
+  const a2 = randn(M * r, seed + 4);
+  const b2 = randn(r * N, seed + 5);
+  using A2 = Tensor.from(gpu, a2, [M, r], "f32", { label: "A2" });
+  using B2 = Tensor.from(gpu, b2, layout === "NT" ? [N, r] : [r, N], "f32", { label: "B2" });
+  const lowRank = c.r === undefined ? undefined : { a: A2, b: B2, scale: c.scale ?? 1 };
   const outs: (Uint32Array | Uint16Array)[] = [];
   for (const config of configs) {
     using C = Tensor.from(gpu, c0 ?? new Float32Array(batch * M * N).fill(NaN), [batch, M, N], dtype);
-    matmul(A, B, { layout, config, bias: BIAS, accumulate: c.accumulate, alpha: c.alpha, out: C });
+    matmul(A, B, { layout, config, bias: BIAS, accumulate: c.accumulate, alpha: c.alpha, out: C, lowRank });
     const host = await C.read();
     outs.push(host instanceof Float32Array ? new Uint32Array(host.buffer) : host as Uint16Array);
     if (outs.length === 1) {
       // The first config against the reference; the others must then match it bit for bit.
       const got = await C.readF32();
-      const want = matmul_forward(a, b, {
+      let want = matmul_forward(a, b, {
         layout,
         M,
         N,
@@ -181,6 +207,7 @@ async function runAll(
         bias,
         c0,
       });
+      if (lowRank) want = matmul_forward(a2, b2, { layout, M, N, K: r, alpha: lowRank.scale, c0: want });
       const rtol = dtype === "f16" ? 2 ** -10 : 1e-5;
       assertClose(got, want, {
         atol: 1e-6 * K + (dtype === "f16" ? 1e-3 : 0),
@@ -214,6 +241,24 @@ async function checkFamily(gpu: Gpu, configs: MatmulConfig[], dtype: "f32" | "f1
   }
 }
 
+/**
+ * f32: both layouts with both ranks; f16 operands (the low-rank operands stay f32): NT with r 8
+ * (the forward of an f16 layer) and NN with r 6.
+ */
+async function checkLowRankFamily(gpu: Gpu, configs: MatmulConfig[]): Promise<void> {
+  const runs: ["NN" | "NT", "f32" | "f16", Case][] = [
+    ["NN", "f32", LOW_RANK_CASES[0]],
+    ["NN", "f32", LOW_RANK_CASES[1]],
+    ["NT", "f32", LOW_RANK_CASES[0]],
+    ["NT", "f32", LOW_RANK_CASES[1]],
+  ];
+  if (gpu.f16) runs.push(["NT", "f16", LOW_RANK_CASES[1]], ["NN", "f16", LOW_RANK_CASES[0]]);
+  for (const [i, [layout, dtype, c]] of runs.entries()) {
+    const outs = await runAll(gpu, configs, layout, dtype, c, 20 + i);
+    assertBitIdentical(outs, configs, `${layout} ${dtype} ${JSON.stringify(c)}`);
+  }
+}
+
 gpuTest(
   "every tiled candidate gives bit-identical f32 results (ragged, batched, bias, accumulate)",
   async (gpu) => {
@@ -230,3 +275,18 @@ gpuTest("every direct candidate gives bit-identical results in f32 and f16", asy
   await checkFamily(gpu, DIRECT, "f32");
   if (gpu.f16) await checkFamily(gpu, DIRECT, "f16");
 });
+
+gpuTest(
+  "every tiled candidate gives bit-identical results with a low-rank term, f32 and f16",
+  async (gpu) => {
+    // The two tiles that differ in every dimension (TM 8 and TN 8; f16 tiles or not).
+    await checkLowRankFamily(gpu, [TILED[1], TILED[2]]);
+  },
+);
+
+gpuTest(
+  "every direct candidate gives bit-identical results with a low-rank term, f32 and f16",
+  async (gpu) => {
+    await checkLowRankFamily(gpu, DIRECT);
+  },
+);

@@ -496,6 +496,242 @@ gpuTest(
   },
 );
 
+/** A product with a low-rank term: C = alpha·op(A)·op(B) + scale·A2·op(B2) (+ bias) (+ C). */
+interface LowRankCase {
+  layout: "NN" | "NT";
+  M: number;
+  N: number;
+  K: number;
+  r: number;
+  scale: number;
+  dtype?: "f32" | "f16";
+  outDtype?: "f32" | "f16";
+  alpha?: number;
+  accumulate?: boolean;
+  bias?: boolean;
+  config?: MatmulConfig;
+  splitK?: number;
+  /** Rows per chunk of A, B and C (splits them). */
+  aChunkRows?: number;
+  bChunkRows?: number;
+  cChunkRows?: number;
+}
+
+/**
+ * Runs a product with a low-rank term and compares it with the f64 reference
+ * alpha·Σ_k op(A)(m,k)·op(B)(k,n) + scale·Σ_q A2(m,q)·op(B2)(q,n) + bias(n) + C0(m,n); the term's
+ * r products add to the sum's length, so atol = 1e-6·(K + r).
+ */
+async function checkLowRank(gpu: Gpu, c: LowRankCase, seed = 1): Promise<void> {
+  const { layout, M, N, K, r } = c;
+  const dtype = c.dtype ?? "f32";
+  const outDtype = c.outDtype ?? "f32";
+  const round = dtype === "f16" ? roundF16 : (x: Float32Array) => x;
+  const a = round(randn(M * K, seed));
+  const b = round(randn(K * N, seed + 1));
+  const a2 = randn(M * r, seed + 2);
+  const b2 = randn(r * N, seed + 3);
+  const bias = c.bias ? round(randn(N, seed + 4)) : undefined;
+  const c0 = c.accumulate ? randn(M * N, seed + 5) : undefined;
+  const chunk = (rows: number | undefined, rowLength: number) =>
+    rows === undefined ? undefined : rows * rowLength * 4;
+  using A = Tensor.from(gpu, a, [M, K], dtype, { label: "A", maxChunkBytes: chunk(c.aChunkRows, K) });
+  const bShape = layout === "NT" ? [N, K] : [K, N];
+  using B = Tensor.from(gpu, b, bShape, dtype, { label: "B", maxChunkBytes: chunk(c.bChunkRows, bShape[1]) });
+  using A2 = Tensor.from(gpu, a2, [M, r], "f32", { label: "A2" });
+  using B2 = Tensor.from(gpu, b2, layout === "NT" ? [N, r] : [r, N], "f32", { label: "B2" });
+  using BIAS = bias ? Tensor.from(gpu, bias, [N], dtype, { label: "bias" }) : undefined;
+  const cChunk = chunk(c.cChunkRows, N);
+  using C = c0
+    ? Tensor.from(gpu, c0, [M, N], outDtype, { label: "C", maxChunkBytes: cChunk })
+    : Tensor.from(gpu, new Float32Array(M * N).fill(NaN), [M, N], outDtype, {
+      label: "C",
+      maxChunkBytes: cChunk,
+    });
+  if (c.aChunkRows !== undefined) assert.ok(A.chunked, "A is split");
+  if (c.bChunkRows !== undefined) assert.ok(B.chunked, "B is split");
+  if (c.cChunkRows !== undefined) assert.ok(C.chunked, "C is split");
+  matmul(A, B, {
+    layout,
+    alpha: c.alpha,
+    accumulate: c.accumulate,
+    bias: BIAS,
+    out: C,
+    config: c.config,
+    splitK: c.splitK,
+    lowRank: { a: A2, b: B2, scale: c.scale },
+  });
+  const alpha = c.alpha ?? 1;
+  const c0Seen = c0 && outDtype === "f16" ? roundF16(c0) : c0;
+  const want = new Float64Array(M * N);
+  for (let m = 0; m < M; m++) {
+    for (let n = 0; n < N; n++) {
+      let main = 0;
+      for (let k = 0; k < K; k++) main += a[m * K + k] * (layout === "NT" ? b[n * K + k] : b[k * N + n]);
+      let term = 0;
+      for (let q = 0; q < r; q++) term += a2[m * r + q] * (layout === "NT" ? b2[n * r + q] : b2[q * N + n]);
+      want[m * N + n] = alpha * main + c.scale * term + (bias ? bias[n] : 0) +
+        (c0Seen ? c0Seen[m * N + n] : 0);
+    }
+  }
+  const name = `matmul with lowRank ${JSON.stringify(c)}`;
+  const tol = { atol: 1e-6 * Math.max(K + r, 16), rtol: outDtype === "f16" ? 2 ** -10 : 1e-5, name };
+  assertClose(await C.readF32(), want, tol);
+}
+
+gpuTest("matmul adds a low-rank term in the same accumulator, NN and NT, in both kernels", async (gpu) => {
+  for (const config of [TILED, DIRECT]) {
+    for (const layout of ["NN", "NT"] as const) {
+      // r 1 and 6 read one value of q per step, r 16 four; ragged sizes, and multiples of the
+      // tiled kernel's tile (its variant without bounds checks).
+      await checkLowRank(gpu, { layout, M: 3, N: 17, K: 5, r: 1, scale: 2, config });
+      await checkLowRank(gpu, {
+        layout,
+        M: 65,
+        N: 127,
+        K: 33,
+        r: 6,
+        scale: 0.5,
+        alpha: 0.25,
+        bias: true,
+        accumulate: true,
+        config,
+      });
+      await checkLowRank(gpu, {
+        layout,
+        M: 64,
+        N: 64,
+        K: 64,
+        r: 16,
+        scale: -1.5,
+        alpha: 3,
+        bias: true,
+        config,
+      });
+    }
+  }
+});
+
+gpuTest(
+  "matmul adds a low-rank term once across row chunks of A, B and C and with split-K",
+  async (gpu) => {
+    // The adapter's own kernel family: what is checked here is where the term goes, not how.
+    // NT: W[N,K] in row chunks along N: each chunk's columns read their own rows of B2[N,r].
+    await checkLowRank(gpu, { layout: "NT", M: 9, N: 50, K: 12, r: 4, scale: 2, bChunkRows: 16, bias: true });
+    // NN: W[K,N] in row chunks along K: the K ranges accumulate, the term comes with the first.
+    await checkLowRank(gpu, {
+      layout: "NN",
+      M: 9,
+      N: 20,
+      K: 50,
+      r: 3,
+      scale: 0.5,
+      bChunkRows: 13,
+      bias: true,
+      accumulate: true,
+    });
+    // A and C in row chunks along M: each chunk's rows read their own rows of A2[M,r].
+    await checkLowRank(gpu, {
+      layout: "NT",
+      M: 30,
+      N: 12,
+      K: 8,
+      r: 4,
+      scale: 2,
+      aChunkRows: 7,
+      cChunkRows: 8,
+    });
+    // Split-K: the term rides with the last K range, alpha applies once in the reduction.
+    for (const layout of ["NN", "NT"] as const) {
+      await checkLowRank(gpu, {
+        layout,
+        M: 5,
+        N: 7,
+        K: 100,
+        r: 5,
+        scale: 2,
+        alpha: 0.5,
+        splitK: 3,
+        bias: true,
+        accumulate: true,
+      });
+    }
+  },
+);
+
+gpuTest("matmul adds a low-rank term to f16 operands, to f32 and f16 outputs", async (gpu) => {
+  for (const config of [TILED, DIRECT]) {
+    for (const layout of ["NN", "NT"] as const) {
+      await checkLowRank(gpu, {
+        layout,
+        M: 17,
+        N: 36,
+        K: 24,
+        r: 8,
+        scale: 2,
+        dtype: "f16",
+        outDtype: "f16",
+        bias: true,
+        accumulate: true,
+        config,
+      });
+      await checkLowRank(gpu, {
+        layout,
+        M: 12,
+        N: 40,
+        K: 32,
+        r: 7,
+        scale: 0.5,
+        dtype: "f16",
+        bChunkRows: 12,
+        config,
+      });
+    }
+  }
+}, { needsF16: true });
+
+gpuTest("matmul refuses a low-rank term of the wrong layout, shape, dtype or alpha", (gpu) => {
+  using x = Tensor.empty(gpu, [4, 8], "f32", { label: "x" });
+  using W = Tensor.empty(gpu, [6, 8], "f32", { label: "W" });
+  using xa = Tensor.empty(gpu, [4, 2], "f32", { label: "xa" });
+  using B = Tensor.empty(gpu, [6, 2], "f32", { label: "B" });
+  using i32 = Tensor.empty(gpu, [6, 2], "i32", { label: "B_i32" });
+  using split = Tensor.empty(gpu, [6, 2], "f32", { label: "B_split", maxChunkBytes: 16 });
+  const lowRank = { a: xa, b: B, scale: 2 };
+  assert.ok(split.chunked);
+  assert.throws(
+    () => matmul(x, W, { layout: "NT", lowRank: { a: xa, b: xa, scale: 1 } }),
+    /Cannot run matmul NT on "x" \[4,8\] and "W" \[6,8\]: low-rank b "xa" \[4,2\] must be \[6,2\] for NT/,
+  );
+  assert.throws(() => matmul(x, W, { layout: "NN", lowRank }), /inner dimensions differ/);
+  using dy = Tensor.empty(gpu, [4, 6], "f32", { label: "dy" });
+  assert.throws(
+    () => matmul(dy, W, { layout: "NN", lowRank }),
+    /low-rank b "B" \[6,2\] must be \[2,8\] for NN/,
+  );
+  assert.throws(() => matmul(dy, x, { layout: "TN", lowRank }), /a low-rank term needs layout NN or NT/);
+  assert.throws(
+    () => matmul(x, W, { layout: "NT", lowRank: { ...lowRank, a: W } }),
+    /low-rank a "W" \[6,8\] must be \[4,r\]/,
+  );
+  assert.throws(
+    () => matmul(x, W, { layout: "NT", lowRank: { ...lowRank, b: i32 } }),
+    /"B_i32" has dtype i32; f32 expected/,
+  );
+  assert.throws(
+    () => matmul(x, W, { layout: "NT", lowRank: { ...lowRank, b: split } }),
+    /"B_split" is split into row chunks/,
+  );
+  assert.throws(() => matmul(x, W, { layout: "NT", alpha: 0, lowRank }), /finite, nonzero alpha \(got "0"\)/);
+  assert.throws(
+    () => matmul(x, W, { layout: "NT", lowRank: { ...lowRank, scale: NaN } }),
+    /scale "NaN" must be finite/,
+  );
+  using xb = Tensor.empty(gpu, [2, 4, 8], "f32", { label: "xb" });
+  assert.throws(() => matmul(xb, W, { layout: "NT", lowRank }), /needs an unbatched product/);
+  assert.throws(() => matmulNaive(x, W, { layout: "NT", lowRank }), /`lowRank` needs `matmul`/);
+});
+
 gpuTest("matmul_naive matches the reference in every layout", async (gpu) => {
   for (const layout of LAYOUTS) {
     await check(gpu, { layout, M: 17, N: 65, K: 31, naive: true });
