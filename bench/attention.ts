@@ -53,6 +53,7 @@ import { LatheError, runMain } from "../steps/errors.ts";
 import { Progress } from "../steps/progress.ts";
 import { previousBackward, previousForward, previousTile } from "./attention_previous.ts";
 import { attentionPairs } from "./train_flops.ts";
+import { uniformFiller } from "../kernels/models/random.ts";
 
 /** One benchmarked problem. */
 export interface AttentionShape {
@@ -233,17 +234,6 @@ export function benchDocs(B: number, S: number, n: number, seed = 1): Uint32Arra
   return docs;
 }
 
-/** Uniform values in [-1, 1) from a small seeded generator (the values do not matter here). */
-function randomData(n: number, seed: number): Float32Array {
-  let s = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
-}
-
 /** A timed contender: runs `count` calls and waits for the last. */
 interface Contender {
   pass: "forward" | "backward" | "matmul";
@@ -317,11 +307,11 @@ export async function run(args: string[]): Promise<AttentionBenchReport> {
         return t;
       };
       try {
-        const q = tensor(randomData(T * H * hd, 1), [T, H, hd], dtype, "bench_q");
-        const k = tensor(randomData(T * Hkv * hd, 2), [T, Hkv, hd], dtype, "bench_k");
-        const v = tensor(randomData(T * Hkv * hd, 3), [T, Hkv, hd], dtype, "bench_v");
+        const q = tensor(uniformFiller(T * H * hd, 1), [T, H, hd], dtype, "bench_q");
+        const k = tensor(uniformFiller(T * Hkv * hd, 2), [T, Hkv, hd], dtype, "bench_k");
+        const v = tensor(uniformFiller(T * Hkv * hd, 3), [T, Hkv, hd], dtype, "bench_v");
         // dout is f32 whatever the inputs, as training's gradient from o_proj is.
-        const dout = tensor(randomData(T * H * hd, 4), [T, H, hd], "f32", "bench_dout");
+        const dout = tensor(uniformFiller(T * H * hd, 4), [T, H, hd], "f32", "bench_dout");
         const docs = docIds === null ? null : Tensor.from(gpu, docIds, [T], "u32", { label: "bench_docs" });
         if (docs !== null) made.push(docs);
         const out = tensor(null, [T, H, hd], dtype, "bench_out");
@@ -382,8 +372,8 @@ export async function run(args: string[]): Promise<AttentionBenchReport> {
         if (cfg.matmul) {
           // 2n³ ≈ the forward's FLOPs, n a multiple of 64 (at least 64).
           const n = Math.max(64, Math.round(Math.cbrt(flops.forward / 2) / 64) * 64);
-          const a = tensor(randomData(n * n, 5), [n, n], dtype, "bench_a");
-          const b = tensor(randomData(n * n, 6), [n, n], dtype, "bench_b");
+          const a = tensor(uniformFiller(n * n, 5), [n, n], dtype, "bench_a");
+          const b = tensor(uniformFiller(n * n, 6), [n, n], dtype, "bench_b");
           const c = tensor(null, [n, n], dtype, "bench_c");
           const choice = matmulChoice(gpu, { layout: "NT", a: dtype, b: dtype, M: n, N: n, K: n });
           contenders.push({

@@ -42,6 +42,7 @@ import { recorder } from "../kernels/recorder.ts";
 import { Tensor } from "../kernels/tensor.ts";
 import { writeJsonAtomic } from "../steps/atomic.ts";
 import { LatheError, runMain } from "../steps/errors.ts";
+import { uniformFiller } from "../kernels/models/random.ts";
 
 /** One layer shape: y[T,N] = x[T,K]·W[N,K]ᵀ + s·(x·A[r,K]ᵀ)·B[N,r]ᵀ. */
 export interface LoraShape {
@@ -191,12 +192,12 @@ interface Layer {
 }
 
 function makeLayer(gpu: Gpu, s: LoraShape, dtype: "f32" | "f16", p: number): Layer {
-  const x = Tensor.from(gpu, randomData(s.T * s.K, 1), [s.T, s.K], dtype, { label: "bench_x" });
-  const W = Tensor.from(gpu, randomData(s.N * s.K, 2, 0.05), [s.N, s.K], dtype, { label: "bench_W" });
-  const A = Tensor.from(gpu, randomData(s.r * s.K, 3, 0.05), [s.r, s.K], "f32", { label: "bench_A" });
+  const x = Tensor.from(gpu, uniformFiller(s.T * s.K, 1), [s.T, s.K], dtype, { label: "bench_x" });
+  const W = Tensor.from(gpu, uniformFiller(s.N * s.K, 2, 0.05), [s.N, s.K], dtype, { label: "bench_W" });
+  const A = Tensor.from(gpu, uniformFiller(s.r * s.K, 3, 0.05), [s.r, s.K], "f32", { label: "bench_A" });
   // B is random (PEFT starts it at zero) so the term is not all zeros.
-  const B = Tensor.from(gpu, randomData(s.N * s.r, 4, 0.05), [s.N, s.r], "f32", { label: "bench_B" });
-  const dy = Tensor.from(gpu, randomData(s.T * s.N, 5), [s.T, s.N], "f32", { label: "bench_dy" });
+  const B = Tensor.from(gpu, uniformFiller(s.N * s.r, 4, 0.05), [s.N, s.r], "f32", { label: "bench_B" });
+  const dy = Tensor.from(gpu, uniformFiller(s.T * s.N, 5), [s.T, s.N], "f32", { label: "bench_dy" });
   const lora: LoraWeights = { A, B, scaling: loraScaling(2 * s.r, s.r), dropout: p, seed: 12345 };
   const y = Tensor.empty(gpu, [s.T, s.N], dtype, { label: "bench_y" });
   const { xa } = loraForward(x, W, lora, { out: y, fuse: false });
@@ -421,17 +422,6 @@ function describe(r: LoraResult): string {
     r.unfusedMs.toFixed(3)
   } ms, ` +
     `fused ${r.fusedMs.toFixed(3)} ms (${r.ratio.toFixed(2)}x)`;
-}
-
-/** Uniform values in [-scale, scale) from a small seeded generator (the values do not matter here). */
-function randomData(n: number, seed: number, scale = 1): Float32Array {
-  let s = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = (s / 2 ** 31 - 1) * scale;
-  }
-  return out;
 }
 
 /** Prints a table: the first `left` columns left-aligned, the others right-aligned. */

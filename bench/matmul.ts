@@ -42,6 +42,7 @@ import { LatheError } from "../steps/errors.ts";
 import { recorder } from "../kernels/recorder.ts";
 import { memoryStats, resetPeakMemory, Tensor } from "../kernels/tensor.ts";
 import { runMain } from "../steps/errors.ts";
+import { uniformFiller } from "../kernels/models/random.ts";
 
 /** One timed contender: runs `count` products and waits for the last. */
 interface Contender {
@@ -185,8 +186,8 @@ function ours(
   primary: boolean,
   note = "",
 ): Contender {
-  const a = Tensor.from(gpu, randomData(n * n, 1), [n, n], dtype, { label: "bench_a" });
-  const b = Tensor.from(gpu, randomData(n * n, 2), [n, n], dtype, { label: "bench_b" });
+  const a = Tensor.from(gpu, uniformFiller(n * n, 1), [n, n], dtype, { label: "bench_a" });
+  const b = Tensor.from(gpu, uniformFiller(n * n, 2), [n, n], dtype, { label: "bench_b" });
   const out = Tensor.empty(gpu, [n, n], dtype, { label: "bench_c" });
   const rec = recorder(gpu);
   const name = config === null ? "matmul_naive" : `matmul ${configName(config)}${note ? ` (${note})` : ""}`;
@@ -380,8 +381,8 @@ async function loadTfjs(): Promise<Tf | string> {
 
 /** TF.js WebGPU: tf.matMul(a, b, false, true), timed to the readback of the last result. */
 function tfjs(tf: Tf, n: number): Contender {
-  const a = tf.tensor2d(randomData(n * n, 1), [n, n]);
-  const b = tf.tensor2d(randomData(n * n, 2), [n, n]);
+  const a = tf.tensor2d(uniformFiller(n * n, 1), [n, n]);
+  const b = tf.tensor2d(uniformFiller(n * n, 2), [n, n]);
   return {
     name: "tfjs",
     primary: false,
@@ -400,17 +401,6 @@ function tfjs(tf: Tf, n: number): Contender {
       b.dispose();
     },
   };
-}
-
-/** Uniform values in [-1, 1) from a small seeded generator (the values do not matter here). */
-function randomData(n: number, seed: number): Float32Array {
-  let s = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
 }
 
 /** Prints a table: the first `left` columns left-aligned, the others right-aligned. */

@@ -138,3 +138,22 @@ export function mulberry32(seed: number): () => number {
     return ((t ^ (t >>> 14)) >>> 0) / TWO_32;
   };
 }
+
+/**
+ * n values uniform in [−scale, scale) from a 32-bit linear congruential generator: cheap filler
+ * for benchmarks and the matmul tuner, where the values only have to be finite and varied.
+ *
+ * @example
+ * ```ts
+ * const a = uniformFiller(1024 * 1024, 1); // Float32Array in [-1, 1)
+ * ```
+ */
+export function uniformFiller(n: number, seed: number, scale = 1): Float32Array {
+  let s = seed >>> 0;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out[i] = (s / 2 ** 31 - 1) * scale;
+  }
+  return out;
+}

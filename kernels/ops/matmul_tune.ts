@@ -43,6 +43,7 @@ import {
   planMatmul,
 } from "./matmul.ts";
 import type { FloatDType, MatmulLayout } from "./matmul_wgsl.ts";
+import { uniformFiller } from "../models/random.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Adapter identity and file location
@@ -646,20 +647,10 @@ interface Operands {
 function makeOperands(gpu: Gpu, s: TuneShape): Operands {
   const aShape = s.layout === "TN" ? [s.K, s.M] : [s.M, s.K];
   const bShape = s.layout === "NT" ? [s.N, s.K] : [s.K, s.N];
-  const a = Tensor.from(gpu, randomData(s.M * s.K, 1), aShape, s.dtype, { label: "tune_a" });
-  const b = Tensor.from(gpu, randomData(s.K * s.N, 2), bShape, s.dtype, { label: "tune_b" });
+  const a = Tensor.from(gpu, uniformFiller(s.M * s.K, 1), aShape, s.dtype, { label: "tune_a" });
+  const b = Tensor.from(gpu, uniformFiller(s.K * s.N, 2), bShape, s.dtype, { label: "tune_b" });
   const out = Tensor.empty(gpu, [s.M, s.N], s.dtype, { label: "tune_c" });
   return { a, b, out, tensors: [a, b, out] };
-}
-
-function randomData(n: number, seed: number): Float32Array {
-  let s = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
 }
 
 /**
