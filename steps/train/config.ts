@@ -1,11 +1,10 @@
 /**
  * The `train-sft` config: names and meanings as transformers' `TrainingArguments`, peft's
  * `LoraConfig` and trl's `SFTConfig` have them, so a recipe reads like the Python a user
- * already knows. Every default is written into the manifest (and so into the step's key),
- * except those of the best-model keys (`load_best_model_at_end`, `metric_for_best_model`,
- * `greater_is_better`): they came after the others and are kept only when they differ from
- * their defaults, so that the keys of configs written before them did not change and a config
- * that spells a default out has the key of one that leaves it out.
+ * already knows. Every default is written into the manifest (and so into the step's key), and
+ * the best-model keys are resolved as transformers resolves them (`metric_for_best_model` gets
+ * its "eval_" prefix, `greater_is_better` its derived value), so a config that spells a default
+ * out has the key of one that leaves it out.
  * @module
  */
 import * as z from "zod";
@@ -111,21 +110,21 @@ export const TrainSftConfig = z.strictObject({
   eval_steps: count.nullable().default(null),
   /**
    * Keep the adapter of the best evaluation (by metric_for_best_model) and export it instead of
-   * the last one (transformers `load_best_model_at_end`; absent: false). Needs eval_steps and an
+   * the last one (transformers `load_best_model_at_end`; default false). Needs eval_steps and an
    * eval split.
    */
-  load_best_model_at_end: z.boolean().optional(),
+  load_best_model_at_end: z.boolean().default(false),
   /**
    * The evaluation metric that ranks adapters and that early stopping watches: one of
    * {@link EVAL_METRICS}; a name without the "eval_" prefix gets it, as in transformers ("loss" is
-   * "eval_loss", "mean_token_accuracy" is "eval_mean_token_accuracy"). Absent or null: "eval_loss".
+   * "eval_loss", "mean_token_accuracy" is "eval_mean_token_accuracy"). Null: "eval_loss" (default).
    */
-  metric_for_best_model: z.string().min(1).nullable().optional(),
+  metric_for_best_model: z.string().min(1).nullable().default(DEFAULT_METRIC),
   /**
-   * Whether a larger metric is better; absent or null: false when metric_for_best_model ends in
-   * "loss", else true (transformers' rule).
+   * Whether a larger metric is better; null (default): false when metric_for_best_model ends in
+   * "loss", else true (transformers' rule), written into the manifest resolved.
    */
-  greater_is_better: z.boolean().nullable().optional(),
+  greater_is_better: z.boolean().nullable().default(null),
   /** Stop after this many evaluations without improvement of metric_for_best_model; null: never (default null). */
   early_stopping_patience: count.nullable().default(null),
   /** An evaluation improves when the metric gets better by more than this (default 0). */
@@ -189,21 +188,12 @@ export function bestModelSettings(config: TrainSftConfig): BestModelSettings {
   };
 }
 
-/** Drops the best-model keys that hold their defaults, so equal meanings give equal keys. */
+/** Resolves the metric's name and greater_is_better as transformers does, so equal meanings give equal keys. */
 function canonicalBestModelKeys<
-  T extends {
-    load_best_model_at_end?: boolean;
-    metric_for_best_model?: string | null;
-    greater_is_better?: boolean | null;
-  },
+  T extends { metric_for_best_model: string | null; greater_is_better: boolean | null },
 >(config: T): T {
   const given = config.metric_for_best_model ?? DEFAULT_METRIC;
-  if (config.load_best_model_at_end === false) delete config.load_best_model_at_end;
-  if (config.greater_is_better === null || config.greater_is_better === defaultGreaterIsBetter(given)) {
-    delete config.greater_is_better;
-  }
-  if (config.metric_for_best_model === null || evalMetricName(given) === DEFAULT_METRIC) {
-    delete config.metric_for_best_model;
-  } else config.metric_for_best_model = evalMetricName(given);
+  config.metric_for_best_model = evalMetricName(given);
+  config.greater_is_better ??= defaultGreaterIsBetter(given);
   return config;
 }

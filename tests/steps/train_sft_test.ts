@@ -107,6 +107,9 @@ Deno.test("train-sft config fills the documented defaults and rejects unknown ke
     max_grad_norm: 1,
     gradient_checkpointing: true,
     eval_steps: null,
+    load_best_model_at_end: false,
+    metric_for_best_model: "eval_loss",
+    greater_is_better: false,
     early_stopping_patience: null,
     early_stopping_threshold: 0,
     save_steps: 500,
@@ -114,19 +117,20 @@ Deno.test("train-sft config fills the documented defaults and rejects unknown ke
     logging_steps: 1,
   });
   assert.throws(() => TrainSftConfig.parse({ model: "m", lora: { lora_alpha: 16 } }));
-  // The best-model keys hold no defaults in the parsed config (see the next test).
-  for (const key of ["load_best_model_at_end", "metric_for_best_model", "greater_is_better"]) {
-    assert.ok(!(key in TrainSftConfig.parse({ model: "m" })), key);
-  }
+  // greater_is_better is resolved from the metric's name, as transformers does.
+  assert.equal(
+    TrainSftConfig.parse({ model: "m", metric_for_best_model: "mean_token_accuracy" }).greater_is_better,
+    true,
+  );
   assert.throws(() => TrainSftConfig.parse({ model: "m", max_steps: 0 }));
   assert.throws(() => TrainSftConfig.parse({ model: "m", lora: { target_modules: ["lm_head"] } }));
 });
 
-Deno.test("train-sft best-model keys keep the key of configs without them, read transformers' names, reject what cannot work", () => {
+Deno.test("train-sft best-model keys resolve as transformers reads them: spelled-out defaults keep the key, what cannot work is rejected", () => {
   const hash = (raw: Record<string, unknown>) =>
     sha256Hex(canonicalJson(resolveConfig(step, { model: "m", eval_steps: 5, ...raw })));
   const plain = hash({});
-  // Spelling a default out, or giving transformers' null, is the config without the key.
+  // Spelling a default out, or giving transformers' null, resolves to the config without the key.
   for (
     const same of [
       { load_best_model_at_end: false },
