@@ -50,16 +50,16 @@ export {
   MANIFEST_SCHEMA,
   parseManifest,
   readManifest,
-} from "./steps/manifest.ts";
+} from "./foundation/manifest.ts";
 export { type RunOptions, type RunOutcome, runStep, stepKey, verifyOutputs } from "./steps/runner.ts";
 export { rerunFromManifest, type RerunOptions } from "./steps/rerun.ts";
 export { runFromCli } from "./steps/cli.ts";
-export { LatheError, runMain } from "./steps/errors.ts";
+export { LatheError, runMain } from "./foundation/errors.ts";
 export { loadStep, STEP_NAMES } from "./steps/registry.ts";
 export { isRunId, newRunId } from "./steps/run_id.ts";
 export { applyOverrides, parseOverride } from "./steps/overrides.ts";
-export { Progress } from "./steps/progress.ts";
-export { canonicalJson, sha256File, sha256Hex } from "./steps/hash.ts";
+export { Progress } from "./foundation/progress.ts";
+export { canonicalJson, sha256File, sha256Hex } from "./foundation/hash.ts";
 
 // Recipes and pipelines.
 export { listRecipes, loadRecipe, type Recipe, type RecipeStep } from "./steps/recipe.ts";
@@ -79,8 +79,8 @@ export { ModelWeights, SafetensorsFile, writeModelWeights, writeSafetensors } fr
 export * as peft from "./formats/peft.ts";
 
 // Models: configs, resolution (path, Hugging Face cache, Hub), tiny checkpoints, the training contract.
-export { loadModelConfig, type ModelConfig, parseModelConfig } from "./kernels/models/config.ts";
-export { resolveModel } from "./kernels/models/resolve.ts";
+export { loadModelConfig, type ModelConfig, parseModelConfig } from "./formats/model_config.ts";
+export { resolveModel } from "./hub/model.ts";
 export { writeTinyModel } from "./kernels/models/tiny.ts";
 export type { Batch, LoraSpec, TrainableModel } from "./kernels/models/trainable.ts";
 

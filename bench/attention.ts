@@ -48,12 +48,12 @@ import {
 import { configName, matmul, matmulChoice } from "../kernels/ops/matmul.ts";
 import { recorder } from "../kernels/recorder.ts";
 import { Tensor } from "../kernels/tensor.ts";
-import { writeJsonAtomic } from "../steps/atomic.ts";
-import { LatheError, runMain } from "../steps/errors.ts";
-import { Progress } from "../steps/progress.ts";
+import { writeJsonAtomic } from "../foundation/atomic.ts";
+import { LatheError, runMain } from "../foundation/errors.ts";
+import { Progress } from "../foundation/progress.ts";
 import { previousBackward, previousForward, previousTile } from "./attention_previous.ts";
 import { attentionPairs } from "./train_flops.ts";
-import { uniformFiller } from "../kernels/models/random.ts";
+import { uniformFiller } from "../foundation/random.ts";
 
 /** One benchmarked problem. */
 export interface AttentionShape {

@@ -40,9 +40,9 @@ import { loraBackward, loraForward, loraScaling, type LoraWeights } from "../ker
 import { matmul } from "../kernels/ops/matmul.ts";
 import { recorder } from "../kernels/recorder.ts";
 import { Tensor } from "../kernels/tensor.ts";
-import { writeJsonAtomic } from "../steps/atomic.ts";
-import { LatheError, runMain } from "../steps/errors.ts";
-import { uniformFiller } from "../kernels/models/random.ts";
+import { writeJsonAtomic } from "../foundation/atomic.ts";
+import { LatheError, runMain } from "../foundation/errors.ts";
+import { uniformFiller } from "../foundation/random.ts";
 
 /** One layer shape: y[T,N] = x[T,K]·W[N,K]ᵀ + s·(x·A[r,K]ᵀ)·B[N,r]ᵀ. */
 export interface LoraShape {

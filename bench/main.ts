@@ -6,7 +6,7 @@
  * adapter's tuning table).
  * @module
  */
-import { LatheError, runMain } from "../steps/errors.ts";
+import { LatheError, runMain } from "../foundation/errors.ts";
 
 /** A benchmark module: its entry point is `run` (or `main`), taking the option arguments. */
 type BenchmarkModule = {

@@ -30,19 +30,19 @@ import {
   type MatmulLayout,
   matmulNaive,
 } from "../kernels/ops/matmul.ts";
+import { adapterIdentity } from "../kernels/ops/matmul_table.ts";
 import {
-  adapterIdentity,
   defaultTuneShapes,
   describeShape,
   tuneMatmul,
   type TuneMeasurement,
   type TuneShape,
 } from "../kernels/ops/matmul_tune.ts";
-import { LatheError } from "../steps/errors.ts";
+import { LatheError } from "../foundation/errors.ts";
 import { recorder } from "../kernels/recorder.ts";
 import { memoryStats, resetPeakMemory, Tensor } from "../kernels/tensor.ts";
-import { runMain } from "../steps/errors.ts";
-import { uniformFiller } from "../kernels/models/random.ts";
+import { runMain } from "../foundation/errors.ts";
+import { uniformFiller } from "../foundation/random.ts";
 
 /** One timed contender: runs `count` products and waits for the last. */
 interface Contender {

@@ -19,12 +19,12 @@
 import { join } from "node:path";
 import process from "node:process";
 import { parseArgs } from "node:util";
-import { LatheError } from "../steps/errors.ts";
+import { LatheError } from "../foundation/errors.ts";
 import { ChatRenderer, type Message } from "../steps/tokenize/chat.ts";
 import { WorkerPool } from "../steps/tokenize/pool.ts";
 import { tokenizeSplit } from "../steps/tokenize/pipeline.ts";
 import { loadTokenizer } from "../steps/tokenize/tokenizer.ts";
-import { mulberry32 } from "../kernels/models/random.ts";
+import { mulberry32 } from "../foundation/random.ts";
 
 /** The reference throughput of the pipeline, tokens/s on 2 cores. */
 export const TARGET_TOKENS_PER_S = 1.5e6;

@@ -48,25 +48,20 @@
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import {
-  expectedTensors,
-  type ModelConfig,
-  parseModelConfig,
-  PROJECTIONS,
-} from "../kernels/models/config.ts";
+import { expectedTensors, type ModelConfig, parseModelConfig, PROJECTIONS } from "../formats/model_config.ts";
 import { getGpu, type Gpu } from "../kernels/device.ts";
 import { writeModelWeights } from "../formats/safetensors.ts";
 import { createGpuModel } from "../kernels/models/graph.ts";
 import { loadHostModel } from "../kernels/models/load.ts";
-import { mulberry32 } from "../kernels/models/random.ts";
+import { mulberry32 } from "../foundation/random.ts";
 import { createReferenceModel } from "../kernels/models/reference_backend.ts";
 import { TINY_SIZES, tinyConfigJson, tinyModelTensors, type TinySize } from "../kernels/models/tiny.ts";
 import type { AdamWStep, Batch, LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
 import { recorder } from "../kernels/recorder.ts";
 import { memoryStats, resetPeakMemory, trimPool } from "../kernels/tensor.ts";
-import { writeFileAtomic, writeJsonAtomic } from "../steps/atomic.ts";
-import { LatheError, runMain } from "../steps/errors.ts";
-import { Progress } from "../steps/progress.ts";
+import { writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
+import { LatheError, runMain } from "../foundation/errors.ts";
+import { Progress } from "../foundation/progress.ts";
 import { shapeConfigJson, SHAPES, writeRandomCheckpoint } from "./train_checkpoint.ts";
 import {
   FLOP_FORMULA,

@@ -21,13 +21,13 @@
  * @module
  */
 import { join } from "node:path";
-import { writeFileAtomic, writeJsonAtomic } from "../steps/atomic.ts";
-import { canonicalJson } from "../steps/hash.ts";
-import { LatheError } from "../steps/errors.ts";
+import { writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
+import { canonicalJson } from "../foundation/hash.ts";
+import { LatheError } from "../foundation/errors.ts";
 import { fromFloat32, INDEX_FILE, planSafetensors, SINGLE_FILE } from "../formats/safetensors.ts";
-import { Progress } from "../steps/progress.ts";
-import { expectedTensors, type ModelConfig, parseModelConfig } from "../kernels/models/config.ts";
-import { Pcg32 } from "../kernels/models/random.ts";
+import { Progress } from "../foundation/progress.ts";
+import { expectedTensors, type ModelConfig, parseModelConfig } from "../formats/model_config.ts";
+import { Pcg32 } from "../foundation/random.ts";
 
 /**
  * `config.json` of the benchmarked shapes, field for field as their Hugging Face repositories

@@ -7,7 +7,7 @@
  * Hkv = kv heads, hd = head dim, F = ffn, r = LoRA rank; one multiply-add counts 2 FLOPs.
  * @module
  */
-import { type ModelConfig, type Projection, PROJECTIONS, projectionShape } from "../kernels/models/config.ts";
+import { type ModelConfig, type Projection, PROJECTIONS, projectionShape } from "../formats/model_config.ts";
 
 /** The formula {@link trainingFlops} computes, printed beside the figures. */
 export const FLOP_FORMULA = [

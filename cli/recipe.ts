@@ -5,9 +5,10 @@
  * @module
  */
 import { printOutcome } from "../steps/cli.ts";
-import { runMain } from "../steps/errors.ts";
-import { projectRoot } from "../steps/paths.ts";
+import { runMain } from "../foundation/errors.ts";
+import { projectRoot } from "../foundation/paths.ts";
 import { recipeCommand } from "../steps/pipeline.ts";
+import { loadStep } from "../steps/registry.ts";
 import { trackerHook } from "../tracker/hook.ts";
 
 if (import.meta.main) {
@@ -17,6 +18,7 @@ if (import.meta.main) {
       projectRoot: root,
       onFinish: trackerHook,
       onStep: (outcome) => printOutcome(outcome, root),
+      loadStep,
     });
   });
 }

@@ -3,10 +3,10 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { runMain } from "../steps/errors.ts";
+import { runMain } from "../foundation/errors.ts";
 import { stepCli } from "../steps/cli.ts";
 import { loadStep } from "../steps/registry.ts";
-import { readManifest } from "../steps/manifest.ts";
+import { readManifest } from "../foundation/manifest.ts";
 
 await runMain(async () => {
   const args = Deno.args;

@@ -16,16 +16,16 @@
  * @module
  */
 import { join } from "node:path";
-import { LatheError } from "../steps/errors.ts";
-import { writeFileAtomic } from "../steps/atomic.ts";
+import { LatheError } from "../foundation/errors.ts";
+import { writeFileAtomic } from "../foundation/atomic.ts";
 import {
   type ModelConfig,
   type Projection,
   projectionPath,
   PROJECTIONS,
   projectionShape,
-} from "../kernels/models/config.ts";
-import { Pcg32 } from "../kernels/models/random.ts";
+} from "./model_config.ts";
+import { Pcg32 } from "../foundation/random.ts";
 import { SafetensorsFile, type TensorSource, toFloat32, writeSafetensors } from "./safetensors.ts";
 
 /** The adapter config file name. */

@@ -24,9 +24,9 @@
  * @module
  */
 import { basename, dirname, isAbsolute, join, normalize, resolve, sep } from "node:path";
-import { LatheError } from "../steps/errors.ts";
-import { exists, writeJsonAtomic } from "../steps/atomic.ts";
-import { Progress } from "../steps/progress.ts";
+import { LatheError } from "../foundation/errors.ts";
+import { exists, writeJsonAtomic } from "../foundation/atomic.ts";
+import { Progress } from "../foundation/progress.ts";
 
 /** Largest header accepted, as in the reference implementation. */
 export const MAX_HEADER_BYTES = 100_000_000;

@@ -14,8 +14,8 @@
  * op on small models, e.g. in tests).
  * @module
  */
-import { LatheError } from "../steps/errors.ts";
-import type { GpuInfo } from "../steps/manifest.ts";
+import { LatheError } from "../foundation/errors.ts";
+import type { GpuInfo } from "../foundation/manifest.ts";
 
 export type { GpuInfo };
 

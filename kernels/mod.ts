@@ -75,15 +75,8 @@ export {
   type MatmulTile,
   type RowRange,
 } from "./ops/matmul.ts";
-export {
-  latheCacheDir,
-  readTuningTable,
-  tuneMatmul,
-  type TuneOptions,
-  type TuneShape,
-  type TuningTable,
-  tuningTablePath,
-} from "./ops/matmul_tune.ts";
+export { readTuningTable, type TuningTable, tuningTablePath } from "./ops/matmul_table.ts";
+export { tuneMatmul, type TuneOptions, type TuneShape } from "./ops/matmul_tune.ts";
 export { add, axpy, cast, copy, type ElementwiseOptions, fill, mul, scale } from "./ops/elementwise.ts";
 
 // Training kernels: each op dispatches WGSL from kernels/wgsl/ and is tested against kernels/reference/.

@@ -11,8 +11,8 @@
  * @module
  */
 import { join } from "node:path";
-import { writeFileAtomic } from "../steps/atomic.ts";
-import { mulberry32 } from "../kernels/models/random.ts";
+import { writeFileAtomic } from "../foundation/atomic.ts";
+import { mulberry32 } from "../foundation/random.ts";
 
 /** Seed of the generator; changing it changes every row. */
 export const DEMO_SEED = 20240611;

@@ -12,7 +12,7 @@
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { LatheError, runMain } from "../steps/errors.ts";
+import { LatheError, runMain } from "../foundation/errors.ts";
 import {
   TINY_ARCHS,
   TINY_SIZES,

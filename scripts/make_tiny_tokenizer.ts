@@ -15,8 +15,8 @@
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { writeFileAtomic } from "../steps/atomic.ts";
-import { LatheError, runMain } from "../steps/errors.ts";
+import { writeFileAtomic } from "../foundation/atomic.ts";
+import { LatheError, runMain } from "../foundation/errors.ts";
 import { byteLevel, bytesToUnicode } from "../steps/tokenize/encoder.ts";
 import { CHATML_TEMPLATE } from "../steps/tokenize/chat.ts";
 

@@ -11,9 +11,9 @@
 import { parseArgs } from "node:util";
 import { parse as parseYaml } from "yaml";
 import type { StepDef } from "./define.ts";
-import { LatheError, runMain } from "./errors.ts";
+import { LatheError, runMain } from "../foundation/errors.ts";
 import { applyOverrides, parseOverride } from "./overrides.ts";
-import { displayPath, projectRoot, runsRoot } from "./paths.ts";
+import { displayPath, projectRoot, runsRoot } from "../foundation/paths.ts";
 import { rerunFromManifest } from "./rerun.ts";
 import { type RunOutcome, runStep } from "./runner.ts";
 import { newRunId } from "./run_id.ts";
@@ -76,18 +76,25 @@ export async function stepCli(step: StepDef | null, argv: string[]): Promise<voi
   const onFinish = trackerHook(runs);
 
   if (values.manifest) {
-    const outcome = await rerunFromManifest(values.manifest, {
+    const manifestPath = values.manifest;
+    // The one step this program runs: a manifest of another step is refused before anything runs.
+    const loadStep = (found: string): Promise<StepDef> => {
+      if (step && (!name || found === name)) return Promise.resolve(step);
+      throw new LatheError(
+        name
+          ? `Cannot rerun "${manifestPath}" as step "${name}": it is a "${found}" manifest`
+          : `Cannot rerun "${manifestPath}": no step named`,
+        { hint: USAGE },
+      );
+    };
+    const outcome = await rerunFromManifest(manifestPath, {
       overrides,
       seed,
       projectRoot: root,
       onFinish,
       quiet: values.quiet,
+      loadStep,
     });
-    if (name && outcome.manifest.step !== name) {
-      throw new LatheError(
-        `Cannot rerun "${values.manifest}" as step "${name}": it is a "${outcome.manifest.step}" manifest`,
-      );
-    }
     printOutcome(outcome, root);
     return;
   }

@@ -6,8 +6,8 @@
  * @module
  */
 import type * as z from "zod";
-import type { GpuInfo, Manifest } from "./manifest.ts";
-import type { Progress } from "./progress.ts";
+import type { GpuInfo, Manifest } from "../foundation/manifest.ts";
+import type { Progress } from "../foundation/progress.ts";
 
 /** An upstream step's finished manifest, with helpers to reach its outputs. */
 export interface Upstream {
@@ -89,3 +89,9 @@ export function defineStep<S extends z.ZodType>(def: StepDef<S>): StepDef<S> {
   }
   return def;
 }
+
+/**
+ * Finds a step definition by name. The programs pass steps/registry.ts `loadStep`; the step
+ * contract never imports the registry itself, so a step module can be a program without a cycle.
+ */
+export type StepLoader = (name: string) => Promise<StepDef>;

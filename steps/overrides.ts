@@ -5,7 +5,7 @@
  * @module
  */
 import { parse as parseYaml } from "yaml";
-import { LatheError } from "./errors.ts";
+import { LatheError } from "../foundation/errors.ts";
 
 /** One parsed override. */
 export interface Override {

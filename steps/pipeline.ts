@@ -8,11 +8,11 @@
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { exists } from "./atomic.ts";
-import { LatheError } from "./errors.ts";
-import { FAILURE_FILE, type Manifest, MANIFEST_FILE } from "./manifest.ts";
+import { exists } from "../foundation/atomic.ts";
+import { LatheError } from "../foundation/errors.ts";
+import { FAILURE_FILE, type Manifest, MANIFEST_FILE } from "../foundation/manifest.ts";
 import { parseOverride } from "./overrides.ts";
-import { displayPath, runsRoot as defaultRunsRoot } from "./paths.ts";
+import { displayPath, runsRoot as defaultRunsRoot } from "../foundation/paths.ts";
 import { loadRecipe, type Recipe, type RecipeStep, type StepLoader } from "./recipe.ts";
 import { findCacheHit, planStep, type RunOutcome, runStep } from "./runner.ts";
 import { newRunId } from "./run_id.ts";
@@ -391,8 +391,8 @@ export interface RecipeCommandEnv {
   onStep?: (outcome: RunOutcome, role: StepRole) => void;
   print?: (line: string) => void;
   printError?: (line: string) => void;
-  /** Step loader (default: steps/registry.ts). */
-  loadStep?: StepLoader;
+  /** Finds a step by name: steps/registry.ts `loadStep`, or toy steps in tests. */
+  loadStep: StepLoader;
 }
 
 /**

@@ -11,7 +11,7 @@
  */
 import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type StepResult } from "./define.ts";
-import { LatheError } from "./errors.ts";
+import { LatheError } from "../foundation/errors.ts";
 import { PrepareConfig } from "./prepare/config.ts";
 import { type Example, exampleId, exampleLine, type Kind } from "./prepare/example.ts";
 import { detectFormat, normaliseRow, type RowFormat, undetectable } from "./prepare/formats.ts";

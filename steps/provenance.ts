@@ -5,8 +5,8 @@
  */
 import { simpleGit } from "simple-git";
 import { join } from "node:path";
-import { sha256File, sha256Hex } from "./hash.ts";
-import type { EnvInfo, GitInfo, GpuInfo } from "./manifest.ts";
+import { sha256File, sha256Hex } from "../foundation/hash.ts";
+import type { EnvInfo, GitInfo, GpuInfo } from "../foundation/manifest.ts";
 import denoJson from "../deno.json" with { type: "json" };
 
 /** lathe's version, from deno.json. */

@@ -9,14 +9,12 @@
 import { isAbsolute, join, relative, resolve, sep } from "node:path";
 import { isMap, isScalar, isSeq, LineCounter, type Node, parseDocument, visit } from "yaml";
 import * as z from "zod";
-import { exists } from "./atomic.ts";
-import type { StepDef } from "./define.ts";
-import { LatheError } from "./errors.ts";
+import { exists } from "../foundation/atomic.ts";
+import type { StepDef, StepLoader } from "./define.ts";
+import { LatheError } from "../foundation/errors.ts";
 import { type Override, setPath } from "./overrides.ts";
-import { loadStep as registryLoadStep } from "./registry.ts";
 
-/** Loads a step definition by name (steps/registry.ts `loadStep`, or toy steps in tests). */
-export type StepLoader = (name: string) => Promise<StepDef>;
+export type { StepLoader } from "./define.ts";
 
 /** One step of a loaded recipe. */
 export interface RecipeStep {
@@ -45,8 +43,8 @@ export interface LoadRecipeOptions {
   projectRoot: string;
   /** `--set` overrides: `step.key=value` into the steps, `seed=N` (or `name`, `description`) at the top. */
   overrides?: Override[];
-  /** Step loader (default: steps/registry.ts). */
-  loadStep?: StepLoader;
+  /** Finds a step by name: steps/registry.ts `loadStep` (the programs pass it), or toy steps in tests. */
+  loadStep: StepLoader;
 }
 
 /** Top-level keys an override addresses directly; any other first key names a step. */
@@ -378,7 +376,7 @@ export async function parseRecipe(text: string, path: string, opts: LoadRecipeOp
   if (!top.success) return fail(report(zodProblems(top.error.issues, [], raw, RecipeFile)));
   const file = top.data;
 
-  const load = opts.loadStep ?? registryLoadStep;
+  const load = opts.loadStep;
   const names = Object.keys(file.steps);
   const problems: Problem[] = [];
   const steps: RecipeStep[] = [];

@@ -3,7 +3,7 @@
  * @module
  */
 import type { StepDef } from "./define.ts";
-import { LatheError } from "./errors.ts";
+import { LatheError } from "../foundation/errors.ts";
 
 const MODULES: Record<string, () => Promise<{ step: StepDef }>> = {
   prepare: () => import("./prepare.ts"),

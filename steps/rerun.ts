@@ -5,12 +5,11 @@
  * @module
  */
 import { basename, dirname, join } from "node:path";
-import { exists, writeJsonAtomic } from "./atomic.ts";
-import type { StepDef } from "./define.ts";
-import { LatheError } from "./errors.ts";
-import { FAILURE_FILE, Manifest, MANIFEST_FILE, readManifest } from "./manifest.ts";
+import { exists, writeJsonAtomic } from "../foundation/atomic.ts";
+import type { StepLoader } from "./define.ts";
+import { LatheError } from "../foundation/errors.ts";
+import { FAILURE_FILE, Manifest, MANIFEST_FILE, readManifest } from "../foundation/manifest.ts";
 import { applyOverrides, type Override } from "./overrides.ts";
-import { loadStep } from "./registry.ts";
 import { linkTree, type RunOutcome, runStep } from "./runner.ts";
 import { newRunId } from "./run_id.ts";
 
@@ -21,8 +20,8 @@ export interface RerunOptions {
   projectRoot: string;
   onFinish?: (path: string, manifest: Manifest) => Promise<void>;
   quiet?: boolean;
-  /** Step loader (default: steps/registry.ts `loadStep`). */
-  loadStep?: (name: string) => Promise<StepDef>;
+  /** Finds the manifest's step by name (steps/registry.ts `loadStep`, or the one step a step program is). */
+  loadStep: StepLoader;
 }
 
 /**
@@ -66,7 +65,7 @@ async function linkUpstream(
  */
 export async function rerunFromManifest(manifestPath: string, opts: RerunOptions): Promise<RunOutcome> {
   const manifest = await readManifest(manifestPath);
-  const def = await (opts.loadStep ?? loadStep)(manifest.step);
+  const def = await opts.loadStep(manifest.step);
   const stepDir = dirname(manifestPath);
   const runDir = dirname(stepDir);
   if (basename(stepDir) !== manifest.step || basename(runDir) !== manifest.runId) {

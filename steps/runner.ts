@@ -8,10 +8,11 @@
  */
 import { basename, dirname, isAbsolute, join, relative, resolve } from "node:path";
 import type * as z from "zod";
-import { exists, writeJsonAtomic } from "./atomic.ts";
+import { exists, writeJsonAtomic } from "../foundation/atomic.ts";
 import type { StepContext, StepDef, Upstream } from "./define.ts";
-import { formatZodIssues, LatheError } from "./errors.ts";
-import { canonicalJson, sha256File, sha256Hex, sourceHash } from "./hash.ts";
+import { formatZodIssues, LatheError } from "../foundation/errors.ts";
+import { canonicalJson, sha256File, sha256Hex } from "../foundation/hash.ts";
+import { sourceHash } from "../hub/cache.ts";
 import {
   FAILURE_FILE,
   type GpuInfo,
@@ -21,8 +22,8 @@ import {
   MANIFEST_SCHEMA,
   readManifest,
   type SourceEntry,
-} from "./manifest.ts";
-import { Progress } from "./progress.ts";
+} from "../foundation/manifest.ts";
+import { Progress } from "../foundation/progress.ts";
 import { envInfo, gitInfo } from "./provenance.ts";
 
 /** How to run a step. */

@@ -25,14 +25,14 @@ import {
   resolveTargetModules,
 } from "../formats/peft.ts";
 import { INDEX_FILE, SINGLE_FILE } from "../formats/safetensors.ts";
-import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../kernels/models/config.ts";
-import { resolveModel } from "../kernels/models/resolve.ts";
+import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
+import { resolveModel } from "../hub/model.ts";
 import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
-import { exists, writeFileAtomic, writeJsonAtomic } from "./atomic.ts";
+import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type Upstream } from "./define.ts";
-import { LatheError } from "./errors.ts";
-import type { Progress } from "./progress.ts";
+import { LatheError } from "../foundation/errors.ts";
+import type { Progress } from "../foundation/progress.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
 import { listCheckpoints, readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
 import { TrainSftConfig } from "./train/config.ts";

@@ -17,10 +17,10 @@
 import { parseArgs } from "node:util";
 import { isAbsolute, join, relative, resolve } from "node:path";
 import type { Json } from "@duckdb/node-api";
-import { exists, writeFileAtomic } from "../steps/atomic.ts";
-import { LatheError, runMain } from "../steps/errors.ts";
-import { projectRoot, runsRoot, trackerDbPath } from "../steps/paths.ts";
-import { humanDuration } from "../steps/progress.ts";
+import { exists, writeFileAtomic } from "../foundation/atomic.ts";
+import { LatheError, runMain } from "../foundation/errors.ts";
+import { projectRoot, runsRoot, trackerDbPath } from "../foundation/paths.ts";
+import { humanDuration } from "../foundation/progress.ts";
 import { queryTable } from "./db.ts";
 import { exportIndex, importExport } from "./export.ts";
 import { readIndex, reindex, writeIndex } from "./index.ts";

@@ -9,7 +9,7 @@
 import { dirname, resolve } from "node:path";
 import { DuckDBInstance } from "@duckdb/node-api";
 import type { DuckDBConnection, DuckDBValue, Json } from "@duckdb/node-api";
-import { LatheError } from "../steps/errors.ts";
+import { LatheError } from "../foundation/errors.ts";
 
 /** Options for {@link withDb}. */
 export interface DbOptions {

@@ -8,8 +8,8 @@
 import { join, resolve } from "node:path";
 import type { DuckDBConnection } from "@duckdb/node-api";
 import * as z from "zod";
-import { exists, writeJsonAtomic } from "../steps/atomic.ts";
-import { LatheError } from "../steps/errors.ts";
+import { exists, writeJsonAtomic } from "../foundation/atomic.ts";
+import { LatheError } from "../foundation/errors.ts";
 import { inTransaction, queryRows, sqlString } from "./db.ts";
 import { SCHEMA_VERSION, TABLES } from "./schema.ts";
 

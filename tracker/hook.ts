@@ -4,8 +4,8 @@
  * and `deno task runs reindex` rebuilds the index from it.
  * @module
  */
-import type { Manifest } from "../steps/manifest.ts";
-import { trackerDbPath } from "../steps/paths.ts";
+import type { Manifest } from "../foundation/manifest.ts";
+import { trackerDbPath } from "../foundation/paths.ts";
 import { indexManifestFile } from "./index.ts";
 
 /**

@@ -7,9 +7,9 @@
  */
 import { dirname, isAbsolute, join, relative, resolve } from "node:path";
 import type { DuckDBConnection, DuckDBValue } from "@duckdb/node-api";
-import { exists } from "../steps/atomic.ts";
-import { FAILURE_FILE, type Manifest, MANIFEST_FILE, readManifest } from "../steps/manifest.ts";
-import { Progress } from "../steps/progress.ts";
+import { exists } from "../foundation/atomic.ts";
+import { FAILURE_FILE, type Manifest, MANIFEST_FILE, readManifest } from "../foundation/manifest.ts";
+import { Progress } from "../foundation/progress.ts";
 import { insertRows, inTransaction, queryRows, withDb } from "./db.ts";
 import { checkExport, importRows } from "./export.ts";
 import { createSchema, dropSchema, SCHEMA_VERSION, storedSchemaVersion } from "./schema.ts";

@@ -6,7 +6,7 @@
  * @example
  * ```ts
  * import { queryRows, readIndex } from "./mod.ts";
- * import { runsRoot, trackerDbPath } from "../steps/paths.ts";
+ * import { runsRoot, trackerDbPath } from "../foundation/paths.ts";
  * const runs = runsRoot();
  * const rows = await readIndex(trackerDbPath(runs), runs, (conn) =>
  *   queryRows(conn, "SELECT run_id, loss FROM run_summary ORDER BY started_at DESC LIMIT 5"));

@@ -5,7 +5,7 @@
  * @module
  */
 import type { DuckDBConnection, Json } from "@duckdb/node-api";
-import { LatheError } from "../steps/errors.ts";
+import { LatheError } from "../foundation/errors.ts";
 import { queryRows } from "./db.ts";
 
 /** One row of {@link listRuns}. */

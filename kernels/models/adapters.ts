@@ -15,7 +15,12 @@ import type { Gpu } from "../device.ts";
 import { adamwState } from "../ops/adamw.ts";
 import { recorder } from "../recorder.ts";
 import { readTensors, Tensor } from "../tensor.ts";
-import { type ModelConfig, type Projection, projectionPath, projectionShape } from "./config.ts";
+import {
+  type ModelConfig,
+  type Projection,
+  projectionPath,
+  projectionShape,
+} from "../../formats/model_config.ts";
 import { initialAdapters, type LoraSpec, type LoraWeights, type OptimizerState } from "./trainable.ts";
 
 /** One adapted projection and its state on the GPU. */

@@ -12,13 +12,13 @@
  * V = vocab, D = hidden, F = ffn; shapes as in {@link expectedTensors}.
  * @module
  */
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { ModelWeights, toFloat32 } from "../../formats/safetensors.ts";
 import type { Gpu } from "../device.ts";
 import { f32ArrayToF16 } from "../half.ts";
 import { recorder } from "../recorder.ts";
 import { DTYPE_BYTES, Tensor } from "../tensor.ts";
-import { checkWeights, expectedTensors, type ModelConfig } from "./config.ts";
+import { checkWeights, expectedTensors, type ModelConfig } from "../../formats/model_config.ts";
 
 /** Float dtypes the weights can be held in on the GPU. */
 export type WeightDType = "f16" | "f32";

@@ -24,7 +24,7 @@
  * (the gradient norm).
  * @module
  */
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import type { Gpu } from "../device.ts";
 import { getGpu } from "../device.ts";
 import { adamwStep } from "../ops/adamw.ts";
@@ -34,10 +34,10 @@ import { gradNorm } from "../ops/grad_norm.ts";
 import { loraScaling } from "../ops/lora.ts";
 import { rmsnormBackward, rmsnormForward } from "../ops/rmsnorm.ts";
 import { type RopeConfig, ropeTable } from "../ops/rope.ts";
-import { rope_check_positions } from "../reference/rope.ts";
+import { rope_check_positions } from "../rope_frequencies.ts";
 import { readTensors, Tensor } from "../tensor.ts";
 import { GpuAdapters } from "./adapters.ts";
-import { checkSequenceLength, type ModelConfig } from "./config.ts";
+import { checkSequenceLength, type ModelConfig } from "../../formats/model_config.ts";
 import { type GpuWeights, loadGpuWeights, type WeightDType } from "./gpu_weights.ts";
 import {
   type LayerActivations,

@@ -37,7 +37,7 @@ import { swigluBackward, swigluForward } from "../ops/swiglu.ts";
 import { recorder } from "../recorder.ts";
 import { Tensor } from "../tensor.ts";
 import type { AdapterSlot, GpuAdapters } from "./adapters.ts";
-import { type ModelConfig, type Projection, projectionPath } from "./config.ts";
+import { type ModelConfig, type Projection, projectionPath } from "../../formats/model_config.ts";
 import type { GpuWeights } from "./gpu_weights.ts";
 import { loraDropoutSeed } from "./reference_backend.ts";
 

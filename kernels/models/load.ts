@@ -6,9 +6,14 @@
  * @module
  */
 import { ModelWeights } from "../../formats/safetensors.ts";
-import { LatheError } from "../../steps/errors.ts";
-import type { Progress } from "../../steps/progress.ts";
-import { checkWeights, expectedTensors, loadModelConfig, type ModelConfig } from "./config.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import type { Progress } from "../../foundation/progress.ts";
+import {
+  checkWeights,
+  expectedTensors,
+  loadModelConfig,
+  type ModelConfig,
+} from "../../formats/model_config.ts";
 
 /** A model held on the host. */
 export interface HostModel {

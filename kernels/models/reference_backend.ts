@@ -27,7 +27,13 @@ import { adamw_step, clip_grad_norm, grad_norm } from "../reference/adamw.ts";
 import { count_trained, lm_head_argmax } from "../reference/cross_entropy.ts";
 import { decoder_backward, decoder_forward, type DecoderForward } from "../reference/decoder.ts";
 import { dropout_mask, type LoraAdapter } from "../reference/linear_lora.ts";
-import { type ModelConfig, type Projection, projectionPath, PROJECTIONS, projectionShape } from "./config.ts";
+import {
+  type ModelConfig,
+  type Projection,
+  projectionPath,
+  PROJECTIONS,
+  projectionShape,
+} from "../../formats/model_config.ts";
 import {
   type AdamWStep,
   type Batch,

@@ -21,9 +21,9 @@
  * @module
  */
 import { join } from "node:path";
-import { LatheError } from "../../steps/errors.ts";
-import { writeFileAtomic } from "../../steps/atomic.ts";
-import { canonicalJson } from "../../steps/hash.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import { writeFileAtomic } from "../../foundation/atomic.ts";
+import { canonicalJson } from "../../foundation/hash.ts";
 import {
   fromFloat32,
   INDEX_FILE,
@@ -31,8 +31,8 @@ import {
   type TensorSource,
   writeModelWeights,
 } from "../../formats/safetensors.ts";
-import { expectedTensors, type ModelConfig, parseModelConfig } from "./config.ts";
-import { Pcg32 } from "./random.ts";
+import { expectedTensors, type ModelConfig, parseModelConfig } from "../../formats/model_config.ts";
+import { Pcg32 } from "../../foundation/random.ts";
 
 /** Architectures the generator writes. */
 export const TINY_ARCHS = ["llama", "mistral", "qwen2"] as const;

@@ -10,7 +10,7 @@
  * @module
  */
 import { initLoraAdapters, type LoraPair } from "../../formats/peft.ts";
-import type { ModelConfig, Projection } from "./config.ts";
+import type { ModelConfig, Projection } from "../../formats/model_config.ts";
 
 /** One micro-batch of packed rows, row-major [B, S]. */
 export interface Batch {

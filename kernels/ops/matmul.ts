@@ -15,7 +15,7 @@
  * pass over C.
  *
  * The kernel and tile of a product come from, in order: `options.config`; the adapter's
- * tuning table (`matmul_tune.ts`, written by `deno task bench tune`); the built-in heuristic
+ * tuning table (`matmul_table.ts`, written by `deno task bench tune`); the built-in heuristic
  * {@link chooseConfig}. All tiles of a kernel family give the same bits (see
  * `matmul_wgsl.ts`), and split-K depends on the shape and the adapter kind only, never on the
  * tile, so neither the table nor the heuristic changes a result.
@@ -26,15 +26,18 @@ import type { Gpu } from "../device.ts";
 import { getKernel, type Kernel } from "../pipeline.ts";
 import { recorder } from "../recorder.ts";
 import { Tensor, type TensorChunk } from "../tensor.ts";
-import { tunedConfig } from "./matmul_tune.ts";
+import { tunedConfig } from "./matmul_table.ts";
 import {
   type FloatDType,
   type LowRankVariant,
   MATMUL_LOWRANK_UNIFORM_BYTES,
   MATMUL_UNIFORM_BYTES,
+  type MatmulConfig,
   type MatmulDirectTile,
   matmulDirectWgsl,
   type MatmulLayout,
+  type MatmulOperands,
+  type MatmulShape,
   type MatmulTile,
   type MatmulUniformParams,
   matmulUniforms,
@@ -47,13 +50,15 @@ import {
   tileThreads,
 } from "./matmul_wgsl.ts";
 
-export type { FloatDType, MatmulDirectTile, MatmulLayout, MatmulTile };
-
-/**
- * Which kernel runs a product: `tiled` (workgroup-memory tiles; GPUs) or `direct`
- * (per-invocation register blocks, no workgroup memory; CPU adapters).
- */
-export type MatmulConfig = { kind: "tiled"; tile: MatmulTile } | { kind: "direct"; tile: MatmulDirectTile };
+export type {
+  FloatDType,
+  MatmulConfig,
+  MatmulDirectTile,
+  MatmulLayout,
+  MatmulOperands,
+  MatmulShape,
+  MatmulTile,
+};
 
 /** Options of {@link matmul} and {@link matmulNaive}. */
 export interface MatmulOptions {
@@ -167,12 +172,6 @@ export const DIRECT_SPACE = {
   WG: [8],
 } as const;
 
-/** Operand dtypes of a product, as far as the choice of kernel is concerned. */
-export interface MatmulOperands {
-  a: FloatDType;
-  b: FloatDType;
-}
-
 /**
  * Every config of this adapter's kernel family that fits its limits for these operand dtypes:
  * tiled tiles of {@link TILE_SPACE} on GPUs, direct blocks of {@link DIRECT_SPACE} on CPU
@@ -282,14 +281,6 @@ export function chooseConfig(gpu: Gpu, M: number, N: number): MatmulConfig {
   if (M * N >= 2048 * 1024) return { kind: "tiled", tile: MATMUL_TILES.gpu128 };
   if (M * N <= 256 * 256) return { kind: "tiled", tile: MATMUL_TILES.small };
   return { kind: "tiled", tile: MATMUL_TILES.gpu64 };
-}
-
-/** A product as the choice of kernel sees it. */
-export interface MatmulShape extends MatmulOperands {
-  layout: MatmulLayout;
-  M: number;
-  N: number;
-  K: number;
 }
 
 /** The config {@link matmul} uses for a product, and where it came from. */

@@ -116,6 +116,26 @@ export const MATMUL_UNIFORM_BYTES = 64;
 /** Bytes of the uniform block with a low-rank term ({@link MatmulLowRankParams} added). */
 export const MATMUL_LOWRANK_UNIFORM_BYTES = 80;
 
+/**
+ * Which kernel runs a product: `tiled` (workgroup-memory tiles; GPUs) or `direct`
+ * (per-invocation register blocks, no workgroup memory; CPU adapters).
+ */
+export type MatmulConfig = { kind: "tiled"; tile: MatmulTile } | { kind: "direct"; tile: MatmulDirectTile };
+
+/** Operand dtypes of a product, as far as the choice of kernel is concerned. */
+export interface MatmulOperands {
+  a: FloatDType;
+  b: FloatDType;
+}
+
+/** A product as the choice of kernel sees it. */
+export interface MatmulShape extends MatmulOperands {
+  layout: MatmulLayout;
+  M: number;
+  N: number;
+  K: number;
+}
+
 /** The uniform block: dims, leading dims, offsets, batch strides (elements), alpha. */
 export interface MatmulUniformParams {
   M: number;

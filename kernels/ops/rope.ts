@@ -19,7 +19,7 @@
 import type { Gpu } from "../device.ts";
 import { getKernel } from "../pipeline.ts";
 import { recorder } from "../recorder.ts";
-import { rope_inv_freq, type RopeConfig, type RopeFrequencies } from "../reference/rope.ts";
+import { rope_inv_freq, type RopeConfig, type RopeFrequencies } from "../rope_frequencies.ts";
 import { Tensor } from "../tensor.ts";
 import {
   expectShape,

@@ -43,7 +43,7 @@ import {
 import { swiglu_backward, swiglu_forward } from "./swiglu.ts";
 
 /**
- * The model hyper-parameters the reference needs: a structural subset of kernels/models/config.ts
+ * The model hyper-parameters the reference needs: a structural subset of formats/model_config.ts
  * `ModelConfig` (same field names), so a parsed config.json can be passed as is.
  */
 export interface DecoderConfig {

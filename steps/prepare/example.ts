@@ -11,7 +11,7 @@
  * example without `id` and `source`), so equal content has equal ids wherever it came from.
  * @module
  */
-import { canonicalJson, sha256Hex } from "../hash.ts";
+import { canonicalJson, sha256Hex } from "../../foundation/hash.ts";
 import type { Message } from "./messages.ts";
 
 /** What a dataset trains: chat SFT, preference pairs (DPO), or raw text. */

@@ -3,7 +3,7 @@
  * and choosing the files of a split from a directory or a Hub repository.
  * @module
  */
-import { extname, join, matchesGlob } from "node:path";
+import { extname, matchesGlob } from "node:path";
 
 /** How a file is read. */
 export type FileFormat = "jsonl" | "json" | "csv" | "parquet";
@@ -68,31 +68,4 @@ export function selectDataFiles(
   if (named.length > 0) return named;
   const anySplit = /(^|[/._ 0-9-])(train|test|validation|valid|dev|eval)([/._ 0-9-]|$)/;
   return split === "train" && !data.some((p) => anySplit.test(p)) ? data : [];
-}
-
-/**
- * Every file under `dir` as a "/"-separated path relative to it, sorted. Symbolic links
- * to files count as files (the Hugging Face cache links snapshot files to blobs); names
- * starting with "." are skipped.
- */
-export async function walkFiles(dir: string): Promise<string[]> {
-  const out: string[] = [];
-  async function walk(abs: string, rel: string): Promise<void> {
-    for await (const entry of Deno.readDir(abs)) {
-      if (entry.name.startsWith(".")) continue;
-      const childAbs = join(abs, entry.name);
-      const childRel = rel === "" ? entry.name : `${rel}/${entry.name}`;
-      let isDir = entry.isDirectory;
-      let isFile = entry.isFile;
-      if (entry.isSymlink) {
-        const info = await Deno.stat(childAbs).catch(() => null);
-        isDir = info?.isDirectory ?? false;
-        isFile = info?.isFile ?? false;
-      }
-      if (isDir) await walk(childAbs, childRel);
-      else if (isFile) out.push(childRel);
-    }
-  }
-  await walk(dir, "");
-  return out.sort();
 }

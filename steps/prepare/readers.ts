@@ -9,7 +9,7 @@
  * @module
  */
 import { DuckDBInstance } from "@duckdb/node-api";
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import type { FileFormat } from "./files.ts";
 import { describeType, isRecord, RowError } from "./row_error.ts";
 

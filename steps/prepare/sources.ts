@@ -7,7 +7,7 @@
  * @module
  */
 import { isAbsolute, join, relative, resolve, sep } from "node:path";
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { type PrepareConfig, type SourceObject, sourceObject } from "./config.ts";
 import {
   type FileFormat,
@@ -16,9 +16,9 @@ import {
   matchesAny,
   selectDataFiles,
   SUPPORTED_EXTENSIONS,
-  walkFiles,
 } from "./files.ts";
-import { type HubSettings, hubSettings, hubSnapshot } from "./hub.ts";
+import { walkFiles } from "../../foundation/walk.ts";
+import { type HubSettings, hubSettings, hubSnapshot } from "../../hub/dataset.ts";
 
 /** One data file to read. */
 export interface SourceFile {

@@ -4,7 +4,7 @@
  * never moves it between train and eval.
  * @module
  */
-import { sha256Hex } from "../hash.ts";
+import { sha256Hex } from "../../foundation/hash.ts";
 
 /** sha256 of `text` read as a fraction in [0, 1): its first 52 bits / 2^52. */
 export function hashFraction(text: string): number {

@@ -21,7 +21,7 @@
  * @module
  */
 import { Template } from "@huggingface/jinja";
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { useFastLookup } from "./jinja_lookup.ts";
 import { usePythonStripping } from "./jinja_strings.ts";
 import type { TokenizerFacts } from "./tokenizer.ts";

@@ -3,7 +3,7 @@
  * The result uses flat typed arrays so it crosses the worker boundary by transfer, not copy.
  * @module
  */
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import type { DocumentBuilder } from "./documents.ts";
 
 /** A piece of a JSONL file: whole lines, the first of them numbered `firstLine` (1-based). */

@@ -13,7 +13,7 @@
  *   (assistant turns after the prompt), emitted as a pair.
  * @module
  */
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { BoundaryError, type Encoder } from "./encoder.ts";
 import type { ChatRenderer, Message, Span } from "./chat.ts";
 import type { TokenizerFacts } from "./tokenizer.ts";

@@ -19,7 +19,7 @@
  * @module
  */
 import type { Tokenizer } from "@huggingface/tokenizers";
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import {
   bpeMerge,
   buildByteLevelModel,

@@ -4,7 +4,7 @@
  * everything downstream (packing, shards) is independent of the number of workers.
  * @module
  */
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import type { Chunk, ChunkResult } from "./chunk.ts";
 import { byteLevelModelOf } from "./encoder.ts";
 import { type LoadedTokenizer, loadTokenizer, tokenizerFacts } from "./tokenizer.ts";

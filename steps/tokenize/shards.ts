@@ -14,7 +14,7 @@
 import { createHash, type Hash } from "node:crypto";
 import { dirname, join } from "node:path";
 import * as z from "zod";
-import { formatZodIssues, LatheError } from "../errors.ts";
+import { formatZodIssues, LatheError } from "../../foundation/errors.ts";
 
 /** Version of the shard format. */
 export const SHARDS_FORMAT = "lathe.shards/1";

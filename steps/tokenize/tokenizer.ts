@@ -7,8 +7,8 @@
  */
 import { join, resolve } from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
-import { LatheError } from "../errors.ts";
-import { isHubRepoId, resolveModel } from "../../kernels/models/resolve.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import { isHubRepoId, resolveModel } from "../../hub/model.ts";
 
 /** File names inside a tokenizer directory. */
 export const TOKENIZER_JSON = "tokenizer.json";
@@ -76,7 +76,7 @@ export function tokenizerFacts(loaded: LoadedTokenizer): TokenizerFacts {
 /**
  * Resolves a `tokenizer` config value to a directory: a directory relative to the project root (or
  * absolute) when one exists, else a Hub repo id ("Qwen/Qwen2.5-0.5B-Instruct") through the Hugging Face
- * cache or the Hub (kernels/models/resolve.ts: HF_HOME, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE), the same
+ * cache or the Hub (hub/: HF_HOME, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE), the same
  * snapshot a training step of that model reads.
  */
 export async function tokenizerDir(ref: string, projectRoot: string, revision = "main"): Promise<string> {

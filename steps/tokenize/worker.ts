@@ -7,7 +7,7 @@
  */
 /// <reference no-default-lib="true" />
 /// <reference lib="deno.worker" />
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { ChatRenderer } from "./chat.ts";
 import { type Chunk, tokenizeChunk } from "./chunk.ts";
 import { type DocOptions, DocumentBuilder } from "./documents.ts";

@@ -11,9 +11,9 @@
  * is one more document of its own: positions count from 0, targets are −100, tokens are pad_id.
  * @module
  */
-import { Pcg32 } from "../../kernels/models/random.ts";
+import { Pcg32 } from "../../foundation/random.ts";
 import type { Batch } from "../../kernels/models/trainable.ts";
-import { LatheError } from "../errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { type ShardIndex, ShardReader, type ShardRow } from "../tokenize/shards.ts";
 
 /** The ignore index of the loss. */

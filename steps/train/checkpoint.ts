@@ -20,11 +20,11 @@
 import { join } from "node:path";
 import { type LoraConfig, type LoraPair, readPeftAdapter, writePeftAdapter } from "../../formats/peft.ts";
 import { SafetensorsFile, type TensorSource, writeSafetensors } from "../../formats/safetensors.ts";
-import type { ModelConfig } from "../../kernels/models/config.ts";
+import type { ModelConfig } from "../../formats/model_config.ts";
 import type { LoraWeights, OptimizerState, TrainableModel } from "../../kernels/models/trainable.ts";
-import { exists, writeJsonAtomic } from "../atomic.ts";
-import { LatheError } from "../errors.ts";
-import type { TrainerState } from "./trainer_state.ts";
+import { exists, writeJsonAtomic } from "../../foundation/atomic.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import type { BestModelRecord, TrainerState } from "./trainer_state.ts";
 
 /** Format tag of training_state.json. */
 export const TRAINING_STATE_FORMAT = "lathe.train-state/1";
@@ -33,16 +33,6 @@ export const OPTIMIZER_FILE = "optimizer.safetensors";
 export const TRAINING_STATE_FILE = "training_state.json";
 export const TRAINER_STATE_FILE = "trainer_state.json";
 export const BEST_ADAPTER_DIR = "best_adapter";
-
-/** The best evaluation so far (load_best_model_at_end). */
-export interface BestModelRecord {
-  /** Optimizer step whose adapter it is (trainer_state.json `best_global_step`). */
-  step: number;
-  /** Its metric (`best_metric`). */
-  metric: number;
-  /** The checkpoint that holds exactly that adapter, as trainer_state.json names it; null: none (`best_model_checkpoint`). */
-  checkpoint: string | null;
-}
 
 /** The loop's own state: the data cursor, the seeds and what the final metrics sum over. */
 export interface TrainingState {

@@ -8,8 +8,8 @@
  * @module
  */
 import * as z from "zod";
-import { PROJECTIONS } from "../../kernels/models/config.ts";
-import { LatheError } from "../errors.ts";
+import { PROJECTIONS } from "../../formats/model_config.ts";
+import { LatheError } from "../../foundation/errors.ts";
 
 const positive = z.number().positive();
 const count = z.number().int().positive();

@@ -30,13 +30,12 @@
  */
 import { join } from "node:path";
 import type { LoraConfig } from "../../formats/peft.ts";
-import { Pcg32 } from "../../kernels/models/random.ts";
+import { Pcg32 } from "../../foundation/random.ts";
 import type { Batch, LoraWeights, TrainableModel } from "../../kernels/models/trainable.ts";
-import { LatheError } from "../errors.ts";
-import { humanCount, type Progress } from "../progress.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import { humanCount, type Progress } from "../../foundation/progress.ts";
 import { buildBatch, chunks, epochOrder, SHUFFLE_STREAM, type Split, trainedTokens } from "./batches.ts";
 import {
-  type BestModelRecord,
   type CheckpointRef,
   listCheckpoints,
   loadCheckpoint,
@@ -48,6 +47,7 @@ import {
 import { bestModelSettings, type EvalMetric, type TrainSftConfig } from "./config.ts";
 import { isBetter, recordEval } from "./early_stopping.ts";
 import { lrAt, planTraining, type TrainPlan } from "./schedule.ts";
+import type { BestModelRecord } from "./trainer_state.ts";
 import { type LogEntry, trainerState } from "./trainer_state.ts";
 
 /** PCG32 stream of step s's dropout seeds is DROPOUT_STREAM + s. */

@@ -11,7 +11,15 @@
  * `best_metric` is the best value early stopping has seen and `best_global_step` is left out.
  * @module
  */
-import type { BestModelRecord } from "./checkpoint.ts";
+/** The best evaluation so far (load_best_model_at_end). */
+export interface BestModelRecord {
+  /** Optimizer step whose adapter it is (trainer_state.json `best_global_step`). */
+  step: number;
+  /** Its metric (`best_metric`). */
+  metric: number;
+  /** The checkpoint that holds exactly that adapter, as trainer_state.json names it; null: none (`best_model_checkpoint`). */
+  checkpoint: string | null;
+}
 
 /** One `log_history` entry. */
 export interface LogEntry {

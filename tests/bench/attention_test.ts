@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { benchDocs, parseAttentionArgs, parseTiles, run } from "../../bench/attention.ts";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { gpuTest } from "../kernels/_harness.ts";
 
 Deno.test("parseAttentionArgs() takes one shape from --S/--H/--Hkv/--hd/--B and refuses bad values", () => {

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { parseLoraArgs, run } from "../../bench/lora.ts";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { gpuTest } from "../kernels/_harness.ts";
 
 Deno.test("parseLoraArgs() reads T:K:N:r shapes, dtypes and dropouts, and refuses bad values", () => {

@@ -17,8 +17,8 @@ import {
   expectedTensors,
   loadModelConfig,
   parseModelConfig,
-} from "../../kernels/models/config.ts";
-import { LatheError } from "../../steps/errors.ts";
+} from "../../formats/model_config.ts";
+import { LatheError } from "../../foundation/errors.ts";
 
 /** Qwen2 (biases, untied head) at D 64, F 128, L 2, H 4, Hkv 2, V 256. */
 const SMALL = {

@@ -10,7 +10,7 @@ import {
   type ModelConfig,
   parseModelConfig,
   PROJECTIONS,
-} from "../../kernels/models/config.ts";
+} from "../../formats/model_config.ts";
 
 /** Mistral with D 64, F 96, L 3, H 4, Hkv 2, V 128 and sliding window `window`. */
 function mistral(window: number | null): ModelConfig {

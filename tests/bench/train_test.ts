@@ -13,7 +13,7 @@ import {
 } from "../../bench/train.ts";
 import { shapeConfigJson } from "../../bench/train_checkpoint.ts";
 import type { GpuInfo } from "../../kernels/device.ts";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { gpuTest } from "../kernels/_harness.ts";
 
 function fakeGpu(description: string, f16 = true, software = false) {

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { readManifest } from "../../steps/manifest.ts";
+import { readManifest } from "../../foundation/manifest.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 

@@ -14,8 +14,8 @@ import {
   writePeftAdapter,
 } from "../../formats/peft.ts";
 import { fromFloat32, SafetensorsFile, writeSafetensors } from "../../formats/safetensors.ts";
-import { parseModelConfig } from "../../kernels/models/config.ts";
-import { LatheError } from "../../steps/errors.ts";
+import { parseModelConfig } from "../../formats/model_config.ts";
+import { LatheError } from "../../foundation/errors.ts";
 
 // D=16, H=4, Hkv=2, hd=4, F=24, L=2: q [16,16], k/v [8,16], o [16,16], gate/up [24,16], down [16,24].
 const MODEL = parseModelConfig({

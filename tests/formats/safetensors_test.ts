@@ -17,8 +17,8 @@ import {
   writeModelWeights,
   writeSafetensors,
 } from "../../formats/safetensors.ts";
-import { LatheError } from "../../steps/errors.ts";
-import { Pcg32 } from "../../kernels/models/random.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import { Pcg32 } from "../../foundation/random.ts";
 
 const enc = new TextEncoder();
 

@@ -3,8 +3,8 @@ import { backendName, getGpu, noAdapterError, requestGpu } from "../../kernels/d
 import { getKernel } from "../../kernels/pipeline.ts";
 import { recorder } from "../../kernels/recorder.ts";
 import { Tensor } from "../../kernels/tensor.ts";
-import { LatheError } from "../../steps/errors.ts";
-import { GpuInfo } from "../../steps/manifest.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import { GpuInfo } from "../../foundation/manifest.ts";
 import { gpuTest } from "./_harness.ts";
 
 /** A kernel that writes out[i] = i + 0.5 for i < n: every element, never zero. */

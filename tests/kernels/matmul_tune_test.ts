@@ -12,21 +12,21 @@ import {
   type MatmulConfig,
   type MatmulShape,
 } from "../../kernels/ops/matmul.ts";
+import { latheCacheDir } from "../../foundation/paths.ts";
 import {
   activeTuningTable,
   adapterIdentity,
   emptyTuningTable,
-  latheCacheDir,
   readTuningTable,
   resetMatmulTuning,
   setMatmulTuning,
   shapeClass,
-  tuneMatmul,
   tuningDisabled,
   type TuningTable,
   tuningTablePath,
   writeTuningTable,
-} from "../../kernels/ops/matmul_tune.ts";
+} from "../../kernels/ops/matmul_table.ts";
+import { tuneMatmul } from "../../kernels/ops/matmul_tune.ts";
 import { matmul_forward } from "../../kernels/reference/matmul.ts";
 import { Tensor } from "../../kernels/tensor.ts";
 import { assertClose, gpuTest, randn } from "./_harness.ts";

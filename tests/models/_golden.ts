@@ -30,7 +30,7 @@ import { fileURLToPath } from "node:url";
 import * as z from "zod";
 import { type PeftAdapter, readPeftAdapter } from "../../formats/peft.ts";
 import { SafetensorsFile } from "../../formats/safetensors.ts";
-import type { ModelConfig } from "../../kernels/models/config.ts";
+import type { ModelConfig } from "../../formats/model_config.ts";
 import { type HostModel, loadHostModel } from "../../kernels/models/load.ts";
 import { TINY_ARCHS, TINY_SIZES, writeTinyModel } from "../../kernels/models/tiny.ts";
 import type { Batch, LoraSpec, LoraWeights } from "../../kernels/models/trainable.ts";

@@ -4,7 +4,7 @@
 // B = rows, S = tokens per row, T = B·S, V = vocab.
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { loadModelConfig, type ModelConfig, PROJECTIONS } from "../../kernels/models/config.ts";
+import { loadModelConfig, type ModelConfig, PROJECTIONS } from "../../formats/model_config.ts";
 import { loadHostModel } from "../../kernels/models/load.ts";
 import { createReferenceModel, type ReferenceModel } from "../../kernels/models/reference_backend.ts";
 import { type TinyArch, writeTinyModel } from "../../kernels/models/tiny.ts";

@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { sha256File } from "../../steps/hash.ts";
+import { sha256File } from "../../foundation/hash.ts";
 import { writeTinyModel } from "../../kernels/models/tiny.ts";
-import { loadModelConfig } from "../../kernels/models/config.ts";
+import { loadModelConfig } from "../../formats/model_config.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const DEMO = join(ROOT, "data/demo/model");

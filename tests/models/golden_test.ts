@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { loraKey } from "../../formats/peft.ts";
-import { projectionPath } from "../../kernels/models/config.ts";
+import { projectionPath } from "../../formats/model_config.ts";
 import { createReferenceModel } from "../../kernels/models/reference_backend.ts";
 import type { LoraSpec, LoraWeights } from "../../kernels/models/trainable.ts";
 import { decoder_backward, decoder_forward, decoder_loss } from "../../kernels/reference/decoder.ts";

@@ -12,7 +12,7 @@
 // O(ε²) truncation, leaving O(ε⁴) terms below 3e-3·|g| here (measured: worst 0.5 of the tolerance).
 import assert from "node:assert/strict";
 import { loraKey } from "../../formats/peft.ts";
-import type { Projection } from "../../kernels/models/config.ts";
+import type { Projection } from "../../formats/model_config.ts";
 import { createGpuModel } from "../../kernels/models/graph.ts";
 import type { TinyArch } from "../../kernels/models/tiny.ts";
 import type { LoraWeights } from "../../kernels/models/trainable.ts";

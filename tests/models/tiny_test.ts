@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { checkWeights, expectedTensors, loadModelConfig } from "../../kernels/models/config.ts";
+import { checkWeights, expectedTensors, loadModelConfig } from "../../formats/model_config.ts";
 import {
   readTokenizerInfo,
   TINY_ARCHS,

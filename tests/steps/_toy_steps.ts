@@ -10,7 +10,7 @@
  */
 import * as z from "zod";
 import { defineStep, type StepDef } from "../../steps/define.ts";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 
 /** Number of times each toy step's `run` was called. */
 export const calls: Record<string, number> = {};

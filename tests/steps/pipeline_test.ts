@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { LatheError } from "../../steps/errors.ts";
-import type { Manifest } from "../../steps/manifest.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import type { Manifest } from "../../foundation/manifest.ts";
 import {
   applyResumeFlags,
   parseRecipeArgs,

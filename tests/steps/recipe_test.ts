@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { parseOverride } from "../../steps/overrides.ts";
 import { listRecipes, loadRecipe, type LoadRecipeOptions } from "../../steps/recipe.ts";
 import { loadToyStep, sandbox } from "./_toy_steps.ts";

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { listRecipes, loadRecipe } from "../../steps/recipe.ts";
+import { loadStep } from "../../steps/registry.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 
@@ -11,7 +12,7 @@ Deno.test("every shipped recipe validates against its steps' schemas, in an orde
     `recipes found: ${names.join(", ")}`,
   );
   for (const name of names) {
-    const recipe = await loadRecipe(name, { projectRoot: ROOT });
+    const recipe = await loadRecipe(name, { projectRoot: ROOT, loadStep });
     assert.equal(recipe.name, name, `recipes/${name}.yaml names itself "${name}"`);
     assert.ok(recipe.steps.length > 0);
   }

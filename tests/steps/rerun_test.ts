@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { LatheError } from "../../steps/errors.ts";
-import { readManifest } from "../../steps/manifest.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import { readManifest } from "../../foundation/manifest.ts";
 import { parseOverride } from "../../steps/overrides.ts";
 import { rerunFromManifest } from "../../steps/rerun.ts";
 import { runStep } from "../../steps/runner.ts";

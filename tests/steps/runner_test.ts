@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
-import { Manifest, readManifest } from "../../steps/manifest.ts";
+import { Manifest, readManifest } from "../../foundation/manifest.ts";
 import { findCacheHit, planStep, type RunOptions, runStep } from "../../steps/runner.ts";
 import type { StepDef } from "../../steps/define.ts";
 import { calls, emit, failing, flaky, read, sandbox, snapshot, upper } from "./_toy_steps.ts";

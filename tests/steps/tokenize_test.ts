@@ -2,8 +2,9 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { runStep } from "../../steps/runner.ts";
 import { rerunFromManifest } from "../../steps/rerun.ts";
+import { loadStep } from "../../steps/registry.ts";
 import { parseOverride } from "../../steps/overrides.ts";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { step, TokenizeConfig } from "../../steps/tokenize.ts";
 import { ShardReader, type ShardRow } from "../../steps/tokenize/shards.ts";
 import { fakePrepare, ROOT, syntheticChats, writeJsonl } from "./tokenize/_fixtures.ts";
@@ -118,12 +119,14 @@ Deno.test("rerunning from the manifest gives the same sha256 for every output, w
       overrides: [],
       projectRoot: ROOT,
       quiet: true,
+      loadStep,
     });
     assert.deepEqual(shaOf(again.manifest.outputs), shaOf(first.manifest.outputs));
     const one = await rerunFromManifest(first.manifestPath, {
       overrides: [parseOverride("workers=1")],
       projectRoot: ROOT,
       quiet: true,
+      loadStep,
     });
     assert.equal(one.status, "ran");
     assert.equal(one.manifest.config.workers, 1);

@@ -1,12 +1,12 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { readPeftAdapter } from "../../formats/peft.ts";
-import { loadModelConfig } from "../../kernels/models/config.ts";
+import { loadModelConfig } from "../../formats/model_config.ts";
 import { writeTinyModel } from "../../kernels/models/tiny.ts";
-import { LatheError } from "../../steps/errors.ts";
-import { FAILURE_FILE, readManifest } from "../../steps/manifest.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import { FAILURE_FILE, readManifest } from "../../foundation/manifest.ts";
 import { loadStep } from "../../steps/registry.ts";
-import { canonicalJson, sha256File, sha256Hex } from "../../steps/hash.ts";
+import { canonicalJson, sha256File, sha256Hex } from "../../foundation/hash.ts";
 import { resolveConfig, type RunOutcome, runStep } from "../../steps/runner.ts";
 import { bestModelSettings } from "../../steps/train/config.ts";
 import { step as tokenizeStep } from "../../steps/tokenize.ts";

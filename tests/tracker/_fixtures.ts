@@ -4,15 +4,15 @@
  * @module
  */
 import { join } from "node:path";
-import { writeJsonAtomic } from "../../steps/atomic.ts";
-import { canonicalJson, sha256File, sha256Hex } from "../../steps/hash.ts";
+import { writeJsonAtomic } from "../../foundation/atomic.ts";
+import { canonicalJson, sha256File, sha256Hex } from "../../foundation/hash.ts";
 import {
   FAILURE_FILE,
   type GpuInfo,
   Manifest,
   MANIFEST_FILE,
   MANIFEST_SCHEMA,
-} from "../../steps/manifest.ts";
+} from "../../foundation/manifest.ts";
 import { stepKey } from "../../steps/runner.ts";
 
 /** One step of a fixture run. */

@@ -12,7 +12,7 @@
  * @module
  */
 import { join } from "node:path";
-import { exists } from "../../steps/atomic.ts";
+import { exists } from "../../foundation/atomic.ts";
 import { withDb } from "../../tracker/db.ts";
 import { indexManifestFile } from "../../tracker/index.ts";
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { runs, withRoot } from "./_cli.ts";
 import { RUN_A, RUN_B, RUN_C, writeStandardRuns } from "./_fixtures.ts";
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { backoffMs, isLockError, queryRows, withDb } from "../../tracker/db.ts";
 import { readIndex } from "../../tracker/index.ts";
 import { writeStep } from "./_fixtures.ts";

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { queryRows, sqlString, withDb } from "../../tracker/db.ts";
 import { runs, withRoot } from "./_cli.ts";
 import { RUN_A, RUN_B, RUN_C, writeStandardRuns, writeStep } from "./_fixtures.ts";

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { readManifest } from "../../steps/manifest.ts";
+import { readManifest } from "../../foundation/manifest.ts";
 import { queryRows, withDb } from "../../tracker/db.ts";
 import { indexManifestFile, parseMetricsJsonl, readIndex, reindex, scanRuns } from "../../tracker/index.ts";
 import { SCHEMA_VERSION } from "../../tracker/schema.ts";

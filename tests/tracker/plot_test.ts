@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { LatheError } from "../../steps/errors.ts";
+import { LatheError } from "../../foundation/errors.ts";
 import { niceTicks, renderSvg } from "../../tracker/plot.ts";
 import { runs, withRoot } from "./_cli.ts";
 import { lossCurve, RUN_A, RUN_B, writeStandardRuns, writeStep } from "./_fixtures.ts";

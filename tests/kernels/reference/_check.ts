@@ -4,7 +4,7 @@
  * @module
  */
 import assert from "node:assert/strict";
-import { mulberry32 } from "../../../kernels/models/random.ts";
+import { mulberry32 } from "../../../foundation/random.ts";
 
 /** Uniform values in [-1, 1) from a 32-bit seed (mulberry32), reproducible across runs. */
 export function random(seed: number): () => number {

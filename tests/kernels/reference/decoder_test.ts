@@ -11,7 +11,7 @@ import {
   projection_shape,
 } from "../../../kernels/reference/decoder.ts";
 import { count_correct, IGNORE_INDEX, lm_head_argmax } from "../../../kernels/reference/cross_entropy.ts";
-import { type ModelConfig, parseModelConfig } from "../../../kernels/models/config.ts";
+import { type ModelConfig, parseModelConfig } from "../../../formats/model_config.ts";
 import { dropout_mask, lora_scaling, type LoraAdapter } from "../../../kernels/reference/linear_lora.ts";
 import { assertClose, checkGradient, random, randomArray, someIndices } from "./_check.ts";
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { DuckDBInstance } from "@duckdb/node-api";
-import { LatheError } from "../../../steps/errors.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 import {
   type RawRow,
   readJson,

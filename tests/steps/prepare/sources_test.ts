@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { LatheError } from "../../../steps/errors.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 import { PrepareConfig } from "../../../steps/prepare/config.ts";
 import { selectDataFiles } from "../../../steps/prepare/files.ts";
 import { resolveSources } from "../../../steps/prepare/sources.ts";

@@ -25,7 +25,7 @@ import { CHATML_TEMPLATE, ChatRenderer } from "../../../steps/tokenize/chat.ts";
 import { DocumentBuilder, type TrainOn } from "../../../steps/tokenize/documents.ts";
 import { makeEncoder } from "../../../steps/tokenize/encoder.ts";
 import type { LoadedTokenizer } from "../../../steps/tokenize/tokenizer.ts";
-import { LatheError } from "../../../steps/errors.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 import { CHAT, DEMO_TOKENIZER, lenmlDir, tokenizer } from "./_fixtures.ts";
 import type { Message } from "../../../steps/tokenize/chat.ts";
 

@@ -3,7 +3,7 @@ import { ChatRenderer } from "../../../steps/tokenize/chat.ts";
 import { type DocOptions, DocumentBuilder } from "../../../steps/tokenize/documents.ts";
 import { makeEncoder } from "../../../steps/tokenize/encoder.ts";
 import type { LoadedTokenizer } from "../../../steps/tokenize/tokenizer.ts";
-import { LatheError } from "../../../steps/errors.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 import { CHAT, DEMO_TOKENIZER, lenmlDir, tokenizer } from "./_fixtures.ts";
 
 function builder(loaded: LoadedTokenizer, opts: Partial<DocOptions> = {}): DocumentBuilder {

@@ -19,7 +19,7 @@ import { ChatRenderer, type Message } from "../../../steps/tokenize/chat.ts";
 import { type DocOptions, DocumentBuilder } from "../../../steps/tokenize/documents.ts";
 import { type Encoder, LibraryEncoder, makeEncoder } from "../../../steps/tokenize/encoder.ts";
 import type { LoadedTokenizer } from "../../../steps/tokenize/tokenizer.ts";
-import { LatheError } from "../../../steps/errors.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 import { ROOT, tokenizer } from "./_fixtures.ts";
 
 interface Golden {

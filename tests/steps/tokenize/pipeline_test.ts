@@ -9,7 +9,7 @@ import {
 } from "../../../steps/tokenize/pipeline.ts";
 import { WorkerPool } from "../../../steps/tokenize/pool.ts";
 import { ShardReader } from "../../../steps/tokenize/shards.ts";
-import { LatheError } from "../../../steps/errors.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 import { DEMO_TOKENIZER, syntheticChats, tokenizer, writeJsonl } from "./_fixtures.ts";
 
 const DOC = {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { mulberry32 } from "../../../kernels/models/random.ts";
+import { mulberry32 } from "../../../foundation/random.ts";
 import { byteLevelModelOf } from "../../../steps/tokenize/encoder.ts";
 import {
   GPT2_PATTERN,

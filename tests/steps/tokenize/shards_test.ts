@@ -8,7 +8,7 @@ import {
   ShardReader,
   ShardWriter,
 } from "../../../steps/tokenize/shards.ts";
-import { LatheError } from "../../../steps/errors.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 
 const META = (vocab: number): Omit<IndexMeta, "split"> & { split: string } => ({
   split: "train",

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { LatheError } from "../../../steps/errors.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 import { tokenizerDir } from "../../../steps/tokenize/tokenizer.ts";
 
 const ROOT = fileURLToPath(new URL("../../..", import.meta.url));

@@ -18,7 +18,7 @@ import type {
   OptimizerState,
   TrainableModel,
 } from "../../../kernels/models/trainable.ts";
-import { Progress } from "../../../steps/progress.ts";
+import { Progress } from "../../../foundation/progress.ts";
 import { ShardWriter } from "../../../steps/tokenize/shards.ts";
 import { TrainSftConfig } from "../../../steps/train/config.ts";
 import type { LoopIo } from "../../../steps/train/loop.ts";

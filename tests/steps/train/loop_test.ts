@@ -2,13 +2,13 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { LoraConfig } from "../../../formats/peft.ts";
 import type { ReferenceModel } from "../../../kernels/models/reference_backend.ts";
-import { learning_rate } from "../../../kernels/reference/schedules.ts";
-import { LatheError } from "../../../steps/errors.ts";
-import { sha256File } from "../../../steps/hash.ts";
+import { learning_rate } from "../../../steps/train/schedule.ts";
+import { LatheError } from "../../../foundation/errors.ts";
+import { sha256File } from "../../../foundation/hash.ts";
 import { buildBatch, chunks, epochOrder } from "../../../steps/train/batches.ts";
 import { listCheckpoints, writeAdapter } from "../../../steps/train/checkpoint.ts";
 import { finalTrainerState, trainLoop, type TrainLoopOptions } from "../../../steps/train/loop.ts";
-import { Progress } from "../../../steps/progress.ts";
+import { Progress } from "../../../foundation/progress.ts";
 import type { TrainSftConfig } from "../../../steps/train/config.ts";
 import {
   FaultyModel,

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { learning_rate } from "../../../kernels/reference/schedules.ts";
-import { LatheError } from "../../../steps/errors.ts";
+import { learning_rate } from "../../../steps/train/schedule.ts";
+import { LatheError } from "../../../foundation/errors.ts";
 import { lrAt, planTraining } from "../../../steps/train/schedule.ts";
 import { trainConfig } from "./_fixtures.ts";
 

@@ -1,14 +1,12 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import {
-  type Env,
-  hubCacheDir,
-  hubToken,
-  isOffline,
-  repoFolderName,
-  resolveModel,
-} from "../../kernels/models/resolve.ts";
-import { LatheError } from "../../steps/errors.ts";
+import { repoFolderName as cacheFolderName } from "../../hub/cache.ts";
+import { resolveModel } from "../../hub/model.ts";
+import { type Env, hubSettings } from "../../hub/settings.ts";
+
+/** The cache folder of a model repo. */
+const repoFolderName = (name: string) => cacheFolderName({ type: "model", name });
+import { LatheError } from "../../foundation/errors.ts";
 
 const SHA = "0123456789abcdef0123456789abcdef01234567";
 
@@ -42,19 +40,19 @@ async function cacheSnapshot(cache: string, repo: string, files: Record<string, 
 }
 
 Deno.test("hubCacheDir() and hubToken() follow huggingface_hub's environment variables", async () => {
-  assert.equal(hubCacheDir(envOf({ HF_HOME: "/h" })), "/h/hub");
-  assert.equal(hubCacheDir(envOf({ XDG_CACHE_HOME: "/x" })), "/x/huggingface/hub");
-  assert.equal(hubCacheDir(envOf({ HF_HOME: "/h", HF_HUB_CACHE: "/c" })), "/c");
-  assert.match(hubCacheDir(envOf({})), /\.cache\/huggingface\/hub$/);
+  assert.equal(hubSettings(envOf({ HF_HOME: "/h" })).cacheDir, "/h/hub");
+  assert.equal(hubSettings(envOf({ XDG_CACHE_HOME: "/x" })).cacheDir, "/x/huggingface/hub");
+  assert.equal(hubSettings(envOf({ HF_HOME: "/h", HF_HUB_CACHE: "/c" })).cacheDir, "/c");
+  assert.match(hubSettings(envOf({})).cacheDir, /\.cache\/huggingface\/hub$/);
   assert.equal(repoFolderName("Qwen/Qwen2.5-0.5B"), "models--Qwen--Qwen2.5-0.5B");
-  assert.equal(isOffline(envOf({ HF_HUB_OFFLINE: "1" })), true);
-  assert.equal(isOffline(envOf({ HF_HUB_OFFLINE: "0" })), false);
-  assert.equal(isOffline(envOf({ TRANSFORMERS_OFFLINE: "true" })), true);
+  assert.equal(hubSettings(envOf({ HF_HUB_OFFLINE: "1" })).offline, true);
+  assert.equal(hubSettings(envOf({ HF_HUB_OFFLINE: "0" })).offline, false);
+  assert.equal(hubSettings(envOf({ TRANSFORMERS_OFFLINE: "true" })).offline, true);
   await withTempDir(async (home) => {
-    assert.equal(await hubToken(envOf({ HF_HOME: home, HF_TOKEN: "hf_env" })), "hf_env");
-    assert.equal(await hubToken(envOf({ HF_HOME: home })), undefined);
+    assert.equal(hubSettings(envOf({ HF_HOME: home, HF_TOKEN: "hf_env" })).token, "hf_env");
+    assert.equal(hubSettings(envOf({ HF_HOME: home })).token, undefined);
     await Deno.writeTextFile(join(home, "token"), "hf_file\n");
-    assert.equal(await hubToken(envOf({ HF_HOME: home })), "hf_file");
+    assert.equal(hubSettings(envOf({ HF_HOME: home })).token, "hf_file");
   });
 });
 

@@ -1,9 +1,28 @@
 /**
  * Where things live: the project root (config paths resolve against it), the runs root
- * (`runs/`, or `$LATHE_RUNS`) and the tracker database (`runs/lathe.duckdb`, or `$LATHE_DB`).
+ * (`runs/`, or `$LATHE_RUNS`), the tracker database (`runs/lathe.duckdb`, or `$LATHE_DB`) and
+ * lathe's cache (`~/.cache/lathe`, or `$LATHE_CACHE_DIR`).
  * @module
  */
+import { homedir } from "node:os";
 import { isAbsolute, join, relative, resolve } from "node:path";
+
+/** Reads an environment variable, or undefined (also without env permission); tests pass their own. */
+export type Env = (name: string) => string | undefined;
+
+/** {@link Env} over the process environment; an empty value counts as unset. */
+export const processEnv: Env = (name) => {
+  try {
+    return Deno.env.get(name) || undefined;
+  } catch {
+    return undefined;
+  }
+};
+
+/** The cache directory: `$LATHE_CACHE_DIR`, else `$XDG_CACHE_HOME/lathe`, else `~/.cache/lathe`. */
+export function latheCacheDir(env: Env = processEnv): string {
+  return env("LATHE_CACHE_DIR") ?? join(env("XDG_CACHE_HOME") ?? join(homedir(), ".cache"), "lathe");
+}
 
 /** The project root: `$LATHE_PROJECT` or the working directory. */
 export function projectRoot(): string {

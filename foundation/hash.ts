@@ -42,19 +42,3 @@ export async function sha256File(path: string): Promise<{ sha256: string; bytes:
   }
   return { sha256: hash.digest("hex"), bytes };
 }
-
-/**
- * sha256 and size of a step source. Files in the Hugging Face cache that resolve to
- * `blobs/<64 hex>` are LFS objects stored under the sha256 of their content (the Hub's
- * content addressing), so that name is the hash and multi-GB weights are not read again each
- * time a step is planned; every other file is hashed.
- */
-export async function sourceHash(path: string): Promise<{ sha256: string; bytes: number }> {
-  const real = await Deno.realPath(path);
-  const parts = real.split(/[\\/]/);
-  const name = parts[parts.length - 1];
-  if (parts[parts.length - 2] === "blobs" && /^[0-9a-f]{64}$/.test(name)) {
-    return { sha256: name, bytes: (await Deno.stat(real)).size };
-  }
-  return await sha256File(path);
-}

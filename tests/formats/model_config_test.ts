@@ -7,8 +7,8 @@ import {
   loadModelConfig,
   parseModelConfig,
   projectionShape,
-} from "../../kernels/models/config.ts";
-import { LatheError } from "../../steps/errors.ts";
+} from "../../formats/model_config.ts";
+import { LatheError } from "../../foundation/errors.ts";
 
 // Published configs (trimmed of fields lathe ignores).
 const LLAMA_32_1B = {

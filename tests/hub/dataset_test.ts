@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { LatheError } from "../../../steps/errors.ts";
-import { selectDataFiles } from "../../../steps/prepare/files.ts";
-import { type HubSettings, hubSettings, hubSnapshot, repoCacheDir } from "../../../steps/prepare/hub.ts";
-import { COMMIT, serveFakeHub, writeCachedDataset } from "../../fixtures/prepare/hf_cache.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import { selectDataFiles } from "../../steps/prepare/files.ts";
+import { type HubSettings, hubSettings, hubSnapshot, repoCacheDir } from "../../hub/dataset.ts";
+import { COMMIT, serveFakeHub, writeCachedDataset } from "../fixtures/prepare/hf_cache.ts";
 
 const FILES = {
   "README.md": "# orders\n",

@@ -4,8 +4,8 @@ import {
   type ScheduleConfig,
   type ScheduleName,
   warmup_steps_for,
-} from "../../../kernels/reference/schedules.ts";
-import { assertClose } from "./_check.ts";
+} from "../../../steps/train/schedule.ts";
+import { assertClose } from "../../kernels/reference/_check.ts";
 
 // transformers tests/optimization/test_optimization.py (ScheduleInitTest.test_schedulers): lr 10, the
 // learning rate before each of 10 scheduler.step() calls, compared there with a tolerance of 1e-2.

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { sha256File, sha256Hex, sourceHash } from "../../steps/hash.ts";
+import { sha256File, sha256Hex } from "../../foundation/hash.ts";
+import { sourceHash } from "../../hub/cache.ts";
 
 Deno.test("sourceHash() takes the sha256 of a Hugging Face cache blob from its name and hashes other files", async () => {
   const dir = await Deno.makeTempDir({ prefix: "lathe-hash-" });

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { Pcg32 } from "../../kernels/models/random.ts";
+import { Pcg32 } from "../../foundation/random.ts";
 
 /** pcg32_random_r in BigInt arithmetic: the textbook definition, slow but obviously right. */
 function referencePcg32(seed: bigint, stream: bigint): () => number {

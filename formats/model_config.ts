@@ -15,7 +15,7 @@
  */
 import { join } from "node:path";
 import * as z from "zod";
-import { formatZodIssues, LatheError } from "../../steps/errors.ts";
+import { formatZodIssues, LatheError } from "../foundation/errors.ts";
 
 /** Architectures lathe trains, as written in `config.json` `architectures[0]`. */
 export const SUPPORTED_ARCHITECTURES = [
