@@ -46,6 +46,7 @@ interface Counts {
 
 /** The counts of the last summary line of a `deno test` log, or null when it has none. */
 export function parseSummary(log: string): Counts | null {
+  // deno-lint-ignore no-control-regex -- ANSI colour codes start with ESC
   const plain = log.replace(/\x1b\[[0-9;]*[A-Za-z]/g, "").replace(/\r/g, "");
   const line = plain.split("\n").filter((l) => /^(ok|FAILED) \| \d+ passed/.test(l)).pop();
   if (line === undefined) return null;
@@ -63,7 +64,9 @@ export function parseSummary(log: string): Counts | null {
 export function summaryLine(counts: Counts[], failed: boolean, seconds: number): string {
   const sum = (k: keyof Counts) => counts.reduce((s, c) => s + c[k], 0);
   const steps = (n: number) => n > 0 ? ` (${n} step${n === 1 ? "" : "s"})` : "";
-  const time = seconds >= 60 ? `${Math.floor(seconds / 60)}m${Math.round(seconds % 60)}s` : `${Math.round(seconds)}s`;
+  const time = seconds >= 60
+    ? `${Math.floor(seconds / 60)}m${Math.round(seconds % 60)}s`
+    : `${Math.round(seconds)}s`;
   const parts = [
     failed ? "FAILED" : "ok",
     `${sum("passed")} passed${steps(sum("steps"))}`,
@@ -85,8 +88,13 @@ if (import.meta.main) {
   const paths = args.filter((a) => !a.startsWith("-") && (a.startsWith("tests") || a.endsWith(".ts")));
   const flags = args.filter((a) => !paths.includes(a));
   const files: string[] = [];
-  for (const p of paths.length > 0 ? paths : ["tests"]) files.push(...await testFiles(relative(ROOT, join(ROOT, p))));
-  const jobs = Math.max(1, Number(Deno.env.get("LATHE_TEST_JOBS") ?? Math.max(2, navigator.hardwareConcurrency)));
+  for (const p of paths.length > 0 ? paths : ["tests"]) {
+    files.push(...await testFiles(relative(ROOT, join(ROOT, p))));
+  }
+  const jobs = Math.max(
+    1,
+    Number(Deno.env.get("LATHE_TEST_JOBS") ?? Math.max(2, navigator.hardwareConcurrency)),
+  );
   const start = performance.now();
   const runs = deal(files, jobs).map(async (list) => {
     const out = await new Deno.Command(Deno.execPath(), {
@@ -101,7 +109,9 @@ if (import.meta.main) {
   });
   const results = await Promise.all(runs);
   const failed = results.some((r) => r.code !== 0 || r.counts === null);
-  const counts = results.map((r) => r.counts ?? { passed: 0, steps: 0, failed: 1, failedSteps: 0, ignored: 0 });
+  const counts = results.map((r) =>
+    r.counts ?? { passed: 0, steps: 0, failed: 1, failedSteps: 0, ignored: 0 }
+  );
   console.log(`\n${summaryLine(counts, failed, (performance.now() - start) / 1000)}`);
   Deno.exit(failed ? 1 : 0);
 }
