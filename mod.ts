@@ -81,6 +81,12 @@ export * as peft from "./formats/peft.ts";
 // Models: configs, resolution (path, Hugging Face cache, Hub), tiny checkpoints, the training contract.
 export { loadModelConfig, type ModelConfig, parseModelConfig } from "./formats/model_config.ts";
 export { resolveModel } from "./hub/model.ts";
+
+// The Hugging Face Hub and cache: the HF_* environment, one download path and offline rule.
+export { hubCredentials, type HubSettings, hubSettings } from "./hub/settings.ts";
+export { type HubRepo, repoCacheDir } from "./hub/cache.ts";
+export { type FileChooser, type Snapshot, snapshot, type SnapshotRequest } from "./hub/snapshot.ts";
+export { hubSnapshot } from "./hub/dataset.ts";
 export { writeTinyModel } from "./kernels/models/tiny.ts";
 export type { Batch, LoraSpec, TrainableModel } from "./kernels/models/trainable.ts";
 
