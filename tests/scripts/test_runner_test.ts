@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { deal, parseSummary, summaryLine } from "../../scripts/test.ts";
+import { deal, judge, parseSummary, summaryLine } from "../../scripts/test.ts";
 
 Deno.test("parseSummary() reads deno test's last summary line, colours and all", () => {
   const log = "running 2 tests from ./a_test.ts\n" +
@@ -29,4 +29,20 @@ Deno.test("deal() spreads sorted files round-robin over the processes, none empt
   assert.deepEqual(deal(["a", "b", "c", "d", "e"], 2), [["a", "c", "e"], ["b", "d"]]);
   assert.deepEqual(deal(["a"], 4), [["a"]]);
   assert.deepEqual(deal(["a", "b", "c"], 1), [["a", "b", "c"]]);
+});
+
+Deno.test("judge() fails on a failed test, a missing summary or a non-zero exit; a teardown crash only warns", () => {
+  const ok = { passed: 3, steps: 0, failed: 0, failedSteps: 0, ignored: 0 };
+  const one = (over: object) => [{ index: 1, code: 0, signal: null, counts: ok, ...over }];
+  assert.deepEqual(judge(one({})), { failed: false, warnings: [] });
+  assert.equal(judge(one({ code: 1, counts: { ...ok, failed: 1 } })).failed, true);
+  assert.equal(judge(one({ code: 1, counts: null })).failed, true);
+  assert.equal(judge(one({ code: 1 })).failed, true, "an exit code without a failed test still fails");
+  assert.equal(judge(one({ code: 134, signal: "SIGABRT", counts: null })).failed, true, "a crash mid-run");
+  const crash = judge(one({ code: 134, signal: "SIGABRT" }));
+  assert.equal(crash.failed, false);
+  assert.match(
+    crash.warnings[0],
+    /process 1 of 1 was killed by SIGABRT after its summary \(3 passed, 0 failed\)/,
+  );
 });
