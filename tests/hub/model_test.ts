@@ -255,3 +255,29 @@ Deno.test("resolveModel() turns Hub refusals and unreachable endpoints into acti
     });
   });
 });
+
+Deno.test("resolveModel() online falls back to a cached snapshot when the Hub cannot be reached, as datasets do", async () => {
+  await withTempDir(async (home) => {
+    const snapshot = await cacheSnapshot(join(home, "hub"), "org/tiny", {
+      "config.json": "{}",
+      "model.safetensors": "x",
+    });
+    // A port nobody listens on: the connection is refused, so the cache serves (with a warning).
+    const closed = fakeHub({});
+    const endpoint = closed.endpoint;
+    await closed.server.shutdown();
+    const warn = console.error;
+    const warnings: string[] = [];
+    console.error = (line: string) => warnings.push(line);
+    try {
+      const got = await resolveModel("org/tiny", { env: envOf({ HF_HOME: home, HF_ENDPOINT: endpoint }) });
+      assert.deepEqual(got, { dir: snapshot, source: "cache", repo: "org/tiny", commit: SHA });
+    } finally {
+      console.error = warn;
+    }
+    assert.match(
+      warnings.join("\n"),
+      /warning: cannot reach http:\/\/127\.0\.0\.1:\d+ .*using the cached snapshot/,
+    );
+  });
+});
