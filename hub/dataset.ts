@@ -46,7 +46,6 @@ export async function hubSnapshot(
     revision,
     choose: (paths) => Promise.resolve(choose(paths)),
     cacheOnly,
-    progress: false,
   });
   if (got.files.length > 0) return { commit: got.commit, dir: got.dir, files: got.files };
   if (got.source === "cache") {

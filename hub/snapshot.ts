@@ -177,7 +177,8 @@ export async function fromCache(settings: HubSettings, request: SnapshotRequest)
   const listed = await snapshotFiles(found.dir);
   const read = (path: string) => Deno.readTextFile(join(found.dir, path));
   const files = await request.choose(listed, read);
-  const missing = files.filter((f) => !listed.includes(f));
+  const present = new Set(listed);
+  const missing = files.filter((f) => !present.has(f));
   if (missing.length > 0) {
     const why = `snapshot ${found.commit.slice(0, 12)} lacks ${missing.map((m) => `"${m}"`).join(", ")}`;
     throw new HubCacheMiss(repo, revision, found.commit, null, missing, why);
@@ -225,7 +226,8 @@ async function download(settings: HubSettings, request: SnapshotRequest): Promis
     }
   };
   const files = await request.choose(listed, async (path) => await Deno.readTextFile(await fetchFile(path)));
-  const missing = files.filter((f) => !listed.includes(f));
+  const present = new Set(listed);
+  const missing = files.filter((f) => !present.has(f));
   if (missing.length > 0) throw new HubMissingFiles(repo, revision, missing, listed);
   const progress = request.progress === false || files.length === 0
     ? null
