@@ -1,0 +1,566 @@
+/**
+ * bitsandbytes 4-bit quantization (NF4 and FP4, blockwise, with optional double quantization)
+ * with the exact semantics of its CUDA kernels, so the codes lathe writes are the codes
+ * bitsandbytes writes (../shared/FORMATS.md, "bitsandbytes 4-bit"). Checked code for code
+ * against an independent numpy reference (scripts/golden/nf4.py).
+ *
+ * n = elements of a weight W[out, in], flattened row-major (blocks run across row ends);
+ * B = blocksize (64), nb = ⌈n / B⌉ blocks, N = nested blocksize (256).
+ *
+ * Quantize (`kQuantizeBlockwise`, csrc/kernels.cu), per block b, in f32:
+ *   absmax[b] = max |w|;  inv = 1 / absmax[b];  x = w · inv
+ *   code = dQuantizeNF4(x): a tree of strict `>` tests against the f32 midpoints of the NF4
+ *          table (a value on a midpoint takes the lower code; NaN fails every test: code 0)
+ *   packed byte j = code[2j] << 4 | code[2j + 1]; a short last block is padded with 0 (code 7),
+ *   so an odd n ends in a low nibble of 7. An all-zero block has absmax 0, inv = ∞ and
+ *   x = 0 · ∞ = NaN: its codes are 0, and it dequantizes to 0 · absmax = 0 all the same.
+ * Double quantization (`quantize_4bit(compress_statistics=True)`, functional.py):
+ *   offset = mean(absmax) (accumulated in f64, rounded to f32; torch's CUDA mean sums in f32
+ *            in its own order, which can differ in the last bit);
+ *   c = absmax − offset (f32); per nested block of N: nested_absmax = max |c|,
+ *   x = c · (1 / nested_absmax), absmax_code = dQuantize(dynamic map, x): a binary search over
+ *   the 256 sorted map entries, then the nearer neighbour by the f32 midpoint (a tie goes to the
+ *   lower entry when x is above the pivot, to the pivot when below).
+ * Dequantize: absmax[b] = map[absmax_code[b]] · nested_absmax[b >> 8] + offset (or the f32
+ *   absmax), w[k] = table[code_k] · absmax[k >> 6].
+ * @module
+ */
+import { LatheError } from "../foundation/errors.ts";
+
+/** The 4-bit data types bitsandbytes knows. */
+export type QuantType = "nf4" | "fp4";
+
+/** NF4 values by code (bitsandbytes' `get_4bit_type("nf4")`), as f32. */
+export const NF4_TABLE: Float32Array = Float32Array.from([
+  -1.0,
+  -0.6961928009986877,
+  -0.5250730514526367,
+  -0.39491748809814453,
+  -0.28444138169288635,
+  -0.18477343022823334,
+  -0.09105003625154495,
+  0.0,
+  0.07958029955625534,
+  0.16093020141124725,
+  0.24611230194568634,
+  0.33791524171829224,
+  0.44070982933044434,
+  0.5626170039176941,
+  0.7229568362236023,
+  1.0,
+]);
+
+/**
+ * FP4 values by code (bitsandbytes' `get_4bit_type("fp4")`: sign bit, then the e2m1 values
+ * 0, 0.0625, 8, 12, 4, 6, 2, 3, divided by 12).
+ */
+export const FP4_TABLE: Float32Array = (() => {
+  const magnitudes = [0, 0.0625, 8, 12, 4, 6, 2, 3];
+  return Float32Array.from([...magnitudes, ...magnitudes.map((m) => -m)], (v) => v / 12);
+})();
+
+const f = Math.fround;
+
+// dQuantizeNF4's thresholds (csrc/kernels.cu), as the f32 literals the kernel compiles.
+const NF4_T = [
+  0.03979014977812767,
+  0.3893125355243683,
+  0.6427869200706482,
+  0.8614784181118011,
+  0.5016634166240692,
+  0.2035212516784668,
+  0.2920137718319893,
+  0.1202552504837513,
+  -0.33967943489551544,
+  -0.13791173323988914,
+  -0.045525018125772476,
+  -0.23460740596055984,
+  -0.6106329262256622,
+  -0.4599952697753906,
+  -0.8480964004993439,
+].map(f);
+
+/** `dQuantizeNF4(x)` for an f32 `x`: the NF4 code, by the kernel's comparison tree. */
+export function quantizeNF4(x: number): number {
+  const t = NF4_T;
+  if (x > t[0]) {
+    if (x > t[1]) {
+      if (x > t[2]) return x > t[3] ? 0b1111 : 0b1110;
+      return x > t[4] ? 0b1101 : 0b1100;
+    }
+    if (x > t[5]) return x > t[6] ? 0b1011 : 0b1010;
+    return x > t[7] ? 0b1001 : 0b1000;
+  }
+  if (x > t[8]) {
+    if (x > t[9]) return x > t[10] ? 0b0111 : 0b0110;
+    return x > t[11] ? 0b0101 : 0b0100;
+  }
+  if (x > t[12]) return x > t[13] ? 0b0011 : 0b0010;
+  return x > t[14] ? 0b0001 : 0b0000;
+}
+
+const FP4_T = [0.29166667, 0.583333, 0.8333333, 0.4166667, 0.0859375, 0.20833333, 0.00260417].map(f);
+
+/** `dQuantizeFP4(x)` for an f32 `x`: sign bit 0b1000 for x < 0, then the magnitude's tree. */
+export function quantizeFP4(x: number): number {
+  const sign = x < 0 ? 0b1000 : 0;
+  const a = Math.abs(x);
+  const t = FP4_T;
+  if (a > t[0]) {
+    if (a > t[1]) return (a > t[2] ? 0b0011 : 0b0010) + sign;
+    return (a > t[3] ? 0b0101 : 0b0100) + sign;
+  }
+  if (a > t[4]) return (a > t[5] ? 0b0111 : 0b0110) + sign;
+  return (a > t[6] ? 0b0001 : 0b0000) + sign;
+}
+
+/**
+ * bitsandbytes' `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)`, the map of
+ * the nested absmax codes (`name2qmap["dynamic"]`): for exponent i in [0, 7), the midpoints of
+ * torch.linspace(0.1, 1, 2^i + 1) scaled by ±10^(i − 6); then 0 and 1; sorted; 256 f32 values.
+ * Written out as torch computes it (its vectorised linspace rounds differently from a plain loop
+ * in the last bit of 44 entries); scripts/golden/nf4.py checks it against torch. Readers use the
+ * map stored in the file.
+ */
+export const DYNAMIC_MAP: Float32Array = Float32Array.from([
+  -0.992968738079071,
+  -0.9789062142372131,
+  -0.96484375,
+  -0.9507812261581421,
+  -0.9367187023162842,
+  -0.922656238079071,
+  -0.9085937738418579,
+  -0.89453125,
+  -0.8804687261581421,
+  -0.8664062023162842,
+  -0.852343738079071,
+  -0.8382812142372131,
+  -0.82421875,
+  -0.8101562261581421,
+  -0.7960937023162842,
+  -0.782031238079071,
+  -0.7679687738418579,
+  -0.75390625,
+  -0.7398437857627869,
+  -0.725781261920929,
+  -0.7117187976837158,
+  -0.6976562738418579,
+  -0.68359375,
+  -0.6695312857627869,
+  -0.655468761920929,
+  -0.641406238079071,
+  -0.6273437738418579,
+  -0.61328125,
+  -0.5992187261581421,
+  -0.585156261920929,
+  -0.5710937976837158,
+  -0.5570312738418579,
+  -0.54296875,
+  -0.5289062261581421,
+  -0.514843761920929,
+  -0.500781238079071,
+  -0.4867187738418579,
+  -0.47265625,
+  -0.4585937261581421,
+  -0.44453126192092896,
+  -0.43046873807907104,
+  -0.41640621423721313,
+  -0.40234375,
+  -0.3882812261581421,
+  -0.37421876192092896,
+  -0.36015623807907104,
+  -0.34609371423721313,
+  -0.33203125,
+  -0.3179687261581421,
+  -0.30390626192092896,
+  -0.28984373807907104,
+  -0.2757812738418579,
+  -0.26171875,
+  -0.24765625596046448,
+  -0.23359376192092896,
+  -0.21953125298023224,
+  -0.20546874403953552,
+  -0.19140625,
+  -0.17734374105930328,
+  -0.16328124701976776,
+  -0.14921875298023224,
+  -0.13515624403953552,
+  -0.12109375,
+  -0.10703125596046448,
+  -0.09859374910593033,
+  -0.09578124433755875,
+  -0.09296875447034836,
+  -0.09015624970197678,
+  -0.08734375238418579,
+  -0.08453124761581421,
+  -0.08171874284744263,
+  -0.07890625298023224,
+  -0.07609374821186066,
+  -0.07328125089406967,
+  -0.07046874612569809,
+  -0.0676562562584877,
+  -0.06484375149011612,
+  -0.06203124672174454,
+  -0.05921875312924385,
+  -0.05640624836087227,
+  -0.053593751043081284,
+  -0.05078125,
+  -0.047968748956918716,
+  -0.04515625163912773,
+  -0.04234374687075615,
+  -0.039531249552965164,
+  -0.03671875223517418,
+  -0.0339062474668026,
+  -0.031093750149011612,
+  -0.02828124724328518,
+  -0.025468749925494194,
+  -0.02265625074505806,
+  -0.019843749701976776,
+  -0.017031250521540642,
+  -0.014218750409781933,
+  -0.011406250298023224,
+  -0.009718749672174454,
+  -0.009156249463558197,
+  -0.008593750186264515,
+  -0.008031249977648258,
+  -0.0074687497690320015,
+  -0.006906250026077032,
+  -0.006343749817460775,
+  -0.005781250074505806,
+  -0.0052187503315508366,
+  -0.0046562496572732925,
+  -0.004093749914318323,
+  -0.0035312497057020664,
+  -0.002968749962747097,
+  -0.002406249986961484,
+  -0.001843750011175871,
+  -0.001281249918974936,
+  -0.0009437500848434865,
+  -0.0008312499849125743,
+  -0.0007187500596046448,
+  -0.0006062500760890543,
+  -0.000493750034365803,
+  -0.0003812500217463821,
+  -0.0002687500382307917,
+  -0.00015625001105945557,
+  -8.874999912222847e-05,
+  -6.625000241911039e-05,
+  -4.374999844003469e-05,
+  -2.1249998098937795e-05,
+  -7.749999895168003e-06,
+  -3.250000190746505e-06,
+  -5.500000384017767e-07,
+  0.0,
+  5.500000384017767e-07,
+  3.250000190746505e-06,
+  7.749999895168003e-06,
+  2.1249998098937795e-05,
+  4.374999844003469e-05,
+  6.625000241911039e-05,
+  8.874999912222847e-05,
+  0.00015625001105945557,
+  0.0002687500382307917,
+  0.0003812500217463821,
+  0.000493750034365803,
+  0.0006062500760890543,
+  0.0007187500596046448,
+  0.0008312499849125743,
+  0.0009437500848434865,
+  0.001281249918974936,
+  0.001843750011175871,
+  0.002406249986961484,
+  0.002968749962747097,
+  0.0035312497057020664,
+  0.004093749914318323,
+  0.0046562496572732925,
+  0.0052187503315508366,
+  0.005781250074505806,
+  0.006343749817460775,
+  0.006906250026077032,
+  0.0074687497690320015,
+  0.008031249977648258,
+  0.008593750186264515,
+  0.009156249463558197,
+  0.009718749672174454,
+  0.011406250298023224,
+  0.014218750409781933,
+  0.017031250521540642,
+  0.019843749701976776,
+  0.02265625074505806,
+  0.025468749925494194,
+  0.02828124724328518,
+  0.031093750149011612,
+  0.0339062474668026,
+  0.03671875223517418,
+  0.039531249552965164,
+  0.04234374687075615,
+  0.04515625163912773,
+  0.047968748956918716,
+  0.05078125,
+  0.053593751043081284,
+  0.05640624836087227,
+  0.05921875312924385,
+  0.06203124672174454,
+  0.06484375149011612,
+  0.0676562562584877,
+  0.07046874612569809,
+  0.07328125089406967,
+  0.07609374821186066,
+  0.07890625298023224,
+  0.08171874284744263,
+  0.08453124761581421,
+  0.08734375238418579,
+  0.09015624970197678,
+  0.09296875447034836,
+  0.09578124433755875,
+  0.09859374910593033,
+  0.10703125596046448,
+  0.12109375,
+  0.13515624403953552,
+  0.14921875298023224,
+  0.16328124701976776,
+  0.17734374105930328,
+  0.19140625,
+  0.20546874403953552,
+  0.21953125298023224,
+  0.23359376192092896,
+  0.24765625596046448,
+  0.26171875,
+  0.2757812738418579,
+  0.28984373807907104,
+  0.30390626192092896,
+  0.3179687261581421,
+  0.33203125,
+  0.34609371423721313,
+  0.36015623807907104,
+  0.37421876192092896,
+  0.3882812261581421,
+  0.40234375,
+  0.41640621423721313,
+  0.43046873807907104,
+  0.44453126192092896,
+  0.4585937261581421,
+  0.47265625,
+  0.4867187738418579,
+  0.500781238079071,
+  0.514843761920929,
+  0.5289062261581421,
+  0.54296875,
+  0.5570312738418579,
+  0.5710937976837158,
+  0.585156261920929,
+  0.5992187261581421,
+  0.61328125,
+  0.6273437738418579,
+  0.641406238079071,
+  0.655468761920929,
+  0.6695312857627869,
+  0.68359375,
+  0.6976562738418579,
+  0.7117187976837158,
+  0.725781261920929,
+  0.7398437857627869,
+  0.75390625,
+  0.7679687738418579,
+  0.782031238079071,
+  0.7960937023162842,
+  0.8101562261581421,
+  0.82421875,
+  0.8382812142372131,
+  0.852343738079071,
+  0.8664062023162842,
+  0.8804687261581421,
+  0.89453125,
+  0.9085937738418579,
+  0.922656238079071,
+  0.9367187023162842,
+  0.9507812261581421,
+  0.96484375,
+  0.9789062142372131,
+  0.992968738079071,
+  1.0,
+]);
+
+/** A copy of {@link DYNAMIC_MAP}. */
+export function dynamicMap(): Float32Array {
+  return DYNAMIC_MAP.slice();
+}
+
+/** `dQuantize<0>(code, 0, x)`: the index of the map entry nearest `x` (see the module doc). */
+export function quantizeDynamic(map: Float32Array, x: number): number {
+  let pivot = 127, upperPivot = 255, lowerPivot = 0;
+  let lower = -1, upper = 1;
+  let val = map[pivot];
+  for (let i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lowerPivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upperPivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = map[pivot];
+  }
+  if (upperPivot === 255) upper = map[upperPivot];
+  if (lowerPivot === 0) lower = map[lowerPivot];
+  if (x > val) return x > f(f(upper + val) * 0.5) ? upperPivot : pivot;
+  return x < f(f(lower + val) * 0.5) ? lowerPivot : pivot;
+}
+
+/** A weight in bitsandbytes' 4-bit layout. */
+export interface Quantized4bit {
+  quantType: QuantType;
+  blocksize: number;
+  /** [out, in] of the original weight. */
+  shape: number[];
+  /** ⌈n / 2⌉ packed codes, element 2j in the high nibble. */
+  codes: Uint8Array;
+  /** The 16 values of the codes. */
+  quantMap: Float32Array;
+  /** Per block: the f32 absmax, or with double quantization its 8-bit code. */
+  absmax: Float32Array | Uint8Array;
+  /** Double quantization only. */
+  nested?: {
+    blocksize: number;
+    /** One per nested block. */
+    absmax: Float32Array;
+    /** The 256-entry dynamic map. */
+    quantMap: Float32Array;
+    offset: number;
+  };
+}
+
+/** Options of {@link quantize4bit}. */
+export interface Quantize4bitOptions {
+  quantType?: QuantType;
+  /** Default 64 (bitsandbytes accepts 32 … 4096, powers of two). */
+  blocksize?: number;
+  /** Double quantization of the absmax (`bnb_4bit_use_double_quant`); default true. */
+  doubleQuant?: boolean;
+}
+
+const BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+const NESTED_BLOCKSIZE = 256;
+
+/**
+ * Quantizes `values` (the weight as f32, each value exactly its source dtype's value) of
+ * `shape` as bitsandbytes' `quantize_4bit` does on CUDA.
+ */
+export function quantize4bit(
+  values: Float32Array,
+  shape: number[],
+  options: Quantize4bitOptions = {},
+): Quantized4bit {
+  const quantType = options.quantType ?? "nf4";
+  const B = options.blocksize ?? 64;
+  if (!BLOCKSIZES.includes(B)) {
+    throw new LatheError(`Cannot quantize: blocksize ${B} is not one of ${BLOCKSIZES.join(", ")}`);
+  }
+  const n = values.length;
+  if (n !== shape.reduce((a, b) => a * b, 1)) {
+    throw new RangeError(`Cannot quantize: ${n} values for shape [${shape.join(", ")}]`);
+  }
+  const code = quantType === "nf4" ? quantizeNF4 : quantizeFP4;
+  const nb = Math.ceil(n / B);
+  const absmax = new Float32Array(nb);
+  const codes = new Uint8Array(Math.ceil(n / 2));
+  for (let b = 0; b < nb; b++) {
+    const start = b * B, end = Math.min(n, start + B);
+    let m = 0;
+    for (let k = start; k < end; k++) m = Math.max(m, Math.abs(values[k]));
+    absmax[b] = m;
+    const inv = f(1 / m);
+    // Pairs of the padded block: padding is 0, and 0 · inv is 0 (NaN when the block is all zeros).
+    for (let k = start; k < start + B && k < n + (n & 1); k += 2) {
+      const hi = code(f((k < end ? values[k] : 0) * inv));
+      const lo = code(f((k + 1 < end ? values[k + 1] : 0) * inv));
+      codes[k >> 1] = (hi << 4) | lo;
+    }
+  }
+  const quantMap = quantType === "nf4" ? NF4_TABLE.slice() : FP4_TABLE.slice();
+  if (options.doubleQuant === false) {
+    return { quantType, blocksize: B, shape: [...shape], codes, quantMap, absmax };
+  }
+  let sum = 0;
+  for (let b = 0; b < nb; b++) sum += absmax[b];
+  const offset = f(sum / nb);
+  const map = dynamicMap();
+  const nn = Math.ceil(nb / NESTED_BLOCKSIZE);
+  const nestedAbsmax = new Float32Array(nn);
+  const absmaxCodes = new Uint8Array(nb);
+  for (let j = 0; j < nn; j++) {
+    const start = j * NESTED_BLOCKSIZE, end = Math.min(nb, start + NESTED_BLOCKSIZE);
+    let m = 0;
+    for (let b = start; b < end; b++) m = Math.max(m, Math.abs(f(absmax[b] - offset)));
+    nestedAbsmax[j] = m;
+    const inv = f(1 / m);
+    for (let b = start; b < end; b++) absmaxCodes[b] = quantizeDynamic(map, f(f(absmax[b] - offset) * inv));
+  }
+  return {
+    quantType,
+    blocksize: B,
+    shape: [...shape],
+    codes,
+    quantMap,
+    absmax: absmaxCodes,
+    nested: { blocksize: NESTED_BLOCKSIZE, absmax: nestedAbsmax, quantMap: map, offset },
+  };
+}
+
+/** The per-block absmax a quantized weight dequantizes with (f32). */
+export function blockAbsmax(q: Quantized4bit): Float32Array {
+  if (!q.nested) return q.absmax as Float32Array;
+  const { absmax: nested, quantMap, offset, blocksize } = q.nested;
+  return Float32Array.from(
+    q.absmax,
+    (c, b) => f(f(quantMap[c] * nested[Math.floor(b / blocksize)]) + offset),
+  );
+}
+
+/** w[k] = quantMap[code_k] · absmax[k / blocksize], as f32, in the original shape's row-major order. */
+export function dequantize4bit(q: Quantized4bit): Float32Array {
+  const n = q.shape.reduce((a, b) => a * b, 1);
+  const absmax = blockAbsmax(q);
+  const out = new Float32Array(n);
+  for (let k = 0; k < n; k++) {
+    const byte = q.codes[k >> 1];
+    const c = (k & 1) === 0 ? byte >> 4 : byte & 0xf;
+    out[k] = f(q.quantMap[c] * absmax[Math.floor(k / q.blocksize)]);
+  }
+  return out;
+}
+
+/** Python's `repr(float)`: the shortest round-trip digits, exponent form below 1e-4 or from 1e16. */
+export function pythonFloatRepr(x: number): string {
+  if (Number.isInteger(x) && Math.abs(x) < 1e16) return x.toFixed(1);
+  if (!Number.isFinite(x)) return Number.isNaN(x) ? "NaN" : x > 0 ? "Infinity" : "-Infinity";
+  const abs = Math.abs(x);
+  if (abs >= 1e-4 && abs < 1e16) return String(x);
+  const [mantissa, exponent] = x.toExponential().split("e");
+  const e = Number(exponent);
+  return `${mantissa}e${e < 0 ? "-" : "+"}${String(Math.abs(e)).padStart(2, "0")}`;
+}
+
+/**
+ * The `quant_state.bitsandbytes__<type>` JSON of a weight, byte for byte as bitsandbytes'
+ * `QuantState.as_dict(packed=True)` writes it (Python's `json.dumps`, keys in its order).
+ * `dtype` is the torch dtype name of the weight that was quantized ("bfloat16", "float16", "float32").
+ */
+export function quantStateJson(q: Quantized4bit, dtype: string): string {
+  const parts = [
+    `"quant_type": "${q.quantType}"`,
+    `"blocksize": ${q.blocksize}`,
+    `"dtype": "${dtype}"`,
+    `"shape": [${q.shape.join(", ")}]`,
+  ];
+  if (q.nested) {
+    parts.push(
+      `"nested_blocksize": ${q.nested.blocksize}`,
+      `"nested_dtype": "float32"`,
+      `"nested_offset": ${pythonFloatRepr(q.nested.offset)}`,
+    );
+  }
+  return `{${parts.join(", ")}}`;
+}
