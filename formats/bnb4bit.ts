@@ -26,6 +26,7 @@
  * @module
  */
 import { LatheError } from "../foundation/errors.ts";
+import type { TensorSource } from "./safetensors.ts";
 
 /** The 4-bit data types bitsandbytes knows. */
 export type QuantType = "nf4" | "fp4";
@@ -444,45 +445,45 @@ export interface Quantize4bitOptions {
 const BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 const NESTED_BLOCKSIZE = 256;
 
-/**
- * Quantizes `values` (the weight as f32, each value exactly its source dtype's value) of
- * `shape` as bitsandbytes' `quantize_4bit` does on CUDA.
- */
-export function quantize4bit(
-  values: Float32Array,
-  shape: number[],
-  options: Quantize4bitOptions = {},
-): Quantized4bit {
-  const quantType = options.quantType ?? "nf4";
-  const B = options.blocksize ?? 64;
+/** A quantized weight without its codes: what the block statistics give (see {@link quantize4bit}). */
+export type Quantized4bitStats = Omit<Quantized4bit, "codes"> & {
+  /** The f32 absmax per block, which the codes are computed with (also under double quantization). */
+  blockAbsmax: Float32Array;
+};
+
+function checkQuantizeArgs(n: number, shape: number[], B: number): void {
   if (!BLOCKSIZES.includes(B)) {
     throw new LatheError(`Cannot quantize: blocksize ${B} is not one of ${BLOCKSIZES.join(", ")}`);
   }
-  const n = values.length;
   if (n !== shape.reduce((a, b) => a * b, 1)) {
     throw new RangeError(`Cannot quantize: ${n} values for shape [${shape.join(", ")}]`);
   }
-  const code = quantType === "nf4" ? quantizeNF4 : quantizeFP4;
+}
+
+/**
+ * The block statistics of a weight: the f32 absmax per block and, with double quantization,
+ * their 8-bit codes, nested absmax and offset. Cheap next to the codes, and enough to lay out
+ * the checkpoint (the quant_state JSON holds the offset) before any code is written.
+ */
+export function quantizeStats(
+  values: Float32Array,
+  shape: number[],
+  options: Quantize4bitOptions = {},
+): Quantized4bitStats {
+  const quantType = options.quantType ?? "nf4";
+  const B = options.blocksize ?? 64;
+  const n = values.length;
+  checkQuantizeArgs(n, shape, B);
   const nb = Math.ceil(n / B);
   const absmax = new Float32Array(nb);
-  const codes = new Uint8Array(Math.ceil(n / 2));
   for (let b = 0; b < nb; b++) {
-    const start = b * B, end = Math.min(n, start + B);
     let m = 0;
-    for (let k = start; k < end; k++) m = Math.max(m, Math.abs(values[k]));
+    for (let k = b * B, end = Math.min(n, k + B); k < end; k++) m = Math.max(m, Math.abs(values[k]));
     absmax[b] = m;
-    const inv = f(1 / m);
-    // Pairs of the padded block: padding is 0, and 0 · inv is 0 (NaN when the block is all zeros).
-    for (let k = start; k < start + B && k < n + (n & 1); k += 2) {
-      const hi = code(f((k < end ? values[k] : 0) * inv));
-      const lo = code(f((k + 1 < end ? values[k + 1] : 0) * inv));
-      codes[k >> 1] = (hi << 4) | lo;
-    }
   }
   const quantMap = quantType === "nf4" ? NF4_TABLE.slice() : FP4_TABLE.slice();
-  if (options.doubleQuant === false) {
-    return { quantType, blocksize: B, shape: [...shape], codes, quantMap, absmax };
-  }
+  const base = { quantType, blocksize: B, shape: [...shape], quantMap, blockAbsmax: absmax };
+  if (options.doubleQuant === false) return { ...base, absmax };
   let sum = 0;
   for (let b = 0; b < nb; b++) sum += absmax[b];
   const offset = f(sum / nb);
@@ -499,14 +500,44 @@ export function quantize4bit(
     for (let b = start; b < end; b++) absmaxCodes[b] = quantizeDynamic(map, f(f(absmax[b] - offset) * inv));
   }
   return {
-    quantType,
-    blocksize: B,
-    shape: [...shape],
-    codes,
-    quantMap,
+    ...base,
     absmax: absmaxCodes,
     nested: { blocksize: NESTED_BLOCKSIZE, absmax: nestedAbsmax, quantMap: map, offset },
   };
+}
+
+/** The ⌈n / 2⌉ packed codes of `values`, given its block statistics. */
+export function encode4bit(values: Float32Array, stats: Quantized4bitStats): Uint8Array {
+  const n = values.length;
+  const B = stats.blocksize;
+  checkQuantizeArgs(n, stats.shape, B);
+  const code = stats.quantType === "nf4" ? quantizeNF4 : quantizeFP4;
+  const codes = new Uint8Array(Math.ceil(n / 2));
+  for (let b = 0, nb = stats.blockAbsmax.length; b < nb; b++) {
+    const start = b * B, end = Math.min(n, start + B);
+    const inv = f(1 / stats.blockAbsmax[b]);
+    // Pairs of the padded block: padding is 0, and 0 · inv is 0 (NaN when the block is all zeros).
+    for (let k = start; k < start + B && k < n + (n & 1); k += 2) {
+      const hi = code(f((k < end ? values[k] : 0) * inv));
+      const lo = code(f((k + 1 < end ? values[k + 1] : 0) * inv));
+      codes[k >> 1] = (hi << 4) | lo;
+    }
+  }
+  return codes;
+}
+
+/**
+ * Quantizes `values` (the weight as f32, each value exactly its source dtype's value) of
+ * `shape` as bitsandbytes' `quantize_4bit` does on CUDA.
+ */
+export function quantize4bit(
+  values: Float32Array,
+  shape: number[],
+  options: Quantize4bitOptions = {},
+): Quantized4bit {
+  const stats = quantizeStats(values, shape, options);
+  const { blockAbsmax: _, ...rest } = stats;
+  return { ...rest, codes: encode4bit(values, stats) };
 }
 
 /** The per-block absmax a quantized weight dequantizes with (f32). */
@@ -563,4 +594,82 @@ export function quantStateJson(q: Quantized4bit, dtype: string): string {
     );
   }
   return `{${parts.join(", ")}}`;
+}
+
+/** The torch dtype names bitsandbytes records (`str(dtype)` less "torch."), by safetensors dtype. */
+export const TORCH_DTYPE_NAMES = { F32: "float32", F16: "float16", BF16: "bfloat16" } as const;
+
+const f32Bytes = (a: Float32Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+
+/**
+ * The tensors transformers saves for one 4-bit linear weight `name` (`…X_proj.weight`), in
+ * bitsandbytes' layout (FORMATS.md): the packed codes `[⌈n/2⌉, 1]` (U8), `.absmax` (U8 codes or
+ * F32), `.quant_map`, with double quantization `.nested_absmax` and `.nested_quant_map`, and
+ * `.quant_state.bitsandbytes__<type>` (the JSON as U8). `codes` is called when the file
+ * writer reaches the codes, so a weight's codes need not be held while others are written.
+ */
+export function bnb4bitTensors(
+  name: string,
+  stats: Quantized4bitStats,
+  dtype: keyof typeof TORCH_DTYPE_NAMES,
+  codes: () => Uint8Array | Promise<Uint8Array>,
+): TensorSource[] {
+  const n = stats.shape.reduce((a, b) => a * b, 1);
+  const state = new TextEncoder().encode(
+    quantStateJson({ ...stats, codes: new Uint8Array(0) }, TORCH_DTYPE_NAMES[dtype]),
+  );
+  const out: TensorSource[] = [
+    { name, dtype: "U8", shape: [Math.ceil(n / 2), 1], data: codes },
+    stats.absmax instanceof Uint8Array
+      ? { name: `${name}.absmax`, dtype: "U8", shape: [stats.absmax.length], data: stats.absmax }
+      : { name: `${name}.absmax`, dtype: "F32", shape: [stats.absmax.length], data: f32Bytes(stats.absmax) },
+    { name: `${name}.quant_map`, dtype: "F32", shape: [16], data: f32Bytes(stats.quantMap) },
+  ];
+  if (stats.nested) {
+    out.push(
+      {
+        name: `${name}.nested_absmax`,
+        dtype: "F32",
+        shape: [stats.nested.absmax.length],
+        data: f32Bytes(stats.nested.absmax),
+      },
+      { name: `${name}.nested_quant_map`, dtype: "F32", shape: [256], data: f32Bytes(stats.nested.quantMap) },
+    );
+  }
+  out.push({
+    name: `${name}.quant_state.bitsandbytes__${stats.quantType}`,
+    dtype: "U8",
+    shape: [state.length],
+    data: state,
+  });
+  return out;
+}
+
+/** Settings of a 4-bit checkpoint, as `BitsAndBytesConfig` names them. */
+export interface Bnb4bitSettings {
+  quantType: QuantType;
+  doubleQuant: boolean;
+  /** `bnb_4bit_compute_dtype`: "float16" or "bfloat16" (recorded; the kernels compute in f32). */
+  computeDtype: string;
+  /** `llm_int8_skip_modules`: module names kept in 16 bit; null = transformers' default (lm_head). */
+  skipModules: string[] | null;
+}
+
+/** config.json's `quantization_config` for a 4-bit checkpoint, keys as transformers writes them. */
+export function quantizationConfig(s: Bnb4bitSettings): Record<string, unknown> {
+  return {
+    _load_in_4bit: true,
+    _load_in_8bit: false,
+    bnb_4bit_compute_dtype: s.computeDtype,
+    bnb_4bit_quant_storage: "uint8",
+    bnb_4bit_quant_type: s.quantType,
+    bnb_4bit_use_double_quant: s.doubleQuant,
+    llm_int8_enable_fp32_cpu_offload: false,
+    llm_int8_has_fp16_weight: false,
+    llm_int8_skip_modules: s.skipModules,
+    llm_int8_threshold: 6.0,
+    load_in_4bit: true,
+    load_in_8bit: false,
+    quant_method: "bitsandbytes",
+  };
 }

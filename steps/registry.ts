@@ -8,6 +8,7 @@ import { LatheError } from "../foundation/errors.ts";
 const MODULES: Record<string, () => Promise<{ step: StepDef }>> = {
   prepare: () => import("./prepare.ts"),
   tokenize: () => import("./tokenize.ts"),
+  quantize: () => import("./quantize.ts"),
   "train-sft": () => import("./train_sft.ts"),
 };
 

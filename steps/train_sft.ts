@@ -24,9 +24,8 @@ import {
   type LoraConfig,
   resolveTargetModules,
 } from "../formats/peft.ts";
-import { INDEX_FILE, SINGLE_FILE } from "../formats/safetensors.ts";
 import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
-import { resolveModel } from "../hub/model.ts";
+import { modelDir, modelSources } from "./model_source.ts";
 import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
 import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runFromCli } from "./cli.ts";
@@ -50,39 +49,8 @@ export const CHECKPOINTS_DIR = ".train-sft.checkpoints";
  */
 export const trainSftHooks: { wrapModel?: (model: TrainableModel) => TrainableModel } = {};
 
-async function isDirectory(path: string): Promise<boolean> {
-  try {
-    return (await Deno.stat(path)).isDirectory;
-  } catch {
-    return false;
-  }
-}
-
-/** The local directory of `config.model`: a path relative to the project root, else a cache or Hub reference. */
-async function modelDir(config: TrainSftConfig, projectRoot: string): Promise<string> {
-  const local = resolve(projectRoot, config.model);
-  const ref = await isDirectory(local) ? local : config.model;
-  return (await resolveModel(ref, { revision: config.revision })).dir;
-}
-
-/** The files that determine the model (config and weights), by source name `model/<file>`. */
-async function modelSources(dir: string): Promise<Record<string, string>> {
-  const out: Record<string, string> = { "model/config.json": join(dir, "config.json") };
-  const index = join(dir, INDEX_FILE);
-  if (await exists(index)) {
-    out[`model/${INDEX_FILE}`] = index;
-    const parsed = JSON.parse(await Deno.readTextFile(index)) as { weight_map?: Record<string, string> };
-    for (const file of new Set(Object.values(parsed.weight_map ?? {}))) {
-      out[`model/${file}`] = join(dir, file);
-    }
-  } else {
-    out[`model/${SINGLE_FILE}`] = join(dir, SINGLE_FILE);
-  }
-  return out;
-}
-
 async function sources(config: TrainSftConfig, projectRoot: string): Promise<Record<string, string>> {
-  const out = await modelSources(await modelDir(config, projectRoot));
+  const out = await modelSources(await modelDir(config.model, config.revision, projectRoot));
   if (config.init_adapter !== null) {
     const dir = resolve(projectRoot, config.init_adapter);
     out["init_adapter/config"] = join(dir, ADAPTER_CONFIG_FILE);
