@@ -62,8 +62,8 @@ export const FP4_TABLE: Float32Array = (() => {
 
 const f = Math.fround;
 
-// dQuantizeNF4's thresholds (csrc/kernels.cu), as the f32 literals the kernel compiles.
-const NF4_T = [
+/** dQuantizeNF4's thresholds (csrc/kernels.cu) in its tree order, as the f32 literals the kernel compiles. */
+export const NF4_THRESHOLDS: readonly number[] = [
   0.03979014977812767,
   0.3893125355243683,
   0.6427869200706482,
@@ -83,7 +83,7 @@ const NF4_T = [
 
 /** `dQuantizeNF4(x)` for an f32 `x`: the NF4 code, by the kernel's comparison tree. */
 export function quantizeNF4(x: number): number {
-  const t = NF4_T;
+  const t = NF4_THRESHOLDS;
   if (x > t[0]) {
     if (x > t[1]) {
       if (x > t[2]) return x > t[3] ? 0b1111 : 0b1110;
@@ -100,13 +100,22 @@ export function quantizeNF4(x: number): number {
   return x > t[14] ? 0b0001 : 0b0000;
 }
 
-const FP4_T = [0.29166667, 0.583333, 0.8333333, 0.4166667, 0.0859375, 0.20833333, 0.00260417].map(f);
+/** dQuantizeFP4's magnitude thresholds in its tree order, as f32. */
+export const FP4_THRESHOLDS: readonly number[] = [
+  0.29166667,
+  0.583333,
+  0.8333333,
+  0.4166667,
+  0.0859375,
+  0.20833333,
+  0.00260417,
+].map(f);
 
 /** `dQuantizeFP4(x)` for an f32 `x`: sign bit 0b1000 for x < 0, then the magnitude's tree. */
 export function quantizeFP4(x: number): number {
   const sign = x < 0 ? 0b1000 : 0;
   const a = Math.abs(x);
-  const t = FP4_T;
+  const t = FP4_THRESHOLDS;
   if (a > t[0]) {
     if (a > t[1]) return (a > t[2] ? 0b0011 : 0b0010) + sign;
     return (a > t[3] ? 0b0101 : 0b0100) + sign;

@@ -10,7 +10,7 @@
  * @module
  */
 import { Pcg32 } from "../../foundation/random.ts";
-import { FP4_TABLE, NF4_TABLE } from "../../formats/bnb4bit.ts";
+import { FP4_TABLE, FP4_THRESHOLDS, NF4_TABLE, NF4_THRESHOLDS } from "../../formats/bnb4bit.ts";
 import { type TensorSource, writeSafetensors } from "../../formats/safetensors.ts";
 
 /** The next f32 above (dir 1) or below (dir −1) an f32 value. */
@@ -31,25 +31,7 @@ export function edgeTensors(): Map<string, [number[], Float32Array]> {
     const sorted = [...table].sort((a, b) => a - b);
     for (let i = 0; i + 1 < sorted.length; i++) mids.push(Math.fround((sorted[i] + sorted[i + 1]) / 2));
   }
-  const fp4Thresholds = [0.29166667, 0.583333, 0.8333333, 0.4166667, 0.0859375, 0.20833333, 0.00260417];
-  const nf4Thresholds = [
-    0.03979014977812767,
-    0.3893125355243683,
-    0.6427869200706482,
-    0.8614784181118011,
-    0.5016634166240692,
-    0.2035212516784668,
-    0.2920137718319893,
-    0.1202552504837513,
-    -0.33967943489551544,
-    -0.13791173323988914,
-    -0.045525018125772476,
-    -0.23460740596055984,
-    -0.6106329262256622,
-    -0.4599952697753906,
-    -0.8480964004993439,
-  ];
-  const points = [...nf4Thresholds, ...fp4Thresholds, ...fp4Thresholds.map((t) => -t), ...mids].map(
+  const points = [...NF4_THRESHOLDS, ...FP4_THRESHOLDS, ...FP4_THRESHOLDS.map((t) => -t), ...mids].map(
     Math.fround,
   );
   const onThresholds: number[] = [];
