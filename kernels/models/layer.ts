@@ -38,7 +38,7 @@ import { recorder } from "../recorder.ts";
 import { Tensor } from "../tensor.ts";
 import type { AdapterSlot, GpuAdapters } from "./adapters.ts";
 import { type ModelConfig, type Projection, projectionPath } from "../../formats/model_config.ts";
-import type { GpuWeights } from "./gpu_weights.ts";
+import type { GpuWeights, WeightMatrix } from "./gpu_weights.ts";
 import { loraDropoutSeed } from "./reference_backend.ts";
 
 /** Float dtype of the activations that feed matmuls and attention. */
@@ -114,9 +114,17 @@ export interface LayerForwardResult {
   saved: LayerActivations | null;
 }
 
-function weight(ctx: LayerContext, layer: number, proj: Projection): { W: Tensor; bias: Tensor | undefined } {
+/**
+ * The projection's weight for one product (a 4-bit weight's dequantized copy lives until the
+ * handle is disposed, right after the product is recorded) and its bias.
+ */
+function weight(
+  ctx: LayerContext,
+  layer: number,
+  proj: Projection,
+): { W: WeightMatrix; bias: Tensor | undefined } {
   const path = projectionPath(layer, proj);
-  return { W: ctx.weights.get(`${path}.weight`), bias: ctx.weights.find(`${path}.bias`) ?? undefined };
+  return { W: ctx.weights.matrix(`${path}.weight`), bias: ctx.weights.find(`${path}.bias`) ?? undefined };
 }
 
 function loraOf(ctx: LayerContext, batch: LayerBatch, slot: AdapterSlot): LoraTensors {
@@ -142,13 +150,20 @@ function project(
   out?: Tensor,
 ): Tensor {
   const { W, bias } = weight(ctx, layer, proj);
+  using _lent = W;
   const slot = ctx.adapters.find(layer, proj);
   const label = `${projectionPath(layer, proj)}.out`;
   const accumulate = out !== undefined;
   if (slot === null) {
-    return matmul(x, W, { layout: "NT", bias, out, accumulate, outDtype: ctx.act, label });
+    return matmul(x, W.tensor, { layout: "NT", bias, out, accumulate, outDtype: ctx.act, label });
   }
-  const r = loraForward(x, W, loraOf(ctx, batch, slot), { bias, out, accumulate, outDtype: ctx.act, label });
+  const r = loraForward(x, W.tensor, loraOf(ctx, batch, slot), {
+    bias,
+    out,
+    accumulate,
+    outDtype: ctx.act,
+    label,
+  });
   xa.set(proj, r.xa);
   return r.y;
 }
@@ -177,13 +192,16 @@ function projectBackward(
   dx: Tensor | null,
   accumulate: boolean,
 ): void {
-  const { W } = weight(ctx, layer, proj);
   const slot = ctx.adapters.find(layer, proj);
   if (slot === null) {
-    if (dx !== null) matmul(dy, W, { layout: "NN", out: dx, accumulate });
+    if (dx === null) return;
+    using W = weight(ctx, layer, proj).W;
+    matmul(dy, W.tensor, { layout: "NN", out: dx, accumulate });
     return;
   }
-  loraBackward(dy, x, W, loraOf(ctx, batch, slot), saved.xa.get(proj)!, {
+  // The weight is read only for dx: a 4-bit weight is not dequantized when dx is skipped.
+  using W = dx === null ? null : weight(ctx, layer, proj).W;
+  loraBackward(dy, x, W?.tensor ?? null, loraOf(ctx, batch, slot), saved.xa.get(proj)!, {
     dA: slot.dA,
     dB: slot.dB,
     dx: dx ?? undefined,

@@ -1,0 +1,144 @@
+// QLoRA: the WebGPU graph on a 4-bit base (the quantize step's output: NF4 with double
+// quantization, FP4 without) against the CPU reference run on the dequantized weights
+// (kernels/models/load.ts dequantizes 4-bit checkpoints with formats/bnb4bit.ts). Tiny Llama,
+// Mistral and Qwen2 with LoRA on all seven projections and random non-zero B, packed rows.
+//
+// The GPU dequantizes each 4-bit weight to exactly the reference's f32 values (tests/kernels/
+// quant_4bit_test.ts), so the f32 tolerances are graph_test.ts's: per gradient tensor with
+// scale = max|ref|, |gpu − ref| ≤ 1e-4·scale + 1e-3·|ref|; loss rtol 1e-5. In f16 (weights
+// rounded to f16 once, activations f16): 2e-2·scale + 5e-2·|ref|, loss rtol 1e-3.
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { expectedTensors, loadModelConfig } from "../../formats/model_config.ts";
+import { loadGpuWeights } from "../../kernels/models/gpu_weights.ts";
+import { createGpuModel } from "../../kernels/models/graph.ts";
+import { loadHostModel } from "../../kernels/models/load.ts";
+import { createReferenceModel } from "../../kernels/models/reference_backend.ts";
+import type { TinyArch } from "../../kernels/models/tiny.ts";
+import { memoryStats } from "../../kernels/tensor.ts";
+import { MODEL_DIR, step as quantizeStep } from "../../steps/quantize.ts";
+import { runStep } from "../../steps/runner.ts";
+import { assertClose, gpuTest } from "../kernels/_harness.ts";
+import { ROOT } from "../steps/train/_fixtures.ts";
+import { allTargets, packedBatch, tinyCheckpoint, trainedTokens, withRandomB } from "./_model_fixture.ts";
+
+const SEED = 7;
+const F32 = { scaled: 1e-4, rtol: 1e-3, loss: 1e-5 };
+const F16 = { scaled: 2e-2, rtol: 5e-2, loss: 1e-3 };
+
+/** A tiny `arch` checkpoint quantized by the quantize step; returns the 4-bit directory. */
+async function quantized(
+  arch: TinyArch,
+  config: Record<string, unknown>,
+  body: (dir: string) => Promise<void>,
+): Promise<void> {
+  const ckpt = await tinyCheckpoint(arch);
+  const runs = await Deno.makeTempDir({ prefix: "lathe-qlora-" });
+  try {
+    await runStep(quantizeStep, {
+      runsRoot: runs,
+      runId: "q",
+      recipe: null,
+      config: { model: ckpt.dir, ...config },
+      seed: 1,
+      projectRoot: ROOT,
+      quiet: true,
+    });
+    await body(join(runs, "q", "quantize", MODEL_DIR));
+  } finally {
+    await Deno.remove(runs, { recursive: true });
+    await ckpt.cleanup();
+  }
+}
+
+async function compare(dir: string, dtype: "f16" | "f32", what: string): Promise<void> {
+  const tol = dtype === "f32" ? F32 : F16;
+  const config = await loadModelConfig(dir);
+  const lora = allTargets();
+  const batch = packedBatch(config.vocabSize, 2, 16, 5);
+  const n = trainedTokens(batch);
+  using model = await createGpuModel(config, dir, lora, SEED, { dtype, gradientCheckpointing: true });
+  const weights = withRandomB(await model.getLora(), 11);
+  await model.setLora(weights);
+  const host = await loadHostModel(dir);
+  using ref = createReferenceModel(host.config, host.weights, lora, SEED);
+  await ref.setLora(weights);
+  const r = await ref.forwardBackward(batch, n, 1);
+  const g = await model.forwardBackward(batch, n, 1);
+  assert.equal(g.tokens, r.tokens);
+  assert.ok(
+    Math.abs(g.lossSum - r.lossSum) <= tol.loss * Math.abs(r.lossSum),
+    `${what}: loss ${g.lossSum} vs reference ${r.lossSum}`,
+  );
+  const grads = await model.getGradients();
+  const want = ref.gradients();
+  assert.deepEqual([...grads.keys()].sort(), [...want.keys()].sort());
+  for (const [name, expected] of want) {
+    let scale = 0;
+    for (const v of expected) scale = Math.max(scale, Math.abs(v));
+    assert.ok(scale > 0, `${name}: the reference gradient is all zero`);
+    assertClose(grads.get(name)!, expected, {
+      atol: tol.scaled * scale,
+      rtol: tol.rtol,
+      name: `${what} ${name}`,
+    });
+  }
+}
+
+const ARCHS: TinyArch[] = ["llama", "mistral", "qwen2"];
+
+for (const arch of ARCHS) {
+  gpuTest(
+    `QLoRA (NF4, double quant) gradients match the reference on the dequantized base: ${arch}`,
+    async () => {
+      await quantized(arch, {}, (dir) => compare(dir, "f32", `${arch} nf4`));
+    },
+  );
+}
+
+gpuTest("QLoRA on FP4 without double quantization, blocksize 128, lm_head and mlp kept: llama", async () => {
+  await quantized("llama", {
+    quant_type: "fp4",
+    double_quant: false,
+    blocksize: 128,
+    skip_modules: ["lm_head", "mlp"],
+  }, (dir) => compare(dir, "f32", "llama fp4"));
+});
+
+gpuTest("QLoRA in f16 stays within f16 tolerance of the dequantized reference: mistral", async () => {
+  await quantized("mistral", {}, (dir) => compare(dir, "f16", "mistral nf4 f16"));
+}, { needsF16: true });
+
+gpuTest(
+  "a 4-bit base stays 4-bit on the GPU: codes, absmax codes and tables, nothing widened",
+  async (gpu) => {
+    await quantized("llama", {}, async (dir) => {
+      const config = await loadModelConfig(dir);
+      using weights = await loadGpuWeights(gpu, config, dir, { dtype: "f32" });
+      assert.equal(weights.quantizedCount, 7 * config.numLayers);
+      assert.ok(weights.isQuantized("model.layers.0.mlp.down_proj.weight"));
+      assert.ok(!weights.isQuantized("model.embed_tokens.weight"));
+      assert.throws(() => weights.get("model.layers.0.self_attn.q_proj.weight"), /is 4-bit/);
+      // Bytes: f32 for every float tensor; per 4-bit weight n/2 code bytes, one absmax code per
+      // 64 weights and the f32 tables (16 + 256 + nested absmax), each padded to 4 bytes.
+      let want = 0;
+      for (const [name, shape] of expectedTensors(config)) {
+        const n = shape.reduce((a, b) => a * b, 1);
+        if (!weights.isQuantized(name)) want += n * 4;
+        else {
+          const nb = Math.ceil(n / 64);
+          want += Math.ceil(n / 8) * 4 + Math.ceil(nb / 4) * 4 + (272 + Math.ceil(nb / 256)) * 4;
+        }
+      }
+      assert.equal(weights.byteLength, want);
+      // One projection in use at a time: its dequantized copy is pooled again after the product.
+      const live = memoryStats(gpu).liveBytes;
+      {
+        using W = weights.matrix("model.layers.1.mlp.up_proj.weight");
+        assert.deepEqual(W.tensor.shape, [config.intermediateSize, config.hiddenSize]);
+        assert.ok(memoryStats(gpu).liveBytes > live);
+      }
+      assert.equal(memoryStats(gpu).liveBytes, live);
+    });
+  },
+);
