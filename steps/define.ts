@@ -58,10 +58,21 @@ export interface StepDef<S extends z.ZodType = z.ZodType> {
   /** Input name -> upstream step name, e.g. `{ data: "prepare" }`. */
   inputs: Record<string, string>;
   /**
-   * External files this config reads, by name -> path (relative to the project root or
-   * absolute). Resolved before the cache check; their hashes are part of the key.
+   * Inputs bound only when their step is part of the run: in the recipe (which then orders it
+   * first), or, for a step run alone, with a manifest in the run directory. E.g. train-sft's
+   * `{ base: "quantize" }`: a recipe with a quantize step trains on its 4-bit model.
    */
-  sources?: (config: z.output<S>, projectRoot: string) => Promise<Record<string, string>>;
+  optionalInputs?: Record<string, string>;
+  /**
+   * External files this config reads, by name -> path (relative to the project root or
+   * absolute). Resolved before the cache check; their hashes are part of the key. `inputs` holds
+   * the names of the inputs bound in this run (optional ones included when bound).
+   */
+  sources?: (
+    config: z.output<S>,
+    projectRoot: string,
+    inputs: ReadonlySet<string>,
+  ) => Promise<Record<string, string>>;
   run: (ctx: StepContext, config: z.output<S>, inputs: Record<string, Upstream>) => Promise<StepResult>;
 }
 
@@ -88,6 +99,16 @@ export function defineStep<S extends z.ZodType>(def: StepDef<S>): StepDef<S> {
     throw new TypeError(`Cannot define step "${def.name}": names are lowercase words joined by "-"`);
   }
   return def;
+}
+
+/**
+ * The inputs a step reads in a run: its required inputs, and each optional input whose step
+ * `present` says is part of the run (input name -> upstream step name).
+ */
+export function boundInputs(def: StepDef, present: (step: string) => boolean): Record<string, string> {
+  const out = { ...def.inputs };
+  for (const [name, step] of Object.entries(def.optionalInputs ?? {})) if (present(step)) out[name] = step;
+  return out;
 }
 
 /**

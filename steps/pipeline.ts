@@ -12,6 +12,7 @@ import { exists } from "../foundation/atomic.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { FAILURE_FILE, type Manifest, MANIFEST_FILE } from "../foundation/manifest.ts";
 import { parseOverride } from "./overrides.ts";
+import { boundInputs } from "./define.ts";
 import { displayPath, runsRoot as defaultRunsRoot } from "../foundation/paths.ts";
 import { loadRecipe, type Recipe, type RecipeStep, type StepLoader } from "./recipe.ts";
 import { findCacheHit, planStep, type RunOutcome, runStep } from "./runner.ts";
@@ -119,7 +120,8 @@ export function selectSteps(recipe: Recipe, sel: Selection): Selected[] {
   const needed = new Set<string>();
   const visit = (name: string): void => {
     const step = recipe.steps.find((s) => s.name === name);
-    for (const upstream of Object.values(step?.def.inputs ?? {})) {
+    const inRecipe = (s: string) => recipe.steps.some((r) => r.name === s);
+    for (const upstream of Object.values(step ? boundInputs(step.def, inRecipe) : {})) {
       if (!needed.has(upstream)) {
         needed.add(upstream);
         visit(upstream);
@@ -245,7 +247,9 @@ export async function planPipeline(recipe: Recipe, opts: PlanPipelineOptions): P
     });
     keys[step.name] = key;
     const hit = force ? null : await findCacheHit(opts.runsRoot, opts.runId, step.name, key);
-    const upstreamRuns = Object.values(step.def.inputs).some((u) => byName[u]?.status === "run");
+    const upstreamRuns = Object.values(boundInputs(step.def, (s) => s in byName)).some((u) =>
+      byName[u]?.status === "run"
+    );
     const planned: PlannedStep = {
       step: step.name,
       role,

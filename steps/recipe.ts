@@ -10,7 +10,7 @@ import { isAbsolute, join, relative, resolve, sep } from "node:path";
 import { isMap, isScalar, isSeq, LineCounter, type Node, parseDocument, visit } from "yaml";
 import * as z from "zod";
 import { exists } from "../foundation/atomic.ts";
-import type { StepDef, StepLoader } from "./define.ts";
+import { boundInputs, type StepDef, type StepLoader } from "./define.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { type Override, setPath } from "./overrides.ts";
 
@@ -389,7 +389,7 @@ export async function parseRecipe(text: string, path: string, opts: LoadRecipeOp
       problems.push({ path: ["steps", name], message: error.message });
       continue;
     }
-    for (const [input, upstream] of Object.entries(def.inputs)) {
+    for (const [input, upstream] of Object.entries(boundInputs(def, (s) => names.includes(s)))) {
       const at = names.indexOf(upstream);
       if (at === -1) {
         problems.push({

@@ -9,7 +9,7 @@
 import { basename, dirname, isAbsolute, join, relative, resolve } from "node:path";
 import type * as z from "zod";
 import { exists, writeJsonAtomic } from "../foundation/atomic.ts";
-import type { StepContext, StepDef, Upstream } from "./define.ts";
+import { boundInputs, type StepContext, type StepDef, type Upstream } from "./define.ts";
 import { formatZodIssues, LatheError } from "../foundation/errors.ts";
 import { canonicalJson, sha256File, sha256Hex } from "../foundation/hash.ts";
 import { sourceHash } from "../hub/cache.ts";
@@ -194,7 +194,14 @@ async function resolveInputs(
 ): Promise<{ entries: Record<string, InputEntry>; upstream: Record<string, Upstream> }> {
   const entries: Record<string, InputEntry> = {};
   const upstream: Record<string, Upstream> = {};
-  for (const [name, stepName] of Object.entries(def.inputs)) {
+  // An optional input is bound when its step has a manifest here, or when a rerun recorded it.
+  const present = new Set<string>();
+  for (const [name, stepName] of Object.entries(def.optionalInputs ?? {})) {
+    if (expect?.[name] !== undefined || await exists(join(runDir, stepName, MANIFEST_FILE))) {
+      present.add(stepName);
+    }
+  }
+  for (const [name, stepName] of Object.entries(boundInputs(def, (s) => present.has(s)))) {
     const dir = join(runDir, stepName);
     const path = join(dir, MANIFEST_FILE);
     if (!(await exists(path))) {
@@ -236,8 +243,9 @@ async function resolveSources(
   config: unknown,
   projectRoot: string,
   expect: Record<string, SourceEntry> | undefined,
+  bound: ReadonlySet<string>,
 ): Promise<{ entries: Record<string, SourceEntry>; paths: Record<string, string> }> {
-  const named = def.sources ? await def.sources(config, projectRoot) : {};
+  const named = def.sources ? await def.sources(config, projectRoot, bound) : {};
   const entries: Record<string, SourceEntry> = {};
   const paths: Record<string, string> = {};
   for (const [name, p] of Object.entries(named)) {
@@ -308,7 +316,8 @@ export async function planStep<S extends z.ZodType>(def: StepDef<S>, opts: PlanO
   let upstream: Record<string, Upstream> = {};
   if (opts.inputKeys) {
     inputs = {};
-    for (const [name, stepName] of Object.entries(def.inputs)) {
+    const planned = opts.inputKeys;
+    for (const [name, stepName] of Object.entries(boundInputs(def as StepDef, (s) => s in planned))) {
       const key = opts.inputKeys[stepName];
       if (key === undefined) {
         throw new LatheError(
@@ -329,6 +338,7 @@ export async function planStep<S extends z.ZodType>(def: StepDef<S>, opts: PlanO
     config,
     opts.projectRoot,
     opts.expectSources,
+    new Set(Object.keys(inputs)),
   );
   const key = stepKey(def, configHash, opts.seed, inputs, sources);
   return { config, configHash, inputs, upstream, sources, sourcePaths, key };

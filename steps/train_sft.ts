@@ -2,6 +2,13 @@
  * The `train-sft` step: LoRA supervised fine-tuning of a base model on the token shards of
  * `tokenize`, written as a PEFT adapter.
  *
+ * QLoRA: with a `quantize` step in the run (its optional input `base`), train-sft trains on that
+ * step's 4-bit model, which must be the quantized `model`; the adapter still names `model` as
+ * its base, as peft does for a model loaded in 4 bits. A pre-quantized checkpoint (`*-bnb-4bit`)
+ * named by `model` trains the same way. Either way the base stays 4-bit on the GPU
+ * (docs/engine.md), norms and embeddings keep their precision, and gradient checkpointing is on
+ * by default (prepare_model_for_kbit_training's settings).
+ *
  * ```
  * deno task step train-sft --run <id> --set model=Qwen/Qwen2.5-0.5B --set max_steps=200
  * deno task step train-sft --run <id> --resume ...   # continue a killed run (LATHE_RESUME=1)
@@ -26,6 +33,7 @@ import {
 } from "../formats/peft.ts";
 import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
 import { modelDir, modelSources } from "./model_source.ts";
+import { MODEL_DIR as QUANTIZED_MODEL_DIR } from "./quantize.ts";
 import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
 import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runFromCli } from "./cli.ts";
@@ -49,8 +57,15 @@ export const CHECKPOINTS_DIR = ".train-sft.checkpoints";
  */
 export const trainSftHooks: { wrapModel?: (model: TrainableModel) => TrainableModel } = {};
 
-async function sources(config: TrainSftConfig, projectRoot: string): Promise<Record<string, string>> {
-  const out = await modelSources(await modelDir(config.model, config.revision, projectRoot));
+async function sources(
+  config: TrainSftConfig,
+  projectRoot: string,
+  inputs: ReadonlySet<string>,
+): Promise<Record<string, string>> {
+  // With a quantize step upstream, its key already covers the model: nothing to hash (or download) here.
+  const out = inputs.has("base")
+    ? {}
+    : await modelSources(await modelDir(config.model, config.revision, projectRoot));
   if (config.init_adapter !== null) {
     const dir = resolve(projectRoot, config.init_adapter);
     out["init_adapter/config"] = join(dir, ADAPTER_CONFIG_FILE);
@@ -140,8 +155,27 @@ async function resumeChoice(checkpointDir: string): Promise<boolean> {
   );
 }
 
+/**
+ * The directory of the base the step trains on: the 4-bit model of a quantize step upstream
+ * (which must have quantized `config.model`), else `config.model` itself.
+ */
+function baseDir(ctx: StepContext, config: TrainSftConfig, inputs: Record<string, Upstream>): string {
+  const base = inputs.base;
+  if (base === undefined) return dirname(ctx.sources["model/config.json"]);
+  const quantized = base.manifest.config as { model?: unknown; revision?: unknown };
+  if (quantized.model !== config.model || (quantized.revision ?? "main") !== config.revision) {
+    throw new LatheError(
+      `Cannot train-sft on the quantize step's model: it quantized "${String(quantized.model)}" ` +
+        `(revision ${String(quantized.revision ?? "main")}), train-sft.model is "${config.model}" ` +
+        `(revision ${config.revision})`,
+      { hint: "set train-sft.model to the model quantize.model names (the adapter records it as its base)" },
+    );
+  }
+  return dirname(base.path(`${QUANTIZED_MODEL_DIR}/config.json`));
+}
+
 async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<string, Upstream>) {
-  const dir = dirname(ctx.sources["model/config.json"]);
+  const dir = baseDir(ctx, config, inputs);
   const modelConfig = await loadModelConfig(dir);
   const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig);
   // Before the model loads: a config that needs evaluations fails fast without them.
@@ -226,6 +260,7 @@ export const step = defineStep({
   description: "LoRA supervised fine-tuning on token shards; writes a PEFT adapter",
   config: TrainSftConfig,
   inputs: { data: "tokenize" },
+  optionalInputs: { base: "quantize" },
   sources,
   run,
 });
