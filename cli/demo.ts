@@ -1,6 +1,7 @@
 /**
- * `deno task demo`: the embedded default — the tiny-demo recipe end to end, offline, on the
- * shipped demo data and tokenizer — followed by where its manifests are and how to query it.
+ * `deno task demo`: the embedded default — the tiny-demo recipe end to end (prepare, tokenize,
+ * quantize to NF4, QLoRA train-sft), offline, on the shipped demo data and tokenizer — followed
+ * by where its manifests are and how to query it.
  * Extra arguments go to the recipe command (`deno task demo --set tokenize.max_seq_len=128`).
  * @module
  */
@@ -24,15 +25,24 @@ if (import.meta.main) {
     if (!result) return;
     const runDir = displayPath(result.runDir, root);
     const train = result.steps.find((s) => s.step === "train-sft")?.outcome.manifest;
+    const quantize = result.steps.find((s) => s.step === "quantize")?.outcome.manifest;
+    const f = (v: unknown) => typeof v === "number" ? v.toFixed(4) : "?";
+    if (quantize) {
+      const q = quantize.metrics;
+      console.log(`
+quantize:    ${q.tensors_quantized} projections to ${q.quant_type}, relative RMS error ${
+        f(q.rel_rms_error)
+      } · base in 4 bits: ${runDir}/quantize/model/ (bitsandbytes layout)`);
+    }
     if (train) {
       const m = train.metrics;
-      const f = (v: unknown) => typeof v === "number" ? v.toFixed(4) : "?";
-      console.log(`
-train-sft:   train loss ${f(m.train_loss)} · eval loss ${f(m.eval_loss_before)} untrained -> ${
-        f(m.eval_loss)
-      } trained
+      console.log(
+        `train-sft:   train loss ${f(m.train_loss)} · eval loss ${f(m.eval_loss_before)} untrained -> ${
+          f(m.eval_loss)
+        } trained
 loss curve:  ${runDir}/train-sft/loss.svg   (or: deno task runs plot ${result.runId})
-adapter:     ${runDir}/train-sft/adapter/   (PEFT format: PeftModel.from_pretrained(base, path))`);
+adapter:     ${runDir}/train-sft/adapter/   (PEFT format: PeftModel.from_pretrained(base, path))`,
+      );
     }
     console.log(`
 manifests:   ${runDir}/<step>/manifest.json
