@@ -486,6 +486,13 @@ const IGNORED = /^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$/;
 export interface CheckWeightsOptions {
   /** Names to leave out of the check (e.g. quantization side tensors, checked elsewhere). */
   ignore?: (name: string) => boolean;
+  /**
+   * Problems the caller found in the same tensors (e.g. a quantized layout), listed in the same
+   * error after the missing, wrong-shape and unexpected ones; each item is a sentence.
+   */
+  problems?: readonly { readonly label: string; readonly items: readonly string[] }[];
+  /** The error's hint when one of `problems` has items (default: the hint for mismatched weights). */
+  hint?: string;
 }
 
 /**
@@ -517,7 +524,8 @@ export function checkWeights(
     }
   }
   const missing = [...expected.keys()].filter((n) => !seen.has(n));
-  if (missing.length + mismatched.length + extra.length === 0) return;
+  const further = (options.problems ?? []).filter((p) => p.items.length > 0);
+  if (missing.length + mismatched.length + extra.length + further.length === 0) return;
   const list = (label: string, items: string[], quote: boolean): string[] =>
     items.length === 0 ? [] : [
       `${label} (${items.length}): ${items.slice(0, 5).map((s) => (quote ? `"${s}"` : s)).join("; ")}` +
@@ -527,10 +535,17 @@ export function checkWeights(
     ...list("missing", missing, true),
     ...list("wrong shape", mismatched, false),
     ...list("unexpected", extra, true),
+    ...further.flatMap((p) => list(p.label, [...p.items], false)),
+  ];
+  const hints = [
+    missing.length + mismatched.length + extra.length > 0 || options.hint === undefined
+      ? "The weights and config.json come from different models, or the download is incomplete."
+      : null,
+    further.length > 0 ? options.hint : null,
   ];
   throw new LatheError(
     `Cannot load weights "${source}": they do not match config.json (${config.architecture}, ` +
       `D=${config.hiddenSize}, L=${config.numLayers}, V=${config.vocabSize})\n  ${lines.join("\n  ")}`,
-    { hint: "The weights and config.json come from different models, or the download is incomplete." },
+    { hint: hints.filter((h) => h).join(" ") },
   );
 }

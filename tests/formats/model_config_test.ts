@@ -354,4 +354,16 @@ Deno.test("checkWeights() accepts a complete set and lists missing, mis-shaped a
     /"lm_head.weight" is \[1, 896\], expected \[151936, 896\]/,
   );
   checkWeights(c, [...all, { name: "x.absmax", shape: [1] }], "w", { ignore: (n) => n.endsWith(".absmax") });
+  // A caller's own problems join the same error, with its hint when they are the only ones.
+  const problems = [{ label: "4-bit layout", items: ['"a.absmax" is missing'] }, {
+    label: "other",
+    items: [],
+  }];
+  assert.throws(() => checkWeights(c, all, "w", { problems, hint: "Download it again." }), (e: unknown) => {
+    assert.ok(e instanceof LatheError);
+    assert.match(e.message, /\n {2}4-bit layout \(1\): "a.absmax" is missing$/);
+    assert.equal(e.hint, "Download it again.");
+    return true;
+  });
+  checkWeights(c, all, "w", { problems: [{ label: "none", items: [] }] });
 });
