@@ -440,6 +440,12 @@ export interface Quantized4bit {
     quantMap: Float32Array;
     offset: number;
   };
+  /**
+   * The torch dtype of the weight that was quantized (the quant_state's `dtype`: "float32",
+   * "float16" or "bfloat16"; bitsandbytes dequantizes to it). Set on weights read from a
+   * checkpoint (formats/bnb4bit_checkpoint.ts).
+   */
+  dtype?: TorchDtypeName;
 }
 
 /** Options of {@link quantize4bit}. */
@@ -451,7 +457,8 @@ export interface Quantize4bitOptions {
   doubleQuant?: boolean;
 }
 
-const BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+/** The blocksizes bitsandbytes' 4-bit kernels accept. */
+export const BLOCKSIZES: readonly number[] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 const NESTED_BLOCKSIZE = 256;
 
 /** A quantized weight without its codes: what the block statistics give (see {@link quantize4bit}). */
@@ -607,6 +614,9 @@ export function quantStateJson(q: Quantized4bit, dtype: string): string {
 
 /** The torch dtype names bitsandbytes records (`str(dtype)` less "torch."), by safetensors dtype. */
 export const TORCH_DTYPE_NAMES = { F32: "float32", F16: "float16", BF16: "bfloat16" } as const;
+
+/** One of the values of {@link TORCH_DTYPE_NAMES}. */
+export type TorchDtypeName = typeof TORCH_DTYPE_NAMES[keyof typeof TORCH_DTYPE_NAMES];
 
 const f32Bytes = (a: Float32Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
