@@ -6,9 +6,12 @@
  * loads it. Codes are bitsandbytes' own (formats/bnb4bit.ts, checked against
  * scripts/golden/nf4.py).
  *
- * Quantized: the linear projections (`q_proj` … `down_proj`) not named in `skip_modules`.
- * Kept as they are: embeddings, norms, biases, `lm_head` (transformers skips the output
- * embedding) and every skipped module.
+ * Quantized: the linear projections (`q_proj` … `down_proj`) not named in `skip_modules`
+ * (read as transformers reads `llm_int8_skip_modules`: formats/bnb4bit_checkpoint.ts
+ * `isSkippedModule`). Kept as they are: embeddings, norms, biases, `lm_head` (transformers skips
+ * the output embedding; "lm_head" is added to the written skip list when it is not there) and
+ * every skipped module. A model that is already bitsandbytes 4-bit is checked and copied; other
+ * quantized models (8-bit, GPTQ, AWQ) are refused.
  *
  * Streaming: a first pass reads each projection once for its block statistics (kept: 1/16 of
  * its f32 size), the file is laid out, and the writer reads each projection again when it
@@ -33,6 +36,7 @@ import {
   quantizeStats,
   TORCH_DTYPE_NAMES,
 } from "../formats/bnb4bit.ts";
+import { bnb4bitSettings, checkQuantizedWeights, isSkippedModule } from "../formats/bnb4bit_checkpoint.ts";
 import { parseModelConfig, PROJECTIONS } from "../formats/model_config.ts";
 import { ModelWeights, type TensorSource, writeModelWeights } from "../formats/safetensors.ts";
 import { MODEL_FILES } from "../hub/model.ts";
@@ -57,7 +61,7 @@ export const QuantizeConfig = z.strictObject({
   ]).default(64),
   /** `bnb_4bit_compute_dtype`, recorded in config.json (default "bfloat16"); lathe's kernels compute in f32. */
   compute_dtype: z.enum(["float16", "bfloat16"]).default("bfloat16"),
-  /** Modules kept in 16 bit (`llm_int8_skip_modules`; default ["lm_head"]): a name matches a path component or a dotted suffix. */
+  /** Modules kept in 16 bit (`llm_int8_skip_modules`; default ["lm_head"]), matched as transformers matches them: a module's own name, a dotted path prefix, or a suffix. */
   skip_modules: z.array(z.string().min(1)).default(["lm_head"]),
   /** Largest weight file in bytes before sharding with an index (default 5e9, transformers' "5GB"). */
   max_shard_size: z.number().int().positive().default(5e9),
@@ -67,10 +71,13 @@ export type QuantizeConfig = z.infer<typeof QuantizeConfig>;
 /** The output directory inside the step directory. */
 export const MODEL_DIR = "model";
 
-/** True when module path `module` (e.g. `model.layers.0.mlp.down_proj`) is named by a skip entry. */
+/**
+ * True when module path `module` (e.g. `model.layers.0.mlp.down_proj`) is named by a skip entry,
+ * under either of transformers' readings of `llm_int8_skip_modules` (its own name, `<entry>.`
+ * inside its path, a regex match at its start, or a suffix).
+ */
 export function isSkipped(module: string, skip: readonly string[]): boolean {
-  const parts = module.split(".");
-  return skip.some((s) => parts.includes(s) || module === s || module.endsWith(`.${s}`));
+  return isSkippedModule(module, skip);
 }
 
 /** The projection a tensor name is the weight of, or null (`model.layers.3.self_attn.q_proj.weight` -> "q_proj"). */
@@ -103,14 +110,18 @@ async function run(ctx: StepContext, config: QuantizeConfig): Promise<StepResult
   const out = dirname(await ctx.out(`${MODEL_DIR}/config.json`));
   const raw = JSON.parse(await Deno.readTextFile(join(src, "config.json"))) as Record<string, unknown>;
   const outputs: Record<string, string> = {};
-  const existing = raw.quantization_config as Record<string, unknown> | undefined;
-  if (existing?.quant_method === "bitsandbytes" && existing.load_in_4bit === true) {
-    // Already 4-bit (a *-bnb-4bit checkpoint): pass it through unchanged, and say so.
+  // Validates the architecture and shapes (an unsupported model is a clear error here), and
+  // refuses a quantization other than bitsandbytes 4-bit.
+  const modelConfig = parseModelConfig(raw, join(src, "config.json"));
+  const existing = bnb4bitSettings(modelConfig, src);
+  if (existing) {
+    // Already 4-bit (a *-bnb-4bit checkpoint): checked, then passed through unchanged, and said so.
+    {
+      using weights = await ModelWeights.open(src);
+      checkQuantizedWeights(modelConfig, weights.names().map((n) => weights.info(n)), src);
+    }
     console.error(
-      `[quantize] "${config.model}" is already quantized (bitsandbytes ${
-        existing.bnb_4bit_quant_type ?? "4-bit"
-      }): ` +
-        "copied unchanged",
+      `[quantize] "${config.model}" is already quantized (bitsandbytes ${existing.quantType}): copied unchanged`,
     );
     const weights = Object.keys(await modelSources(src)).map((s) => s.slice("model/".length));
     for (const file of await copyModelFiles(src, out, [...new Set([...weights, ...MODEL_FILES])])) {
@@ -118,11 +129,9 @@ async function run(ctx: StepContext, config: QuantizeConfig): Promise<StepResult
     }
     return {
       outputs,
-      metrics: { already_quantized: true, quant_type: String(existing.bnb_4bit_quant_type ?? "") },
+      metrics: { already_quantized: true, quant_type: existing.quantType },
     };
   }
-  // Validates the architecture and shapes (an unsupported model is a clear error here).
-  parseModelConfig(raw, join(src, "config.json"));
   const started = performance.now();
   using weights = await ModelWeights.open(src);
   const options = {
@@ -235,7 +244,9 @@ async function run(ctx: StepContext, config: QuantizeConfig): Promise<StepResult
       quantType: config.quant_type,
       doubleQuant: config.double_quant,
       computeDtype: config.compute_dtype,
-      skipModules: config.skip_modules,
+      skipModules: isSkipped("lm_head", config.skip_modules)
+        ? config.skip_modules
+        : [...config.skip_modules, "lm_head"],
     }),
   });
   const copied = await copyModelFiles(src, out, MODEL_FILES.filter((f) => f !== "config.json"));

@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { LatheError } from "../../foundation/errors.ts";
-import { quantize4bit, quantStateJson } from "../../formats/bnb4bit.ts";
+import { dequantize4bit, quantize4bit, quantStateJson } from "../../formats/bnb4bit.ts";
+import { quantizedWeightNames } from "../../formats/bnb4bit_checkpoint.ts";
 import { ModelWeights, SafetensorsFile, writeSafetensors } from "../../formats/safetensors.ts";
+import { loadHostModel } from "../../kernels/models/load.ts";
 import { writeTinyModel } from "../../kernels/models/tiny.ts";
 import { type RunOutcome, runStep } from "../../steps/runner.ts";
 import { isSkipped, MODEL_DIR, step } from "../../steps/quantize.ts";
@@ -225,10 +227,81 @@ Deno.test("quantize explains an unsupported architecture, a non-float projection
   });
 });
 
-Deno.test("isSkipped() matches a module by path component or dotted suffix", () => {
+Deno.test("quantize's output reads back through loadHostModel: each projection dequantize4bit(quantize4bit(original)), the rest as stored", async () => {
+  const cases: [string, "f32" | "bf16", Record<string, unknown>][] = [
+    ["nf4 with double quantization", "bf16", {}],
+    // Sharded; FP4 without double quantization; "mlp" kept in 16 bit (transformers 4.x's reading).
+    ["fp4, sharded, mlp skipped", "f32", {
+      quant_type: "fp4",
+      double_quant: false,
+      skip_modules: ["lm_head", "mlp"],
+      max_shard_size: 40_000,
+    }],
+  ];
+  for (const [what, dtype, options] of cases) {
+    await withModel(dtype, async ({ model, runs }) => {
+      await quantize(runs, { model, ...options });
+      const out = join(runs, "q", "quantize", MODEL_DIR);
+      const host = await loadHostModel(out);
+      using base = await ModelWeights.open(model);
+      using q = await ModelWeights.open(out);
+      const quantized = quantizedWeightNames(q.names());
+      assert.equal(quantized.size, options.skip_modules ? 8 : 14, what);
+      assert.deepEqual([...host.weights.keys()].sort(), base.names().sort(), what);
+      for (const name of base.names()) {
+        const original = await base.readFloat32(name);
+        const want = quantized.has(name)
+          ? dequantize4bit(quantize4bit(original, [...base.info(name).shape], {
+            quantType: (options.quant_type ?? "nf4") as "nf4" | "fp4",
+            doubleQuant: options.double_quant !== false,
+          }))
+          : original;
+        assert.deepEqual(host.weights.get(name), want, `${what}: ${name}`);
+      }
+    });
+  }
+});
+
+Deno.test("quantize refuses a checkpoint quantized another way (8-bit, GPTQ) and checks a 4-bit one it passes through", async () => {
+  await withModel("f32", async ({ model, runs }) => {
+    const raw = JSON.parse(await Deno.readTextFile(join(model, "config.json")));
+    for (
+      const [qc, message] of [
+        [{ quant_method: "bitsandbytes", load_in_8bit: true }, /8-bit checkpoints .* are not supported/],
+        [{ quant_method: "gptq", bits: 4 }, /quant_method "gptq" is not supported/],
+      ] as const
+    ) {
+      await Deno.writeTextFile(
+        join(model, "config.json"),
+        JSON.stringify({ ...raw, quantization_config: qc }),
+      );
+      await assert.rejects(
+        quantize(runs, { model }, `r${qc.quant_method}`),
+        (e: unknown) => e instanceof LatheError && message.test(e.message),
+      );
+    }
+    // 4-bit in config.json, but float weights: not a 4-bit checkpoint.
+    await Deno.writeTextFile(
+      join(model, "config.json"),
+      JSON.stringify({ ...raw, quantization_config: { quant_method: "bitsandbytes", load_in_4bit: true } }),
+    );
+    await assert.rejects(
+      quantize(runs, { model }, "r4"),
+      (e: unknown) =>
+        e instanceof LatheError &&
+        /"model\.layers\.0\.self_attn\.q_proj\.weight" is stored as F32, but llm_int8_skip_modules null/
+          .test(e.message),
+    );
+  });
+});
+
+Deno.test("isSkipped() matches a module as transformers reads llm_int8_skip_modules: own name, path prefix, suffix", () => {
   assert.ok(isSkipped("lm_head", ["lm_head"]));
   assert.ok(isSkipped("model.layers.0.mlp.down_proj", ["down_proj"]));
   assert.ok(isSkipped("model.layers.0.mlp.down_proj", ["mlp.down_proj"]));
   assert.ok(isSkipped("model.layers.0.mlp", ["layers"]));
   assert.ok(!isSkipped("model.layers.0.mlp.down_proj", ["up_proj", "lm_head"]));
+  // A dotted path prefix, as unsloth's checkpoints list single layers.
+  assert.ok(isSkipped("model.layers.1.mlp.down_proj", ["model.layers.1.mlp"]));
+  assert.ok(!isSkipped("model.layers.11.mlp.down_proj", ["model.layers.1.mlp"]));
 });
