@@ -51,6 +51,7 @@ import {
   PROJECTIONS,
   projectionShape,
 } from "../../formats/model_config.ts";
+import { bnb4bitSettings, isSkippedModule } from "../../formats/bnb4bit_checkpoint.ts";
 import type { Gpu } from "../device.ts";
 import { bucketSize, type DType, DTYPE_BYTES, SPLIT_ELEMENT_BYTES } from "../tensor.ts";
 
@@ -62,7 +63,10 @@ export interface QuantizationSettings {
   doubleQuant: boolean;
   /** Elements per absmax block (bitsandbytes' default 64). */
   blocksize: number;
-  /** `llm_int8_skip_modules`: projections whose module path matches stay unquantized. */
+  /**
+   * `llm_int8_skip_modules`: projections whose module path an entry names stay unquantized (either
+   * of transformers' readings, formats/bnb4bit_checkpoint.ts `isSkippedModule`).
+   */
   skipModules: readonly string[];
 }
 
@@ -142,47 +146,26 @@ function planError(what: string): never {
 }
 
 /**
- * The 4-bit settings of a `quantization_config` (transformers' BitsAndBytesConfig as saved in
- * `config.json`), or null when there is none. The blocksize is not saved there: bitsandbytes' 64.
+ * The 4-bit settings of `config.quantization_config` as the loader reads them
+ * (formats/bnb4bit_checkpoint.ts `bnb4bitSettings`), or null for an unquantized model. The
+ * blocksize is not saved there: bitsandbytes' 64. No skip list means transformers' default, lm_head.
  *
  * @example
  * ```ts
- * quantizationFromConfig({ quant_method: "bitsandbytes", load_in_4bit: true, bnb_4bit_quant_type: "nf4",
- *   bnb_4bit_use_double_quant: true, llm_int8_skip_modules: ["lm_head"] });
+ * quantizationFromConfig(await loadModelConfig("runs/x/quantize/model"));
  * // { quantType: "nf4", doubleQuant: true, blocksize: 64, skipModules: ["lm_head"] }
  * ```
- * @throws {RangeError} for a quantization lathe does not train on (8-bit, GPTQ, AWQ, …).
+ * @throws {LatheError} for a quantization lathe does not train on (8-bit, GPTQ, AWQ, …).
  */
-export function quantizationFromConfig(
-  raw: Readonly<Record<string, unknown>> | null,
-): QuantizationSettings | null {
-  if (raw === null) return null;
-  const method = raw.quant_method ?? "bitsandbytes";
-  const fourBit = raw.load_in_4bit === true || raw._load_in_4bit === true;
-  if (method !== "bitsandbytes" || !fourBit) {
-    planError(
-      `quantization_config ${JSON.stringify({ quant_method: method, load_in_4bit: fourBit })} is not ` +
-        `bitsandbytes 4-bit, the only quantized base lathe trains`,
-    );
-  }
-  const type = raw.bnb_4bit_quant_type ?? "fp4"; // transformers' default
-  if (type !== "nf4" && type !== "fp4") planError(`bnb_4bit_quant_type "${type}" is not "nf4" or "fp4"`);
-  const skip = raw.llm_int8_skip_modules;
+export function quantizationFromConfig(config: ModelConfig): QuantizationSettings | null {
+  const s = bnb4bitSettings(config, "config.json");
+  if (s === null) return null;
   return {
-    quantType: type,
-    doubleQuant: raw.bnb_4bit_use_double_quant === true,
+    quantType: s.quantType,
+    doubleQuant: s.doubleQuant,
     blocksize: 64,
-    skipModules: Array.isArray(skip) ? skip.filter((s): s is string => typeof s === "string") : [],
+    skipModules: s.skipModules ?? ["lm_head"],
   };
-}
-
-/**
- * Whether module path `module` (e.g. `model.layers.0.mlp.down_proj`) is named by a skip entry: a
- * path component, the whole path or a dotted suffix (the quantize step's rule).
- */
-export function isSkippedModule(module: string, skip: readonly string[]): boolean {
-  const parts = module.split(".");
-  return skip.some((s) => parts.includes(s) || module === s || module.endsWith(`.${s}`));
 }
 
 /** bitsandbytes' nested blocksize: absmax codes per nested absmax under double quantization. */
@@ -860,9 +843,7 @@ function resolveSettings(config: ModelConfig, s: TrainingMemorySettings): Memory
   }
   const targets = PROJECTIONS.filter((p) => s.lora.targets.includes(p));
   if (targets.length === 0) planError("LoRA targets are empty");
-  const quantization = s.quantization === undefined
-    ? quantizationFromConfig(config.quantizationConfig)
-    : s.quantization;
+  const quantization = s.quantization === undefined ? quantizationFromConfig(config) : s.quantization;
   if (quantization !== null) {
     const bs = quantization.blocksize;
     if (!Number.isInteger(bs) || bs <= 0) planError(`blocksize "${bs}" must be a positive integer`);

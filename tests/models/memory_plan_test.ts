@@ -26,7 +26,6 @@ import {
   fitAdvice,
   formatBytes,
   formatMemoryPlan,
-  isSkippedModule,
   memoryLimits,
   type MemoryPlan,
   planTrainingMemory,
@@ -311,23 +310,28 @@ Deno.test("planTrainingMemory() reads quantization_config and quantizes only the
     bnb_4bit_use_double_quant: false,
     llm_int8_skip_modules: ["lm_head", "down_proj"],
   };
-  assert.deepEqual(quantizationFromConfig(raw), {
+  const config = { ...MISTRAL_7B, quantizationConfig: raw };
+  assert.deepEqual(quantizationFromConfig(config), {
     quantType: "nf4",
     doubleQuant: false,
     blocksize: 64,
     skipModules: ["lm_head", "down_proj"],
   });
-  assert.equal(quantizationFromConfig(null), null);
+  assert.equal(quantizationFromConfig(MISTRAL_7B), null);
+  const other = (q: Record<string, unknown>) => ({ ...MISTRAL_7B, quantizationConfig: q });
   assert.throws(
-    () => quantizationFromConfig({ quant_method: "bitsandbytes", load_in_8bit: true }),
-    /not bitsandbytes 4-bit/,
+    () => quantizationFromConfig(other({ quant_method: "bitsandbytes", load_in_8bit: true })),
+    /8-bit/,
   );
-  assert.throws(() => quantizationFromConfig({ quant_method: "gptq", bits: 4 }), /not bitsandbytes 4-bit/);
-  assert.ok(isSkippedModule("model.layers.3.mlp.down_proj", ["down_proj"]));
-  assert.ok(isSkippedModule("model.layers.3.mlp.down_proj", ["layers.3.mlp.down_proj"]));
-  assert.ok(!isSkippedModule("model.layers.3.mlp.down_proj", ["own_proj", "lm_head"]));
-
-  const config = { ...MISTRAL_7B, quantizationConfig: raw };
+  assert.throws(
+    () => quantizationFromConfig(other({ quant_method: "gptq", bits: 4 })),
+    /"gptq" is not supported/,
+  );
+  assert.throws(
+    () =>
+      planTrainingMemory(other({ quant_method: "awq" }), { ...QLORA, quantization: undefined }, GPU_LIMITS),
+    /"awq" is not supported/,
+  );
   const plan = planTrainingMemory(config, { ...QLORA, quantization: undefined }, GPU_LIMITS);
   const { hiddenSize: D, intermediateSize: F, numLayers: L } = MISTRAL_7B;
   // Without double quantization the absmax is f32 (4 bytes per 64), and no nested absmax.
