@@ -139,6 +139,11 @@ export interface WeightMatrix extends Disposable {
   readonly quantized: boolean;
 }
 
+/** Whether `name` is a decoder projection's weight (what the layers multiply through {@link GpuWeights.matrix}). */
+function isProjection(name: string): boolean {
+  return /^model\.layers\.\d+\.(self_attn|mlp)\.[a-z]+_proj\.weight$/.test(name);
+}
+
 /** Whether a weight is held in f32 whatever the weight dtype (norm weights and biases). */
 function keptF32(name: string): boolean {
   return name.endsWith("norm.weight") || name.endsWith(".bias");
@@ -195,8 +200,14 @@ export async function loadGpuWeights(
       if (quantized.has(name)) {
         const stats = await readQuantized4bitStats(file, name, shape, modelDir);
         const w = new Quant4bitWeight(gpu, stats, name);
-        fourBit.set(name, w);
         await streamCodes(file, name, w);
+        if (isProjection(name)) fourBit.set(name, w);
+        else {
+          // A 4-bit lm_head (transformers 4.x quantizes it when the skip list leaves it out): the
+          // loss reads it in vocabulary chunks in place, so it is held dequantized.
+          tensors.set(name, dequantize4bitGpu(w, dtype, { label: name }));
+          w.destroy();
+        }
       } else {
         const t = Tensor.empty(gpu, shape, keptF32(name) ? "f32" : dtype, { label: name });
         tensors.set(name, t);

@@ -9,6 +9,7 @@
 // rounded to f16 once, activations f16): 2e-2·scale + 5e-2·|ref|, loss rtol 1e-3.
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { expectedTensors, loadModelConfig } from "../../formats/model_config.ts";
 import { loadGpuWeights } from "../../kernels/models/gpu_weights.ts";
 import { createGpuModel } from "../../kernels/models/graph.ts";
@@ -104,6 +105,17 @@ gpuTest("QLoRA on FP4 without double quantization, blocksize 128, lm_head and ml
     skip_modules: ["lm_head", "mlp"],
   }, (dir) => compare(dir, "f32", "llama fp4"));
 });
+
+// Pre-quantized checkpoints as transformers saves them, written by scripts/golden/nf4_checkpoints.py.
+const GOLDEN = new URL("../fixtures/golden/nf4/checkpoints/", import.meta.url);
+for (const name of ["nf4-dq", "nf4", "fp4-dq-skip", "fp4"]) {
+  gpuTest(
+    `a pre-quantized checkpoint trains on the GPU as the reference does on its dequantized weights: ${name}`,
+    async () => {
+      await compare(fileURLToPath(new URL(name, GOLDEN)), "f32", name);
+    },
+  );
+}
 
 gpuTest("QLoRA in f16 stays within f16 tolerance of the dequantized reference: mistral", async () => {
   await quantized("mistral", {}, (dir) => compare(dir, "f16", "mistral nf4 f16"));
