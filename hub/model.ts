@@ -29,6 +29,11 @@ export interface ResolveOptions {
   fetch?: typeof fetch;
   /** Show download progress; default true. */
   progress?: boolean;
+  /**
+   * Only config.json is needed (a plan or a memory estimate): a Hub repo resolves to a snapshot
+   * that holds at least config.json, downloading nothing else; default false.
+   */
+  configOnly?: boolean;
 }
 
 /** Where a model reference led. */
@@ -110,7 +115,7 @@ export async function resolveModel(ref: string, options: ResolveOptions = {}): P
     const got = await snapshot(settings, {
       repo,
       revision,
-      choose: chooseModelFiles,
+      choose: options.configOnly ? chooseConfig : chooseModelFiles,
       fetch: options.fetch,
       progress: options.progress,
     });
@@ -119,6 +124,9 @@ export async function resolveModel(ref: string, options: ResolveOptions = {}): P
     throw modelError(ref, revision, settings.cacheDir, error);
   }
 }
+
+/** config.json alone (missing: the snapshot is incomplete, and the error names it). */
+const chooseConfig: FileChooser = () => Promise.resolve(["config.json"]);
 
 /**
  * The files of a causal LM among a repo's `paths`: config.json, the tokenizer and generation
@@ -150,6 +158,7 @@ function modelError(repo: string, revision: string, cacheDir: string, error: unk
       {
         hint: "Download it while online (or with huggingface-cli download), point HF_HOME/HF_HUB_CACHE " +
           "at the cache that has it, or give a local directory (one that exists; ./ marks a relative path).",
+        cause: error,
       },
     );
   }

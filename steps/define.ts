@@ -74,6 +74,19 @@ export interface StepDef<S extends z.ZodType = z.ZodType> {
     inputs: ReadonlySet<string>,
   ) => Promise<Record<string, string>>;
   run: (ctx: StepContext, config: z.output<S>, inputs: Record<string, Upstream>) => Promise<StepResult>;
+  /**
+   * What a dry run says of the step beyond its key (e.g. train-sft's memory plan): lines built
+   * from its config and its upstream steps' configs, reading at most small files (a model's
+   * config.json); never weights, never a run.
+   */
+  describe?: (config: z.output<S>, ctx: DescribeContext) => Promise<string[]>;
+}
+
+/** What {@link StepDef.describe} gets. */
+export interface DescribeContext {
+  projectRoot: string;
+  /** The validated configs of the steps bound to its inputs, by input name. */
+  inputs: Record<string, Record<string, unknown>>;
 }
 
 /**

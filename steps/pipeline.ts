@@ -15,7 +15,8 @@ import { parseOverride } from "./overrides.ts";
 import { boundInputs } from "./define.ts";
 import { displayPath, runsRoot as defaultRunsRoot } from "../foundation/paths.ts";
 import { loadRecipe, type Recipe, type RecipeStep, type StepLoader } from "./recipe.ts";
-import { findCacheHit, planStep, type RunOutcome, runStep } from "./runner.ts";
+import { findCacheHit, planStep, resolveConfig, type RunOutcome, runStep } from "./runner.ts";
+import { HubCacheMiss, HubMissingFiles } from "../hub/snapshot.ts";
 import { newRunId } from "./run_id.ts";
 
 /** Why a step is part of a pipeline run: selected, or needed by a selected step. */
@@ -82,9 +83,18 @@ export interface PlannedStep {
   status: "cached" | "linked" | "run";
   /** For "linked": the run that computed the result. */
   from: string | null;
-  /** For "run": "forced", "upstream" (an upstream step would run) or null (nothing reusable). */
-  reason: "forced" | "upstream" | null;
+  /**
+   * For "run": "forced", "upstream" (an upstream step would run), "download" (its files are not
+   * in the Hugging Face cache and the Hub is not reachable or not asked: the key is unknown until
+   * they are) or null (nothing reusable).
+   */
+  reason: "forced" | "upstream" | "download" | null;
+  /** What the step's `describe` says (e.g. train-sft's memory plan), or why it cannot. */
+  notes: string[];
 }
+
+/** The key of a step that cannot be computed in a dry run (its files are not available offline). */
+export const UNKNOWN_KEY = "?";
 
 const RUN_ID = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
 
@@ -237,26 +247,49 @@ export async function planPipeline(recipe: Recipe, opts: PlanPipelineOptions): P
   const byName: Record<string, PlannedStep> = {};
   const plan: PlannedStep[] = [];
   for (const { step, role, force } of selected) {
-    const { key } = await planStep(step.def, {
-      runsRoot: opts.runsRoot,
-      runId: opts.runId ?? "",
-      config: step.raw,
-      seed: recipe.seed,
-      projectRoot: opts.projectRoot,
-      inputKeys: keys,
-    });
+    const bound = boundInputs(step.def, (s) => s in byName);
+    const upstreamUnknown = Object.values(bound).some((u) => keys[u] === UNKNOWN_KEY);
+    let key = UNKNOWN_KEY;
+    let missing: string | null = null;
+    if (!upstreamUnknown) {
+      try {
+        ({ key } = await planStep(step.def, {
+          runsRoot: opts.runsRoot,
+          runId: opts.runId ?? "",
+          config: step.raw,
+          seed: recipe.seed,
+          projectRoot: opts.projectRoot,
+          inputKeys: keys,
+        }));
+      } catch (error) {
+        // A dry run plans without downloading: files the cache lacks leave the key unknown.
+        if (!(error instanceof HubCacheMiss || error instanceof HubMissingFiles || isHubCacheError(error))) {
+          throw error;
+        }
+        missing = error.message.split("\n")[0];
+      }
+    }
     keys[step.name] = key;
-    const hit = force ? null : await findCacheHit(opts.runsRoot, opts.runId, step.name, key);
-    const upstreamRuns = Object.values(boundInputs(step.def, (s) => s in byName)).some((u) =>
-      byName[u]?.status === "run"
-    );
+    const hit = force || key === UNKNOWN_KEY
+      ? null
+      : await findCacheHit(opts.runsRoot, opts.runId, step.name, key);
+    const upstreamRuns = Object.values(bound).some((u) => byName[u]?.status === "run");
     const planned: PlannedStep = {
       step: step.name,
       role,
       key,
       status: hit?.status ?? "run",
       from: hit?.status === "linked" ? hit.manifest.cachedFrom ?? hit.manifest.runId : null,
-      reason: hit ? null : force ? "forced" : upstreamRuns ? "upstream" : null,
+      reason: hit
+        ? null
+        : force
+        ? "forced"
+        : missing !== null
+        ? "download"
+        : upstreamRuns
+        ? "upstream"
+        : null,
+      notes: missing !== null ? [missing] : await describeStep(step, bound, recipe, opts.projectRoot),
     };
     byName[step.name] = planned;
     plan.push(planned);
@@ -264,9 +297,38 @@ export async function planPipeline(recipe: Recipe, opts: PlanPipelineOptions): P
   return plan;
 }
 
-/** The dry-run listing: one line per step, `name  key[0:12]  what would happen`. */
+/** The step's `describe` lines, with its upstream steps' validated configs; an error becomes its note. */
+async function describeStep(
+  step: RecipeStep,
+  bound: Record<string, string>,
+  recipe: Recipe,
+  projectRoot: string,
+): Promise<string[]> {
+  if (!step.def.describe) return [];
+  const inputs: Record<string, Record<string, unknown>> = {};
+  for (const [input, name] of Object.entries(bound)) {
+    const upstream = recipe.steps.find((s) => s.name === name);
+    if (upstream) inputs[input] = resolveConfig(upstream.def, upstream.raw) as Record<string, unknown>;
+  }
+  try {
+    return await step.def.describe(resolveConfig(step.def, step.raw), { projectRoot, inputs });
+  } catch (error) {
+    if (!(error instanceof LatheError)) throw error;
+    return [`cannot plan: ${error.message.split("\n")[0]}`];
+  }
+}
+
+/** True for the Hub errors that mean "not in the cache" (offline or unreachable), whatever wraps them. */
+function isHubCacheError(error: unknown): error is Error {
+  return error instanceof LatheError && error.cause instanceof HubCacheMiss;
+}
+
+/**
+ * The dry-run listing: one line per step, `name  key[0:12]  what would happen`, each followed by
+ * its notes (indented).
+ */
 export function formatPlan(plan: PlannedStep[]): string[] {
-  return plan.map((p) => {
+  return plan.flatMap((p) => {
     const what = p.status === "cached"
       ? "cached (done in this run)"
       : p.status === "linked"
@@ -275,8 +337,14 @@ export function formatPlan(plan: PlannedStep[]): string[] {
       ? "would run (forced)"
       : p.reason === "upstream"
       ? "would run (upstream changes)"
+      : p.reason === "download"
+      ? "would run after downloading (key known once the files are in the cache)"
       : "would run";
-    return `${p.step.padEnd(10)} ${p.key.slice(0, 12)}  ${what}${p.role === "upstream" ? " (upstream)" : ""}`;
+    const key = p.key === UNKNOWN_KEY ? "?".padEnd(12) : p.key.slice(0, 12);
+    return [
+      `${p.step.padEnd(10)} ${key}  ${what}${p.role === "upstream" ? " (upstream)" : ""}`,
+      ...p.notes.map((n) => `           ${n}`),
+    ];
   });
 }
 

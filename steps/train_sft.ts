@@ -31,13 +31,18 @@ import {
   type LoraConfig,
   resolveTargetModules,
 } from "../formats/peft.ts";
-import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
+import {
+  checkSequenceLength,
+  loadModelConfig,
+  type ModelConfig,
+  type Projection,
+} from "../formats/model_config.ts";
 import { modelDir, modelSources } from "./model_source.ts";
 import { MODEL_DIR as QUANTIZED_MODEL_DIR } from "./quantize.ts";
 import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
 import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runFromCli } from "./cli.ts";
-import { defineStep, type StepContext, type Upstream } from "./define.ts";
+import { defineStep, type DescribeContext, type StepContext, type Upstream } from "./define.ts";
 import { LatheError } from "../foundation/errors.ts";
 import type { Progress } from "../foundation/progress.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
@@ -45,6 +50,9 @@ import { listCheckpoints, readAdapterWeights, writeAdapter } from "./train/check
 import { TrainSftConfig } from "./train/config.ts";
 import { checkEvaluationNeeds, finalTrainerState, trainLoop } from "./train/loop.ts";
 import { lossSvg } from "./train/plot.ts";
+import { checkFits, gpuMemory, planTrainSft, quantizeSettings } from "./train/memory.ts";
+import { fitAdvice, formatBytes, formatMemoryPlan, type MemoryPlan } from "../kernels/models/memory_plan.ts";
+import { resolveModel } from "../hub/model.ts";
 
 export { TrainSftConfig };
 
@@ -131,6 +139,43 @@ async function createModel(
   return gpuModel;
 }
 
+/** Plans the step's GPU memory, prints the plan and stops a step that cannot fit (steps/train/memory.ts). */
+async function checkMemory(
+  config: TrainSftConfig,
+  model: ModelConfig,
+  targets: Projection[],
+  train: Split,
+): Promise<MemoryPlan> {
+  const { getGpu } = await import("../kernels/device.ts");
+  const { memoryLimits } = await import("../kernels/models/memory_plan.ts");
+  const { resetPeakMemory } = await import("../kernels/tensor.ts");
+  const gpu = await getGpu();
+  const plan = planTrainSft(
+    model,
+    config,
+    targets,
+    train.index.seq_len,
+    gpu.f16 ? "f16" : "f32",
+    memoryLimits(gpu),
+  );
+  const memory = gpuMemory({ description: gpu.info.description, software: gpu.software });
+  console.error(
+    `[train-sft] planned peak GPU memory ${formatBytes(plan.total)} of ${
+      memory ? `${formatBytes(memory.bytes)} (${memory.source})` : "unknown (set LATHE_GPU_MEMORY to check)"
+    }`,
+  );
+  checkFits(plan, memory, gpu.info.description);
+  resetPeakMemory(gpu);
+  return plan;
+}
+
+/** The pool's peak since {@link checkMemory}: what the plan is checked against. */
+async function measuredPeak(): Promise<number> {
+  const { getGpu } = await import("../kernels/device.ts");
+  const { memoryStats } = await import("../kernels/tensor.ts");
+  return memoryStats(await getGpu()).peakBytes;
+}
+
 /** Decides between resuming and starting over, from `LATHE_RESUME` and the checkpoints present. */
 async function resumeChoice(checkpointDir: string): Promise<boolean> {
   const env = Deno.env.get("LATHE_RESUME") ?? "";
@@ -199,6 +244,8 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
   };
   const checkpointDir = join(ctx.runDir, CHECKPOINTS_DIR, ctx.key);
   const resume = await resumeChoice(checkpointDir);
+  // Before any weight is loaded: a step that cannot fit stops here, with the settings that would.
+  const plan = config.backend === "webgpu" ? await checkMemory(config, modelConfig, targets, train) : null;
   const base = await createModel(config, ctx, dir, modelConfig, spec);
   const model = trainSftHooks.wrapModel ? trainSftHooks.wrapModel(base) : base;
   try {
@@ -246,12 +293,58 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
         trainer_state: "trainer_state.json",
         loss_plot: "loss.svg",
       },
-      metrics: { ...result.metrics },
+      metrics: {
+        ...result.metrics,
+        ...(plan === null ? {} : {
+          memory_planned_bytes: plan.total,
+          memory_peak_bytes: await measuredPeak(),
+        }),
+      },
     };
   } finally {
     model[Symbol.dispose]();
   }
 }
+
+/**
+ * The dry run's lines: the planned peak GPU memory of one optimizer step, from the model's
+ * config.json alone (downloaded alone, or read from the Hugging Face cache offline), the
+ * tokenize step's max_seq_len and the quantize step's settings when it is upstream.
+ */
+async function describe(config: TrainSftConfig, ctx: DescribeContext): Promise<string[]> {
+  const local = resolve(ctx.projectRoot, config.model);
+  const ref = (await exists(join(local, "config.json"))) ? local : config.model;
+  const { dir } = await resolveModel(ref, { revision: config.revision, configOnly: true, progress: false });
+  const model = await loadModelConfig(dir);
+  const seqLen = Number(ctx.inputs.data?.max_seq_len ?? model.maxPositionEmbeddings);
+  const targets = resolveTargetModules(config.lora.target_modules, "train-sft.lora.target_modules");
+  const { tryGetGpu } = await import("../kernels/device.ts");
+  const gpu = await tryGetGpu();
+  const limits = gpu ? { maxBindingBytes: gpu.maxBindingBytes, software: gpu.software } : DEFAULT_LIMITS;
+  const quantization = ctx.inputs.base ? quantizeSettings(ctx.inputs.base) : undefined;
+  const plan = planTrainSft(
+    model,
+    config,
+    targets,
+    seqLen,
+    gpu && !gpu.f16 ? "f32" : "f16",
+    limits,
+    quantization,
+  );
+  const memory = gpu ? gpuMemory({ description: gpu.info.description, software: gpu.software }) : null;
+  const on = gpu ? gpu.info.description : "a GPU with 2 GiB storage bindings (no adapter here)";
+  const verdict = memory === null
+    ? "the adapter's memory is unknown (set LATHE_GPU_MEMORY to check)"
+    : plan.total <= memory.bytes
+    ? `fits the ${formatBytes(memory.bytes)} of ${memory.source}`
+    : `does not fit the ${formatBytes(memory.bytes)} of ${memory.source}: ${
+      fitAdvice(plan, memory.bytes).slice(1).join("; ")
+    }`;
+  return [`memory on ${on}: ${verdict}`, ...formatMemoryPlan(plan).split("\n")];
+}
+
+/** Limits a plan assumes without an adapter: a discrete GPU's 2 GiB bindings. */
+const DEFAULT_LIMITS = { maxBindingBytes: 2 ** 31, software: false };
 
 /** The train-sft step. */
 export const step = defineStep({
@@ -263,6 +356,7 @@ export const step = defineStep({
   optionalInputs: { base: "quantize" },
   sources,
   run,
+  describe,
 });
 
 if (import.meta.main) await runFromCli(step);

@@ -29,6 +29,9 @@ export const LoraSection = z.strictObject({
   ),
   /** Rank-stabilised scaling alpha / √r (peft `use_rslora`, default false). */
   use_rslora: z.boolean().default(false),
+  /** Which biases train (peft `bias`): "none", the only one lathe trains (peft's default, the guides' setting). */
+  bias: z.literal("none", { error: 'lora.bias must be "none": lathe trains LoRA adapters without biases' })
+    .default("none"),
 });
 
 /**

@@ -86,6 +86,12 @@ gpuTest("train-sft trains LoRA on the quantize step's 4-bit base and names the o
       (m.metrics.eval_loss as number) < (m.metrics.eval_loss_before as number),
       "the eval loss falls",
     );
+    // The memory plan beside the measured peak (within 10 %; eval batches never exceed a training step).
+    const [planned, peak] = [m.metrics.memory_planned_bytes, m.metrics.memory_peak_bytes] as number[];
+    assert.ok(
+      planned > 0 && Math.abs(planned - peak) <= 0.1 * peak,
+      `planned ${planned} vs measured ${peak}`,
+    );
     const adapter = await readPeftAdapter(
       join(s.runs, "a", "train-sft", "adapter"),
       await loadModelConfig(s.model),
@@ -141,3 +147,28 @@ Deno.test("train-sft refuses a quantize step that quantized another model", asyn
     });
   });
 });
+
+gpuTest(
+  "a step that cannot fit the adapter's memory stops before loading, with the figure and what would fit",
+  async () => {
+    await withSetup(async (s) => {
+      Deno.env.set("LATHE_GPU_MEMORY", "200000");
+      try {
+        await assert.rejects(() => train(s, { ...SMALL, gradient_checkpointing: false }), (e: Error) => {
+          assert.ok(e instanceof LatheError);
+          assert.match(
+            e.message,
+            /one training step needs [\d.]+ [KM]iB of GPU memory .*the adapter has 195\.31 KiB \(LATHE_GPU_MEMORY\)/,
+          );
+          assert.match(e.message, /Peak GPU memory of one training step/);
+          assert.match(e.hint ?? "", /gradient_checkpointing: true -> /);
+          return true;
+        });
+      } finally {
+        Deno.env.delete("LATHE_GPU_MEMORY");
+      }
+      const failure = await readManifest(join(s.runs, "a", "train-sft", FAILURE_FILE));
+      assert.equal(failure.status, "failed");
+    });
+  },
+);

@@ -89,7 +89,7 @@ Deno.test("train-sft config fills the documented defaults and rejects unknown ke
     model: "m",
     revision: "main",
     backend: "webgpu",
-    lora: { r: 8, alpha: 16, dropout: 0.05, target_modules: "all-linear", use_rslora: false },
+    lora: { r: 8, alpha: 16, dropout: 0.05, target_modules: "all-linear", use_rslora: false, bias: "none" },
     init_adapter: null,
     per_device_train_batch_size: 1,
     per_device_eval_batch_size: null,
@@ -465,3 +465,12 @@ gpuTest(
     });
   },
 );
+
+Deno.test('lora.bias accepts peft\'s default "none" and refuses biases lathe does not train', () => {
+  assert.equal(resolveConfig(step, { model: "m", lora: { bias: "none" } }).lora.bias, "none");
+  assert.throws(() => resolveConfig(step, { model: "m", lora: { bias: "all" } }), (e: Error) => {
+    assert.ok(e instanceof LatheError);
+    assert.match(e.message, /lora\.bias must be "none": lathe trains LoRA adapters without biases/);
+    return true;
+  });
+});
