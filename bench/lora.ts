@@ -234,7 +234,7 @@ function relDiff(a: Float32Array, b: Float32Array): number {
  * per contender the median seconds per call, and per round its seconds per call (for ratios
  * taken round by round).
  */
-async function timeAll(gpu: Gpu, contenders: (() => void)[], seconds: number, rounds: number) {
+export async function timeAll(gpu: Gpu, contenders: (() => void)[], seconds: number, rounds: number) {
   const rec = recorder(gpu);
   const calls = async (run: () => void, count: number) => {
     const t0 = performance.now();
@@ -265,7 +265,8 @@ async function timeAll(gpu: Gpu, contenders: (() => void)[], seconds: number, ro
   return { median: perCall.map(median), perCall };
 }
 
-function median(values: number[]): number {
+/** The median of `values`. */
+export function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b);
   const mid = s.length >> 1;
   return s.length % 2 === 1 ? s[mid] : (s[mid - 1] + s[mid]) / 2;

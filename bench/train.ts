@@ -391,8 +391,11 @@ function summarise(
   };
 }
 
-/** Loads `dir` on the GPU, times the steps, frees the model. */
-async function benchGpu(
+/**
+ * Loads `dir` on the GPU (a 16-bit or a bitsandbytes 4-bit checkpoint), runs `afterLoad` (e.g.
+ * deleting the checkpoint), times the steps, frees the model.
+ */
+export async function benchGpu(
   gpu: Gpu,
   name: string,
   dir: string,
