@@ -19,6 +19,7 @@ export const BENCHMARKS: Record<string, () => Promise<BenchmarkModule>> = {
   attention: () => import("./attention.ts"),
   lora: () => import("./lora.ts"),
   matmul: () => import("./matmul.ts"),
+  nf4: () => import("./nf4.ts"),
   tokenize: () => import("./tokenize.ts"),
   train: () => import("./train.ts"),
 };
