@@ -18,8 +18,9 @@
  * Precisions: the residual stream (h, hMid, hOut) and every gradient are f32; the activations
  * that feed matmuls and attention (x1, q, k, v, a, x2, g, u, m) are in the model's activation
  * dtype (f16 with shader-f16, else f32); LoRA's xa[T,r] is f32; every sum accumulates in f32.
- * In the f16 path the backward widens g and u to f32 for SwiGLU's gradient, so no gradient is
- * ever rounded to f16.
+ * SwiGLU's backward reads f16 g and u as they are and writes f32 gradients (dg over dm), so no
+ * gradient is ever rounded to f16. The backward frees m, g and u as soon as their last reader
+ * has run.
  *
  * The attention kernels take [T,heads,hd] tensors and the matmuls [T,heads·hd]; the four
  * tensors that change between the two (v, a, da, dv) are zero-copy views (`Tensor.reshape`)
@@ -336,12 +337,11 @@ export function layerBackward(
   // MLP block: hOut = hMid + down(silu(gate(x2)) ⊙ up(x2)).
   const dm = f32([T, F], `${p}.dm`);
   projectBackward(ctx, batch, layer, "down_proj", dh, saved.m, saved, dm, false);
-  const g = ctx.act === "f32" ? saved.g : cast(saved.g, "f32", { label: `${p}.g_f32` });
-  const u = ctx.act === "f32" ? saved.u : cast(saved.u, "f32", { label: `${p}.u_f32` });
-  const { dg, du } = swigluBackward(dm, g, u);
-  dm.destroy();
-  if (g !== saved.g) g.destroy();
-  if (u !== saved.u) u.destroy();
+  saved.m.destroy(); // its last reader was down_proj's adapter (destroying again is harmless)
+  // dg is written over dm, and f16 g, u are read as they are: two [T,F] f32 buffers, not five.
+  const { dg, du } = swigluBackward(dm, saved.g, saved.u, { dg: dm });
+  saved.g.destroy();
+  saved.u.destroy();
   const dx2 = f32([T, D], `${p}.dx2`);
   projectBackward(ctx, batch, layer, "gate_proj", dg, saved.x2, saved, dx2, false);
   projectBackward(ctx, batch, layer, "up_proj", du, saved.x2, saved, dx2, true);

@@ -27,7 +27,8 @@
  * kept to the backward; one layer's activations x1, x2 (w·T·D), q, a (w·T·H·hd), k, v (w·T·Hkv·hd),
  * lse (4·T·H), hMid (4·T·D), g, u, m (w·T·F), rstd (4·T each), xa (4·T·r per adapter) alive at once
  * with checkpointing (recomputed before each layer's backward), every layer's without it; the
- * backward's f32 intermediates of one layer (dm, g, u, dg, du [T,F]; dx2, dx1 [T,D]; d_attn, dq
+ * backward's f32 intermediates of one layer (dm, then dg over it, and du [T,F], while m, g and u are
+ * freed as soon as read; dx2, dx1 [T,D]; d_attn, dq
  * [T,H·hd]; dk, dv [T,Hkv·hd]; dxa [T,r]; dropout(x) [T,in] with LoRA dropout); attention's stats
  * workspace 8·T·H; the loss's final x 4·T·D, lse 4·T, state 16·T and one vocabulary chunk of logits
  * 4·T·Vc (Vc: at most 64 MiB of them, kernels/ops/cross_entropy.ts) and its dh 4·T·D; on GPUs (never
@@ -238,6 +239,8 @@ interface SimTensor {
   readonly kind: Kind;
   readonly chunks: readonly SimChunk[];
   holders: number;
+  /** Destroyed early by a tensor that is destroyed again later (Tensor.destroy is idempotent). */
+  early?: boolean;
 }
 
 const size = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
@@ -328,8 +331,15 @@ class Replay {
   }
 
   /** Tensor.destroy of one holder; the buffers go back with the last. */
+  /** A tensor's own `destroy()` before its holder's (layer.ts frees m, g, u once read): later frees skip it. */
+  freeEarly(t: SimTensor): void {
+    if (t.early) return;
+    this.free(t);
+    t.early = true;
+  }
+
   free(t: SimTensor | null | undefined): void {
-    if (!t || --t.holders > 0) return;
+    if (!t || t.early || --t.holders > 0) return;
     if (t.holders < 0) throw new Error("memory plan: a tensor was freed twice");
     for (const c of t.chunks) this.#add(t.kind, -c.bytes, -(c.bucket - c.bytes));
   }
@@ -670,13 +680,12 @@ function layerBackward(
   sim.at("backward", `backward of layer ${layer}: MLP`);
   const dm = f32([T, F]);
   projectBackward(sim, m, layer, "down_proj", dh, a.m, a.xa.get("down_proj"), dm, dropout);
-  const g = m.act === "f32" ? a.g : f32([T, F]);
-  const u = m.act === "f32" ? a.u : f32([T, F]);
-  const dg = f32([T, F]);
+  sim.freeEarly(a.m);
+  // swigluBackward writes dg over dm and reads g, u in the activation dtype: only du is new.
+  const dg = dm;
   const du = f32([T, F]);
-  sim.free(dm);
-  if (g !== a.g) sim.free(g);
-  if (u !== a.u) sim.free(u);
+  sim.freeEarly(a.g);
+  sim.freeEarly(a.u);
   const dx2 = f32([T, D]);
   projectBackward(sim, m, layer, "gate_proj", dg, a.x2, a.xa.get("gate_proj"), dx2, dropout);
   projectBackward(sim, m, layer, "up_proj", du, a.x2, a.xa.get("up_proj"), dx2, dropout);

@@ -6,8 +6,9 @@
  *   forward:  h[T,F] = silu(g) ⊙ u
  *   backward: dg = dh ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g))),  du = dh ⊙ silu(g)
  * g and u are separate [T,F] tensors, or the two halves of one fused gate_up[T,2F] tensor
- * (`…Fused`, g = columns [0,F), u = columns [F,2F)). Tensors are f32 or f16 (all the same dtype);
- * math is f32. Tensors split into row chunks are handled range by range. The CPU reference is
+ * (`…Fused`, g = columns [0,F), u = columns [F,2F)). Tensors are f32 or f16: the forward's all
+ * one dtype; in the backward g and u share one and the gradients dh, dg, du another (f32
+ * gradients of f16 activations), and dg may overwrite dh (`dg: dh`). Math is f32. Tensors split into row chunks are handled range by range. The CPU reference is
  * kernels/reference/swiglu.ts. This file is the only place the workgroup size is chosen.
  * @module
  */
@@ -65,7 +66,7 @@ export function swigluForwardFused(gateUp: Tensor, options: SwigluOptions = {}):
 
 /** Options of {@link swigluBackward}. */
 export interface SwigluBackwardOptions {
-  /** Output dg[T,F]; created when absent. */
+  /** Output dg[T,F]; created when absent. `dh` itself: dg is written over dh (one buffer less). */
   dg?: Tensor;
   /** Output du[T,F]; created when absent. */
   du?: Tensor;
@@ -91,6 +92,15 @@ export function swigluBackward(
   expect2d(op, "u", u, T, F);
   const dtype = floatDType(op, dh);
   const dg = options.dg ?? Tensor.empty(dh.gpu, [T, F], dtype, { label: "swiglu_dg" });
+  if (dg === dh) {
+    const du = options.du ?? Tensor.empty(dh.gpu, [T, F], dtype, { label: "swiglu_du" });
+    expect2d(op, "du", du, T, F);
+    backward(op, dh, { tensor: g, col: 0 }, { tensor: u, col: 0 }, { tensor: dh, col: 0 }, {
+      tensor: du,
+      col: 0,
+    }, F);
+    return { dg, du };
+  }
   const du = options.du ?? Tensor.empty(dh.gpu, [T, F], dtype, { label: "swiglu_du" });
   expect2d(op, "dg", dg, T, F);
   expect2d(op, "du", du, T, F);
@@ -188,22 +198,32 @@ function forward(op: string, g: View, u: View, T: number, F: number, options: Sw
   return h;
 }
 
+/**
+ * Records the backward. g and u share their dtype A, dh, dg and du theirs, D (f32 gradients of
+ * f16 activations). dg may be dh itself (written over it, in place) with its own column 0.
+ */
 function backward(op: string, dh: Tensor, g: View, u: View, dg: View, du: View, F: number): void {
   const gpu = dh.gpu;
-  const A = sameDType(op, [dh, g.tensor, u.tensor, dg.tensor, du.tensor]);
+  const A = sameDType(op, [g.tensor, u.tensor]);
+  const D = sameDType(op, [dh, dg.tensor, du.tensor]);
+  const inPlace = dg.tensor === dh;
   for (const out of [dg.tensor, du.tensor]) {
-    if (out === dh || out === g.tensor || out === u.tensor) {
+    if ((out === dh && !(inPlace && out === dg.tensor)) || out === g.tensor || out === u.tensor) {
       throw new RangeError(`Cannot run ${op}: output "${out.label}" must not be an input`);
     }
   }
   // dg and du in one tensor: du is written through the dg binding (flags bit 0).
   const fusedOut = dg.tensor === du.tensor;
+  if (inPlace && (fusedOut || dg.col !== 0)) {
+    throw new RangeError(`Cannot run ${op}: dg over dh needs a separate du and dg at column 0`);
+  }
   const kernel = getKernel(gpu, {
-    name: "swiglu_backward",
-    params: { A },
-    code: () => specializeWgsl(loadWgsl("swiglu"), { A }),
-    entryPoint: "backward",
-    bindings: ["read", "read", "read", "write", "write"],
+    name: inPlace ? "swiglu_backward_in_place" : "swiglu_backward",
+    params: { A, D },
+    code: () => specializeWgsl(loadWgsl("swiglu"), { A, D }),
+    entryPoint: inPlace ? "backward_in_place" : "backward",
+    // In place, binding 3 (dg) is unused: dg goes to binding 0.
+    bindings: [inPlace ? "write" : "read", "read", "read", "write", "write"],
     uniformBytes: 52,
     constants: { WG: SWIGLU_WORKGROUP },
   });
@@ -230,7 +250,7 @@ function backward(op: string, dh: Tensor, g: View, u: View, dg: View, du: View, 
     const duBuffer = fusedOut ? scratch(gpu) : pdu.buffer;
     rec.dispatch(
       kernel,
-      [pdh.buffer, pg.buffer, pu.buffer, pdg.buffer, duBuffer],
+      [pdh.buffer, pg.buffer, pu.buffer, inPlace ? scratch(gpu) : pdg.buffer, duBuffer],
       p,
       grid(gpu, Math.ceil(count / SWIGLU_WORKGROUP)),
     );
@@ -239,7 +259,7 @@ function backward(op: string, dh: Tensor, g: View, u: View, dg: View, du: View, 
 
 const scratches = new WeakMap<Gpu, Tensor>();
 
-/** A small buffer for the du binding when du goes through the dg binding (never read or written). */
+/** A small buffer for a binding a dispatch leaves unused (du through dg's binding, or dg over dh). */
 function scratch(gpu: Gpu): GPUBuffer {
   let t = scratches.get(gpu);
   if (t === undefined) scratches.set(gpu, t = Tensor.empty(gpu, [1], "f32", { label: "swiglu_unused_du" }));

@@ -120,7 +120,44 @@ gpuTest("swiglu refuses mismatched shapes, mixed dtypes and aliased outputs", (g
   const u6 = Tensor.zeros(gpu, [4, 6], "f32");
   assert.throws(() => swigluForward(g, u6, { out: g }), /must not be an input/);
   const dh = Tensor.zeros(gpu, [4, 6], "f32");
-  assert.throws(() => swigluBackward(dh, g, u6, { dg: dh }), /must not be an input/);
+  assert.throws(() => swigluBackward(dh, g, u6, { du: dh }), /must not be an input/);
+  assert.throws(() => swigluBackward(dh, g, u6, { dg: dh, du: g }), /must not be an input/);
   const ids = Tensor.zeros(gpu, [4, 6], "u32", { label: "ids" });
   assert.throws(() => swigluForward(g, ids), /"ids" has dtype u32/);
 });
+
+gpuTest(
+  "swigluBackward writes dg over dh with the bits of a separate output, chunks included",
+  async (gpu) => {
+    const T = 23, F = 19;
+    const [g, u, dh] = [randn(T * F, 31), randn(T * F, 32), randn(T * F, 33)];
+    const chunk = { maxChunkBytes: 5 * F * 4 };
+    const gt = Tensor.from(gpu, g, [T, F], "f32", chunk);
+    const ut = Tensor.from(gpu, u, [T, F]);
+    const want = swigluBackward(Tensor.from(gpu, dh, [T, F]), gt, ut);
+    const dhg = Tensor.from(gpu, dh, [T, F], "f32", { maxChunkBytes: 7 * F * 4 });
+    const got = swigluBackward(dhg, gt, ut, { dg: dhg, du: nanTensor(gpu, [T, F]) });
+    assert.equal(got.dg, dhg);
+    assert.deepEqual(await got.dg.readF32(), await want.dg.readF32());
+    assert.deepEqual(await got.du.readF32(), await want.du.readF32());
+  },
+);
+
+gpuTest("swigluBackward reads f16 activations with f32 gradients as their exact f32 values", async (gpu) => {
+  const T = 17, F = 24;
+  const [g, u, dh] = [roundF16(randn(T * F, 41)), roundF16(randn(T * F, 42)), randn(T * F, 43)];
+  // The same values in f32: what a cast of the f16 activations would give.
+  const want = swigluBackward(
+    Tensor.from(gpu, dh, [T, F]),
+    Tensor.from(gpu, g, [T, F]),
+    Tensor.from(gpu, u, [T, F]),
+  );
+  const g16 = Tensor.from(gpu, g, [T, F], "f16"), u16 = Tensor.from(gpu, u, [T, F], "f16");
+  const dhg = Tensor.from(gpu, dh, [T, F]);
+  const got = swigluBackward(dhg, g16, u16, { dg: dhg });
+  assert.equal(got.du.dtype, "f32");
+  assert.deepEqual(await got.dg.readF32(), await want.dg.readF32());
+  assert.deepEqual(await got.du.readF32(), await want.du.readF32());
+  const separate = swigluBackward(Tensor.from(gpu, dh, [T, F]), g16, u16);
+  assert.deepEqual(await separate.dg.readF32(), await want.dg.readF32());
+}, { needsF16: true });
