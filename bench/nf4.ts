@@ -13,7 +13,7 @@
  *    `benchGpu`; the 4-bit copy is written by the quantize step, NF4 with double quantization
  *    at blocksize 64): tokens/s ratio QLoRA / LoRA (target ≥ 0.8) and each step's peak GPU
  *    memory (`memoryStats(gpu).peakBytes`).
- * 3. quantize: the quantize step's run (steps/quantize.ts, without the runner's hashing and
+ * 3. quantize: the quantize step's run (steps/quantize_model.ts, without the runner's hashing and
  *    manifest) on a random bf16 model against reading the same tensors and writing as many bytes
  *    to a temp file, synced as the step's writer syncs; MB/s of source bytes, ratio step /
  *    reference (target ≥ 0.5).
@@ -28,7 +28,8 @@
  *   --shape NAME            train: small | mistral-7b | llama3-8b | qwen2-7b (CPU small, GPU mistral-7b)
  *   --layers N              train: layers kept (small 2; shapes 4: --layers 32 for all of Mistral 7B)
  *   --rows B --seq S        train: micro-batch (CPU 1 × 256, GPU 1 × 2048)
- *   --steps N --warmup N    train: timed and untimed steps (CPU 6 and 1, GPU 5 and 1)
+ *   --steps N --warmup N    train: timed and untimed steps per run (CPU 4 and 1, GPU 5 and 1)
+ *   --train-repeats N       train: runs of each model, in pairs alternating which goes first (CPU 3, GPU 1)
  *   --rank r                train: LoRA rank on all seven projections, alpha 2r (CPU 8, GPU 16)
  *   --peak TFLOPS           train: peak for the "% peak" figures (default LATHE_PEAK_TFLOPS, or known)
  *   --quantize-mb MB        quantize: bytes of the random bf16 model (CPU 24, GPU 512)
@@ -37,8 +38,8 @@
  *   --json FILE             also write the figures as JSON (device, date, config, results)
  * ```
  *
- * `small` is Mistral 7B's config at D 256, F 896, H 4, Hkv 2, V 512 (a step in about a second
- * on a CPU adapter). Matmul timing is bench/lora.ts `timeAll`: rounds of all contenders in a
+ * `small` is Mistral 7B's config at D 256, F 896, H 4, Hkv 2, V 512 (a step in about half a
+ * second on a CPU adapter). Matmul timing is bench/lora.ts `timeAll`: rounds of all contenders in a
  * rotating order, medians over rounds, ratios taken within a round before the median. Runs from
  * the bench bundle too (bench/gpu.sh).
  * @module
@@ -60,7 +61,7 @@ import { Progress } from "../foundation/progress.ts";
 import { uniformFiller } from "../foundation/random.ts";
 import type { StepContext } from "../steps/define.ts";
 import { modelSources } from "../steps/model_source.ts";
-import { QuantizeConfig, quantizeModel as quantizeStepRun } from "../steps/quantize_model.ts";
+import { QuantizeConfig, quantizeModel } from "../steps/quantize_model.ts";
 import { median, timeAll } from "./lora.ts";
 import { benchGpu, parseTrainArgs, printReport, type TrainBenchConfig, type TrainResult } from "./train.ts";
 import { shapeConfigJson, SHAPES, writeRandomCheckpoint } from "./train_checkpoint.ts";
@@ -100,7 +101,7 @@ export interface Nf4BenchConfig {
   dtype: "f16" | "f32";
   matmul: { tokens: number; matrices: { N: number; K: number }[]; seconds: number; rounds: number };
   /** The training settings (bench/train.ts), and the shape and layers of the model. */
-  train: { shape: string; layers: number; settings: TrainBenchConfig };
+  train: { shape: string; layers: number; repeats: number; settings: TrainBenchConfig };
   quantize: { megabytes: number; rounds: number };
   seed: number;
 }
@@ -130,9 +131,14 @@ export interface Nf4MatmulResult {
 
 /** The figures of the train part. */
 export interface Nf4TrainResult {
+  /** The first run of each (its peak memory is the figure; every run has the same). */
   lora: TrainResult;
   qlora: TrainResult;
-  /** QLoRA tokens/s over LoRA tokens/s. */
+  /** Every run, in pairs (`--train-repeats`; the pairs alternate which runs first). */
+  runs: { lora: TrainResult; qlora: TrainResult }[];
+  /** Medians over the runs. */
+  tokensPerSecond: { lora: number; qlora: number };
+  /** QLoRA tokens/s over LoRA tokens/s: the median of the pairs' ratios. */
   ratio: number;
   /** QLoRA peak GPU memory over LoRA's. */
   memoryRatio: number;
@@ -202,6 +208,7 @@ export function parseNf4Args(args: string[], gpu: Pick<Gpu, "f16" | "info" | "so
         warmup: { type: "string" },
         rank: { type: "string" },
         peak: { type: "string" },
+        "train-repeats": { type: "string" },
         "quantize-mb": { type: "string" },
         "quantize-rounds": { type: "string", default: "3" },
         seed: { type: "string", default: "0" },
@@ -257,7 +264,7 @@ export function parseNf4Args(args: string[], gpu: Pick<Gpu, "f16" | "info" | "so
   const trainArgs = [
     ...["--shape", big ? shape : "mistral-7b", "--dtype", dtype, "--no-reference"],
     ...["--rows", String(int("rows", 1)), "--seq", String(int("seq", big ? 2048 : 256))],
-    ...["--steps", String(int("steps", big ? 5 : 6)), "--warmup", String(int("warmup", 1, 0))],
+    ...["--steps", String(int("steps", big ? 5 : 4)), "--warmup", String(int("warmup", 1, 0))],
     ...["--rank", String(int("rank", big ? 16 : 8)), "--seed", String(int("seed", 0, 0))],
     ...(values.peak === undefined ? [] : ["--peak", values.peak]),
   ];
@@ -273,6 +280,7 @@ export function parseNf4Args(args: string[], gpu: Pick<Gpu, "f16" | "info" | "so
     train: {
       shape,
       layers: int("layers", big ? 4 : SMALL.num_hidden_layers),
+      repeats: int("train-repeats", cpu ? 3 : 1),
       settings: parseTrainArgs(trainArgs, gpu).config,
     },
     quantize: {
@@ -371,7 +379,7 @@ async function benchMatmul(
 // ---------------------------------------------------------------------------------------------
 // 2. train: a QLoRA step against a LoRA step on the same model.
 
-/** What {@link quantizeModel} wrote. */
+/** What {@link runQuantizeStep} wrote. */
 export interface QuantizedModel {
   /** The 4-bit model directory (`<stepDir>/model`). */
   dir: string;
@@ -385,7 +393,7 @@ export interface QuantizedModel {
  * directory, as the runner runs it but without the run's bookkeeping (source and output hashes,
  * manifest, git state); times it.
  */
-export async function quantizeModel(model: string, stepDir: string): Promise<QuantizedModel> {
+export async function runQuantizeStep(model: string, stepDir: string): Promise<QuantizedModel> {
   const config = QuantizeConfig.parse({ model });
   const sources = await modelSources(model);
   const ctx: StepContext = {
@@ -406,7 +414,7 @@ export async function quantizeModel(model: string, stepDir: string): Promise<Qua
     setGpu: () => {},
   };
   const t0 = performance.now();
-  const result = await quantizeStepRun(ctx, config);
+  const result = await quantizeModel(ctx, config);
   return {
     dir: join(stepDir, "model"),
     seconds: (performance.now() - t0) / 1000,
@@ -436,35 +444,58 @@ async function benchTrain(gpu: Gpu, cfg: Nf4BenchConfig, tmp: string): Promise<N
     progress: gpu.software ? undefined : `write ${name}`,
   });
   const writeSeconds = (performance.now() - t0) / 1000;
-  const quantized = await quantizeModel(base, join(tmp, "train-quantize"));
+  const quantized = await runQuantizeStep(base, join(tmp, "train-quantize"));
   const qconfig = await loadModelConfig(quantized.dir);
-  const remove = (dir: string) => async () => await Deno.remove(dir, { recursive: true });
-  const lora = await benchGpu(
-    gpu,
-    `${name} ${settings.dtype} LoRA`,
-    base,
-    ckpt.config,
-    ckpt.weightBytes,
-    writeSeconds,
-    settings,
-    remove(base),
-  );
   const quantizedBytes = Number(quantized.metrics.bytes_out ?? 0);
-  const qlora = await benchGpu(
-    gpu,
-    `${name} NF4 QLoRA`,
-    quantized.dir,
-    qconfig,
-    quantizedBytes,
-    null,
-    settings,
-    remove(quantized.dir),
-  );
+  const { repeats } = cfg.train;
+  const runs: { lora: TrainResult; qlora: TrainResult }[] = [];
+  for (let i = 0; i < repeats; i++) {
+    // The checkpoints go once their last load is done (the disk matters for 7B shapes).
+    const last = i === repeats - 1;
+    const then = (dir: string) => async () => last ? await Deno.remove(dir, { recursive: true }) : undefined;
+    const suffix = repeats === 1 ? "" : ` #${i + 1}`;
+    const lora = () =>
+      benchGpu(
+        gpu,
+        `${name} ${settings.dtype} LoRA${suffix}`,
+        base,
+        ckpt.config,
+        ckpt.weightBytes,
+        i === 0 ? writeSeconds : null,
+        settings,
+        then(base),
+      );
+    const qlora = () =>
+      benchGpu(
+        gpu,
+        `${name} NF4 QLoRA${suffix}`,
+        quantized.dir,
+        qconfig,
+        quantizedBytes,
+        null,
+        settings,
+        then(quantized.dir),
+      );
+    // Alternate which runs first, so that neither always follows the other.
+    if (i % 2 === 0) {
+      const l = await lora();
+      runs.push({ lora: l, qlora: await qlora() });
+    } else {
+      const q = await qlora();
+      runs.push({ lora: await lora(), qlora: q });
+    }
+  }
+  const [first] = runs;
   return {
-    lora,
-    qlora,
-    ratio: qlora.tokensPerSecond / lora.tokensPerSecond,
-    memoryRatio: qlora.memory!.peakBytes / lora.memory!.peakBytes,
+    lora: first.lora,
+    qlora: first.qlora,
+    runs,
+    tokensPerSecond: {
+      lora: median(runs.map((r) => r.lora.tokensPerSecond)),
+      qlora: median(runs.map((r) => r.qlora.tokensPerSecond)),
+    },
+    ratio: median(runs.map((r) => r.qlora.tokensPerSecond / r.lora.tokensPerSecond)),
+    memoryRatio: first.qlora.memory!.peakBytes / first.lora.memory!.peakBytes,
     quantizeSeconds: quantized.seconds,
     quantizedBytes,
   };
@@ -516,7 +547,7 @@ async function benchQuantize(cfg: Nf4BenchConfig, tmp: string): Promise<Nf4Quant
         if (bytes !== ckpt.weightBytes) throw new Error(`read ${bytes} bytes of ${ckpt.weightBytes}`);
       } else {
         const dir = join(tmp, `quantize-step-${r}`);
-        last = await quantizeModel(source, dir);
+        last = await runQuantizeStep(source, dir);
         stepSeconds.push(last.seconds);
         await Deno.remove(dir, { recursive: true });
       }
@@ -602,7 +633,7 @@ function printTrain(report: Nf4BenchReport, t: Nf4TrainResult): void {
     deno: report.deno,
     config: report.config.train.settings,
     flopFormula: "",
-    results: [t.lora, t.qlora],
+    results: t.runs.flatMap((r) => [r.lora, r.qlora]),
     ratios: {},
   });
   console.log(
@@ -613,6 +644,14 @@ function printTrain(report: Nf4BenchReport, t: Nf4TrainResult): void {
       x2(t.memoryRatio)
     })`,
   );
+  if (t.runs.length > 1) {
+    console.log(
+      `tokens/s, medians of ${t.runs.length} runs: LoRA ${t.tokensPerSecond.lora.toFixed(1)}, ` +
+        `QLoRA ${t.tokensPerSecond.qlora.toFixed(1)}; ratios by pair ${
+          t.runs.map((r) => x2(r.qlora.tokensPerSecond / r.lora.tokensPerSecond)).join(" ")
+        }`,
+    );
+  }
   console.log(`QLoRA / LoRA tokens/s (target >= 0.8x): ${x2(t.ratio)}`);
 }
 

@@ -40,7 +40,8 @@ Deno.test("parseNf4Args() defaults: small sizes on CPU adapters, 7B shapes at T 
   assert.deepEqual(cpu.matmul.matrices, [{ N: 512, K: 512 }, { N: 1792, K: 512 }]);
   assert.deepEqual([cpu.train.shape, cpu.train.layers], ["small", 2]);
   const s = cpu.train.settings;
-  assert.deepEqual([s.rows, s.seqLen, s.steps, s.warmup, s.lora.r, s.reference], [1, 256, 6, 1, 8, false]);
+  assert.deepEqual([s.rows, s.seqLen, s.steps, s.warmup, s.lora.r, s.reference], [1, 256, 4, 1, 8, false]);
+  assert.equal(cpu.train.repeats, 3);
   assert.equal(cpu.quantize.megabytes, 24);
 
   const h100 = parseNf4Args(["--json", "n.json"], fakeGpu("NVIDIA H100 80GB HBM3", true, false));
@@ -48,7 +49,7 @@ Deno.test("parseNf4Args() defaults: small sizes on CPU adapters, 7B shapes at T 
   assert.equal(h100.json, "n.json");
   assert.equal(gpu.matmul.tokens, 2048);
   assert.deepEqual(gpu.matmul.matrices, [{ N: 4096, K: 4096 }, { N: 14336, K: 4096 }]);
-  assert.deepEqual([gpu.train.shape, gpu.train.layers], ["mistral-7b", 4]);
+  assert.deepEqual([gpu.train.shape, gpu.train.layers, gpu.train.repeats], ["mistral-7b", 4, 1]);
   assert.deepEqual([gpu.train.settings.seqLen, gpu.train.settings.lora.r], [2048, 16]);
   assert.equal(gpu.quantize.megabytes, 512);
 
@@ -105,7 +106,20 @@ gpuTest(
             "--rounds",
             "1",
           ],
-          ...["--shape", "small", "--layers", "1", "--seq", "32", "--steps", "1", "--warmup", "0"],
+          ...[
+            "--shape",
+            "small",
+            "--layers",
+            "1",
+            "--seq",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--train-repeats",
+            "2",
+          ],
           ...["--quantize-mb", "1", "--quantize-rounds", "1", "--json", json, "--tmp", dir],
         ]);
       });
@@ -129,6 +143,8 @@ gpuTest(
         const x of [m.ratio, m.forward.ratio, m.backward.ratio, m.dequantizeGBps, m.copyGBps, m.ofCopy]
       ) assert.ok(Number.isFinite(x) && x > 0, JSON.stringify(m));
       const t = written.train!;
+      assert.equal(t.runs.length, 2);
+      assert.deepEqual([t.lora, t.qlora], [t.runs[0].lora, t.runs[0].qlora]);
       assert.ok(
         Number.isFinite(t.ratio) && t.ratio > 0 && t.memoryRatio > 0 && t.memoryRatio < 1,
         JSON.stringify(t),
