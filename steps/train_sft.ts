@@ -129,6 +129,7 @@ async function createModel(
   const load: { progress: Progress | null; read: number } = { progress: null, read: 0 };
   const gpuModel = await createGpuModel(model, dir, spec, ctx.seed, {
     gradientCheckpointing: config.gradient_checkpointing,
+    offloadLayerInputs: config.offload_layer_inputs,
     onLoadProgress: (read, total) => {
       load.progress ??= ctx.progress(total, "B");
       load.progress.tick(read - load.read);

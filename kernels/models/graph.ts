@@ -36,6 +36,7 @@ import { rmsnormBackward, rmsnormForward } from "../ops/rmsnorm.ts";
 import { type RopeConfig, ropeTable } from "../ops/rope.ts";
 import { rope_check_positions } from "../rope_frequencies.ts";
 import { readTensors, Tensor } from "../tensor.ts";
+import { recorder } from "../recorder.ts";
 import { GpuAdapters } from "./adapters.ts";
 import { checkSequenceLength, type ModelConfig } from "../../formats/model_config.ts";
 import { type GpuWeights, loadGpuWeights, type WeightDType } from "./gpu_weights.ts";
@@ -60,6 +61,14 @@ import type {
 export interface GpuModelOptions {
   /** Recompute each layer's activations in the backward instead of keeping them (default false). */
   gradientCheckpointing?: boolean;
+  /**
+   * With gradient checkpointing: keep the layer inputs h_0..h_{L−1} in host memory between the
+   * forward and the backward instead of on the GPU (default false). Each is copied out as soon
+   * as its layer's forward is recorded and written back just before that layer's backward; the
+   * gradients are the same bits. Saves (L − 1)·4·T·D bytes of GPU memory (1 GiB for a 7B model
+   * at T = 2048) for two copies of them over the bus per micro-batch.
+   */
+  offloadLayerInputs?: boolean;
   /** Weights and activations: f16 (default where the adapter has shader-f16) or f32. */
   dtype?: WeightDType;
   /** Called after each uploaded weight tensor with bytes read so far and the total. */
@@ -109,6 +118,8 @@ export class GpuModel implements TrainableModel {
   readonly dtype: WeightDType;
   /** Whether the backward recomputes each layer's activations. */
   readonly gradientCheckpointing: boolean;
+  /** Whether the layer inputs wait in host memory for the backward (with checkpointing only). */
+  readonly offloadLayerInputs: boolean;
   readonly #gpu: Gpu;
   readonly #ctx: LayerContext;
   readonly #ropeConfig: RopeConfig;
@@ -122,8 +133,10 @@ export class GpuModel implements TrainableModel {
     lora: LoraSpec,
     seed: number,
     gradientCheckpointing: boolean,
+    offloadLayerInputs = false,
   ) {
     this.#gpu = gpu;
+    this.offloadLayerInputs = gradientCheckpointing && offloadLayerInputs;
     this.config = config;
     this.lora = { ...lora, targets: [...lora.targets] };
     this.backend = `webgpu: ${gpu.info.description}`;
@@ -187,12 +200,20 @@ export class GpuModel implements TrainableModel {
       embeddingForward(w.get("model.embed_tokens.weight"), batch.tokens, { label: "h0" }),
     ];
     const saved: (LayerActivations | null)[] = [];
+    // Offloaded layer inputs: the host copy of h_l, read back once the GPU has reached it.
+    const offload = train !== null && this.offloadLayerInputs;
+    const onHost: Promise<Float32Array>[] = [];
     try {
       for (let l = 0; l < L; l++) {
         const r = layerForward(ctx, lb, l, hs[l], keepActs ? "keep" : "output");
         hs.push(r.hOut!);
         saved.push(r.saved);
         if (train === null) hs[l].destroy();
+        else if (offload) {
+          onHost[l] = copyToHost(hs[l]);
+          onHost[l].catch(() => {}); // awaited in the backward; an error is thrown there
+          hs[l].destroy(); // the copy is recorded first, so a reuse of the buffer comes after it
+        }
       }
       const { y: x, rstd } = rmsnormForward(hs[L], normW, { eps: this.config.rmsNormEps, label: "x_final" });
       const { loss, lse, correct } = crossEntropyForward(x, head, targets, { n: 1 });
@@ -201,7 +222,13 @@ export class GpuModel implements TrainableModel {
         const dh = rmsnormBackward(dx, hs[L], normW, rstd).dx;
         dx.destroy();
         hs[L].destroy();
+        // The loss's last readers have run: its [T,D] input need not wait through the layers.
+        x.destroy();
+        rstd.destroy();
         for (let l = L - 1; l >= 0; l--) {
+          if (offload) {
+            hs[l] = Tensor.from(gpu, await onHost[l], [T, this.config.hiddenSize], "f32", { label: `h${l}` });
+          }
           const acts = saved[l] ?? layerForward(ctx, lb, l, hs[l], "recompute").saved!;
           layerBackward(ctx, lb, l, hs[l], acts, dh, l > 0);
           acts.destroy();
@@ -306,6 +333,23 @@ export class GpuModel implements TrainableModel {
 }
 
 /**
+ * The f32 values of `t` on the host, once the GPU reaches the copy recorded now: `t` may be
+ * destroyed right after the call (the copy comes first in stream order).
+ */
+function copyToHost(t: Tensor): Promise<Float32Array> {
+  const ranges = t.chunks.map((c) => ({ buffer: c.buffer, size: c.byteLength }));
+  return recorder(t.gpu).read(ranges).then((parts) => {
+    const out = new Float32Array(t.size);
+    let at = 0;
+    for (const part of parts) {
+      out.set(new Float32Array(part.buffer, part.byteOffset, part.byteLength / 4), at);
+      at += part.byteLength / 4;
+    }
+    return out;
+  });
+}
+
+/**
  * Loads `modelDir`'s weights onto the GPU (streamed tensor by tensor; f16 where the adapter
  * has shader-f16 unless `dtype` says otherwise) and attaches fresh LoRA adapters, initialised
  * as PEFT does from `seed` exactly as the CPU reference backend does.
@@ -336,7 +380,15 @@ export async function createGpuModel(
     onProgress: opts.onLoadProgress,
   });
   try {
-    return new GpuModel(gpu, config, weights, lora, seed, opts.gradientCheckpointing ?? false);
+    return new GpuModel(
+      gpu,
+      config,
+      weights,
+      lora,
+      seed,
+      opts.gradientCheckpointing ?? false,
+      opts.offloadLayerInputs ?? false,
+    );
   } catch (error) {
     weights.destroy();
     throw error;

@@ -89,10 +89,10 @@ export interface LayerActivations extends Disposable {
   readonly lse: Tensor;
   /** hMid[T,D] f32: the residual stream between the two blocks. */
   readonly hMid: Tensor;
-  /** g, u, m[T,F]: gate and up outputs and the SwiGLU output. */
+  /** g, u, m[T,F]: gate and up outputs and the SwiGLU output (m: null unless down_proj has an adapter). */
   readonly g: Tensor;
   readonly u: Tensor;
-  readonly m: Tensor;
+  readonly m: Tensor | null;
   /** xa[T,r] f32 of every adapted projection of the layer. */
   readonly xa: ReadonlyMap<Projection, Tensor>;
   destroy(): void;
@@ -188,7 +188,7 @@ function projectBackward(
   layer: number,
   proj: Projection,
   dy: Tensor,
-  x: Tensor,
+  x: Tensor | null,
   saved: LayerActivations,
   dx: Tensor | null,
   accumulate: boolean,
@@ -202,6 +202,9 @@ function projectBackward(
   }
   // The weight is read only for dx: a 4-bit weight is not dequantized when dx is skipped.
   using W = dx === null ? null : weight(ctx, layer, proj).W;
+  if (x === null) {
+    throw new Error(`Cannot run the backward of ${projectionPath(layer, proj)}: its input was not kept`);
+  }
   loraBackward(dy, x, W?.tensor ?? null, loraOf(ctx, batch, slot), saved.xa.get(proj)!, {
     dA: slot.dA,
     dB: slot.dB,
@@ -273,17 +276,40 @@ export function layerForward(
   const n2 = normed(ctx, hMid, ctx.weights.get(`${p}.post_attention_layernorm.weight`), `${p}.x2`);
   const g = project(ctx, batch, layer, "gate_proj", n2.x, xa);
   const u = project(ctx, batch, layer, "up_proj", n2.x, xa);
-  const m = swigluForward(g, u, { label: `${p}.m` });
+  // m's only reader after the forward is down_proj's adapter (dA): without one it is not kept,
+  // and a recompute, which skips the frozen down product, does not compute it at all.
+  const downSlot = ctx.adapters.find(layer, "down_proj");
+  let m: Tensor | null = mode === "recompute" && downSlot === null
+    ? null
+    : swigluForward(g, u, { label: `${p}.m` });
   let hOut: Tensor | null = null;
   if (mode === "recompute") {
-    const slot = ctx.adapters.find(layer, "down_proj");
-    if (slot !== null) xa.set("down_proj", adapterInput(ctx, batch, slot, m));
+    if (downSlot !== null) xa.set("down_proj", adapterInput(ctx, batch, downSlot, m!));
   } else {
     hOut = copyOf(hMid, `${p}.h_out`);
-    project(ctx, batch, layer, "down_proj", m, xa, hOut);
+    project(ctx, batch, layer, "down_proj", m!, xa, hOut);
+    if (downSlot === null) {
+      m!.destroy();
+      m = null;
+    }
   }
 
-  const all = [n1.rstd, n2.rstd, n1.x, n2.x, q, k, v, attn, lse, hMid, g, u, m, ...xa.values()];
+  const all = [
+    n1.rstd,
+    n2.rstd,
+    n1.x,
+    n2.x,
+    q,
+    k,
+    v,
+    attn,
+    lse,
+    hMid,
+    g,
+    u,
+    ...(m ? [m] : []),
+    ...xa.values(),
+  ];
   const destroy = () => all.forEach((t) => t.destroy());
   if (mode === "output") {
     destroy();
@@ -337,7 +363,7 @@ export function layerBackward(
   // MLP block: hOut = hMid + down(silu(gate(x2)) ⊙ up(x2)).
   const dm = f32([T, F], `${p}.dm`);
   projectBackward(ctx, batch, layer, "down_proj", dh, saved.m, saved, dm, false);
-  saved.m.destroy(); // its last reader was down_proj's adapter (destroying again is harmless)
+  saved.m?.destroy(); // its last reader was down_proj's adapter (destroying again is harmless)
   // dg is written over dm, and f16 g, u are read as they are: two [T,F] f32 buffers, not five.
   const { dg, du } = swigluBackward(dm, saved.g, saved.u, { dg: dm });
   saved.g.destroy();

@@ -79,6 +79,8 @@ export interface TrainingMemorySettings {
   seqLen: number;
   /** Recompute each layer's activations in the backward (`gradient_checkpointing`). */
   gradientCheckpointing: boolean;
+  /** With checkpointing: the layer inputs wait in host memory for the backward (`offload_layer_inputs`; default false). */
+  offloadLayerInputs?: boolean;
   /** Weights and activations (`dtype`): f16 where the adapter has shader-f16, else f32. */
   dtype: "f16" | "f32";
   /** LoRA rank, target projections and dropout (`lora.r`, `lora.target_modules`, `lora.dropout`). */
@@ -557,7 +559,7 @@ function projectBackward(
   layer: number,
   proj: Projection,
   dy: SimTensor,
-  x: SimTensor,
+  x: SimTensor | null,
   xa: SimTensor | undefined,
   dx: SimTensor | null,
   dropout: boolean,
@@ -570,6 +572,7 @@ function projectBackward(
     done();
     return;
   }
+  if (x === null) throw new Error(`memory plan: the input of layer ${layer}'s ${proj} was not kept`);
   const { W, done } = dx === null ? { W: null, done: () => {} } : useWeight(sim, m, layer, proj);
   // loraBackward: dB += s·dyᵀ·xa; dxa = s·dy·B; z = dropout(x); dA += dxaᵀ·z; dx (+)= dy·W + dxa·A.
   matmul(sim, dy, xa!, "TN", { out: slot.B }); // dB has B's shape and chunks
@@ -606,7 +609,7 @@ interface Acts {
   hMid: SimTensor;
   g: SimTensor;
   u: SimTensor;
-  m: SimTensor;
+  m: SimTensor | null;
   xa: Map<Projection, SimTensor>;
 }
 
@@ -641,21 +644,43 @@ function layerForward(
   const n2 = normed(sim, m, hMid);
   const g = project(sim, m, layer, "gate_proj", n2.x, xa, dropout);
   const u = project(sim, m, layer, "up_proj", n2.x, xa, dropout);
-  const mm = sim.empty(g.shape, m.act, "activations"); // swiglu
+  // m is kept only for down_proj's adapter; a recompute without one does not compute it.
+  const slot = m.slots.get(`${layer}/down_proj`);
+  let mm: SimTensor | null = mode === "recompute" && slot === undefined
+    ? null
+    : sim.empty(g.shape, m.act, "activations"); // swiglu
   let hOut: SimTensor | null = null;
   if (mode === "recompute") {
-    const slot = m.slots.get(`${layer}/down_proj`);
     if (slot !== undefined) {
       // adapterInput: xa = dropout(m)·Aᵀ alone; the frozen product is not needed.
-      const z = dropout ? sim.empty(mm.shape, "f32", "dropout") : mm;
+      const z = dropout ? sim.empty(mm!.shape, "f32", "dropout") : mm!;
       xa.set("down_proj", matmul(sim, z, slot.A, "NT", { outDtype: "f32", kind: "activations" }));
       if (z !== mm) sim.free(z);
     }
   } else {
     hOut = sim.empty(hMid.shape, "f32", "inputs"); // copy of hMid
-    project(sim, m, layer, "down_proj", mm, xa, dropout, hOut);
+    project(sim, m, layer, "down_proj", mm!, xa, dropout, hOut);
+    if (slot === undefined) {
+      sim.free(mm);
+      mm = null;
+    }
   }
-  const all = [n1.rstd, n2.rstd, n1.x, n2.x, q, k, v, attn, lse, hMid, g, u, mm, ...xa.values()];
+  const all = [
+    n1.rstd,
+    n2.rstd,
+    n1.x,
+    n2.x,
+    q,
+    k,
+    v,
+    attn,
+    lse,
+    hMid,
+    g,
+    u,
+    ...(mm ? [mm] : []),
+    ...xa.values(),
+  ];
   if (mode === "output") {
     all.forEach((t) => sim.free(t));
     return { hOut, acts: null };
@@ -680,7 +705,7 @@ function layerBackward(
   sim.at("backward", `backward of layer ${layer}: MLP`);
   const dm = f32([T, F]);
   projectBackward(sim, m, layer, "down_proj", dh, a.m, a.xa.get("down_proj"), dm, dropout);
-  sim.freeEarly(a.m);
+  if (a.m) sim.freeEarly(a.m);
   // swigluBackward writes dg over dm and reads g, u in the activation dtype: only du is new.
   const dg = dm;
   const du = f32([T, F]);
@@ -769,7 +794,14 @@ function* vocabularyChunks(W: SimTensor, chunk: number): Generator<{ v0: number;
 }
 
 /** graph.ts `#run` with training, then `optimizerStep`. */
-function trainingStep(sim: Replay, m: Model, B: number, S: number, checkpointing: boolean): void {
+function trainingStep(
+  sim: Replay,
+  m: Model,
+  B: number,
+  S: number,
+  checkpointing: boolean,
+  offload: boolean,
+): void {
   const { hiddenSize: D, numLayers: L, vocabSize: V } = m.config;
   const T = B * S;
   const dropout = m.dropout > 0;
@@ -786,6 +818,7 @@ function trainingStep(sim: Replay, m: Model, B: number, S: number, checkpointing
     const r = layerForward(sim, m, l, hs[l], checkpointing ? "output" : "keep", dropout);
     hs.push(r.hOut!);
     saved.push(r.acts);
+    if (offload) sim.free(hs[l]); // copied to host memory, written back before its backward
   }
 
   // The loss: x = rmsnorm(h_L), then cross-entropy a vocabulary chunk of f32 logits at a time.
@@ -814,8 +847,11 @@ function trainingStep(sim: Replay, m: Model, B: number, S: number, checkpointing
   const dh = sim.empty([T, D], "f32", "layerGrads"); // the final norm's input gradient
   sim.free(ceDh);
   sim.free(hs[L]);
+  sim.freeEarly(x); // graph.ts frees the loss's input and rstd before the layers' backward
+  sim.freeEarly(rstd);
 
   for (let l = L - 1; l >= 0; l--) {
+    if (offload) hs[l] = sim.empty([T, D], "f32", "inputs");
     let acts = saved[l];
     if (acts === null) {
       sim.at("backward", `recompute of layer ${l}`);
@@ -861,6 +897,7 @@ function resolveSettings(config: ModelConfig, s: TrainingMemorySettings): Memory
     batchRows: s.batchRows,
     seqLen: s.seqLen,
     gradientCheckpointing: s.gradientCheckpointing,
+    offloadLayerInputs: s.gradientCheckpointing && (s.offloadLayerInputs ?? false),
     dtype: s.dtype,
     lora: { r: s.lora.r, targets, dropout },
     quantization,
@@ -895,7 +932,7 @@ export function planTrainingMemory(
   sim.at("resident", "loading");
   const model = loadModel(sim, config, s);
   const resident = sim.live;
-  trainingStep(sim, model, s.batchRows, s.seqLen, s.gradientCheckpointing);
+  trainingStep(sim, model, s.batchRows, s.seqLen, s.gradientCheckpointing, s.offloadLayerInputs);
   if (sim.live !== resident) {
     throw new Error(`memory plan: the step leaves ${sim.live - resident} bytes alive`);
   }
@@ -997,7 +1034,9 @@ export function formatMemoryPlan(plan: MemoryPlan): string {
   const head = [
     `Peak GPU memory of one training step: ${formatBytes(plan.total)} (at the ${plan.peakAt})`,
     `  ${c.architecture} D ${c.hiddenSize}, L ${c.numLayers}, F ${c.intermediateSize}, V ${c.vocabSize}; ` +
-    `T = ${s.batchRows}·${s.seqLen}, ${s.dtype}, checkpointing ${s.gradientCheckpointing ? "on" : "off"}, ` +
+    `T = ${s.batchRows}·${s.seqLen}, ${s.dtype}, checkpointing ${
+      s.gradientCheckpointing ? (s.offloadLayerInputs ? "on, layer inputs in host memory" : "on") : "off"
+    }, ` +
     `LoRA r ${s.lora.r} on ${s.lora.targets.join(", ")}, dropout ${s.lora.dropout}` +
     (q
       ? `; ${q.quantType.toUpperCase()}${q.doubleQuant ? " double quant" : ""}, blocksize ${q.blocksize}`
@@ -1064,6 +1103,11 @@ export function fitAdvice(
     out.push(`gradient_checkpointing: true -> ${verdict(planWith({ gradientCheckpointing: true }))}`);
     all.gradientCheckpointing = true;
     allNames.push("gradient_checkpointing");
+  }
+  if (base.gradientCheckpointing && !base.offloadLayerInputs) {
+    out.push(`offload_layer_inputs: true -> ${verdict(planWith({ offloadLayerInputs: true }))}`);
+    all.offloadLayerInputs = true;
+    allNames.push("offload_layer_inputs");
   }
   if (base.dtype === "f32") {
     out.push(`dtype f16 (needs shader-f16) -> ${verdict(planWith({ dtype: "f16" }))}`);

@@ -94,6 +94,7 @@ export function planTrainSft(
     batchRows: config.per_device_train_batch_size,
     seqLen,
     gradientCheckpointing: config.gradient_checkpointing,
+    offloadLayerInputs: config.offload_layer_inputs,
     dtype,
     lora: { r: config.lora.r, targets, dropout: config.lora.dropout },
     ...(quantization === undefined ? {} : { quantization }),

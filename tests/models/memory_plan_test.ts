@@ -72,7 +72,7 @@ async function measure(
     targets: [...s.lora.targets],
     useRslora: false,
   };
-  using model = new GpuModel(gpu, config, weights, lora, SEED, s.gradientCheckpointing);
+  using model = new GpuModel(gpu, config, weights, lora, SEED, s.gradientCheckpointing, s.offloadLayerInputs);
   const resident = memoryStats(gpu).liveBytes - before;
   const batch = packedBatch(config.vocabSize, s.batchRows, s.seqLen, 5);
   resetPeakMemory(gpu);
@@ -191,6 +191,13 @@ gpuTest(
         ],
         [settings(2, 128, "f32", false, { r: 8, targets: ALL, dropout: 0 }), "2·128 f32 kept"],
         [settings(1, 384, f16, false, { r: 8, targets: ALL, dropout: 0.05 }), `1·384 ${f16} kept, dropout`],
+        [
+          {
+            ...settings(1, 256, f16, true, { r: 16, targets: ["q_proj", "v_proj"], dropout: 0.05 }),
+            offloadLayerInputs: true,
+          },
+          `1·256 ${f16} checkpointing, layer inputs in host memory`,
+        ],
       ] as const;
       for (const [s, what] of cases) assertClose(`D 256 (${what})`, await measure(gpu, config, dir, s));
     } finally {
@@ -287,8 +294,9 @@ Deno.test("planTrainingMemory() breaks Mistral-7B QLoRA (NF4, r 16 on q/v, 1·20
   assert.match(plan.peakAt, /backward of layer 31: MLP/);
   assert.equal(part(plan, "layer inputs h"), L * 4 * T * D);
   // dh [T,D] and dm, g, u, dg, du [T,F] f32, with 1 GiB of layer inputs: the largest transients.
-  // dh and dm (dg is later written over it; m, g, u are freed once read): the peak is before du exists.
-  assert.equal(part(plan, "layer backward intermediates"), 4 * T * D + 4 * T * F);
+  // At the gate/up backward: dh and dx2 [T,D], dg (written over dm) and du [T,F], all f32; m was
+  // never kept (down_proj has no adapter), g and u were freed once SwiGLU's backward read them.
+  assert.equal(part(plan, "layer backward intermediates"), 2 * 4 * T * D + 2 * 4 * T * F);
   const deq = plan.workspaces.find((w) => w.name === "dequantized projection")!;
   assert.equal(deq.bytes, F * D * 2, "one dequantized gate/up/down [F,D] f16 at a time");
   assert.ok(plan.total > 5 * GiB && plan.total < 7 * GiB, `total ${formatBytes(plan.total)}`);

@@ -16,7 +16,7 @@ import { createGpuModel } from "../../kernels/models/graph.ts";
 import { loadHostModel } from "../../kernels/models/load.ts";
 import { createReferenceModel } from "../../kernels/models/reference_backend.ts";
 import type { TinyArch } from "../../kernels/models/tiny.ts";
-import { memoryStats } from "../../kernels/tensor.ts";
+import { memoryStats, resetPeakMemory } from "../../kernels/tensor.ts";
 import { MODEL_DIR, step as quantizeStep } from "../../steps/quantize.ts";
 import { runStep } from "../../steps/runner.ts";
 import { assertClose, gpuTest } from "../kernels/_harness.ts";
@@ -154,3 +154,35 @@ gpuTest(
     });
   },
 );
+
+gpuTest("layer inputs offloaded to host memory give the same bits with less GPU memory", async (gpu) => {
+  await quantized("mistral", {}, async (dir) => {
+    const config = await loadModelConfig(dir);
+    const lora = allTargets(4, 8, 0.1);
+    const batch = packedBatch(config.vocabSize, 2, 16, 5);
+    const n = trainedTokens(batch);
+    const run = async (offloadLayerInputs: boolean) => {
+      using model = await createGpuModel(config, dir, lora, SEED, {
+        dtype: "f32",
+        gradientCheckpointing: true,
+        offloadLayerInputs,
+      });
+      await model.setLora(withRandomB(await model.getLora(), 11));
+      resetPeakMemory(gpu);
+      const base = memoryStats(gpu).liveBytes;
+      const r = await model.forwardBackward(batch, n, 3);
+      const peak = memoryStats(gpu).peakBytes - base;
+      return { loss: r.lossSum, grads: await model.getGradients(), peak };
+    };
+    const kept = await run(false);
+    const offloaded = await run(true);
+    assert.equal(offloaded.loss, kept.loss);
+    assert.deepEqual(offloaded.grads, kept.grads);
+    // h_0..h_{L-2} no longer wait on the GPU: (L − 1) f32 [T,D] buffers less at the peak.
+    const T = 2 * 16, D = config.hiddenSize;
+    assert.ok(
+      kept.peak - offloaded.peak >= (config.numLayers - 1) * 4 * T * D,
+      `peak ${kept.peak} -> ${offloaded.peak}`,
+    );
+  });
+});

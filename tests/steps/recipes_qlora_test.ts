@@ -77,7 +77,10 @@ Deno.test("mistral-qlora is the guides' QLoRA configuration", async () => {
     [t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate, t.num_train_epochs],
     [1, 16, 2e-4, 3],
   );
-  assert.deepEqual([t.lr_scheduler_type, t.warmup_ratio, t.gradient_checkpointing], ["cosine", 0.03, true]);
+  assert.deepEqual(
+    [t.lr_scheduler_type, t.warmup_ratio, t.gradient_checkpointing, t.offload_layer_inputs],
+    ["cosine", 0.03, true, true],
+  );
   assert.deepEqual([tok.max_seq_len, tok.packing], [2048, false]);
 });
 
@@ -99,7 +102,10 @@ for (
     assert.match(out.find((l) => l.startsWith("quantize"))!, /^quantize\s+\?\s+would run after downloading/);
     assert.match(text, /Peak GPU memory of one training step: \d+\.\d\d GiB/);
     assert.match(text, new RegExp(`${arch} D 4096, L 32, F 14336`));
-    assert.match(text, /T = 1·2048, f16, checkpointing on, LoRA r 16 on q_proj, v_proj/);
+    assert.match(
+      text,
+      /T = 1·2048, f16, checkpointing on, layer inputs in host memory, LoRA r 16 on q_proj, v_proj/,
+    );
     assert.match(text, /NF4 double quant, blocksize 64/);
     assert.match(text, /fits the 24\.00 GiB of LATHE_GPU_MEMORY/);
     console.log(out.filter((l) => /Peak GPU memory|total|4-bit/.test(l)).join("\n"));
@@ -110,7 +116,7 @@ Deno.test("a plan that does not fit says what would", async () => {
   const cache = "meta-llama/Llama-3.1-8B-Instruct";
   const saved = Deno.env.get("LATHE_GPU_MEMORY");
   try {
-    const out = (await dryRun("llama3-qlora", cache, ["--set", "tokenize.max_seq_len=65536"])).join("\n");
+    const out = (await dryRun("llama3-qlora", cache, ["--set", "tokenize.max_seq_len=131072"])).join("\n");
     assert.match(out, /does not fit the 24\.00 GiB of LATHE_GPU_MEMORY/);
     assert.match(out, /seq_len: \d+ -> [\d.]+ GiB \(fits\)/, "a shorter sequence that fits is named");
   } finally {

@@ -106,6 +106,7 @@ Deno.test("train-sft config fills the documented defaults and rejects unknown ke
     adam_epsilon: 1e-8,
     max_grad_norm: 1,
     gradient_checkpointing: true,
+    offload_layer_inputs: false,
     eval_steps: null,
     load_best_model_at_end: false,
     metric_for_best_model: "eval_loss",
