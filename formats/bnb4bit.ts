@@ -486,7 +486,6 @@ export function quantizeStats(
   shape: number[],
   options: Quantize4bitOptions = {},
 ): Quantized4bitStats {
-  const quantType = options.quantType ?? "nf4";
   const B = options.blocksize ?? 64;
   const n = values.length;
   checkQuantizeArgs(n, shape, B);
@@ -497,6 +496,84 @@ export function quantizeStats(
     for (let k = b * B, end = Math.min(n, k + B); k < end; k++) m = Math.max(m, Math.abs(values[k]));
     absmax[b] = m;
   }
+  return statsOfAbsmax(absmax, shape, options);
+}
+
+/** Sign-less bits of the largest finite magnitude, and the smallest non-finite, per float dtype. */
+const MAGNITUDE = {
+  F32: { bytes: 4, mask: 0x7fffffff, nonFinite: 0x7f800000 },
+  F16: { bytes: 2, mask: 0x7fff, nonFinite: 0x7c00 },
+  BF16: { bytes: 2, mask: 0x7fff, nonFinite: 0x7f80 },
+} as const;
+
+/**
+ * The f32 absmax of each block of B elements, read from a weight's stored bytes (F32, F16 or
+ * BF16, little-endian) without converting them: a float's magnitude orders as its bits with the
+ * sign cleared, so the block's largest such bit pattern is its absmax, exactly. Returns null when
+ * an element is NaN or infinite (its block's absmax would be too).
+ */
+export function blockAbsmaxOfBytes(
+  dtype: keyof typeof MAGNITUDE,
+  bytes: Uint8Array,
+  blocksize: number,
+): Float32Array | null {
+  const { bytes: size, mask, nonFinite } = MAGNITUDE[dtype];
+  const n = bytes.length / size;
+  const aligned = bytes.byteOffset % size === 0 ? bytes : bytes.slice();
+  const words = size === 4
+    ? new Uint32Array(aligned.buffer, aligned.byteOffset, n)
+    : new Uint16Array(aligned.buffer, aligned.byteOffset, n);
+  const maxBits = magnitudeMax(words, mask, blocksize);
+  const absmax = new Float32Array(maxBits.length);
+  const out = new Uint32Array(absmax.buffer);
+  const f16 = dtype === "F16" ? new Float32Array(1) : null;
+  for (let b = 0; b < maxBits.length; b++) {
+    const m = maxBits[b];
+    if (m >= nonFinite) return null;
+    if (dtype === "F32") out[b] = m;
+    else if (dtype === "BF16") out[b] = m << 16;
+    else absmax[b] = f16ToF32(m, f16!);
+  }
+  return absmax;
+}
+
+/** Per block, the largest `word & mask` (a small function: the JIT keeps its loop tight). */
+function magnitudeMax(words: Uint16Array | Uint32Array, mask: number, B: number): Uint32Array {
+  const n = words.length;
+  const out = new Uint32Array(Math.ceil(n / B));
+  for (let b = 0, start = 0; start < n; b++, start += B) {
+    let m = 0;
+    for (let k = start, end = Math.min(n, start + B); k < end; k++) {
+      const v = (words[k] & mask) >>> 0;
+      if (v > m) m = v;
+    }
+    out[b] = m;
+  }
+  return out;
+}
+
+/** An f16 bit pattern's value (finite, non-negative). */
+function f16ToF32(h: number, scratch: Float32Array): number {
+  const e = h >> 10, m = h & 0x3ff;
+  scratch[0] = e === 0 ? m * 2 ** -24 : (1 + m / 1024) * 2 ** (e - 15);
+  return scratch[0];
+}
+
+/**
+ * {@link quantizeStats} from the f32 absmax of each block (e.g. {@link blockAbsmaxOfBytes}):
+ * the double quantization of the absmax, the maps and the layout.
+ */
+export function statsOfAbsmax(
+  absmax: Float32Array,
+  shape: number[],
+  options: Quantize4bitOptions = {},
+): Quantized4bitStats {
+  const quantType = options.quantType ?? "nf4";
+  const B = options.blocksize ?? 64;
+  const n = shape.reduce((a, b) => a * b, 1);
+  checkQuantizeArgs(n, shape, B);
+  const nb = Math.ceil(n / B);
+  if (absmax.length !== nb) throw new RangeError(`Cannot quantize: ${absmax.length} absmax for ${nb} blocks`);
   const quantMap = quantType === "nf4" ? NF4_TABLE.slice() : FP4_TABLE.slice();
   const base = { quantType, blocksize: B, shape: [...shape], quantMap, blockAbsmax: absmax };
   if (options.doubleQuant === false) return { ...base, absmax };
@@ -522,20 +599,59 @@ export function quantizeStats(
   };
 }
 
-/** The ⌈n / 2⌉ packed codes of `values`, given its block statistics. */
+/** A code table entry whose f32 bucket straddles a threshold: the comparison tree decides. */
+const TREE = 255;
+const codeTables = new Map<QuantType, Uint8Array>();
+
+/**
+ * The code of every f32 whose upper 16 bits are i, where all 2¹⁶ of them share one (the tree is
+ * monotone in x, so the bucket's two ends decide), else {@link TREE}: about 30 of the 65536
+ * buckets straddle one of the 15 thresholds. NaN buckets hold the tree's answer for NaN.
+ */
+function codeTable(quantType: QuantType): Uint8Array {
+  let table = codeTables.get(quantType);
+  if (table) return table;
+  const code = quantType === "nf4" ? quantizeNF4 : quantizeFP4;
+  table = new Uint8Array(65536);
+  const ends = new Float32Array(2);
+  const bits = new Uint32Array(ends.buffer);
+  for (let i = 0; i < 65536; i++) {
+    bits[0] = i << 16;
+    bits[1] = (i << 16) | 0xffff;
+    const a = code(ends[0]), b = code(ends[1]);
+    table[i] = a === b ? a : TREE;
+  }
+  codeTables.set(quantType, table);
+  return table;
+}
+
+/**
+ * The ⌈n / 2⌉ packed codes of `values`, given its block statistics: code(f32(x · (1/absmax)))
+ * as the kernel computes it, looked up by the scaled value's upper 16 bits (the comparison tree
+ * only where a bucket straddles a threshold).
+ */
 export function encode4bit(values: Float32Array, stats: Quantized4bitStats): Uint8Array {
   const n = values.length;
   const B = stats.blocksize;
   checkQuantizeArgs(n, stats.shape, B);
   const code = stats.quantType === "nf4" ? quantizeNF4 : quantizeFP4;
+  const table = codeTable(stats.quantType);
   const codes = new Uint8Array(Math.ceil(n / 2));
+  // One block scaled into f32 (the store rounds x · inv to f32, as the kernel's f32 product does).
+  const scaled = new Float32Array(B);
+  const bits = new Uint32Array(scaled.buffer);
+  const padded = n + (n & 1);
   for (let b = 0, nb = stats.blockAbsmax.length; b < nb; b++) {
-    const start = b * B, end = Math.min(n, start + B);
+    const start = b * B, end = Math.min(n, start + B), stop = Math.min(start + B, padded);
     const inv = f(1 / stats.blockAbsmax[b]);
-    // Pairs of the padded block: padding is 0, and 0 · inv is 0 (NaN when the block is all zeros).
-    for (let k = start; k < start + B && k < n + (n & 1); k += 2) {
-      const hi = code(f((k < end ? values[k] : 0) * inv));
-      const lo = code(f((k + 1 < end ? values[k + 1] : 0) * inv));
+    // Padding is 0, and 0 · inv is 0 (NaN when the block is all zeros, inv = ∞).
+    for (let k = start; k < stop; k++) scaled[k - start] = (k < end ? values[k] : 0) * inv;
+    for (let k = start; k < stop; k += 2) {
+      const j = k - start;
+      let hi = table[bits[j] >>> 16];
+      if (hi === TREE) hi = code(scaled[j]);
+      let lo = table[bits[j + 1] >>> 16];
+      if (lo === TREE) lo = code(scaled[j + 1]);
       codes[k >> 1] = (hi << 4) | lo;
     }
   }

@@ -12,16 +12,17 @@ import { LatheError } from "../foundation/errors.ts";
 import { humanCount } from "../foundation/progress.ts";
 import {
   blockAbsmax,
+  blockAbsmaxOfBytes,
   bnb4bitTensors,
   encode4bit,
   quantizationConfig,
   type Quantized4bitStats,
-  quantizeStats,
+  statsOfAbsmax,
   TORCH_DTYPE_NAMES,
 } from "../formats/bnb4bit.ts";
 import { bnb4bitSettings, checkQuantizedWeights, isSkippedModule } from "../formats/bnb4bit_checkpoint.ts";
 import { parseModelConfig, PROJECTIONS } from "../formats/model_config.ts";
-import { ModelWeights, type TensorSource, writeModelWeights } from "../formats/safetensors.ts";
+import { ModelWeights, type TensorSource, toFloat32, writeModelWeights } from "../formats/safetensors.ts";
 import { MODEL_FILES } from "../hub/model.ts";
 import type { StepContext, StepResult } from "./define.ts";
 import { modelSources } from "./model_source.ts";
@@ -75,6 +76,31 @@ interface TensorReport {
   dtype: string;
   rel_rms_error: number;
   bits_per_weight: number;
+}
+
+/**
+ * Σ (w − x)² and Σ x² over a weight, w its dequantized value quant_map[code] · absmax[block]
+ * (f32, as every reader computes it), block by block.
+ */
+function squaredError(
+  values: Float32Array,
+  codes: Uint8Array,
+  quantMap: Float32Array,
+  absmax: Float32Array,
+  blocksize: number,
+): { err: number; ref: number } {
+  let err = 0, ref = 0;
+  for (let b = 0, start = 0; start < values.length; b++, start += blocksize) {
+    const a = absmax[b];
+    const end = Math.min(values.length, start + blocksize);
+    for (let k = start; k < end; k++) {
+      const byte = codes[k >> 1];
+      const d = Math.fround(quantMap[(k & 1) === 0 ? byte >> 4 : byte & 0xf] * a) - values[k];
+      err += d * d;
+      ref += values[k] * values[k];
+    }
+  }
+  return { err, ref };
 }
 
 async function copyModelFiles(from: string, to: string, names: readonly string[]): Promise<string[]> {
@@ -137,7 +163,7 @@ export async function quantizeModel(ctx: StepContext, config: QuantizeConfig): P
   let totalQuantBytes = 0;
   for (const name of quantizable) totalQuantBytes += weights.info(name).byteLength;
   const progress = ctx.progress(2 * totalQuantBytes, "B");
-  const read = async (name: string): Promise<Float32Array> => {
+  const checkDtype = (name: string): void => {
     const info = weights.info(name);
     if (!(info.dtype in TORCH_DTYPE_NAMES)) {
       throw new LatheError(
@@ -151,9 +177,43 @@ export async function quantizeModel(ctx: StepContext, config: QuantizeConfig): P
     if (info.shape.length !== 2) {
       throw new LatheError(`Cannot quantize "${name}": shape [${info.shape.join(", ")}] is not [out, in]`);
     }
+  };
+  const read = async (name: string): Promise<Float32Array> => {
+    const info = weights.info(name);
     const values = await weights.readFloat32(name);
-    const bad = values.findIndex((v) => !Number.isFinite(v));
-    if (bad >= 0) {
+    progress.tick(info.byteLength);
+    return values;
+  };
+  // The next projection is read while this one is computed: at most two are held.
+  const ahead = <T>(fetch: (name: string) => Promise<T>) => {
+    const pending = new Map<string, Promise<T>>();
+    return (name: string): Promise<T> => {
+      const got = pending.get(name) ?? fetch(name);
+      pending.delete(name);
+      const next = quantizable[quantizable.indexOf(name) + 1];
+      if (next !== undefined && !pending.has(next)) {
+        const p = fetch(next);
+        p.catch(() => {}); // awaited when its turn comes; an error is thrown there
+        pending.set(next, p);
+      }
+      return got;
+    };
+  };
+  // Pass 1 needs only each block's absmax, read off the stored bits without converting them.
+  const readBytesAhead = ahead(async (name: string) => {
+    checkDtype(name);
+    const bytes = await weights.readBytes(name);
+    progress.tick(bytes.length);
+    return bytes;
+  });
+  const readAhead = ahead(read);
+  for (const name of quantizable) {
+    const info = weights.info(name);
+    const bytes = await readBytesAhead(name);
+    const absmax = blockAbsmaxOfBytes(info.dtype as keyof typeof TORCH_DTYPE_NAMES, bytes, config.blocksize);
+    if (absmax === null) {
+      const values = toFloat32(info.dtype, bytes, `tensor "${name}"`);
+      const bad = values.findIndex((v) => !Number.isFinite(v));
       throw new LatheError(
         `Cannot quantize "${name}" of "${config.model}": element ${bad} (row ${
           Math.floor(bad / info.shape[1])
@@ -161,11 +221,7 @@ export async function quantizeModel(ctx: StepContext, config: QuantizeConfig): P
         { hint: "the checkpoint is damaged or was saved after a diverged training run" },
       );
     }
-    progress.tick(info.byteLength);
-    return values;
-  };
-  for (const name of quantizable) {
-    stats.set(name, quantizeStats(await read(name), [...weights.info(name).shape], options));
+    stats.set(name, statsOfAbsmax(absmax, [...info.shape], options));
   }
 
   // Pass 2: lay the file out, then write; each projection is read again for its codes.
@@ -184,19 +240,10 @@ export async function quantizeModel(ctx: StepContext, config: QuantizeConfig): P
     paramsQuantized += info.numel;
     const dtype = info.dtype as keyof typeof TORCH_DTYPE_NAMES;
     const parts = bnb4bitTensors(name, s, dtype, async () => {
-      const values = await read(name);
+      const values = await readAhead(name);
       const codes = encode4bit(values, s);
       // Relative RMS error of the weight as it will be dequantized (with the stored absmax).
-      const absmax = blockAbsmax({ ...s, codes });
-      let err = 0, ref = 0;
-      for (let k = 0; k < values.length; k++) {
-        const byte = codes[k >> 1];
-        const w = Math.fround(
-          s.quantMap[(k & 1) === 0 ? byte >> 4 : byte & 0xf] * absmax[Math.floor(k / s.blocksize)],
-        );
-        err += (w - values[k]) ** 2;
-        ref += values[k] ** 2;
-      }
+      const { err, ref } = squaredError(values, codes, s.quantMap, blockAbsmax({ ...s, codes }), s.blocksize);
       errSum += err;
       refSum += ref;
       const bits = parts.reduce(

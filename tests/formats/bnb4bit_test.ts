@@ -8,19 +8,29 @@ import { fileURLToPath } from "node:url";
 import { sha256File } from "../../foundation/hash.ts";
 import {
   blockAbsmax,
+  blockAbsmaxOfBytes,
   dequantize4bit,
   dynamicMap,
+  encode4bit,
   FP4_TABLE,
   NF4_TABLE,
   pythonFloatRepr,
   quantize4bit,
   quantizeDynamic,
+  quantizeFP4,
   quantizeNF4,
+  quantizeStats,
   quantStateJson,
   type QuantType,
 } from "../../formats/bnb4bit.ts";
 import { PROJECTIONS } from "../../formats/model_config.ts";
-import { SafetensorsFile, type TensorSource, writeSafetensors } from "../../formats/safetensors.ts";
+import {
+  fromFloat32,
+  SafetensorsFile,
+  type TensorSource,
+  toFloat32,
+  writeSafetensors,
+} from "../../formats/safetensors.ts";
 import { f16ArrayToF32, f32ArrayToF16 } from "../../kernels/half.ts";
 import { writeTinyModel } from "../../kernels/models/tiny.ts";
 import { edgeTensors } from "../../scripts/golden/nf4_edge.ts";
@@ -217,4 +227,67 @@ Deno.test("quantStateJson() writes bitsandbytes' packed quant_state JSON, keys i
     [0.5, 3, 0.0001, 0.00001, 1.5e-7, 1e16, 123456.789, -0.03125].map(pythonFloatRepr),
     ["0.5", "3.0", "0.0001", "1e-05", "1.5e-07", "1e+16", "123456.789", "-0.03125"],
   );
+});
+
+Deno.test("encode4bit's code table gives the comparison tree's code for every f32 bucket", () => {
+  // Values scaled by absmax 1 are coded as they are: one value per bucket of the upper 16 bits,
+  // with random low bits, plus both ends of every bucket, through encode4bit against the tree.
+  for (const quantType of ["nf4", "fp4"] as const) {
+    const tree = quantType === "nf4" ? quantizeNF4 : quantizeFP4;
+    const x = new Float32Array(3 * 65536);
+    const bits = new Uint32Array(x.buffer);
+    let seed = 12345;
+    for (let i = 0; i < 65536; i++) {
+      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+      bits[3 * i] = i << 16;
+      bits[3 * i + 1] = (i << 16) | (seed & 0xffff);
+      bits[3 * i + 2] = (i << 16) | 0xffff;
+    }
+    // Each value alone in a block whose absmax is 1 (so x · 1/absmax is x itself).
+    const values = new Float32Array(x.length * 64);
+    for (let i = 0; i < x.length; i++) values[64 * i] = x[i];
+    const stats = {
+      quantType,
+      blocksize: 64,
+      shape: [x.length, 64],
+      quantMap: NF4_TABLE,
+      absmax: new Float32Array(x.length),
+      blockAbsmax: new Float32Array(x.length).fill(1),
+    };
+    const codes = encode4bit(values, stats);
+    for (let i = 0; i < x.length; i++) {
+      const got = codes[32 * i] >> 4;
+      if (got !== tree(x[i])) {
+        assert.fail(`${quantType} 0x${bits[i].toString(16)} (${x[i]}): ${got} != ${tree(x[i])}`);
+      }
+    }
+  }
+});
+
+Deno.test("blockAbsmaxOfBytes reads each block's absmax off the stored bits, exactly, in F32, F16 and BF16", () => {
+  const n = 64 * 37 + 5; // a ragged last block
+  const values = new Float32Array(n);
+  let seed = 7;
+  for (let i = 0; i < n; i++) {
+    seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+    values[i] = ((seed / 2 ** 32) - 0.5) * 2 ** ((seed % 40) - 30); // wide exponents, subnormals in f16
+  }
+  for (let i = 64; i < 128; i++) values[i] = (i % 7) / 8;
+  values[64] = -0;
+  values[65] = -3.5; // a block's largest magnitude may be a negative value
+  for (let i = 128; i < 192; i++) values[i] = i % 2 === 0 ? 0 : -0; // an all-zero block
+  for (const dtype of ["F32", "F16", "BF16"] as const) {
+    const bytes = fromFloat32(values, dtype);
+    const exact = toFloat32(dtype, bytes, "test"); // the values the dtype holds
+    const want = quantizeStats(exact, [n], { blocksize: 64 }).blockAbsmax;
+    const got = blockAbsmaxOfBytes(dtype, bytes, 64)!;
+    assert.deepEqual(got, want, dtype);
+    assert.equal(got[1], 3.5);
+    assert.ok(Object.is(got[2], 0), "an all-zero block has absmax +0");
+    for (const bad of [NaN, Infinity, -Infinity]) {
+      const broken = exact.slice();
+      broken[n - 1] = bad;
+      assert.equal(blockAbsmaxOfBytes(dtype, fromFloat32(broken, dtype), 64), null, `${dtype} ${bad}`);
+    }
+  }
 });
