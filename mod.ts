@@ -72,11 +72,18 @@ export { trackerHook } from "./tracker/hook.ts";
 // Steps.
 export { step as prepare } from "./steps/prepare.ts";
 export { step as tokenize } from "./steps/tokenize.ts";
+export { step as quantize } from "./steps/quantize.ts";
 export { type ShardIndex, ShardReader, type ShardRow, ShardWriter } from "./steps/tokenize/shards.ts";
 
 // File formats lathe reads and writes.
 export { ModelWeights, SafetensorsFile, writeModelWeights, writeSafetensors } from "./formats/safetensors.ts";
 export * as peft from "./formats/peft.ts";
+export * as bnb4bit from "./formats/bnb4bit.ts";
+export {
+  checkQuantizedWeights,
+  quantizedWeightNames,
+  readQuantized4bit,
+} from "./formats/bnb4bit_checkpoint.ts";
 
 // Models: configs, resolution (path, Hugging Face cache, Hub), tiny checkpoints, the training contract.
 export { loadModelConfig, type ModelConfig, parseModelConfig } from "./formats/model_config.ts";

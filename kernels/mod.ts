@@ -89,7 +89,16 @@ export { crossEntropyBackward, crossEntropyForward, IGNORE_INDEX } from "./ops/c
 export { gradNorm } from "./ops/grad_norm.ts";
 export { adamwState, adamwStep } from "./ops/adamw.ts";
 export { loraBackward, loraDropout, loraForward, loraScaling } from "./ops/lora.ts";
+export { dequantize4bitGpu, Quant4bitWeight, uploadQuant4bit } from "./ops/quant_4bit.ts";
 
 // Models: the WebGPU decoder graph and the CPU reference backend, both TrainableModel.
 export { createGpuModel } from "./models/graph.ts";
+export {
+  fitAdvice,
+  formatMemoryPlan,
+  memoryLimits,
+  type MemoryPlan,
+  planTrainingMemory,
+  type TrainingMemorySettings,
+} from "./models/memory_plan.ts";
 export { createReferenceModel } from "./models/reference_backend.ts";
