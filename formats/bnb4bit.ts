@@ -631,31 +631,124 @@ function codeTable(quantType: QuantType): Uint8Array {
  * only where a bucket straddles a threshold).
  */
 export function encode4bit(values: Float32Array, stats: Quantized4bitStats): Uint8Array {
-  const n = values.length;
+  checkQuantizeArgs(values.length, stats.shape, stats.blocksize);
+  return encodeBlocks(values.length, stats, (start, into) => {
+    for (let j = 0; j < into.length; j++) into[j] = values[start + j];
+  }, false).codes;
+}
+
+/** What {@link encode4bitBytes} gives. */
+export interface Encoded4bit {
+  codes: Uint8Array;
+  /** Σ (w − x)² over the weight, w its dequantized value with the stored absmax (f32). */
+  squaredError: number;
+  /** Σ x². */
+  squaredNorm: number;
+}
+
+/**
+ * {@link encode4bit} straight from a weight's stored bytes (F32, F16 or BF16, little-endian),
+ * one block at a time (never widened whole), with the squared error of the weight as every
+ * reader will dequantize it: what the quantize step needs of its second pass in one sweep.
+ */
+export function encode4bitBytes(
+  dtype: "F32" | "F16" | "BF16",
+  bytes: Uint8Array,
+  stats: Quantized4bitStats,
+): Encoded4bit {
+  const size = dtype === "F32" ? 4 : 2;
+  const n = bytes.length / size;
+  checkQuantizeArgs(n, stats.shape, stats.blocksize);
+  const aligned = bytes.byteOffset % size === 0 ? bytes : bytes.slice();
+  let load: (start: number, into: Float32Array) => void;
+  if (dtype === "F32") {
+    const src = new Float32Array(aligned.buffer, aligned.byteOffset, n);
+    load = (start, into) => into.set(src.subarray(start, start + into.length));
+  } else {
+    const src = new Uint16Array(aligned.buffer, aligned.byteOffset, n);
+    load = dtype === "BF16" ? bf16Block(src) : f16Block(src);
+  }
+  const { codes, err, ref } = encodeBlocks(n, stats, load, true);
+  return { codes, squaredError: err, squaredNorm: ref };
+}
+
+/** Loads a block of bf16 words as f32 (the bits are the f32's upper half). */
+function bf16Block(src: Uint16Array): (start: number, into: Float32Array) => void {
+  return (start, into) => {
+    const bits = new Int32Array(into.buffer, into.byteOffset, into.length);
+    for (let j = 0; j < bits.length; j++) bits[j] = src[start + j] << 16;
+  };
+}
+
+/** Loads a block of f16 words as f32 (exactly, by value). */
+function f16Block(src: Uint16Array): (start: number, into: Float32Array) => void {
+  const scratch = new Float32Array(1);
+  return (start, into) => {
+    for (let j = 0; j < into.length; j++) {
+      const h = src[start + j];
+      const e = (h >> 10) & 0x1f, m = h & 0x3ff, sign = h & 0x8000 ? -1 : 1;
+      scratch[0] = e === 0
+        ? sign * m * 2 ** -24
+        : e === 31
+        ? (m === 0 ? sign * Infinity : NaN)
+        : sign * (1 + m / 1024) * 2 ** (e - 15);
+      into[j] = scratch[0];
+    }
+  };
+}
+
+/**
+ * The codes of n values loaded a block at a time by `load(start, into)` (into.length values from
+ * `start`), and with `withError` the squared error against the stored absmax.
+ */
+function encodeBlocks(
+  n: number,
+  stats: Quantized4bitStats,
+  load: (start: number, into: Float32Array) => void,
+  withError: boolean,
+): { codes: Uint8Array; err: number; ref: number } {
   const B = stats.blocksize;
-  checkQuantizeArgs(n, stats.shape, B);
   const code = stats.quantType === "nf4" ? quantizeNF4 : quantizeFP4;
   const table = codeTable(stats.quantType);
+  const map = stats.quantMap;
+  const stored = withError ? blockAbsmax({ ...stats, codes: new Uint8Array(0) }) : null;
   const codes = new Uint8Array(Math.ceil(n / 2));
+  const x = new Float32Array(B);
   // One block scaled into f32 (the store rounds x · inv to f32, as the kernel's f32 product does).
   const scaled = new Float32Array(B);
   const bits = new Uint32Array(scaled.buffer);
-  const padded = n + (n & 1);
+  const w = new Float32Array(1);
+  let err = 0, ref = 0;
   for (let b = 0, nb = stats.blockAbsmax.length; b < nb; b++) {
-    const start = b * B, end = Math.min(n, start + B), stop = Math.min(start + B, padded);
+    const start = b * B, count = Math.min(B, n - start);
+    load(start, count === B ? x : x.subarray(0, count));
     const inv = f(1 / stats.blockAbsmax[b]);
-    // Padding is 0, and 0 · inv is 0 (NaN when the block is all zeros, inv = ∞).
-    for (let k = start; k < stop; k++) scaled[k - start] = (k < end ? values[k] : 0) * inv;
-    for (let k = start; k < stop; k += 2) {
-      const j = k - start;
+    // Padding to an even count is 0, and 0 · inv is 0 (NaN when the block is all zeros, inv = ∞).
+    const stop = count + (count & 1);
+    if (count & 1) x[count] = 0;
+    for (let j = 0; j < stop; j++) scaled[j] = x[j] * inv;
+    const a = stored?.[b] ?? 0;
+    for (let j = 0; j < stop; j += 2) {
       let hi = table[bits[j] >>> 16];
       if (hi === TREE) hi = code(scaled[j]);
       let lo = table[bits[j + 1] >>> 16];
       if (lo === TREE) lo = code(scaled[j + 1]);
-      codes[k >> 1] = (hi << 4) | lo;
+      codes[(start + j) >> 1] = (hi << 4) | lo;
+      if (withError) {
+        w[0] = map[hi] * a;
+        const d0 = w[0] - x[j];
+        err += d0 * d0;
+        ref += x[j] * x[j];
+        if (j + 1 < count) {
+          w[0] = map[lo] * a;
+          const d1 = w[0] - x[j + 1];
+          err += d1 * d1;
+          ref += x[j + 1] * x[j + 1];
+        }
+      }
     }
   }
-  return codes;
+  return { codes, err, ref };
 }
 
 /**

@@ -11,10 +11,9 @@ import { exists, writeJsonAtomic } from "../foundation/atomic.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { humanCount } from "../foundation/progress.ts";
 import {
-  blockAbsmax,
   blockAbsmaxOfBytes,
   bnb4bitTensors,
-  encode4bit,
+  encode4bitBytes,
   quantizationConfig,
   type Quantized4bitStats,
   statsOfAbsmax,
@@ -76,31 +75,6 @@ interface TensorReport {
   dtype: string;
   rel_rms_error: number;
   bits_per_weight: number;
-}
-
-/**
- * Σ (w − x)² and Σ x² over a weight, w its dequantized value quant_map[code] · absmax[block]
- * (f32, as every reader computes it), block by block.
- */
-function squaredError(
-  values: Float32Array,
-  codes: Uint8Array,
-  quantMap: Float32Array,
-  absmax: Float32Array,
-  blocksize: number,
-): { err: number; ref: number } {
-  let err = 0, ref = 0;
-  for (let b = 0, start = 0; start < values.length; b++, start += blocksize) {
-    const a = absmax[b];
-    const end = Math.min(values.length, start + blocksize);
-    for (let k = start; k < end; k++) {
-      const byte = codes[k >> 1];
-      const d = Math.fround(quantMap[(k & 1) === 0 ? byte >> 4 : byte & 0xf] * a) - values[k];
-      err += d * d;
-      ref += values[k] * values[k];
-    }
-  }
-  return { err, ref };
 }
 
 async function copyModelFiles(from: string, to: string, names: readonly string[]): Promise<string[]> {
@@ -178,12 +152,6 @@ export async function quantizeModel(ctx: StepContext, config: QuantizeConfig): P
       throw new LatheError(`Cannot quantize "${name}": shape [${info.shape.join(", ")}] is not [out, in]`);
     }
   };
-  const read = async (name: string): Promise<Float32Array> => {
-    const info = weights.info(name);
-    const values = await weights.readFloat32(name);
-    progress.tick(info.byteLength);
-    return values;
-  };
   // The next projection is read while this one is computed: at most two are held.
   const ahead = <T>(fetch: (name: string) => Promise<T>) => {
     const pending = new Map<string, Promise<T>>();
@@ -206,7 +174,6 @@ export async function quantizeModel(ctx: StepContext, config: QuantizeConfig): P
     progress.tick(bytes.length);
     return bytes;
   });
-  const readAhead = ahead(read);
   for (const name of quantizable) {
     const info = weights.info(name);
     const bytes = await readBytesAhead(name);
@@ -240,10 +207,13 @@ export async function quantizeModel(ctx: StepContext, config: QuantizeConfig): P
     paramsQuantized += info.numel;
     const dtype = info.dtype as keyof typeof TORCH_DTYPE_NAMES;
     const parts = bnb4bitTensors(name, s, dtype, async () => {
-      const values = await readAhead(name);
-      const codes = encode4bit(values, s);
-      // Relative RMS error of the weight as it will be dequantized (with the stored absmax).
-      const { err, ref } = squaredError(values, codes, s.quantMap, blockAbsmax({ ...s, codes }), s.blocksize);
+      // Codes and the relative RMS error of the weight as it will be dequantized (stored absmax),
+      // in one sweep over the stored bytes.
+      const { codes, squaredError: err, squaredNorm: ref } = encode4bitBytes(
+        dtype,
+        await readBytesAhead(name),
+        s,
+      );
       errSum += err;
       refSum += ref;
       const bits = parts.reduce(
