@@ -35,6 +35,7 @@
  * other processes hits them alike.
  * @module
  */
+import { type BenchDevice, benchUsage, type Usage } from "./_common.ts";
 import { parseArgs } from "node:util";
 import { getGpu, type Gpu } from "../kernels/device.ts";
 import {
@@ -49,7 +50,7 @@ import { configName, matmul, matmulChoice } from "../kernels/ops/matmul.ts";
 import { recorder } from "../kernels/recorder.ts";
 import { Tensor } from "../kernels/tensor.ts";
 import { writeJsonAtomic } from "../foundation/atomic.ts";
-import { LatheError, runMain } from "../foundation/errors.ts";
+import { runMain } from "../foundation/errors.ts";
 import { Progress } from "../foundation/progress.ts";
 import { previousBackward, previousForward, previousTile } from "./attention_previous.ts";
 import { attentionPairs } from "./train_flops.ts";
@@ -99,7 +100,7 @@ export interface AttentionResult {
 export interface AttentionBenchReport {
   benchmark: "attention";
   date: string;
-  device: { description: string; backend: string; features: string[]; software: boolean };
+  device: BenchDevice;
   deno: string;
   config: AttentionBenchConfig;
   flopModel: string;
@@ -108,11 +109,7 @@ export interface AttentionBenchReport {
 
 const FLOP_MODEL = "A = Σ_rows Σ_docs pairs (S(S+1)/2 causal); forward 4·H·hd·A; backward 8·H·hd·A";
 
-function usage(what: string, hint?: string): never {
-  throw new LatheError(`Cannot run benchmark "attention": ${what}`, {
-    hint: hint ?? "The options are listed in the module documentation of bench/attention.ts.",
-  });
-}
+const usage: Usage = benchUsage("attention");
 
 /** Parses `forward=64x32/8/4,dq=...` into tiles. */
 export function parseTiles(text: string): Partial<Record<AttentionKernel, AttentionTile>> {

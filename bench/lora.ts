@@ -34,6 +34,7 @@
  * work fusing adds to it. Fusing pays where term inside < term pass.
  * @module
  */
+import { type BenchDevice, benchDevice, benchUsage, type Usage } from "./_common.ts";
 import { parseArgs } from "node:util";
 import { getGpu, type Gpu } from "../kernels/device.ts";
 import { loraBackward, loraForward, loraScaling, type LoraWeights } from "../kernels/ops/lora.ts";
@@ -41,7 +42,7 @@ import { matmul } from "../kernels/ops/matmul.ts";
 import { recorder } from "../kernels/recorder.ts";
 import { Tensor } from "../kernels/tensor.ts";
 import { writeJsonAtomic } from "../foundation/atomic.ts";
-import { LatheError, runMain } from "../foundation/errors.ts";
+import { runMain } from "../foundation/errors.ts";
 import { uniformFiller } from "../foundation/random.ts";
 
 /** One layer shape: y[T,N] = x[T,K]·W[N,K]ᵀ + s·(x·A[r,K]ᵀ)·B[N,r]ᵀ. */
@@ -89,17 +90,13 @@ export interface LoraResult {
 export interface LoraBenchReport {
   benchmark: "lora";
   date: string;
-  device: { description: string; backend: string; features: string[]; software: boolean };
+  device: BenchDevice;
   deno: string;
   config: LoraBenchConfig;
   results: LoraResult[];
 }
 
-function usage(what: string, hint?: string): never {
-  throw new LatheError(`Cannot run benchmark "lora": ${what}`, {
-    hint: hint ?? "The options are listed in the module documentation of bench/lora.ts.",
-  });
-}
+const usage: Usage = benchUsage("lora");
 
 /** The default shapes for an adapter kind (see the module documentation). */
 export function defaultLoraShapes(software: boolean): LoraShape[] {
@@ -400,12 +397,7 @@ export async function run(args: string[]): Promise<LoraBenchReport> {
   const report: LoraBenchReport = {
     benchmark: "lora",
     date: new Date().toISOString(),
-    device: {
-      description: gpu.info.description,
-      backend: gpu.info.backend,
-      features: [...gpu.info.features],
-      software: gpu.software,
-    },
+    device: benchDevice(gpu),
     deno: Deno.version.deno,
     config,
     results,

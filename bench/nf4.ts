@@ -44,6 +44,7 @@
  * the bench bundle too (bench/gpu.sh).
  * @module
  */
+import { type BenchDevice, benchDevice, benchUsage, type Usage } from "./_common.ts";
 import { dirname, join } from "node:path";
 import { parseArgs } from "node:util";
 import { getGpu, type Gpu } from "../kernels/device.ts";
@@ -56,7 +57,7 @@ import { dequantize4bitGpu, uploadQuant4bit } from "../kernels/ops/quant_4bit.ts
 import { recorder } from "../kernels/recorder.ts";
 import { DTYPE_BYTES, Tensor, trimPool } from "../kernels/tensor.ts";
 import { writeJsonAtomic } from "../foundation/atomic.ts";
-import { LatheError, runMain } from "../foundation/errors.ts";
+import { runMain } from "../foundation/errors.ts";
 import { Progress } from "../foundation/progress.ts";
 import { uniformFiller } from "../foundation/random.ts";
 import type { StepContext } from "../steps/define.ts";
@@ -166,7 +167,7 @@ export interface Nf4QuantizeResult {
 export interface Nf4BenchReport {
   benchmark: "nf4";
   date: string;
-  device: { description: string; backend: string; features: string[]; software: boolean };
+  device: BenchDevice;
   deno: string;
   config: Nf4BenchConfig;
   matmul: Nf4MatmulResult[];
@@ -174,11 +175,7 @@ export interface Nf4BenchReport {
   quantize: Nf4QuantizeResult | null;
 }
 
-function usage(what: string, hint?: string): never {
-  throw new LatheError(`Cannot run benchmark "nf4": ${what}`, {
-    hint: hint ?? "The options are listed in the module documentation of bench/nf4.ts.",
-  });
-}
+const usage: Usage = benchUsage("nf4");
 
 /** The command line: the settings, and where to write the JSON and the checkpoints. */
 export interface Nf4BenchArgs {
@@ -683,12 +680,7 @@ export async function run(args: string[]): Promise<Nf4BenchReport> {
   const report: Nf4BenchReport = {
     benchmark: "nf4",
     date: new Date().toISOString(),
-    device: {
-      description: gpu.info.description,
-      backend: gpu.info.backend,
-      features: [...gpu.info.features],
-      software: gpu.software,
-    },
+    device: benchDevice(gpu),
     deno: Deno.version.deno,
     config,
     matmul: [],

@@ -46,6 +46,7 @@
  * from node_modules/ and starts steps/tokenize/worker.ts, both relative to its own module.)
  * @module
  */
+import { benchUsage, type Usage } from "./_common.ts";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { expectedTensors, type ModelConfig, parseModelConfig, PROJECTIONS } from "../formats/model_config.ts";
@@ -60,7 +61,7 @@ import type { AdamWStep, Batch, LoraSpec, TrainableModel } from "../kernels/mode
 import { recorder } from "../kernels/recorder.ts";
 import { memoryStats, resetPeakMemory, trimPool } from "../kernels/tensor.ts";
 import { writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
-import { LatheError, runMain } from "../foundation/errors.ts";
+import { runMain } from "../foundation/errors.ts";
 import { Progress } from "../foundation/progress.ts";
 import { shapeConfigJson, SHAPES, writeRandomCheckpoint } from "./train_checkpoint.ts";
 import {
@@ -141,11 +142,7 @@ export interface TrainBenchReport {
   ratios: Record<string, number>;
 }
 
-function usage(what: string, hint?: string): never {
-  throw new LatheError(`Cannot run benchmark "train": ${what}`, {
-    hint: hint ?? "The options are listed in the module documentation of bench/train.ts.",
-  });
-}
+const usage: Usage = benchUsage("train");
 
 /** The command line: the settings, and where to write the JSON and the checkpoints. */
 export interface TrainBenchArgs {

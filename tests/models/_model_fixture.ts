@@ -10,8 +10,11 @@ import { createReferenceModel, type ReferenceModel } from "../../kernels/models/
 import { type TinyArch, writeTinyModel } from "../../kernels/models/tiny.ts";
 import type { Batch, LoraSpec, LoraWeights } from "../../kernels/models/trainable.ts";
 import { randn, rng } from "../kernels/_harness.ts";
+import { MODEL_DIR, step as quantizeStep } from "../../steps/quantize.ts";
+import { runStep } from "../../steps/runner.ts";
 
 const TOKENIZER = fileURLToPath(new URL("../../data/demo/tokenizer", import.meta.url));
+const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 
 /** Sliding window of the test Mistral: shorter than a document, so the window masks keys. */
 export const TEST_WINDOW = 5;
@@ -98,4 +101,32 @@ export async function referenceModel(
 /** Number of targets that are not −100. */
 export function trainedTokens(batch: Batch): number {
   return batch.targets.reduce((n, y) => n + (y === -100 ? 0 : 1), 0);
+}
+
+/**
+ * A {@link tinyCheckpoint} of `arch` quantized by the quantize step with `config` (NF4 with double
+ * quantization by default); `body` gets the 4-bit model directory, removed afterwards.
+ */
+export async function quantizedCheckpoint(
+  arch: TinyArch,
+  config: Record<string, unknown>,
+  body: (dir: string) => Promise<void>,
+): Promise<void> {
+  const ckpt = await tinyCheckpoint(arch);
+  const runs = await Deno.makeTempDir({ prefix: "lathe-4bit-" });
+  try {
+    await runStep(quantizeStep, {
+      runsRoot: runs,
+      runId: "q",
+      recipe: null,
+      config: { model: ckpt.dir, ...config },
+      seed: 1,
+      projectRoot: ROOT,
+      quiet: true,
+    });
+    await body(join(runs, "q", "quantize", MODEL_DIR));
+  } finally {
+    await Deno.remove(runs, { recursive: true });
+    await ckpt.cleanup();
+  }
 }

@@ -34,18 +34,10 @@ import {
   quantizedWeightBytes,
   type TrainingMemorySettings,
 } from "../../kernels/models/memory_plan.ts";
-import {
-  type TinyArch,
-  tinyConfigJson,
-  tinyModelTensors,
-  writeTinyModel,
-} from "../../kernels/models/tiny.ts";
+import { tinyConfigJson, tinyModelTensors, writeTinyModel } from "../../kernels/models/tiny.ts";
 import { memoryStats, resetPeakMemory } from "../../kernels/tensor.ts";
-import { MODEL_DIR, step as quantizeStep } from "../../steps/quantize.ts";
-import { runStep } from "../../steps/runner.ts";
 import { gpuTest } from "../kernels/_harness.ts";
-import { ROOT } from "../steps/train/_fixtures.ts";
-import { packedBatch, tinyCheckpoint, trainedTokens } from "./_model_fixture.ts";
+import { packedBatch, quantizedCheckpoint, tinyCheckpoint, trainedTokens } from "./_model_fixture.ts";
 
 /** |plan − measured| ≤ this share of the measured peak. */
 const TOLERANCE = 0.1;
@@ -412,31 +404,6 @@ Deno.test("fitAdvice() gives each change's planned peak, and nothing when the st
   assert.deepEqual(fitAdvice(plan, plan.total), []);
 });
 
-/** A tiny `arch` checkpoint quantized by the quantize step with `config`; `body` gets the 4-bit directory. */
-async function quantized(
-  arch: TinyArch,
-  config: Record<string, unknown>,
-  body: (dir: string) => Promise<void>,
-): Promise<void> {
-  const ckpt = await tinyCheckpoint(arch);
-  const runs = await Deno.makeTempDir({ prefix: "lathe-plan-4bit-" });
-  try {
-    await runStep(quantizeStep, {
-      runsRoot: runs,
-      runId: "q",
-      recipe: null,
-      config: { model: ckpt.dir, ...config },
-      seed: 1,
-      projectRoot: ROOT,
-      quiet: true,
-    });
-    await body(join(runs, "q", "quantize", MODEL_DIR));
-  } finally {
-    await Deno.remove(runs, { recursive: true });
-    await ckpt.cleanup();
-  }
-}
-
 gpuTest(
   "planTrainingMemory() is within 10 % of the measured peak of a 4-bit base (NF4 and FP4)",
   async (gpu) => {
@@ -456,7 +423,7 @@ gpuTest(
       ],
     ] as const;
     for (const [arch, quantize, s, what] of cases) {
-      await quantized(arch, quantize, async (dir) => {
+      await quantizedCheckpoint(arch, quantize, async (dir) => {
         const config = await loadModelConfig(dir);
         const r = await measure(gpu, config, dir, s);
         assert.ok(r.plan.settings.quantization !== null, "the plan reads quantization_config");

@@ -8,7 +8,6 @@
 // scale = max|ref|, |gpu − ref| ≤ 1e-4·scale + 1e-3·|ref|; loss rtol 1e-5. In f16 (weights
 // rounded to f16 once, activations f16): 2e-2·scale + 5e-2·|ref|, loss rtol 1e-3.
 import assert from "node:assert/strict";
-import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { expectedTensors, loadModelConfig } from "../../formats/model_config.ts";
 import { loadGpuWeights } from "../../kernels/models/gpu_weights.ts";
@@ -17,40 +16,18 @@ import { loadHostModel } from "../../kernels/models/load.ts";
 import { createReferenceModel } from "../../kernels/models/reference_backend.ts";
 import type { TinyArch } from "../../kernels/models/tiny.ts";
 import { memoryStats, resetPeakMemory } from "../../kernels/tensor.ts";
-import { MODEL_DIR, step as quantizeStep } from "../../steps/quantize.ts";
-import { runStep } from "../../steps/runner.ts";
 import { assertClose, gpuTest } from "../kernels/_harness.ts";
-import { ROOT } from "../steps/train/_fixtures.ts";
-import { allTargets, packedBatch, tinyCheckpoint, trainedTokens, withRandomB } from "./_model_fixture.ts";
+import {
+  allTargets,
+  packedBatch,
+  quantizedCheckpoint,
+  trainedTokens,
+  withRandomB,
+} from "./_model_fixture.ts";
 
 const SEED = 7;
 const F32 = { scaled: 1e-4, rtol: 1e-3, loss: 1e-5 };
 const F16 = { scaled: 2e-2, rtol: 5e-2, loss: 1e-3 };
-
-/** A tiny `arch` checkpoint quantized by the quantize step; returns the 4-bit directory. */
-async function quantized(
-  arch: TinyArch,
-  config: Record<string, unknown>,
-  body: (dir: string) => Promise<void>,
-): Promise<void> {
-  const ckpt = await tinyCheckpoint(arch);
-  const runs = await Deno.makeTempDir({ prefix: "lathe-qlora-" });
-  try {
-    await runStep(quantizeStep, {
-      runsRoot: runs,
-      runId: "q",
-      recipe: null,
-      config: { model: ckpt.dir, ...config },
-      seed: 1,
-      projectRoot: ROOT,
-      quiet: true,
-    });
-    await body(join(runs, "q", "quantize", MODEL_DIR));
-  } finally {
-    await Deno.remove(runs, { recursive: true });
-    await ckpt.cleanup();
-  }
-}
 
 async function compare(dir: string, dtype: "f16" | "f32", what: string): Promise<void> {
   const tol = dtype === "f32" ? F32 : F16;
@@ -92,13 +69,13 @@ for (const arch of ARCHS) {
   gpuTest(
     `QLoRA (NF4, double quant) gradients match the reference on the dequantized base: ${arch}`,
     async () => {
-      await quantized(arch, {}, (dir) => compare(dir, "f32", `${arch} nf4`));
+      await quantizedCheckpoint(arch, {}, (dir) => compare(dir, "f32", `${arch} nf4`));
     },
   );
 }
 
 gpuTest("QLoRA on FP4 without double quantization, blocksize 128, lm_head and mlp kept: llama", async () => {
-  await quantized("llama", {
+  await quantizedCheckpoint("llama", {
     quant_type: "fp4",
     double_quant: false,
     blocksize: 128,
@@ -118,13 +95,13 @@ for (const name of ["nf4-dq", "nf4", "fp4-dq-skip", "fp4"]) {
 }
 
 gpuTest("QLoRA in f16 stays within f16 tolerance of the dequantized reference: mistral", async () => {
-  await quantized("mistral", {}, (dir) => compare(dir, "f16", "mistral nf4 f16"));
+  await quantizedCheckpoint("mistral", {}, (dir) => compare(dir, "f16", "mistral nf4 f16"));
 }, { needsF16: true });
 
 gpuTest(
   "a 4-bit base stays 4-bit on the GPU: codes, absmax codes and tables, nothing widened",
   async (gpu) => {
-    await quantized("llama", {}, async (dir) => {
+    await quantizedCheckpoint("llama", {}, async (dir) => {
       const config = await loadModelConfig(dir);
       using weights = await loadGpuWeights(gpu, config, dir, { dtype: "f32" });
       assert.equal(weights.quantizedCount, 7 * config.numLayers);
@@ -156,7 +133,7 @@ gpuTest(
 );
 
 gpuTest("layer inputs offloaded to host memory give the same bits with less GPU memory", async (gpu) => {
-  await quantized("mistral", {}, async (dir) => {
+  await quantizedCheckpoint("mistral", {}, async (dir) => {
     const config = await loadModelConfig(dir);
     const lora = allTargets(4, 8, 0.1);
     const batch = packedBatch(config.vocabSize, 2, 16, 5);

@@ -9,49 +9,15 @@ import { readPeftAdapter } from "../../formats/peft.ts";
 import { LatheError } from "../../foundation/errors.ts";
 import { FAILURE_FILE, readManifest } from "../../foundation/manifest.ts";
 import { writeTinyModel } from "../../kernels/models/tiny.ts";
-import { step as quantizeStep } from "../../steps/quantize.ts";
 import { type RunOutcome, runStep } from "../../steps/runner.ts";
-import { step as tokenizeStep } from "../../steps/tokenize.ts";
 import { step, trainSftHooks } from "../../steps/train_sft.ts";
 import { gpuTest } from "../kernels/_harness.ts";
-import { fakePrepare, syntheticChats, writeJsonl } from "./tokenize/_fixtures.ts";
+import { type SftSetup, sftUpstream, withSftSetup } from "./train/_sft_runs.ts";
 import { DEMO_TOKENIZER, FaultyModel, ROOT } from "./train/_fixtures.ts";
 
-interface Setup {
-  dir: string;
-  runs: string;
-  model: string;
-}
-
-/** prepare (fake), tokenize and quantize into run `runId`. */
-async function upstream(s: Setup, runId: string, quantize: Record<string, unknown> = {}): Promise<void> {
-  const common = { runsRoot: s.runs, runId, recipe: null, seed: 1, projectRoot: ROOT, quiet: true };
-  await runStep(fakePrepare, {
-    ...common,
-    config: { train: join(s.dir, "train.jsonl"), eval: join(s.dir, "eval.jsonl"), kind: "sft" },
-  });
-  await runStep(tokenizeStep, {
-    ...common,
-    config: { tokenizer: "data/demo/tokenizer", max_seq_len: 96, workers: 1 },
-  });
-  await runStep(quantizeStep, { ...common, config: { model: s.model, ...quantize } });
-}
-
-async function withSetup(fn: (s: Setup) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "lathe-qlora-step-" });
-  try {
-    const s = { dir, runs: join(dir, "runs"), model: join(dir, "tiny-mistral") };
-    await writeJsonl(join(dir, "train.jsonl"), syntheticChats(12));
-    await writeJsonl(join(dir, "eval.jsonl"), syntheticChats(3));
-    await writeTinyModel(s.model, { arch: "mistral", size: "nano", seed: 2, tokenizerDir: DEMO_TOKENIZER });
-    await upstream(s, "a");
-    await fn(s);
-  } finally {
-    delete trainSftHooks.wrapModel;
-    Deno.env.delete("LATHE_RESUME");
-    await Deno.remove(dir, { recursive: true });
-  }
-}
+type Setup = SftSetup;
+const upstream = sftUpstream;
+const withSetup = (fn: (s: Setup) => Promise<void>) => withSftSetup({ arch: "mistral", quantize: {} }, fn);
 
 function train(s: Setup, config: Record<string, unknown>, runId = "a", force = false): Promise<RunOutcome> {
   return runStep(step, {

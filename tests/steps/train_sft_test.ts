@@ -2,7 +2,6 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { readPeftAdapter } from "../../formats/peft.ts";
 import { loadModelConfig } from "../../formats/model_config.ts";
-import { writeTinyModel } from "../../kernels/models/tiny.ts";
 import { LatheError } from "../../foundation/errors.ts";
 import { FAILURE_FILE, readManifest } from "../../foundation/manifest.ts";
 import { loadStep } from "../../steps/registry.ts";
@@ -12,44 +11,14 @@ import { bestModelSettings } from "../../steps/train/config.ts";
 import { step as tokenizeStep } from "../../steps/tokenize.ts";
 import { CHECKPOINTS_DIR, step, TrainSftConfig, trainSftHooks } from "../../steps/train_sft.ts";
 import { listCheckpoints } from "../../steps/train/checkpoint.ts";
-import { fakePrepare, syntheticChats, writeJsonl } from "./tokenize/_fixtures.ts";
-import { DEMO_TOKENIZER, FaultyModel, ROOT } from "./train/_fixtures.ts";
+import { fakePrepare } from "./tokenize/_fixtures.ts";
+import { FaultyModel, ROOT } from "./train/_fixtures.ts";
 import { gpuTest } from "../kernels/_harness.ts";
+import { type SftSetup, sftUpstream, withSftSetup } from "./train/_sft_runs.ts";
 
-interface Setup {
-  dir: string;
-  runs: string;
-  model: string;
-}
-
-/** prepare (fake) and tokenize into run `runId`, with a nano llama model beside them. */
-async function upstream(s: Setup, runId: string): Promise<void> {
-  const common = { runsRoot: s.runs, runId, recipe: null, seed: 1, projectRoot: ROOT, quiet: true };
-  await runStep(fakePrepare, {
-    ...common,
-    config: { train: join(s.dir, "train.jsonl"), eval: join(s.dir, "eval.jsonl"), kind: "sft" },
-  });
-  await runStep(tokenizeStep, {
-    ...common,
-    config: { tokenizer: "data/demo/tokenizer", max_seq_len: 96, workers: 1 },
-  });
-}
-
-async function withSetup(fn: (s: Setup) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "lathe-train-sft-" });
-  try {
-    const s = { dir, runs: join(dir, "runs"), model: join(dir, "tiny-llama") };
-    await writeJsonl(join(dir, "train.jsonl"), syntheticChats(12));
-    await writeJsonl(join(dir, "eval.jsonl"), syntheticChats(3));
-    await writeTinyModel(s.model, { arch: "llama", size: "nano", seed: 2, tokenizerDir: DEMO_TOKENIZER });
-    await upstream(s, "a");
-    await fn(s);
-  } finally {
-    delete trainSftHooks.wrapModel;
-    Deno.env.delete("LATHE_RESUME");
-    await Deno.remove(dir, { recursive: true });
-  }
-}
+type Setup = SftSetup;
+const upstream = sftUpstream;
+const withSetup = (fn: (s: Setup) => Promise<void>) => withSftSetup({ arch: "llama" }, fn);
 
 function train(s: Setup, config: Record<string, unknown>, runId = "a", force = false): Promise<RunOutcome> {
   return runStep(step, {
