@@ -9,7 +9,12 @@
 // rounded to f16 once, activations f16): 2e-2·scale + 5e-2·|ref|, loss rtol 1e-3.
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
+import { join } from "node:path";
+import { bnb4bitTensors, encode4bit, quantizeStats } from "../../formats/bnb4bit.ts";
+import { quantizedWeightNames } from "../../formats/bnb4bit_checkpoint.ts";
 import { expectedTensors, loadModelConfig } from "../../formats/model_config.ts";
+import { ModelWeights, type TensorSource, writeModelWeights } from "../../formats/safetensors.ts";
+import { getGpu } from "../../kernels/device.ts";
 import { loadGpuWeights } from "../../kernels/models/gpu_weights.ts";
 import { createGpuModel } from "../../kernels/models/graph.ts";
 import { loadHostModel } from "../../kernels/models/load.ts";
@@ -163,3 +168,43 @@ gpuTest("layer inputs offloaded to host memory give the same bits with less GPU 
     );
   });
 });
+
+gpuTest(
+  "a 4-bit lm_head (a skip list that leaves it out) is held dequantized and trains as the reference",
+  async () => {
+    await quantizedCheckpoint("mistral", {}, async (dir) => {
+      // Quantize the stored lm_head too, as transformers 4.x does when llm_int8_skip_modules omits it.
+      const out = await Deno.makeTempDir({ prefix: "lathe-4bit-head-" });
+      try {
+        using file = await ModelWeights.open(dir);
+        const tensors: TensorSource[] = [];
+        for (const name of file.names()) {
+          const info = file.info(name);
+          if (name !== "lm_head.weight") {
+            tensors.push({ name, dtype: info.dtype, shape: info.shape, data: () => file.readBytes(name) });
+            continue;
+          }
+          const stats = quantizeStats(await file.readFloat32(name), [...info.shape]);
+          const values = await file.readFloat32(name);
+          tensors.push(...bnb4bitTensors(name, stats, info.dtype as "F32", () => encode4bit(values, stats)));
+        }
+        await writeModelWeights(out, tensors);
+        const config = JSON.parse(await Deno.readTextFile(join(dir, "config.json")));
+        config.quantization_config.llm_int8_skip_modules = ["embed_tokens"];
+        await Deno.writeTextFile(join(out, "config.json"), JSON.stringify(config, null, 2));
+        using written = await ModelWeights.open(out);
+        assert.ok(
+          quantizedWeightNames(written.names()).has("lm_head.weight"),
+          "the checkpoint's lm_head is 4-bit",
+        );
+        const loaded = await loadModelConfig(out);
+        using weights = await loadGpuWeights(await getGpu(), loaded, out, { dtype: "f32" });
+        assert.ok(!weights.isQuantized("lm_head.weight"), "held as a float tensor for the loss");
+        assert.ok(weights.get("lm_head.weight").dtype === "f32");
+        await compare(out, "f32", "mistral with a 4-bit lm_head");
+      } finally {
+        await Deno.remove(out, { recursive: true });
+      }
+    });
+  },
+);
