@@ -215,7 +215,14 @@ export function dequantize4bitGpu(
       kernel,
       [w.codes.buffer, w.absmax.buffer, w.tables.buffer, c.buffer],
       u,
-      grid(gpu, Math.ceil(count / WORKGROUP)),
+      // One invocation per word of 8 codes that the range touches.
+      grid(
+        gpu,
+        Math.ceil(
+          (Math.floor((c.rowStart * cols + count - 1) / 8) - Math.floor(c.rowStart * cols / 8) + 1) /
+            WORKGROUP,
+        ),
+      ),
     );
   }
   return out;

@@ -17,9 +17,12 @@
 // own (the offset is added after the product is rounded, as torch's separate `+=` does); an
 // f16 output is rounded once, when it is stored.
 //
-// One invocation per output element of the dispatch: elements [k0, k0 + count) of W, written
-// at out[out_off + (k − k0)] (a dispatch covers one row chunk of the output). Host sizing:
-// ⌈count / 256⌉ workgroups of 256 (linear id wg.y·nwg.x + wg.x).
+// One invocation per u32 word of codes, i.e. 8 consecutive elements 8w .. 8w + 7, which share
+// one block (blocksizes are multiples of 8), so its absmax is computed once. A dispatch covers
+// elements [k0, k0 + count) of W (one row chunk of the output), written at
+// out[out_off + (k − k0)]; its words are ⌊k0/8⌋ .. ⌊(k0 + count − 1)/8⌋, and the elements of the
+// first and last word outside the range are skipped. Host sizing: ⌈words / 256⌉ workgroups of 256
+// (linear id wg.y·nwg.x + wg.x).
 
 alias W = f32;
 
@@ -43,10 +46,6 @@ struct Params {
 const NESTED_MAP = 16u;
 const NESTED_ABSMAX = 272u;
 
-fn byte_at(i: u32) -> u32 {
-  return (codes[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu;
-}
-
 fn block_absmax(b: u32) -> f32 {
   if (p.double_quant == 0u) {
     return bitcast<f32>(absmax[b]);
@@ -61,12 +60,22 @@ fn block_absmax(b: u32) -> f32 {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-  let i = (wg.y * nwg.x + wg.x) * 256u + lid;
-  if (i >= p.count) {
+  let first = p.k0 >> 3u;
+  let w = first + (wg.y * nwg.x + wg.x) * 256u + lid;
+  let end = p.k0 + p.count;
+  if (w * 8u >= end) {
     return;
   }
-  let k = p.k0 + i;
-  let byte = byte_at(k >> 1u);
-  let code = select(byte & 0xfu, byte >> 4u, (k & 1u) == 0u);
-  out[p.out_off + i] = W(tables[code] * block_absmax(k / p.blocksize));
+  let word = codes[w];
+  let a = block_absmax((w * 8u) / p.blocksize);
+  for (var e = 0u; e < 8u; e++) {
+    let k = w * 8u + e;
+    if (k < p.k0 || k >= end) {
+      continue;
+    }
+    // Byte j of the word holds elements 2j (high nibble) and 2j + 1 (low nibble).
+    let byte = (word >> ((e >> 1u) * 8u)) & 0xffu;
+    let code = select(byte & 0xfu, byte >> 4u, (e & 1u) == 0u);
+    out[p.out_off + (k - p.k0)] = W(tables[code] * a);
+  }
 }
