@@ -19,9 +19,9 @@ const insidePath = z.string().min(1).refine(
   "must be a relative path inside the step directory",
 );
 
-/** An upstream manifest in the same run: `../<step>/manifest.json`. */
+/** An upstream manifest in the same run: `../<step>/manifest.json` (or `../<step>@<label>/…`, an instance). */
 const upstreamPath = z.string().regex(
-  /^\.\.\/[a-z0-9][a-z0-9-]*\/manifest\.json$/,
+  /^\.\.\/[a-z0-9][a-z0-9-]*(@[a-z0-9][a-z0-9-]*)?\/manifest\.json$/,
   "must be ../<step>/manifest.json (inside the same run directory)",
 );
 

@@ -125,6 +125,36 @@ export function boundInputs(def: StepDef, present: (step: string) => boolean): R
 }
 
 /**
+ * A recipe runs a step more than once under instance names `<step>@<label>` (`tokenize@preference`
+ * beside `tokenize`): each instance has its own config, directory and manifest (`step` names the
+ * instance), and reads its inputs from the nearest instance of each upstream step before it in
+ * the recipe. A plain step name is the step's only (default) instance.
+ */
+export const INSTANCE_NAME = /^[a-z][a-z0-9-]*(@[a-z0-9][a-z0-9-]*)?$/;
+
+/** The step an instance name runs: `tokenize@preference` -> `tokenize`. */
+export function stepOfInstance(instance: string): string {
+  const at = instance.indexOf("@");
+  return at === -1 ? instance : instance.slice(0, at);
+}
+
+/**
+ * The instances a step instance reads, by input name: for each required input, and each
+ * optional input whose step has an instance in `earlier`, the last instance of that step in
+ * `earlier` (the instances before it, in recipe order). A required input without one is left
+ * out (the recipe reports it).
+ */
+export function bindInstances(def: StepDef, earlier: readonly string[]): Record<string, string> {
+  const nearest = (step: string) => earlier.findLast((name) => stepOfInstance(name) === step);
+  const out: Record<string, string> = {};
+  for (const [input, step] of Object.entries(boundInputs(def, (s) => nearest(s) !== undefined))) {
+    const found = nearest(step);
+    if (found !== undefined) out[input] = found;
+  }
+  return out;
+}
+
+/**
  * Finds a step definition by name. The programs pass steps/registry.ts `loadStep`; the step
  * contract never imports the registry itself, so a step module can be a program without a cycle.
  */

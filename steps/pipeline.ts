@@ -12,7 +12,6 @@ import { exists } from "../foundation/atomic.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { FAILURE_FILE, type Manifest, MANIFEST_FILE } from "../foundation/manifest.ts";
 import { parseOverride } from "./overrides.ts";
-import { boundInputs } from "./define.ts";
 import { displayPath, runsRoot as defaultRunsRoot } from "../foundation/paths.ts";
 import { loadRecipe, type Recipe, type RecipeStep, type StepLoader } from "./recipe.ts";
 import { findCacheHit, planStep, resolveConfig, type RunOutcome, runStep } from "./runner.ts";
@@ -130,8 +129,7 @@ export function selectSteps(recipe: Recipe, sel: Selection): Selected[] {
   const needed = new Set<string>();
   const visit = (name: string): void => {
     const step = recipe.steps.find((s) => s.name === name);
-    const inRecipe = (s: string) => recipe.steps.some((r) => r.name === s);
-    for (const upstream of Object.values(step ? boundInputs(step.def, inRecipe) : {})) {
+    for (const upstream of Object.values(step?.inputs ?? {})) {
       if (!needed.has(upstream)) {
         needed.add(upstream);
         visit(upstream);
@@ -201,6 +199,8 @@ export async function runPipeline(recipe: Recipe, opts: PipelineOptions): Promis
     let outcome: RunOutcome;
     try {
       outcome = await runStep(step.def, {
+        instance: step.name,
+        inputSteps: step.inputs,
         runsRoot: opts.runsRoot,
         runId: opts.runId,
         recipe: recipe.name,
@@ -247,7 +247,7 @@ export async function planPipeline(recipe: Recipe, opts: PlanPipelineOptions): P
   const byName: Record<string, PlannedStep> = {};
   const plan: PlannedStep[] = [];
   for (const { step, role, force } of selected) {
-    const bound = boundInputs(step.def, (s) => s in byName);
+    const bound = step.inputs;
     const upstreamUnknown = Object.values(bound).some((u) => keys[u] === UNKNOWN_KEY);
     let key = UNKNOWN_KEY;
     let missing: string | null = null;
@@ -260,6 +260,7 @@ export async function planPipeline(recipe: Recipe, opts: PlanPipelineOptions): P
           seed: recipe.seed,
           projectRoot: opts.projectRoot,
           inputKeys: keys,
+          inputSteps: bound,
         }));
       } catch (error) {
         // A dry run plans without downloading: files the cache lacks leave the key unknown.

@@ -10,7 +10,14 @@ import { isAbsolute, join, relative, resolve, sep } from "node:path";
 import { isMap, isScalar, isSeq, LineCounter, type Node, parseDocument, visit } from "yaml";
 import * as z from "zod";
 import { exists } from "../foundation/atomic.ts";
-import { boundInputs, type StepDef, type StepLoader } from "./define.ts";
+import {
+  bindInstances,
+  boundInputs,
+  INSTANCE_NAME,
+  type StepDef,
+  type StepLoader,
+  stepOfInstance,
+} from "./define.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { type Override, setPath } from "./overrides.ts";
 
@@ -18,8 +25,11 @@ export type { StepLoader } from "./define.ts";
 
 /** One step of a loaded recipe. */
 export interface RecipeStep {
+  /** The instance name: the step's name, or `<step>@<label>` for another instance (steps/define.ts). */
   name: string;
   def: StepDef;
+  /** Input name -> the instance before it that the input reads (the nearest of its step). */
+  inputs: Record<string, string>;
   /** The config as written, overrides applied (what the runner validates again and records). */
   raw: Record<string, unknown>;
   /** The validated config, defaults filled in. */
@@ -381,30 +391,35 @@ export async function parseRecipe(text: string, path: string, opts: LoadRecipeOp
   const problems: Problem[] = [];
   const steps: RecipeStep[] = [];
   for (const [index, name] of names.entries()) {
+    if (!INSTANCE_NAME.test(name)) {
+      problems.push({
+        path: ["steps", name],
+        message: `"${name}" is not a step name: expected a step ("tokenize") or an instance of one ` +
+          `("tokenize@preference": lowercase letters, digits and "-" after the "@")`,
+      });
+      continue;
+    }
     let def: StepDef;
     try {
-      def = await load(name);
+      def = await load(stepOfInstance(name));
     } catch (error) {
       if (!(error instanceof LatheError)) throw error;
       problems.push({ path: ["steps", name], message: error.message });
       continue;
     }
-    for (const [input, upstream] of Object.entries(boundInputs(def, (s) => names.includes(s)))) {
-      const at = names.indexOf(upstream);
-      if (at === -1) {
-        problems.push({
-          path: ["steps", name],
-          message:
-            `step "${name}" reads input "${input}" from step "${upstream}", which is not in the recipe; ` +
+    const earlier = names.slice(0, index).filter((n) => INSTANCE_NAME.test(n));
+    const inputs = bindInstances(def, earlier);
+    const later = names.slice(index + 1).map(stepOfInstance);
+    for (const [input, upstream] of Object.entries(boundInputs(def, (s) => later.includes(s)))) {
+      if (inputs[input] !== undefined) continue;
+      problems.push({
+        path: ["steps", name],
+        message: later.includes(upstream)
+          ? `step "${name}" reads input "${input}" from step "${upstream}", which comes after it; ` +
+            `move "${upstream}" before "${name}"`
+          : `step "${name}" reads input "${input}" from step "${upstream}", which is not in the recipe; ` +
             `add "${upstream}" before "${name}"`,
-        });
-      } else if (at > index) {
-        problems.push({
-          path: ["steps", name],
-          message: `step "${name}" reads input "${input}" from step "${upstream}", which comes after it; ` +
-            `move "${upstream}" before "${name}"`,
-        });
-      }
+      });
     }
     const given = file.steps[name] ?? {};
     const checked = def.config.safeParse(given);
@@ -412,7 +427,7 @@ export async function parseRecipe(text: string, path: string, opts: LoadRecipeOp
       problems.push(...zodProblems(checked.error.issues, ["steps", name], given, def.config));
       continue;
     }
-    steps.push({ name, def, raw: given, config: checked.data as Record<string, unknown> });
+    steps.push({ name, def, inputs, raw: given, config: checked.data as Record<string, unknown> });
   }
   if (problems.length > 0) return fail(report(problems));
   return {

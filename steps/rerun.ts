@@ -6,7 +6,7 @@
  */
 import { basename, dirname, join } from "node:path";
 import { exists, writeJsonAtomic } from "../foundation/atomic.ts";
-import type { StepLoader } from "./define.ts";
+import { type StepLoader, stepOfInstance } from "./define.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { FAILURE_FILE, Manifest, MANIFEST_FILE, readManifest } from "../foundation/manifest.ts";
 import { applyOverrides, type Override } from "./overrides.ts";
@@ -65,7 +65,7 @@ async function linkUpstream(
  */
 export async function rerunFromManifest(manifestPath: string, opts: RerunOptions): Promise<RunOutcome> {
   const manifest = await readManifest(manifestPath);
-  const def = await opts.loadStep(manifest.step);
+  const def = await opts.loadStep(stepOfInstance(manifest.step));
   const stepDir = dirname(manifestPath);
   const runDir = dirname(stepDir);
   if (basename(stepDir) !== manifest.step || basename(runDir) !== manifest.runId) {
@@ -78,9 +78,15 @@ export async function rerunFromManifest(manifestPath: string, opts: RerunOptions
   const config = applyOverrides(manifest.config, opts.overrides);
   const seed = opts.seed ?? manifest.seed;
   const expectInputKeys = Object.fromEntries(Object.entries(manifest.inputs).map(([k, v]) => [k, v.key]));
+  // The same instance, reading the instances it read.
+  const instance = {
+    instance: manifest.step,
+    inputSteps: Object.fromEntries(Object.entries(manifest.inputs).map(([k, v]) => [k, v.step])),
+  };
   const variant = opts.overrides.length > 0 || seed !== manifest.seed;
   if (!variant) {
     return await runStep(def, {
+      ...instance,
       runsRoot,
       runId: manifest.runId,
       recipe: manifest.recipe,
@@ -97,6 +103,7 @@ export async function rerunFromManifest(manifestPath: string, opts: RerunOptions
   const runId = newRunId(`${manifest.step}-variant`);
   await linkUpstream(manifest, runDir, join(runsRoot, runId), opts.onFinish);
   return await runStep(def, {
+    ...instance,
     runsRoot,
     runId,
     recipe: manifest.recipe,

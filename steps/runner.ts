@@ -44,6 +44,17 @@ export interface RunOptions {
   expectInputKeys?: Record<string, string>;
   /** Source name -> the sha256 it must have (reruns from a manifest verify this). */
   expectSources?: Record<string, SourceEntry>;
+  /**
+   * The instance this run of the step is (steps/define.ts `INSTANCE_NAME`): its directory and the
+   * manifest's `step`. Default: the step's name.
+   */
+  instance?: string;
+  /**
+   * Input name -> the instance it reads (a recipe binds each to the nearest earlier instance);
+   * an input bound here is read, an optional one left out is not. Default: each input reads
+   * the step's default instance, an optional one when that has a manifest in the run.
+   */
+  inputSteps?: Record<string, string>;
   /** Called with every manifest or failure record written (the tracker indexes it). */
   onFinish?: (path: string, manifest: Manifest) => Promise<void>;
   quiet?: boolean;
@@ -186,22 +197,34 @@ async function removeLeftovers(runDir: string, step: string): Promise<void> {
   }
 }
 
-/** Resolves a step's declared inputs from the same run directory and verifies them. */
-async function resolveInputs(
+/**
+ * The inputs of a step run without bindings: each from its step's default instance; an optional
+ * one when that has a manifest in the run, or when a rerun recorded it.
+ */
+async function defaultInputs(
   def: StepDef,
   runDir: string,
   expect: Record<string, string> | undefined,
-): Promise<{ entries: Record<string, InputEntry>; upstream: Record<string, Upstream> }> {
-  const entries: Record<string, InputEntry> = {};
-  const upstream: Record<string, Upstream> = {};
-  // An optional input is bound when its step has a manifest here, or when a rerun recorded it.
+): Promise<Record<string, string>> {
   const present = new Set<string>();
   for (const [name, stepName] of Object.entries(def.optionalInputs ?? {})) {
     if (expect?.[name] !== undefined || await exists(join(runDir, stepName, MANIFEST_FILE))) {
       present.add(stepName);
     }
   }
-  for (const [name, stepName] of Object.entries(boundInputs(def, (s) => present.has(s)))) {
+  return boundInputs(def, (s) => present.has(s));
+}
+
+/** Resolves a step's declared inputs from the same run directory and verifies them. */
+async function resolveInputs(
+  def: StepDef,
+  runDir: string,
+  expect: Record<string, string> | undefined,
+  inputSteps: Record<string, string> | undefined,
+): Promise<{ entries: Record<string, InputEntry>; upstream: Record<string, Upstream> }> {
+  const entries: Record<string, InputEntry> = {};
+  const upstream: Record<string, Upstream> = {};
+  for (const [name, stepName] of Object.entries(inputSteps ?? await defaultInputs(def, runDir, expect))) {
     const dir = join(runDir, stepName);
     const path = join(dir, MANIFEST_FILE);
     if (!(await exists(path))) {
@@ -285,10 +308,12 @@ export interface PlanOptions {
   /** Source name -> the sha256 it must have (reruns from a manifest verify this). */
   expectSources?: Record<string, SourceEntry>;
   /**
-   * Upstream step name -> its key, when the upstream manifests are not (yet) in the run
+   * Upstream instance name -> its key, when the upstream manifests are not (yet) in the run
    * directory (a dry run). Without it the inputs are read and verified from the run directory.
    */
   inputKeys?: Record<string, string>;
+  /** Input name -> the instance it reads (see {@link RunOptions.inputSteps}). */
+  inputSteps?: Record<string, string>;
 }
 
 /** A step resolved up to its key: everything the cache check and the run need. */
@@ -317,7 +342,8 @@ export async function planStep<S extends z.ZodType>(def: StepDef<S>, opts: PlanO
   if (opts.inputKeys) {
     inputs = {};
     const planned = opts.inputKeys;
-    for (const [name, stepName] of Object.entries(boundInputs(def as StepDef, (s) => s in planned))) {
+    const bound = opts.inputSteps ?? boundInputs(def as StepDef, (s) => s in planned);
+    for (const [name, stepName] of Object.entries(bound)) {
       const key = opts.inputKeys[stepName];
       if (key === undefined) {
         throw new LatheError(
@@ -331,6 +357,7 @@ export async function planStep<S extends z.ZodType>(def: StepDef<S>, opts: PlanO
       def as StepDef,
       join(opts.runsRoot, opts.runId),
       opts.expectInputKeys,
+      opts.inputSteps,
     ));
   }
   const { entries: sources, paths: sourcePaths } = await resolveSources(
@@ -380,7 +407,8 @@ export async function findCacheHit(
 /** Runs (or reuses) one step; see the module doc for the contract. */
 export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOptions): Promise<RunOutcome> {
   const runDir = join(opts.runsRoot, opts.runId);
-  const finalDir = join(runDir, def.name);
+  const instance = opts.instance ?? def.name;
+  const finalDir = join(runDir, instance);
   const manifestPath = join(finalDir, MANIFEST_FILE);
   const startedAt = new Date().toISOString();
   const { config, configHash, inputs, upstream, sources, sourcePaths, key } = await planStep(def, {
@@ -391,15 +419,16 @@ export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOpt
     projectRoot: opts.projectRoot,
     expectInputKeys: opts.expectInputKeys,
     expectSources: opts.expectSources,
+    inputSteps: opts.inputSteps,
   });
-  await removeLeftovers(runDir, def.name);
+  await removeLeftovers(runDir, instance);
 
   if (!opts.force) {
-    const hit = await findCacheHit(opts.runsRoot, opts.runId, def.name, key);
+    const hit = await findCacheHit(opts.runsRoot, opts.runId, instance, key);
     if (hit?.status === "cached") return { manifest: hit.manifest, manifestPath, status: "cached" };
     if (hit?.status === "linked") {
       const origin = hit.manifest;
-      const staging = join(runDir, `.${def.name}.staging-${crypto.randomUUID().slice(0, 8)}`);
+      const staging = join(runDir, `.${instance}.staging-${crypto.randomUUID().slice(0, 8)}`);
       await linkTree(dirname(hit.manifestPath), staging);
       await Deno.remove(join(staging, FAILURE_FILE)).catch(() => {});
       const now = new Date().toISOString();
@@ -419,7 +448,7 @@ export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOpt
     }
   }
 
-  const staging = join(runDir, `.${def.name}.staging-${crypto.randomUUID().slice(0, 8)}`);
+  const staging = join(runDir, `.${instance}.staging-${crypto.randomUUID().slice(0, 8)}`);
   await Deno.mkdir(staging, { recursive: true });
   const metricsFile = await Deno.open(join(staging, "metrics.jsonl"), { create: true, append: true });
   const enc = new TextEncoder();
@@ -445,7 +474,7 @@ export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOpt
       metricsFile.writeSync(enc.encode(line + "\n"));
     },
     progress(total: number, unit?: string): Progress {
-      return new Progress(def.name, total, unit, opts.quiet);
+      return new Progress(instance, total, unit, opts.quiet);
     },
     setGpu(info: GpuInfo): void {
       gpu = info;
@@ -454,7 +483,7 @@ export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOpt
 
   const base = {
     schema: MANIFEST_SCHEMA,
-    step: def.name,
+    step: instance,
     stepVersion: def.version,
     runId: opts.runId,
     recipe: opts.recipe,

@@ -339,3 +339,99 @@ Deno.test("--resume and --restart set LATHE_RESUME for the process; both togethe
     else Deno.env.set("LATHE_RESUME", before);
   }
 });
+
+Deno.test("step instances: `<step>@<label>` runs a step again, reading the nearest earlier instance of each input", async () => {
+  await using box = await sandbox();
+  await project(box.root);
+  await Deno.writeTextFile(
+    join(box.root, "recipes", "twice.yaml"),
+    `name: twice
+steps:
+  emit:
+    text: first
+  upper:
+  emit@second:
+    text: second
+  upper@second:
+    suffix: "?"
+  flaky:
+`,
+  );
+  const dry = await recipe(box.root, box.runs, "twice", "--dry-run");
+  assert.deepEqual(dry.lines.slice(1).map((l) => l.replace(/ [0-9a-f]{12} /, " KEY ")), [
+    "emit       KEY  would run",
+    "upper      KEY  would run (upstream changes)",
+    "emit@second KEY  would run",
+    "upper@second KEY  would run (upstream changes)",
+    "flaky      KEY  would run (upstream changes)",
+  ]);
+  const { result } = await recipe(box.root, box.runs, "twice");
+  assert.deepEqual(statuses(result), [
+    "emit:ran",
+    "upper:ran",
+    "emit@second:ran",
+    "upper@second:ran",
+    "flaky:ran",
+  ]);
+  const dir = result!.runDir;
+  assert.deepEqual(await stepDirs(dir), ["emit", "emit@second", "flaky", "upper", "upper@second"]);
+  assert.equal(await Deno.readTextFile(join(dir, "upper", "sub/upper.txt")), "FIRST\nFIRST\n!0042\n");
+  assert.equal(
+    await Deno.readTextFile(join(dir, "upper@second", "sub/upper.txt")),
+    "SECOND\nSECOND\n?0042\n",
+  );
+  // flaky reads the nearest upper before it: upper@second.
+  assert.equal(await Deno.readTextFile(join(dir, "flaky", "copy.txt")), "copy: SECOND\nSECOND\n?0042\n");
+  const m = result!.steps[3].outcome.manifest;
+  assert.equal(m.step, "upper@second");
+  assert.deepEqual(m.inputs.text.step, "emit@second");
+  assert.equal(m.inputs.text.manifest, "../emit@second/manifest.json");
+
+  // Rerun one instance from its manifest: the same instance, reading the same inputs, same bytes.
+  const { rerunFromManifest } = await import("../../steps/rerun.ts");
+  const before = await Deno.readTextFile(join(dir, "upper@second", "sub/upper.txt"));
+  const again = await rerunFromManifest(join(dir, "upper@second", "manifest.json"), {
+    overrides: [],
+    projectRoot: box.root,
+    quiet: true,
+    loadStep: loadToyStep,
+  });
+  assert.equal(again.manifest.step, "upper@second");
+  assert.equal(again.manifest.key, m.key);
+  assert.equal(await Deno.readTextFile(join(dir, "upper@second", "sub/upper.txt")), before);
+  const changed = await recipe(box.root, box.runs, "twice", "--dry-run", "--set", "upper@second.suffix=x");
+  assert.deepEqual(
+    changed.lines.slice(1).map((l) => l.replace(/ [0-9a-f]{12} /, " KEY ").split("KEY  ")[1]),
+    [
+      `would reuse run ${result!.runId}`,
+      `would reuse run ${result!.runId}`,
+      `would reuse run ${result!.runId}`,
+      "would run",
+      "would run (upstream changes)",
+    ],
+  );
+  // --only an instance resolves its own upstream instance.
+  const only = await recipe(box.root, box.runs, "twice", "--only", "upper@second", "--dry-run");
+  assert.deepEqual(only.lines.slice(1).map((l) => l.split(/ +/)[0]), ["emit@second", "upper@second"]);
+});
+
+Deno.test("step instances: a bad instance name, or an input with no instance before it, is a recipe error", async () => {
+  await using box = await sandbox();
+  await project(box.root);
+  await Deno.writeTextFile(
+    join(box.root, "recipes", "bad.yaml"),
+    `name: bad
+steps:
+  emit@Second:
+  upper@late:
+  emit@later:
+`,
+  );
+  const error = await recipe(box.root, box.runs, "bad").then(() => null, (e) => e);
+  assert.ok(error instanceof LatheError);
+  assert.match(error.message, /bad\.yaml:3:3: steps\.emit@Second: "emit@Second" is not a step name/);
+  assert.match(
+    error.message,
+    /bad\.yaml:4:3: steps\.upper@late: step "upper@late" reads input "text" from step "emit", which comes after it/,
+  );
+});
