@@ -22,6 +22,14 @@
  *
  * One readback per micro-batch (the loss and the correct count together), one per optimizer step
  * (the gradient norm).
+ *
+ * Sequence objectives (DPO; `scoreTokens`, `forwardBackwardWeighted`): the loss's pass keeps its
+ * per-token state, and one readback between the forward and the backward brings
+ *   logp[t]     = z[t, y[t]] − lse[t]           (trained tokens; from the state, on the host in f64)
+ *   logitSum[t] = x_t · (Σ_v W_v)               ([T,1] = x[T,D] · headSum[1,D]ᵀ; headSum = 1ᵀ·W,
+ *                                               computed once, as lm_head is frozen)
+ * to the host; the objective turns them into per-token weights w[T], and the backward starts from
+ * dz = w[t]·(softmax − onehot(y)) (crossEntropyBackward's `weights`) through the same layers.
  * @module
  */
 import { LatheError } from "../../foundation/errors.ts";
@@ -35,6 +43,7 @@ import { loraScaling } from "../ops/lora.ts";
 import { rmsnormBackward, rmsnormForward } from "../ops/rmsnorm.ts";
 import { type RopeConfig, ropeTable } from "../ops/rope.ts";
 import { rope_check_positions } from "../rope_frequencies.ts";
+import { matmul } from "../ops/matmul.ts";
 import { readTensors, Tensor } from "../tensor.ts";
 import { recorder } from "../recorder.ts";
 import { GpuAdapters } from "./adapters.ts";
@@ -54,8 +63,21 @@ import type {
   LoraWeights,
   MicroBatchResult,
   OptimizerState,
+  TokenScores,
+  TokenWeighting,
   TrainableModel,
 } from "./trainable.ts";
+
+/**
+ * What one run of the graph does: evaluate (forward to the loss), train (backward of the mean
+ * loss Σ CE / normaliser), score (forward to the per-token scores) or weighted (scores, then the
+ * backward of Σ_t w[t]·CE_t with w from `weigh`).
+ */
+type RunMode =
+  | { kind: "evaluate" }
+  | { kind: "train"; normaliser: number; dropoutSeed: number }
+  | { kind: "score" }
+  | { kind: "weighted"; dropoutSeed: number; weigh: TokenWeighting };
 
 /** Options of {@link createGpuModel}. */
 export interface GpuModelOptions {
@@ -125,6 +147,8 @@ export class GpuModel implements TrainableModel {
   readonly #ropeConfig: RopeConfig;
   #step = 0;
   #disposed = false;
+  /** headSum[1,D] = Σ_v W_v of the frozen lm_head (for logitSum), made on first use. */
+  #headSum: Tensor | null = null;
 
   constructor(
     gpu: Gpu,
@@ -165,15 +189,35 @@ export class GpuModel implements TrainableModel {
     if (this.#disposed) throw new Error("Cannot use the webgpu model: it was disposed");
   }
 
-  /** Runs the forward (and, with `train`, the backward); returns the summed loss and correct count. */
-  async #run(
-    batch: Batch,
-    train: { normaliser: number; dropoutSeed: number } | null,
-  ): Promise<MicroBatchResult> {
+  /** Σ_v W_v of the lm_head, [1,D] f32: 1[1,C] · W[v0:v0+C, D] over W's row chunks. */
+  #headRowSum(head: Tensor): Tensor {
+    if (this.#headSum) return this.#headSum;
+    const sum = Tensor.empty(this.#gpu, [1, this.config.hiddenSize], "f32", { label: "head_sum" });
+    head.chunks.forEach((c, i) => {
+      const ones = Tensor.from(this.#gpu, new Float32Array(c.rows).fill(1), [1, c.rows], "f32");
+      matmul(ones, head, {
+        layout: "NN",
+        bRows: { start: c.rowStart, count: c.rows },
+        out: sum,
+        accumulate: i > 0,
+      });
+      ones.destroy();
+    });
+    this.#headSum = sum;
+    return sum;
+  }
+
+  /** Runs the forward (and, when training, the backward); see {@link RunMode}. */
+  async #run(batch: Batch, mode: RunMode): Promise<MicroBatchResult & { scores: TokenScores | null }> {
     this.#alive();
     const tokens = checkBatch(this.config, batch);
+    const scoring = mode.kind === "score" || mode.kind === "weighted";
     // No trained token: zero loss and zero gradient, nothing to run.
-    if (tokens === 0) return { lossSum: 0, tokens: 0, correct: 0 };
+    if (tokens === 0) {
+      if (scoring) modelError("the batch has no trained token to score");
+      return { lossSum: 0, tokens: 0, correct: 0, scores: null };
+    }
+    const train = mode.kind === "train" || mode.kind === "weighted" ? mode : null;
     checkSequenceLength(this.config, batch.seqLen);
     rope_check_positions(this.#ropeConfig, batch.positions);
     const ctx = this.#ctx;
@@ -216,9 +260,30 @@ export class GpuModel implements TrainableModel {
         }
       }
       const { y: x, rstd } = rmsnormForward(hs[L], normW, { eps: this.config.rmsNormEps, label: "x_final" });
-      const { loss, lse, correct } = crossEntropyForward(x, head, targets, { n: 1 });
+      const { loss, lse, correct, state } = crossEntropyForward(x, head, targets, {
+        n: 1,
+        keepState: scoring,
+      });
+      let scores: TokenScores | null = null;
+      let weights: Tensor | null = null;
+      if (scoring) {
+        const logitSum = matmul(x, this.#headRowSum(head), { layout: "NT", label: "logit_sum" });
+        const [st, ls] = await Promise.all([copyToHost(state!), copyToHost(logitSum)]);
+        state!.destroy();
+        logitSum.destroy();
+        scores = tokenScores(st, ls, batch.targets);
+        if (mode.kind === "weighted") {
+          const w = mode.weigh(scores);
+          if (w.length !== T) modelError(`the token weights hold ${w.length} values, expected ${T}`);
+          weights = Tensor.from(gpu, Float32Array.from(w), [T], "f32", { label: "token_weights" });
+        }
+      }
       if (train !== null) {
-        const dx = crossEntropyBackward(x, head, targets, lse, { n: train.normaliser });
+        const dx = crossEntropyBackward(x, head, targets, lse, {
+          n: mode.kind === "train" ? mode.normaliser : 1,
+          weights: weights ?? undefined,
+        });
+        weights?.destroy();
         const dh = rmsnormBackward(dx, hs[L], normW, rstd).dx;
         dx.destroy();
         hs[L].destroy();
@@ -241,7 +306,7 @@ export class GpuModel implements TrainableModel {
       const [lossRead, correctRead] = await readTensors([loss, correct]);
       loss.destroy();
       correct.destroy();
-      return { lossSum: lossRead[0], tokens, correct: correctRead[0] };
+      return { lossSum: lossRead[0], tokens, correct: correctRead[0], scores };
     } finally {
       for (const s of saved) s?.destroy();
       for (const h of hs) h.destroy();
@@ -252,11 +317,26 @@ export class GpuModel implements TrainableModel {
   async forwardBackward(batch: Batch, normaliser: number, dropoutSeed: number): Promise<MicroBatchResult> {
     if (!(normaliser > 0)) modelError(`normaliser ${normaliser} must be positive`);
     if (!Number.isInteger(dropoutSeed)) modelError(`dropoutSeed ${dropoutSeed} must be an integer`);
-    return await this.#run(batch, { normaliser, dropoutSeed });
+    const { lossSum, tokens, correct } = await this.#run(batch, { kind: "train", normaliser, dropoutSeed });
+    return { lossSum, tokens, correct };
   }
 
   async evaluate(batch: Batch): Promise<MicroBatchResult> {
-    return await this.#run(batch, null);
+    const { lossSum, tokens, correct } = await this.#run(batch, { kind: "evaluate" });
+    return { lossSum, tokens, correct };
+  }
+
+  async scoreTokens(batch: Batch): Promise<TokenScores> {
+    return (await this.#run(batch, { kind: "score" })).scores!;
+  }
+
+  async forwardBackwardWeighted(
+    batch: Batch,
+    dropoutSeed: number,
+    weigh: TokenWeighting,
+  ): Promise<TokenScores> {
+    if (!Number.isInteger(dropoutSeed)) modelError(`dropoutSeed ${dropoutSeed} must be an integer`);
+    return (await this.#run(batch, { kind: "weighted", dropoutSeed, weigh })).scores!;
   }
 
   async optimizerStep(hp: AdamWStep): Promise<{ gradNorm: number }> {
@@ -327,9 +407,24 @@ export class GpuModel implements TrainableModel {
     if (this.#disposed) return;
     this.#disposed = true;
     this.#ctx.adapters.destroy();
+    this.#headSum?.destroy();
     this.#ctx.rope.destroy();
     this.#ctx.weights.destroy();
   }
+}
+
+/**
+ * Scores from the loss's state rows (m, s, z_target, argmax) and the logit sums:
+ * logp[t] = z_target − (m + log s) in f64 for trained tokens, 0 elsewhere.
+ */
+function tokenScores(state: Float32Array, logitSum: Float32Array, targets: Int32Array): TokenScores {
+  const T = targets.length;
+  const logp = new Float64Array(T);
+  for (let t = 0; t < T; t++) {
+    if (targets[t] === IGNORE_INDEX) continue;
+    logp[t] = state[4 * t + 2] - (state[4 * t] + Math.log(state[4 * t + 1]));
+  }
+  return { logp, logitSum: Float64Array.from(logitSum) };
 }
 
 /**

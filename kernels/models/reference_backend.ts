@@ -42,6 +42,8 @@ import {
   type LoraWeights,
   type MicroBatchResult,
   type OptimizerState,
+  type TokenScores,
+  type TokenWeighting,
   type TrainableModel,
 } from "./trainable.ts";
 
@@ -186,13 +188,39 @@ export class ReferenceModel implements TrainableModel {
       this.#adapters(T, dropoutSeed),
       this.#input(batch, normaliser),
     );
-    const grads = decoder_backward(forward);
+    this.#addGradients(decoder_backward(forward));
+    return { lossSum: forward.loss * normaliser, tokens, correct: forward.correct };
+  }
+
+  /** The forward of `batch` with the dropout masks of `dropoutSeed` (none: null); N = 1. */
+  #scored(batch: Batch, dropoutSeed: number | null): DecoderForward {
+    const T = batch.rows * batch.seqLen;
+    if (count_trained(batch.targets) === 0) contractError("the batch has no trained token to score");
+    return decoder_forward(this.config, this.#weights, this.#adapters(T, dropoutSeed), this.#input(batch, 1));
+  }
+
+  #scoreTokens(batch: Batch): TokenScores {
+    const forward = this.#scored(batch, null);
+    return { logp: forward.logp, logitSum: forward.logitSum };
+  }
+
+  #forwardBackwardWeighted(batch: Batch, dropoutSeed: number, weigh: TokenWeighting): TokenScores {
+    const forward = this.#scored(batch, dropoutSeed);
+    const scores = { logp: forward.logp, logitSum: forward.logitSum };
+    const weights = weigh(scores);
+    if (weights.length !== forward.logp.length) {
+      contractError(`the token weights hold ${weights.length} values, expected ${forward.logp.length}`);
+    }
+    this.#addGradients(decoder_backward(forward, 1, weights));
+    return scores;
+  }
+
+  #addGradients(grads: ReturnType<typeof decoder_backward>): void {
     for (const s of this.#slots) {
       const g = grads.lora.get(s.path)!;
       for (let i = 0; i < s.dA.length; i++) s.dA[i] += g.dA[i];
       for (let i = 0; i < s.dB.length; i++) s.dB[i] += g.dB[i];
     }
-    return { lossSum: forward.loss * normaliser, tokens, correct: forward.correct };
   }
 
   #evaluate(batch: Batch): { lossSum: number; tokens: number; correct: number } {
@@ -343,6 +371,14 @@ export class ReferenceModel implements TrainableModel {
 
   evaluate(batch: Batch): Promise<MicroBatchResult> {
     return settle(() => this.#evaluate(batch));
+  }
+
+  scoreTokens(batch: Batch): Promise<TokenScores> {
+    return settle(() => this.#scoreTokens(batch));
+  }
+
+  forwardBackwardWeighted(batch: Batch, dropoutSeed: number, weigh: TokenWeighting): Promise<TokenScores> {
+    return settle(() => this.#forwardBackwardWeighted(batch, dropoutSeed, weigh));
   }
 
   optimizerStep(hp: AdamWStep): Promise<{ gradNorm: number }> {

@@ -76,6 +76,24 @@ export interface MicroBatchResult {
   correct: number;
 }
 
+/**
+ * Per-token scores of one forward, from the loss's own pass over the logits (never a [T,V]
+ * buffer): what sequence-level objectives (DPO) are built from.
+ */
+export interface TokenScores {
+  /** logp[T]: log softmax(logits[t])[target[t]] of each trained token, 0 where the target is −100. */
+  logp: Float64Array;
+  /** logitSum[T]: Σ_v logits[t,v] of every token (trl's `logits/*` metrics are its mean over v). */
+  logitSum: Float64Array;
+}
+
+/**
+ * A sequence objective's per-token weights from the forward's scores: w[T] = ∂loss/∂(−logp[t])
+ * (0 where the target is −100). The backward then adds the gradient of Σ_t w[t]·(−logp[t]); an
+ * SFT micro-batch is w[t] = 1/N.
+ */
+export type TokenWeighting = (scores: TokenScores) => Float64Array;
+
 /** A model that trains LoRA adapters. */
 export interface TrainableModel extends Disposable {
   readonly config: ModelConfig;
@@ -93,6 +111,14 @@ export interface TrainableModel extends Disposable {
   forwardBackward(batch: Batch, normaliser: number, dropoutSeed: number): Promise<MicroBatchResult>;
   /** Forward only, no dropout: summed loss, trained-token count and correctly predicted tokens. */
   evaluate(batch: Batch): Promise<MicroBatchResult>;
+  /** Forward only, no dropout: the per-token scores. */
+  scoreTokens(batch: Batch): Promise<TokenScores>;
+  /**
+   * Forward of one micro-batch (dropout from `dropoutSeed`), then `weigh` turns its scores into
+   * per-token weights and the backward adds the LoRA gradients of Σ_t w[t]·(−logp[t]) into the
+   * gradient buffers. Returns the forward's scores.
+   */
+  forwardBackwardWeighted(batch: Batch, dropoutSeed: number, weigh: TokenWeighting): Promise<TokenScores>;
   /** Clips (if asked) and applies one AdamW step to every adapter, then zeroes the gradients. Returns the pre-clip global gradient norm. */
   optimizerStep(hp: AdamWStep): Promise<{ gradNorm: number }>;
   /** Zeroes the gradients without stepping (e.g. after a skipped non-finite step). */

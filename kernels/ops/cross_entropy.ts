@@ -14,6 +14,9 @@
  *   0 on ignored ones (`cross_entropy_grad`, in place), then dh[T,D] += dz[T,Vc] · W[v0:v0+Vc, D]
  *   (matmul NN).
  * Targets are already shifted (y[t] is the token after t); -100 marks a token that is not trained.
+ * Sequence objectives (DPO): `keepState` hands back the per-token state, from which
+ * logp[t] = z[t, y[t]] − lse[t] is read on the host, and the backward's `weights` w[T] replace
+ * dloss / N per token (dz = w[t]·(softmax − onehot(y))).
  * N is the number of trained tokens of the whole optimizer step, so the losses of its
  * micro-batches add up to the step's mean loss (`accumulateLoss`), as transformers'
  * `num_items_in_batch`.
@@ -73,6 +76,11 @@ export interface CrossEntropyForwardOptions extends CrossEntropyOptions {
    * target. With `accumulateLoss` the count is added to it too.
    */
   correct?: Tensor;
+  /**
+   * Hand back the per-token state[T,4] (m, s, z_target, argmax as u32 bits; f32 rows of 16
+   * bytes) instead of freeing it: lse = m + log s, logp = z_target − lse for trained tokens.
+   */
+  keepState?: boolean;
 }
 
 /** What {@link crossEntropyForward} returns. */
@@ -83,6 +91,8 @@ export interface CrossEntropyForwardResult {
   lse: Tensor;
   /** correct[1] u32: Σ over trained tokens of [argmax_v h_t·W_v = y[t]] (ties: the lowest v). */
   correct: Tensor;
+  /** With `keepState`: state[T,4] (see the option); the caller destroys it. */
+  state?: Tensor;
 }
 
 /** Options of {@link crossEntropyBackward}. */
@@ -93,6 +103,8 @@ export interface CrossEntropyBackwardOptions extends CrossEntropyOptions {
   accumulate?: boolean;
   /** Upstream gradient of the loss (default 1). */
   dloss?: number;
+  /** w[T] f32: per-token weights multiplying dloss / N (a sequence objective's ∂loss/∂(−logp[t])). */
+  weights?: Tensor;
 }
 
 interface Problem {
@@ -142,7 +154,7 @@ export function crossEntropyForward(
   if (T === 0) {
     if (!options.accumulateLoss) recorder(gpu).clearBuffer(loss.buffer, 0, 4);
     if (!accumulateCount) recorder(gpu).clearBuffer(correct.buffer, 0, 4);
-    return { loss, lse, correct };
+    return { loss, lse, correct, ...(options.keepState ? { state: Tensor.empty(gpu, [0, 4], "f32") } : {}) };
   }
   const rec = recorder(gpu);
   const stats = kernel(gpu, "cross_entropy_stats", ["read", "read", "write"], 20);
@@ -173,6 +185,7 @@ export function crossEntropyForward(
     u[4] = part.rowStart;
     rec.dispatch(finish, [part.buffer, targets.buffer, lse.buffer, loss.buffer, correct.buffer], u, [1]);
   }
+  if (options.keepState) return { loss, lse, correct, state };
   state.destroy();
   return { loss, lse, correct };
 }
@@ -206,17 +219,32 @@ export function crossEntropyBackward(
       `Cannot write dh "${dh.label}" ${dh.dtype}[${dh.shape}]: f32 or f16 [${T},${D}] expected`,
     );
   }
+  const weights = options.weights;
+  if (weights !== undefined && (weights.dtype !== "f32" || weights.shape.join() !== `${T}`)) {
+    throw new RangeError(
+      `Cannot weight the cross-entropy gradient: weights "${weights.label}" ` +
+        `${weights.dtype}[${weights.shape}] is not f32 [${T}]`,
+    );
+  }
   if (T === 0) return dh;
   const rec = recorder(gpu);
-  const grad = kernel(gpu, "cross_entropy_grad", ["write", "read", "read"], 16);
-  const u = new Uint32Array(4);
+  const grad = kernel(gpu, "cross_entropy_grad", ["write", "read", "read", "read"], 20);
+  const u = new Uint32Array(5);
+  u[4] = weights ? 1 : 0;
   const scale = (options.dloss ?? 1) / options.n;
   // dh = Σ over chunks of dz·W[v0:v0+C]: a product per chunk, added in vocabulary order.
   for (const { v0, C } of vocabularyChunks(W, p.chunk)) {
     const z = logits(p, h, W, v0, C, "ce_dlogits");
     u.set([T, C, v0]);
     new Float32Array(u.buffer)[3] = scale;
-    rec.dispatch(grad, [z.buffer, targets.buffer, lse.buffer], u, grid(gpu, Math.ceil((T * C) / WG)));
+    // Unweighted, lse stands in for the weights binding (never read).
+    const w = weights ?? lse;
+    rec.dispatch(
+      grad,
+      [z.buffer, targets.buffer, lse.buffer, w.buffer],
+      u,
+      grid(gpu, Math.ceil((T * C) / WG)),
+    );
     // dh[T,D] (+)= dz[T,C] · W[v0:v0+C, D]
     const accumulate = (options.accumulate ?? false) || v0 > 0;
     matmul(z, W, { layout: "NN", bRows: { start: v0, count: C }, out: dh, accumulate });

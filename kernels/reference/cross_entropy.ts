@@ -24,6 +24,13 @@
  * with ties resolved to the lowest index, as torch.argmax; over chunks the running argmax moves
  * only to a strictly larger chunk maximum, so the first maximum wins wherever the chunks are cut.
  * A NaN logit is never the argmax (torch would return its index; the loss is NaN then anyway).
+ *
+ * Per-token scores (what preference objectives are built from), from the same pass:
+ *   logp[t]     = logits[t, target[t]] − lse[t]  for trained t, 0 otherwise (log-softmax of the target)
+ *   logitSum[t] = Σ_v logits[t,v]                 (trl's `logits/chosen` is its mean over v and tokens)
+ * and a backward with a weight per token in place of dloss / N (a sequence-level loss built on
+ * logp: w[t] = ∂loss/∂(−logp[t])):
+ *   dlogits[t] = w[t] · (softmax(logits[t]) − onehot(target[t]))   for trained t
  * @module
  */
 import { alloc, expectLength, expectPositiveInt, type Floats } from "./_dense.ts";
@@ -215,13 +222,21 @@ export function lm_head_cross_entropy_forward<A extends Floats>(
   W: Floats,
   targets: ArrayLike<number>,
   dims: LmHeadCrossEntropyDims,
-): { loss: number; lse: A; argmax: Int32Array; correct: number } {
+): {
+  loss: number;
+  lse: A;
+  argmax: Int32Array;
+  correct: number;
+  logp: Float64Array;
+  logitSum: Float64Array;
+} {
   const { T, V, D, n, mask } = dims;
   checkTargets(targets, dims);
   const chunk = checkHead(hidden, W, dims);
   const m = new Float64Array(T).fill(-Infinity);
   const s = new Float64Array(T);
   const targetLogit = new Float64Array(T);
+  const logitSum = new Float64Array(T);
   // Running argmax: the first maximum of the chunks seen so far (a later chunk must beat it).
   const best = new Float64Array(T).fill(-Infinity);
   const argmax = new Int32Array(T).fill(NO_ARGMAX);
@@ -234,7 +249,10 @@ export function lm_head_cross_entropy_forward<A extends Floats>(
       for (let c = 0; c < C; c++) mc = Math.max(mc, z[t * C + c]);
       const mNew = Math.max(m[t], mc);
       let sNew = s[t] * Math.exp(m[t] - mNew);
-      for (let c = 0; c < C; c++) sNew += Math.exp(z[t * C + c] - mNew);
+      for (let c = 0; c < C; c++) {
+        sNew += Math.exp(z[t * C + c] - mNew);
+        logitSum[t] += z[t * C + c];
+      }
       m[t] = mNew;
       s[t] = sNew;
       const y = targets[t];
@@ -247,12 +265,15 @@ export function lm_head_cross_entropy_forward<A extends Floats>(
     }
   }
   const lse = alloc(hidden, T);
+  const logp = new Float64Array(T);
   let sum = 0;
   for (let t = 0; t < T; t++) {
     lse[t] = m[t] + Math.log(s[t]);
-    if (is_trained(targets, mask, t)) sum += m[t] + Math.log(s[t]) - targetLogit[t];
+    if (!is_trained(targets, mask, t)) continue;
+    logp[t] = targetLogit[t] - (m[t] + Math.log(s[t]));
+    sum -= logp[t];
   }
-  return { loss: sum / n, lse, argmax, correct: count_correct(argmax, targets, mask) };
+  return { loss: sum / n, lse, argmax, correct: count_correct(argmax, targets, mask), logp, logitSum };
 }
 
 /**
@@ -294,6 +315,7 @@ export function lm_head_argmax(
  * @param lse lse[T] from the forward
  * @param dloss upstream gradient of the loss (1 for the loss itself)
  * @param wantDW also return dW[V,D] (for a trained lm_head; LoRA does not need it)
+ * @param weights w[T]: per-token weights used in place of dloss / N (see the module doc)
  * @returns dhidden[T,D] and dW[V,D] or null
  */
 export function lm_head_cross_entropy_backward<A extends Floats>(
@@ -304,11 +326,13 @@ export function lm_head_cross_entropy_backward<A extends Floats>(
   dims: LmHeadCrossEntropyDims,
   dloss = 1,
   wantDW = false,
+  weights: ArrayLike<number> | null = null,
 ): { dhidden: A; dW: A | null } {
   const { T, V, D, n, mask } = dims;
   checkTargets(targets, dims);
   const chunk = checkHead(hidden, W, dims);
   expectLength("lse[T]", lse, T);
+  if (weights) expectLength("weights[T]", weights, T);
   const dhidden = new Float64Array(T * D);
   const dW = wantDW ? new Float64Array(V * D) : null;
   for (let v0 = 0; v0 < V; v0 += chunk) {
@@ -318,7 +342,7 @@ export function lm_head_cross_entropy_backward<A extends Floats>(
       if (!is_trained(targets, mask, t)) continue;
       for (let c = 0; c < C; c++) {
         const p = Math.exp(z[t * C + c] - lse[t]);
-        const dz = (dloss / n) * (p - (v0 + c === targets[t] ? 1 : 0));
+        const dz = (weights ? weights[t] : dloss / n) * (p - (v0 + c === targets[t] ? 1 : 0));
         for (let d = 0; d < D; d++) {
           dhidden[t * D + d] += dz * W[(v0 + c) * D + d];
           if (dW) dW[(v0 + c) * D + d] += dz * hidden[t * D + d];

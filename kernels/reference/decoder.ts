@@ -194,6 +194,10 @@ export interface DecoderForward {
    * of the token accuracy, from the loss's own pass over the logits.
    */
   correct: number;
+  /** logp[T]: log-softmax of each trained token's target, 0 elsewhere (reference/cross_entropy.ts). */
+  logp: Float64Array;
+  /** logitSum[T]: Σ_v logits[t,v]. */
+  logitSum: Float64Array;
   /** Internal activations, read by the backward. */
   readonly saved: {
     config: DecoderConfig;
@@ -411,6 +415,8 @@ export function decoder_forward(
     loss: ce.loss,
     numItems,
     correct: ce.correct,
+    logp: ce.logp,
+    logitSum: ce.logitSum,
     saved: {
       config,
       input,
@@ -443,8 +449,14 @@ export function decoder_loss(
  * Gradients of the loss w.r.t. every LoRA adapter and the input embeddings.
  *
  * @param dloss upstream gradient of the loss (1 for the loss itself)
+ * @param tokenWeights w[T]: instead of the loss, the gradient of Σ_t w[t]·(−logp[t]) (a sequence
+ *   objective's per-token weights, reference/cross_entropy.ts)
  */
-export function decoder_backward(forward: DecoderForward, dloss = 1): DecoderGradients {
+export function decoder_backward(
+  forward: DecoderForward,
+  dloss = 1,
+  tokenWeights: ArrayLike<number> | null = null,
+): DecoderGradients {
   const s = forward.saved;
   const { config, input, T, weight, cos, sin } = s;
   const { hiddenSize: D, numHeads: H, numKvHeads: Hkv, headDim: hd, vocabSize: V } = config;
@@ -462,13 +474,22 @@ export function decoder_backward(forward: DecoderForward, dloss = 1): DecoderGra
   };
   const add = (a: Float64Array, b: Float64Array): Float64Array => a.map((x, i) => x + b[i]);
 
-  const { dhidden } = lm_head_cross_entropy_backward(s.xF, s.head, input.targets, s.lseF, {
-    T,
-    V,
-    D,
-    n: forward.numItems,
-    chunk: input.vocabChunk,
-  }, dloss);
+  const { dhidden } = lm_head_cross_entropy_backward(
+    s.xF,
+    s.head,
+    input.targets,
+    s.lseF,
+    {
+      T,
+      V,
+      D,
+      n: forward.numItems,
+      chunk: input.vocabChunk,
+    },
+    dloss,
+    false,
+    tokenWeights,
+  );
   // dh[T,D]: gradient at the residual stream
   let dh = rmsnorm_backward(dhidden, s.hFinal, weight("model.norm.weight", D), s.rstdF, { T, D, eps }).dx;
 

@@ -437,3 +437,50 @@ gpuTest("crossEntropyForward refuses mismatched shapes and a non-positive N", (g
   using f = Tensor.empty(gpu, [4], "f32", { label: "targets_f32" });
   assert.throws(() => crossEntropyForward(h, W8, f, { n: 4 }), /i32 \[4\] expected/);
 });
+
+gpuTest(
+  "crossEntropy for sequence objectives: the kept state gives logp, and per-token weights give the reference's weighted dh (W in row chunks)",
+  async (gpu) => {
+    const c = { ...BASE, seed: 19 };
+    const data = makeCase(c);
+    const next = rng(23);
+    const weights = Float32Array.from(data.targets, (y) => (y === IGNORE_INDEX ? 0 : next() - 0.5));
+    const dims = { T: c.T, V: c.V, D: c.D, n: 1, chunk: 64 };
+    const fwd = lm_head_cross_entropy_forward(data.h, data.W, data.targets, dims);
+    const bwd = lm_head_cross_entropy_backward(
+      data.h,
+      data.W,
+      data.targets,
+      fwd.lse,
+      dims,
+      1,
+      false,
+      weights,
+    );
+    using h = Tensor.from(gpu, data.h, [c.T, c.D], "f32", { label: "h" });
+    using W = Tensor.from(gpu, data.W, [c.V, c.D], "f32", { label: "W", maxChunkBytes: 100 * c.D * 4 });
+    using targets = Tensor.from(gpu, data.targets, [c.T], "i32", { label: "targets" });
+    using w = Tensor.from(gpu, weights, [c.T], "f32", { label: "weights" });
+    const { loss, lse, correct, state } = crossEntropyForward(h, W, targets, {
+      n: 1,
+      chunk: 37,
+      keepState: true,
+    });
+    using _l = loss;
+    using _c = correct;
+    using _lse = lse;
+    using st = state!;
+    using dh = crossEntropyBackward(h, W, targets, lse, { n: 1, chunk: 37, weights: w });
+    const rows = await st.readF32();
+    const logp = Float64Array.from(
+      data.targets,
+      (y, t) => (y === IGNORE_INDEX ? 0 : rows[4 * t + 2] - (rows[4 * t] + Math.log(rows[4 * t + 1]))),
+    );
+    assertClose(logp, fwd.logp, { atol: 1e-5, rtol: 1e-5, name: "logp" });
+    assertClose(await dh.readF32(), bwd.dhidden, tolerance(bwd.dhidden, false, "weighted dh"));
+    await assert.rejects(
+      async () => crossEntropyBackward(h, W, targets, lse, { n: 1, weights: targets }),
+      /weights "targets" i32\[13\] is not f32 \[13\]/,
+    );
+  },
+);
