@@ -70,12 +70,16 @@ export interface TrainingState {
   windowLoss: number;
   windowSteps: number;
   /**
-   * Σ of the step token accuracies since the last log entry, and the steps that had trained
-   * tokens (the accuracy's window). Checkpoints written before the accuracy was measured lack
-   * them; they resume as 0.
+   * The objective's further metrics since the last log entry, by name: [Σ of the step values,
+   * steps that had one] (SFT's `mean_token_accuracy`, DPO's `rewards/…`).
    */
-  windowAccuracy: number;
-  windowAccuracySteps: number;
+  windows?: Record<string, [number, number]>;
+  /**
+   * The token accuracy's window as checkpoints wrote it before `windows` (read on resume; absent
+   * in checkpoints written since).
+   */
+  windowAccuracy?: number;
+  windowAccuracySteps?: number;
   /**
    * With load_best_model_at_end only (absent otherwise): the best evaluation so far, null before
    * the first; its adapter is the checkpoint's `best_adapter/`.

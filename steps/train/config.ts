@@ -35,17 +35,13 @@ export const LoraSection = z.strictObject({
 });
 
 /**
- * The metrics an evaluation computes, by their transformers / trl names: the token-weighted
+ * The metrics an SFT evaluation computes, by their transformers / trl names: the token-weighted
  * cross-entropy and the share of trained tokens whose argmax logit is the target.
  */
 export const EVAL_METRICS = ["eval_loss", "eval_mean_token_accuracy"] as const;
-/** One of {@link EVAL_METRICS}. */
-export type EvalMetric = typeof EVAL_METRICS[number];
+/** An evaluation metric's name ("eval_loss", "eval_rewards/accuracies", ...). */
+export type EvalMetric = string;
 const DEFAULT_METRIC: EvalMetric = "eval_loss";
-
-function isEvalMetric(name: string): name is EvalMetric {
-  return (EVAL_METRICS as readonly string[]).includes(name);
-}
 
 /** transformers' reading of metric_for_best_model: a name without the "eval_" prefix gets it. */
 export function evalMetricName(name: string): string {
@@ -60,8 +56,11 @@ export function defaultGreaterIsBetter(metric: string): boolean {
 /** Schedules of transformers' `lr_scheduler_type` that lathe implements. */
 export const SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine"] as const;
 
-/** The step's config; see docs/training.md for the reference with the transformers names. */
-export const TrainSftConfig = z.strictObject({
+/**
+ * The training arguments every training step shares (transformers' `TrainingArguments` and
+ * peft's `LoraConfig`); each step adds its own keys and checks (see {@link TrainSftConfig}).
+ */
+export const TrainingArgs = z.strictObject({
   /**
    * The base model: a directory (relative to the project root or absolute), a Hugging Face
    * cache snapshot or a Hub repo id ("Qwen/Qwen2.5-0.5B"). Its config and weight files are
@@ -144,27 +143,49 @@ export const TrainSftConfig = z.strictObject({
   save_total_limit: count.nullable().default(null),
   /** Log loss, lr, grad_norm and tokens/s every N optimizer steps (default 1). */
   logging_steps: count.default(1),
-}).superRefine((config, ctx) => {
-  const metric = config.metric_for_best_model;
-  if (metric !== undefined && metric !== null && !isEvalMetric(evalMetricName(metric))) {
-    const read = evalMetricName(metric) === metric ? "" : ` (read as "${evalMetricName(metric)}")`;
-    ctx.addIssue({
-      code: "custom",
-      path: ["metric_for_best_model"],
-      message: `unknown metric "${metric}"${read}; the evaluation computes ${
-        EVAL_METRICS.map((m) => `"${m}"`).join(", ")
-      } (the "eval_" prefix may be left out, as in "loss")`,
-    });
-  }
-  if (config.load_best_model_at_end === true && config.eval_steps === null) {
-    ctx.addIssue({
-      code: "custom",
-      path: ["load_best_model_at_end"],
-      message: "needs evaluations during training, but eval_steps is null (the adapter is then only " +
-        "evaluated before and after training); set eval_steps, e.g. to save_steps",
-    });
-  }
-}).overwrite(canonicalBestModelKeys);
+});
+/** The shared training arguments, parsed: what the training loop reads. */
+export type TrainingArgs = z.output<typeof TrainingArgs>;
+
+/**
+ * A check of the best-model keys against the evaluation metrics a step computes (`metrics`):
+ * metric_for_best_model must name one, and load_best_model_at_end needs eval_steps.
+ */
+export function checkBestModelKeys(metrics: readonly string[]) {
+  return (
+    config: {
+      metric_for_best_model: string | null;
+      load_best_model_at_end: boolean;
+      eval_steps: number | null;
+    },
+    ctx: z.RefinementCtx,
+  ): void => {
+    const metric = config.metric_for_best_model;
+    if (metric !== undefined && metric !== null && !metrics.includes(evalMetricName(metric))) {
+      const read = evalMetricName(metric) === metric ? "" : ` (read as "${evalMetricName(metric)}")`;
+      ctx.addIssue({
+        code: "custom",
+        path: ["metric_for_best_model"],
+        message: `unknown metric "${metric}"${read}; the evaluation computes ${
+          metrics.map((m) => `"${m}"`).join(", ")
+        } (the "eval_" prefix may be left out, as in "loss")`,
+      });
+    }
+    if (config.load_best_model_at_end === true && config.eval_steps === null) {
+      ctx.addIssue({
+        code: "custom",
+        path: ["load_best_model_at_end"],
+        message: "needs evaluations during training, but eval_steps is null (the adapter is then only " +
+          "evaluated before and after training); set eval_steps, e.g. to save_steps",
+      });
+    }
+  };
+}
+
+/** The train-sft config; see docs/training.md for the reference with the transformers names. */
+export const TrainSftConfig = TrainingArgs.superRefine(checkBestModelKeys(EVAL_METRICS)).overwrite(
+  canonicalBestModelKeys,
+);
 /** The parsed config. */
 export type TrainSftConfig = z.output<typeof TrainSftConfig>;
 
@@ -178,15 +199,22 @@ export interface BestModelSettings {
   greaterIsBetter: boolean;
 }
 
-/** The settings of a parsed config, with transformers' defaults for the keys it leaves out. */
-export function bestModelSettings(config: TrainSftConfig): BestModelSettings {
+/**
+ * The settings of a parsed config, with transformers' defaults for the keys it leaves out;
+ * `metrics` are the evaluation metrics of the step (`step` names it in errors).
+ */
+export function bestModelSettings(
+  config: TrainingArgs,
+  metrics: readonly string[] = EVAL_METRICS,
+  step = "train-sft",
+): BestModelSettings {
   const given = config.metric_for_best_model ?? DEFAULT_METRIC;
   const metric = evalMetricName(given);
-  if (!isEvalMetric(metric)) {
+  if (!metrics.includes(metric)) {
     throw new LatheError(
-      `Cannot use train-sft.metric_for_best_model "${given}": it is not an evaluation metric`,
+      `Cannot use ${step}.metric_for_best_model "${given}": it is not an evaluation metric`,
       {
-        hint: `use one of ${EVAL_METRICS.map((m) => `"${m}"`).join(", ")}`,
+        hint: `use one of ${metrics.map((m) => `"${m}"`).join(", ")}`,
       },
     );
   }
@@ -198,7 +226,7 @@ export function bestModelSettings(config: TrainSftConfig): BestModelSettings {
 }
 
 /** Resolves the metric's name and greater_is_better as transformers does, so equal meanings give equal keys. */
-function canonicalBestModelKeys<
+export function canonicalBestModelKeys<
   T extends { metric_for_best_model: string | null; greater_is_better: boolean | null },
 >(config: T): T {
   const given = config.metric_for_best_model ?? DEFAULT_METRIC;

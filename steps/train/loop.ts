@@ -44,7 +44,7 @@ import {
   TRAINING_STATE_FORMAT,
   type TrainingState,
 } from "./checkpoint.ts";
-import { bestModelSettings, type EvalMetric, type TrainSftConfig } from "./config.ts";
+import { bestModelSettings, EVAL_METRICS, type EvalMetric, type TrainingArgs } from "./config.ts";
 import { isBetter, recordEval } from "./early_stopping.ts";
 import { lrAt, planTraining, type TrainPlan } from "./schedule.ts";
 import type { BestModelRecord } from "./trainer_state.ts";
@@ -64,7 +64,16 @@ export interface LoopIo {
 /** Inputs of {@link trainLoop}. */
 export interface TrainLoopOptions {
   model: TrainableModel;
-  config: TrainSftConfig;
+  config: TrainingArgs;
+  /**
+   * What is trained (default: SFT on `train`, evaluated on `eval`). The `train` and `eval` splits
+   * are then only read for the evaluation metrics' names.
+   */
+  objective?: Objective;
+  /** The evaluation metrics the objective computes (best model, early stopping; default SFT's). */
+  evalMetrics?: readonly string[];
+  /** The step's name in errors (default "train-sft"). */
+  stepName?: string;
   /** The adapter's PEFT config (written with every checkpoint). */
   lora: LoraConfig;
   train: Split;
@@ -121,8 +130,87 @@ export function dropoutSeeds(seed: number, step: number, count: number): number[
   return Array.from({ length: count }, () => rng.nextU32());
 }
 
-/** The metrics of one evaluation, by their transformers names (the {@link EvalMetric}s). */
+/** The metrics of one evaluation, by their transformers / trl names ("eval_loss" first). */
 export type EvalResult = Record<EvalMetric, number>;
+
+/** What one optimizer step of an {@link Objective} did. */
+export interface ObjectiveStep {
+  /** The step's loss (the mean the gradient is of). */
+  loss: number;
+  /** Token slots (padding included) run forward. */
+  slots: number;
+  /** Trained tokens of the step. */
+  trainedTokens: number;
+  /** Further metrics of the step, logged as means over the logging window (trl's names). */
+  metrics: Record<string, number>;
+}
+
+/**
+ * What a training loop trains: its examples, one optimizer step's forward and backward over
+ * some of them, and the evaluation. SFT (rows, token-mean cross-entropy) and DPO (pairs,
+ * steps/train/dpo.ts) are the two; the loop around them is the same.
+ */
+export interface Objective {
+  /** Training examples (SFT: token-shard rows; DPO: preference pairs). */
+  readonly size: number;
+  /**
+   * Adds the gradients of one optimizer step over the examples `take` (in order), run as
+   * micro-batches of `batchSize` examples with one dropout seed each (`seeds[i]` for micro-batch
+   * i; as many as `microBatches(take.length, batchSize)`), normalised so that the step's
+   * gradient does not depend on the split into micro-batches.
+   */
+  step(model: TrainableModel, take: Uint32Array, batchSize: number, seeds: number[]): Promise<ObjectiveStep>;
+  /** Evaluates the whole eval split (no dropout); null when there is none or it trains nothing. */
+  evaluate(model: TrainableModel, batchSize: number): Promise<EvalResult | null>;
+  /** Whether there is an eval split with examples. */
+  readonly hasEval: boolean;
+}
+
+/** Micro-batches of `examples` in chunks of `batchSize`. */
+export function microBatches(examples: number, batchSize: number): number {
+  return Math.ceil(examples / batchSize);
+}
+
+/**
+ * Supervised fine-tuning (see the module documentation): rows, the cross-entropy's token mean
+ * over the step, and trl's `mean_token_accuracy`.
+ */
+export function sftObjective(train: Split, evalSplit: Split | null): Objective {
+  const padId = train.index.pad_id;
+  return {
+    size: train.rows.length,
+    hasEval: evalSplit !== null && evalSplit.rows.length > 0,
+    async step(model, take, batchSize, seeds) {
+      const micro = chunks(Array.from(take, (i) => train.rows[i]), batchSize).map((rows) =>
+        buildBatch(rows, padId)
+      );
+      const stepTokens = micro.reduce((s, b) => s + trainedTokens(b), 0);
+      const normaliser = Math.max(1, stepTokens);
+      let lossSum = 0;
+      let correct = 0;
+      let slots = 0;
+      for (let i = 0; i < micro.length; i++) {
+        const r = await model.forwardBackward(micro[i], normaliser, seeds[i]);
+        lossSum += r.lossSum;
+        correct += r.correct;
+        slots += micro[i].rows * micro[i].seqLen;
+        // A non-finite loss stops the step here; the loop reports it.
+        if (!Number.isFinite(r.lossSum)) break;
+      }
+      return {
+        loss: lossSum / normaliser,
+        slots,
+        trainedTokens: stepTokens,
+        metrics: stepTokens > 0
+          ? { mean_token_accuracy: correct / stepTokens }
+          : {} as Record<string, number>,
+      };
+    },
+    async evaluate(model, batchSize) {
+      return evalSplit && evalSplit.rows.length > 0 ? await evaluateSplit(model, evalSplit, batchSize) : null;
+    },
+  };
+}
 
 /**
  * Token-weighted mean loss and token accuracy of `model` over every row of `split` (no
@@ -157,9 +245,11 @@ function evalEntry(step: number, epoch: number, result: EvalResult): LogEntry {
   return { step, epoch, ...result };
 }
 
-/** The evaluation a log_history entry records (accuracy NaN in entries written before it was measured). */
+/** The evaluation a log_history entry records: its eval_ metrics. */
 function evalOf(e: LogEntry): EvalResult {
-  return { eval_loss: e.eval_loss!, eval_mean_token_accuracy: e.eval_mean_token_accuracy ?? NaN };
+  return Object.fromEntries(
+    Object.entries(e).filter(([k, v]) => k.startsWith("eval_") && typeof v === "number"),
+  ) as EvalResult;
 }
 
 /**
@@ -167,15 +257,15 @@ function evalOf(e: LogEntry): EvalResult {
  * load_best_model_at_end need an eval split with rows and eval_steps. Throws a LatheError
  * naming the key.
  */
-export function checkEvaluationNeeds(config: TrainSftConfig, hasEvalSplit: boolean): void {
+export function checkEvaluationNeeds(config: TrainingArgs, hasEvalSplit: boolean, step = "train-sft"): void {
   const needs: [string, boolean][] = [
     ["early_stopping_patience", config.early_stopping_patience !== null],
-    ["load_best_model_at_end", bestModelSettings(config).loadBest],
+    ["load_best_model_at_end", config.load_best_model_at_end],
   ];
   for (const [key, used] of needs) {
     if (!used || (hasEvalSplit && config.eval_steps !== null)) continue;
     throw new LatheError(
-      `Cannot use train-sft.${key}: ` +
+      `Cannot use ${step}.${key}: ` +
         (hasEvalSplit
           ? "eval_steps is null, so there are no evaluations to watch"
           : "there is no eval split"),
@@ -219,44 +309,39 @@ function freshState(seed: number, rows: number, plan: TrainPlan): TrainingState 
     badEvals: 0,
     windowLoss: 0,
     windowSteps: 0,
-    windowAccuracy: 0,
-    windowAccuracySteps: 0,
+    windows: {},
   };
 }
 
-function replay(io: LoopIo, history: readonly LogEntry[]): void {
-  for (const e of history) {
-    if (e.loss !== undefined) io.log("loss", e.step, e.loss);
-    if (e.learning_rate !== undefined) io.log("lr", e.step, e.learning_rate);
-    if (e.grad_norm !== undefined) io.log("grad_norm", e.step, e.grad_norm);
-    if (e.tokens_per_second !== undefined) io.log("tokens_per_s", e.step, e.tokens_per_second);
-    if (e.mean_token_accuracy !== undefined) io.log("mean_token_accuracy", e.step, e.mean_token_accuracy);
-    if (e.eval_loss !== undefined) io.log("eval_loss", e.step, e.eval_loss);
-    if (e.eval_mean_token_accuracy !== undefined) {
-      io.log("eval_mean_token_accuracy", e.step, e.eval_mean_token_accuracy);
-    }
+/** metrics.jsonl's name of a log_history key. */
+function metricName(key: string): string {
+  return key === "learning_rate" ? "lr" : key === "tokens_per_second" ? "tokens_per_s" : key;
+}
+
+/** Logs the numbers of one log_history entry (its step and epoch aside; the final summary is not logged). */
+function logEntry(io: LoopIo, e: LogEntry): void {
+  if (e.train_loss !== undefined) return;
+  for (const [key, value] of Object.entries(e)) {
+    if (key === "step" || key === "epoch" || typeof value !== "number") continue;
+    io.log(metricName(key), e.step, value);
   }
 }
 
-function logEval(io: LoopIo, step: number, result: EvalResult): void {
-  io.log("eval_loss", step, result.eval_loss);
-  io.log("eval_mean_token_accuracy", step, result.eval_mean_token_accuracy);
-}
-
 /**
- * Trains `model` on `train` under `config`; see the module documentation. Throws a LatheError
- * (leaving every checkpoint written so far) when a loss or gradient norm is not finite.
+ * Trains `model` under `config`: the SFT objective on `train` or `options.objective`; see the
+ * module documentation. Throws a LatheError (leaving every checkpoint written so far) when a loss
+ * or gradient norm is not finite.
  */
 export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopResult> {
-  const { model, config, train, io, seed } = options;
-  const evalSplit = options.eval && options.eval.rows.length > 0 ? options.eval : null;
-  checkEvaluationNeeds(config, evalSplit !== null);
-  const settings = bestModelSettings(config);
-  const n = train.rows.length;
+  const { model, config, io, seed } = options;
+  const stepName = options.stepName ?? "train-sft";
+  const objective = options.objective ?? sftObjective(options.train, options.eval);
+  checkEvaluationNeeds(config, objective.hasEval, stepName);
+  const settings = bestModelSettings(config, options.evalMetrics ?? EVAL_METRICS, stepName);
+  const n = objective.size;
   const plan = planTraining(n, config);
   const bs = config.per_device_train_batch_size;
   const evalBs = config.per_device_eval_batch_size ?? bs;
-  const padId = train.index.pad_id;
 
   let state = freshState(seed, n, plan);
   if (settings.loadBest) state.bestModel = null;
@@ -292,18 +377,24 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     bestWeights = loaded.best;
     history = loaded.trainer.log_history;
     resumedFrom = t.step;
-    replay(io, history);
-  } else if (evalSplit) {
-    const before = await evaluateSplit(model, evalSplit, evalBs);
+    for (const e of history) logEntry(io, e);
+  } else if (objective.hasEval) {
+    const before = await objective.evaluate(model, evalBs);
     state.evalLossBefore = before?.eval_loss ?? null;
     if (before !== null) {
-      history.push(evalEntry(0, 0, before));
-      logEval(io, 0, before);
+      const entry = evalEntry(0, 0, before);
+      history.push(entry);
+      logEntry(io, entry);
     }
   }
-  // Checkpoints written before token accuracy was measured lack its window.
-  state.windowAccuracy ??= 0;
-  state.windowAccuracySteps ??= 0;
+  // Checkpoints written before the metric windows were kept by name hold the accuracy's alone.
+  state.windows ??= {};
+  if (state.windowAccuracySteps) {
+    state.windows.mean_token_accuracy = [state.windowAccuracy ?? 0, state.windowAccuracySteps];
+  }
+  delete state.windowAccuracy;
+  delete state.windowAccuracySteps;
+  const windows = state.windows;
 
   const epochAt = () => state.epoch + state.position / n;
   const checkpointName = (step: number) =>
@@ -345,6 +436,15 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
   let stoppedEarly = config.early_stopping_patience !== null &&
     state.badEvals >= config.early_stopping_patience;
   const span = { tokens: 0, seconds: 0 };
+  const evaluate = async (step: number) => {
+    lastEval = await objective.evaluate(model, evalBs);
+    lastEvalStep = step;
+    if (lastEval === null) return null;
+    const entry = evalEntry(step, epochAt(), lastEval);
+    history.push(entry);
+    logEntry(io, entry);
+    return lastEval;
+  };
 
   while (state.step < plan.totalSteps && !stoppedEarly) {
     const started = performance.now();
@@ -354,22 +454,9 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
       order = epochOrder(n, seed, state.epoch);
     }
     const take = order.subarray(state.position, Math.min(n, state.position + plan.rowsPerStep));
-    const micro: Batch[] = chunks(Array.from(take, (i) => train.rows[i]), bs).map((rows) =>
-      buildBatch(rows, padId)
-    );
-    const stepTokens = micro.reduce((s, b) => s + trainedTokens(b), 0);
-    const normaliser = Math.max(1, stepTokens);
-    const seeds = dropoutSeeds(seed, state.step, micro.length);
-    let lossSum = 0;
-    let correct = 0;
-    let slots = 0;
-    for (let i = 0; i < micro.length; i++) {
-      const r = await model.forwardBackward(micro[i], normaliser, seeds[i]);
-      if (!Number.isFinite(r.lossSum)) throw nonFinite("loss", r.lossSum, state.step + 1, lastCheckpoint);
-      lossSum += r.lossSum;
-      correct += r.correct;
-      slots += micro[i].rows * micro[i].seqLen;
-    }
+    const seeds = dropoutSeeds(seed, state.step, microBatches(take.length, bs));
+    const r = await objective.step(model, take, bs, seeds);
+    if (!Number.isFinite(r.loss)) throw nonFinite("loss", r.loss, state.step + 1, lastCheckpoint);
     const lr = lrAt(config, plan, state.step);
     const { gradNorm } = await model.optimizerStep({
       lr,
@@ -382,20 +469,20 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     if (!Number.isFinite(gradNorm)) {
       throw nonFinite("gradient norm", gradNorm, state.step + 1, lastCheckpoint);
     }
-    const loss = lossSum / normaliser;
+    const loss = r.loss;
     state.step++;
     state.position += take.length;
     state.lossSum += loss;
-    state.tokens += slots;
-    state.trainedTokens += stepTokens;
+    state.tokens += r.slots;
+    state.trainedTokens += r.trainedTokens;
     state.windowLoss += loss;
     state.windowSteps++;
-    const accuracy = stepTokens > 0 ? correct / stepTokens : null;
-    if (accuracy !== null) {
-      state.windowAccuracy += accuracy;
-      state.windowAccuracySteps++;
+    for (const [name, value] of Object.entries(r.metrics)) {
+      const w = windows[name] ??= [0, 0];
+      w[0] += value;
+      w[1]++;
     }
-    span.tokens += slots;
+    span.tokens += r.slots;
     const step = state.step;
 
     // Throughput counts forward, backward and update; evaluation and checkpoints stay out.
@@ -409,28 +496,17 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
         grad_norm: gradNorm,
         tokens_per_second: span.tokens / Math.max(1e-9, span.seconds),
       };
-      if (state.windowAccuracySteps > 0) {
-        entry.mean_token_accuracy = state.windowAccuracy / state.windowAccuracySteps;
-      }
+      for (const [name, [sum, steps]] of Object.entries(windows)) if (steps > 0) entry[name] = sum / steps;
       history.push(entry);
-      io.log("loss", step, entry.loss!);
-      io.log("lr", step, lr);
-      io.log("grad_norm", step, gradNorm);
-      io.log("tokens_per_s", step, entry.tokens_per_second!);
-      if (entry.mean_token_accuracy !== undefined) {
-        io.log("mean_token_accuracy", step, entry.mean_token_accuracy);
-      }
+      logEntry(io, entry);
       state.windowLoss = state.windowSteps = 0;
-      state.windowAccuracy = state.windowAccuracySteps = 0;
+      for (const name of Object.keys(windows)) delete windows[name];
       span.tokens = span.seconds = 0;
     }
-    if (evalSplit && config.eval_steps !== null && step % config.eval_steps === 0) {
-      lastEval = await evaluateSplit(model, evalSplit, evalBs);
-      lastEvalStep = step;
-      if (lastEval !== null) {
-        history.push(evalEntry(step, epochAt(), lastEval));
-        logEval(io, step, lastEval);
-        const value = lastEval[settings.metric];
+    if (objective.hasEval && config.eval_steps !== null && step % config.eval_steps === 0) {
+      const result = await evaluate(step);
+      if (result !== null) {
+        const value = result[settings.metric];
         const early = { best: state.bestEvalLoss, bad: state.badEvals };
         stoppedEarly = recordEval(
           early,
@@ -461,18 +537,19 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
         await pruneCheckpoints(options.checkpointDir, config.save_total_limit, best);
       }
     }
-    const rate = slots / Math.max(1e-9, (performance.now() - started) / 1000);
-    const acc = accuracy === null ? "" : ` · acc ${(100 * accuracy).toFixed(1)}%`;
-    progress.tick(1, `loss ${loss.toFixed(4)}${acc} · lr ${lr.toExponential(2)} · ${humanCount(rate)} tok/s`);
+    const rate = r.slots / Math.max(1e-9, (performance.now() - started) / 1000);
+    const shown = Object.entries(r.metrics).slice(0, 1).map(([name, v]) =>
+      ` · ${name === "mean_token_accuracy" ? "acc" : name} ${(100 * v).toFixed(1)}%`
+    ).join("");
+    progress.tick(
+      1,
+      `loss ${loss.toFixed(4)}${shown} · lr ${lr.toExponential(2)} · ${humanCount(rate)} tok/s`,
+    );
   }
 
-  if (evalSplit && lastEvalStep !== state.step) {
-    lastEval = await evaluateSplit(model, evalSplit, evalBs);
-    if (lastEval !== null) {
-      history.push(evalEntry(state.step, epochAt(), lastEval));
-      logEval(io, state.step, lastEval);
-      await keepIfBest(state.step, lastEval[settings.metric]);
-    }
+  if (objective.hasEval && lastEvalStep !== state.step) {
+    const result = await evaluate(state.step);
+    if (result !== null) await keepIfBest(state.step, result[settings.metric]);
   }
   const best: BestModelRecord | null = state.bestModel ?? null;
   if (best && bestWeights && best.step !== state.step) await model.setLora(bestWeights);
@@ -490,12 +567,24 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     ? ` · kept the adapter of step ${best.step} (best ${settings.metric} ${best.metric.toFixed(4)})`
     : " · no evaluation after a step: kept the last adapter";
   progress.done(`loss ${(state.lossSum / Math.max(1, state.step)).toFixed(4)}${kept}`);
+  // The evaluation before the first step (a baseline), when there was one.
+  const first = history.find((e) => e.eval_loss !== undefined);
+  const baseline = first && first.step === 0 ? evalOf(first) : null;
+  const finalEval: EvalResult | null = lastEval;
+  const evalMetrics: Record<string, number | null> = {};
+  for (const name of options.evalMetrics ?? EVAL_METRICS) {
+    evalMetrics[name] = objective.hasEval ? nullIfNaN(finalEval?.[name]) : null;
+    if (name !== "eval_loss" && options.evalMetrics) {
+      evalMetrics[`${name}_before`] = objective.hasEval ? nullIfNaN(baseline?.[name]) : null;
+    }
+  }
   return {
     metrics: {
       train_loss: state.step > 0 ? state.lossSum / state.step : 0,
-      eval_loss: evalSplit ? lastEval?.eval_loss ?? null : null,
+      eval_loss: objective.hasEval ? finalEval?.eval_loss ?? null : null,
       eval_loss_before: state.evalLossBefore,
-      eval_mean_token_accuracy: evalSplit ? nullIfNaN(lastEval?.eval_mean_token_accuracy) : null,
+      eval_mean_token_accuracy: evalMetrics.eval_mean_token_accuracy ?? null,
+      ...evalMetrics,
       tokens_per_s: tokensPerS,
       steps: state.step,
       epochs: epochAt(),
@@ -523,7 +612,7 @@ function nullIfNaN(value: number | undefined): number | null {
 }
 
 /** The trainer_state.json object of a finished loop. */
-export function finalTrainerState(result: TrainLoopResult, config: TrainSftConfig) {
+export function finalTrainerState(result: TrainLoopResult, config: TrainingArgs) {
   return trainerState({
     step: result.state.step,
     epoch: result.metrics.epochs,

@@ -38,6 +38,8 @@ export interface LogEntry {
   train_loss?: number;
   train_runtime?: number;
   train_tokens_per_second?: number;
+  /** An objective's further metrics (DPO's `rewards/chosen`, `eval_rewards/accuracies`, ...). */
+  [metric: string]: number | undefined;
 }
 
 /** The JSON object. */

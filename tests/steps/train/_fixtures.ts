@@ -16,6 +16,7 @@ import type {
   LoraWeights,
   MicroBatchResult,
   OptimizerState,
+  TokenWeighting,
   TrainableModel,
 } from "../../../kernels/models/trainable.ts";
 import { Progress } from "../../../foundation/progress.ts";
@@ -212,6 +213,19 @@ export class FaultyModel implements TrainableModel {
   }
   evaluate(batch: Batch) {
     return this.inner.evaluate(batch);
+  }
+  scoreTokens(batch: Batch) {
+    return this.inner.scoreTokens(batch);
+  }
+  async forwardBackwardWeighted(batch: Batch, dropoutSeed: number, weigh: TokenWeighting) {
+    const step = this.#steps + 1;
+    if (step === this.faults.throwAtStep) throw new Error(`injected kill at step ${step}`);
+    // A NaN forward: every score of the micro-batch is NaN.
+    const poisoned: TokenWeighting = step === this.faults.nanAtStep
+      ? (s) => weigh({ logp: s.logp.map(() => NaN), logitSum: s.logitSum })
+      : weigh;
+    const scores = await this.inner.forwardBackwardWeighted(batch, dropoutSeed, poisoned);
+    return step === this.faults.nanAtStep ? { ...scores, logp: scores.logp.map(() => NaN) } : scores;
   }
   optimizerStep(hp: AdamWStep) {
     this.faults.beforeStep?.(this.#steps + 1);
