@@ -401,6 +401,7 @@ export async function runQuantizeStep(model: string, stepDir: string): Promise<Q
     seed: 0,
     key: "bench-nf4",
     sources,
+    sourceHashes: {},
     async out(rel: string): Promise<string> {
       const path = join(stepDir, rel);
       await Deno.mkdir(dirname(path), { recursive: true });

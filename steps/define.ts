@@ -33,6 +33,8 @@ export interface StepContext {
   key: string;
   /** Absolute paths of the declared sources, by name. */
   sources: Record<string, string>;
+  /** The sha256 of each declared source, by name (as the manifest records them). */
+  sourceHashes: Record<string, string>;
   /** Absolute path for an output file `rel` inside the step directory (parents created). */
   out(rel: string): Promise<string>;
   /** Appends one metric point to `metrics.jsonl` (streamed to the tracker). */

@@ -461,6 +461,7 @@ export async function runStep<S extends z.ZodType>(def: StepDef<S>, opts: RunOpt
     seed: opts.seed,
     key,
     sources: sourcePaths,
+    sourceHashes: Object.fromEntries(Object.entries(sources).map(([k, v]) => [k, v.sha256])),
     async out(rel: string): Promise<string> {
       const abs = resolve(staging, rel);
       if (relative(staging, abs).startsWith("..")) {

@@ -31,27 +31,27 @@ import {
   type LoraConfig,
   resolveTargetModules,
 } from "../formats/peft.ts";
-import {
-  checkSequenceLength,
-  loadModelConfig,
-  type ModelConfig,
-  type Projection,
-} from "../formats/model_config.ts";
-import { modelDir, modelSources } from "./model_source.ts";
-import { MODEL_DIR as QUANTIZED_MODEL_DIR } from "./quantize.ts";
+import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
 import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
 import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runFromCli } from "./cli.ts";
 import { defineStep, type DescribeContext, type StepContext, type Upstream } from "./define.ts";
 import { LatheError } from "../foundation/errors.ts";
-import type { Progress } from "../foundation/progress.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
-import { listCheckpoints, readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
+import { readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
 import { TrainSftConfig } from "./train/config.ts";
 import { checkEvaluationNeeds, finalTrainerState, trainLoop } from "./train/loop.ts";
+import {
+  baseDir,
+  checkMemory,
+  createModel,
+  measuredPeak,
+  resumeChoice,
+  trainingSources,
+} from "./train/setup.ts";
 import { lossSvg } from "./train/plot.ts";
-import { checkFits, gpuMemory, planTrainSft, quantizeSettings } from "./train/memory.ts";
-import { fitAdvice, formatBytes, formatMemoryPlan, type MemoryPlan } from "../kernels/models/memory_plan.ts";
+import { gpuMemory, planTrainSft, quantizeSettings } from "./train/memory.ts";
+import { fitAdvice, formatBytes, formatMemoryPlan } from "../kernels/models/memory_plan.ts";
 import { resolveModel } from "../hub/model.ts";
 
 export { TrainSftConfig };
@@ -64,23 +64,6 @@ export const CHECKPOINTS_DIR = ".train-sft.checkpoints";
  * a step fail at a chosen point, or return a non-finite loss). Empty in normal use.
  */
 export const trainSftHooks: { wrapModel?: (model: TrainableModel) => TrainableModel } = {};
-
-async function sources(
-  config: TrainSftConfig,
-  projectRoot: string,
-  inputs: ReadonlySet<string>,
-): Promise<Record<string, string>> {
-  // With a quantize step upstream, its key already covers the model: nothing to hash (or download) here.
-  const out = inputs.has("base")
-    ? {}
-    : await modelSources(await modelDir(config.model, config.revision, projectRoot));
-  if (config.init_adapter !== null) {
-    const dir = resolve(projectRoot, config.init_adapter);
-    out["init_adapter/config"] = join(dir, ADAPTER_CONFIG_FILE);
-    out["init_adapter/weights"] = join(dir, ADAPTER_WEIGHTS_FILE);
-  }
-  return out;
-}
 
 async function openSplits(data: Upstream, model: ModelConfig): Promise<{ train: Split; eval: Split | null }> {
   const train = await loadSplit(data.path("train"));
@@ -109,119 +92,8 @@ async function openSplits(data: Upstream, model: ModelConfig): Promise<{ train: 
   return { train, eval: evalSplit };
 }
 
-async function createModel(
-  config: TrainSftConfig,
-  ctx: StepContext,
-  dir: string,
-  model: ModelConfig,
-  spec: LoraSpec,
-): Promise<TrainableModel> {
-  if (config.backend === "cpu-reference") {
-    const { loadHostModel } = await import("../kernels/models/load.ts");
-    const { createReferenceModel } = await import("../kernels/models/reference_backend.ts");
-    const host = await loadHostModel(dir, { progress: (total) => ctx.progress(total, "B") });
-    return createReferenceModel(host.config, host.weights, spec, ctx.seed);
-  }
-  const { getGpu } = await import("../kernels/device.ts");
-  const { createGpuModel } = await import("../kernels/models/graph.ts");
-  ctx.setGpu((await getGpu()).info);
-  // Weight upload progress, in bytes read from disk.
-  const load: { progress: Progress | null; read: number } = { progress: null, read: 0 };
-  const gpuModel = await createGpuModel(model, dir, spec, ctx.seed, {
-    gradientCheckpointing: config.gradient_checkpointing,
-    offloadLayerInputs: config.offload_layer_inputs,
-    onLoadProgress: (read, total) => {
-      load.progress ??= ctx.progress(total, "B");
-      load.progress.tick(read - load.read);
-      load.read = read;
-    },
-  });
-  load.progress?.done();
-  return gpuModel;
-}
-
-/** Plans the step's GPU memory, prints the plan and stops a step that cannot fit (steps/train/memory.ts). */
-async function checkMemory(
-  config: TrainSftConfig,
-  model: ModelConfig,
-  targets: Projection[],
-  train: Split,
-): Promise<MemoryPlan> {
-  const { getGpu } = await import("../kernels/device.ts");
-  const { memoryLimits } = await import("../kernels/models/memory_plan.ts");
-  const { resetPeakMemory } = await import("../kernels/tensor.ts");
-  const gpu = await getGpu();
-  const plan = planTrainSft(
-    model,
-    config,
-    targets,
-    train.index.seq_len,
-    gpu.f16 ? "f16" : "f32",
-    memoryLimits(gpu),
-  );
-  const memory = gpuMemory({ description: gpu.info.description, software: gpu.software });
-  console.error(
-    `[train-sft] planned peak GPU memory ${formatBytes(plan.total)} of ${
-      memory ? `${formatBytes(memory.bytes)} (${memory.source})` : "unknown (set LATHE_GPU_MEMORY to check)"
-    }`,
-  );
-  checkFits(plan, memory, gpu.info.description);
-  resetPeakMemory(gpu);
-  return plan;
-}
-
-/** The pool's peak since {@link checkMemory}: what the plan is checked against. */
-async function measuredPeak(): Promise<number> {
-  const { getGpu } = await import("../kernels/device.ts");
-  const { memoryStats } = await import("../kernels/tensor.ts");
-  return memoryStats(await getGpu()).peakBytes;
-}
-
-/** Decides between resuming and starting over, from `LATHE_RESUME` and the checkpoints present. */
-async function resumeChoice(checkpointDir: string): Promise<boolean> {
-  const env = Deno.env.get("LATHE_RESUME") ?? "";
-  if (!["", "0", "1"].includes(env)) {
-    throw new LatheError(`Cannot read LATHE_RESUME "${env}": expected 1 (resume) or 0 (start over)`);
-  }
-  if (env === "1") return true;
-  const found = await listCheckpoints(checkpointDir);
-  if (found.length === 0) return false;
-  if (env === "0") {
-    await Deno.remove(checkpointDir, { recursive: true });
-    return false;
-  }
-  const last = found[found.length - 1];
-  throw new LatheError(
-    `Cannot start train-sft: an interrupted run with the same key left ${found.length} checkpoint(s) in ` +
-      `"${checkpointDir}" (latest: step ${last.step})`,
-    {
-      hint:
-        "rerun with --resume (LATHE_RESUME=1) to continue from it, or --restart (LATHE_RESUME=0) to delete them",
-    },
-  );
-}
-
-/**
- * The directory of the base the step trains on: the 4-bit model of a quantize step upstream
- * (which must have quantized `config.model`), else `config.model` itself.
- */
-function baseDir(ctx: StepContext, config: TrainSftConfig, inputs: Record<string, Upstream>): string {
-  const base = inputs.base;
-  if (base === undefined) return dirname(ctx.sources["model/config.json"]);
-  const quantized = base.manifest.config as { model?: unknown; revision?: unknown };
-  if (quantized.model !== config.model || (quantized.revision ?? "main") !== config.revision) {
-    throw new LatheError(
-      `Cannot train-sft on the quantize step's model: it quantized "${String(quantized.model)}" ` +
-        `(revision ${String(quantized.revision ?? "main")}), train-sft.model is "${config.model}" ` +
-        `(revision ${config.revision})`,
-      { hint: "set train-sft.model to the model quantize.model names (the adapter records it as its base)" },
-    );
-  }
-  return dirname(base.path(`${QUANTIZED_MODEL_DIR}/config.json`));
-}
-
 async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<string, Upstream>) {
-  const dir = baseDir(ctx, config, inputs);
+  const dir = baseDir("train-sft", ctx, config, inputs);
   const modelConfig = await loadModelConfig(dir);
   const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig);
   // Before the model loads: a config that needs evaluations fails fast without them.
@@ -244,9 +116,11 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
     revision: config.revision === "main" ? null : config.revision,
   };
   const checkpointDir = join(ctx.runDir, CHECKPOINTS_DIR, ctx.key);
-  const resume = await resumeChoice(checkpointDir);
+  const resume = await resumeChoice("train-sft", checkpointDir);
   // Before any weight is loaded: a step that cannot fit stops here, with the settings that would.
-  const plan = config.backend === "webgpu" ? await checkMemory(config, modelConfig, targets, train) : null;
+  const plan = config.backend === "webgpu"
+    ? await checkMemory("train-sft", config, modelConfig, targets, train.index.seq_len)
+    : null;
   const base = await createModel(config, ctx, dir, modelConfig, spec);
   const model = trainSftHooks.wrapModel ? trainSftHooks.wrapModel(base) : base;
   try {
@@ -355,7 +229,7 @@ export const step = defineStep({
   config: TrainSftConfig,
   inputs: { data: "tokenize" },
   optionalInputs: { base: "quantize" },
-  sources,
+  sources: trainingSources,
   run,
   describe,
 });

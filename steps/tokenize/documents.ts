@@ -77,6 +77,53 @@ function messagesOf(value: unknown, field: string, where: string, role = "assist
   return value as Message[];
 }
 
+/**
+ * A preference pair's sides must be a real choice: each answers with some text, the two answers
+ * differ, and the turns that are not the assistant's (a prompt carried inside the sides) agree.
+ */
+function checkPair(chosen: Message[], rejected: Message[], where: string): void {
+  for (const [name, side] of [["chosen", chosen], ["rejected", rejected]] as const) {
+    const answer = side.filter((m) => m.role === "assistant");
+    if (answer.length === 0 || answer.every((m) => m.content.trim() === "")) {
+      throw fail(
+        where,
+        `"${name}" is empty (no assistant text to train on)`,
+        "drop the row or fill in the answer",
+      );
+    }
+  }
+  if (JSON.stringify(chosen) === JSON.stringify(rejected)) {
+    throw fail(
+      where,
+      '"chosen" and "rejected" are identical, so the pair prefers nothing',
+      "drop the row or fix the rejected answer",
+    );
+  }
+  const others = (side: Message[]) => JSON.stringify(side.filter((m) => m.role !== "assistant"));
+  if (others(chosen) !== others(rejected)) {
+    throw fail(
+      where,
+      'the prompts differ between "chosen" and "rejected" (their turns other than the assistant\'s are not the same)',
+      'give both sides the same prompt: put it in "prompt" and only the answers in "chosen" and "rejected"',
+    );
+  }
+}
+
+/**
+ * Whether two documents hold the same tokens before their first trained token. The last token of
+ * the shorter prefix is left out: BPE may merge it with the start of the answer differently on
+ * each side.
+ */
+function samePrompt(a: TypedDoc, b: TypedDoc): boolean {
+  const start = (d: TypedDoc) => {
+    const i = d.mask.indexOf(1);
+    return i === -1 ? d.ids.length : i;
+  };
+  const n = Math.min(start(a), start(b)) - 1;
+  for (let i = 0; i < n; i++) if (a.ids[i] !== b.ids[i]) return false;
+  return true;
+}
+
 function plain(doc: TypedDoc): Doc {
   return { ids: Array.from(doc.ids), mask: doc.mask };
 }
@@ -115,8 +162,17 @@ export class DocumentBuilder {
       }
       case "preference": {
         const prompt = messagesOf(row.prompt, "prompt", where, "user");
-        const chosen = this.#completion(prompt, messagesOf(row.chosen, "chosen", where), where);
-        const rejected = this.#completion(prompt, messagesOf(row.rejected, "rejected", where), where);
+        const sides = [messagesOf(row.chosen, "chosen", where), messagesOf(row.rejected, "rejected", where)];
+        checkPair(sides[0], sides[1], where);
+        const [chosen, rejected] = sides.map((side) => this.#completion(prompt, side, where));
+        if (!samePrompt(chosen, rejected)) {
+          throw fail(
+            where,
+            "the prompt renders differently on the chosen and rejected sides (their tokens before the first " +
+              "trained token differ)",
+            'give both sides the same prompt: put it in "prompt" and only the answers in "chosen" and "rejected"',
+          );
+        }
         return this.#finish([chosen, rejected]);
       }
     }

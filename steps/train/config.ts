@@ -234,3 +234,40 @@ export function canonicalBestModelKeys<
   config.greater_is_better ??= defaultGreaterIsBetter(given);
   return config;
 }
+
+/** trl's DPO `loss_type`s lathe implements. */
+export const DPO_LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust"] as const;
+
+/** The evaluation metrics of train-dpo: eval_loss and trl's eval_rewards/…, eval_logps/…, eval_logits/…. */
+export const DPO_EVAL_METRICS = [
+  "eval_loss",
+  ...["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"],
+  ...["logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"],
+].map((m) => (m.startsWith("eval_") ? m : `eval_${m}`));
+
+/**
+ * The train-dpo config: the training arguments, with trl's `DPOConfig` keys (docs/training.md).
+ * `per_device_train_batch_size` counts pairs (each two rows), as trl's does.
+ */
+export const TrainDpoConfig = TrainingArgs.extend({
+  /** Peak learning rate (trl's DPOConfig default 1e-6). */
+  learning_rate: positive.default(1e-6),
+  /** β, the strength of the pull towards the reference (default 0.1). */
+  beta: z.number().positive("beta must be above 0 (β scales the implicit reward; trl's default is 0.1)")
+    .default(0.1),
+  /** trl's loss_type: "sigmoid" (default, DPO), "ipo", "hinge" or "robust". */
+  loss_type: z.enum(DPO_LOSS_TYPES).default("sigmoid"),
+  /** ε, the assumed share of flipped labels (cDPO, robust DPO; default 0). */
+  label_smoothing: z.number().min(0).lt(0.5, "label_smoothing must be below 0.5").default(0),
+  /** No reference model: ρ = 0 (default false). */
+  reference_free: z.boolean().default(false),
+  /** a: add a·(the chosen answers' mean token NLL) to the loss (RPO); null: none (default). */
+  rpo_alpha: z.number().positive().nullable().default(null),
+  /**
+   * Compute the reference log-probs once before training and keep them as an output
+   * (`reference_logps.json`), reused on resume and by reruns with the same reference (default true).
+   */
+  precompute_ref_log_probs: z.boolean().default(true),
+}).superRefine(checkBestModelKeys(DPO_EVAL_METRICS)).overwrite(canonicalBestModelKeys);
+/** The parsed train-dpo config. */
+export type TrainDpoConfig = z.output<typeof TrainDpoConfig>;

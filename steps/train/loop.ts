@@ -31,7 +31,7 @@
 import { join } from "node:path";
 import type { LoraConfig } from "../../formats/peft.ts";
 import { Pcg32 } from "../../foundation/random.ts";
-import type { Batch, LoraWeights, TrainableModel } from "../../kernels/models/trainable.ts";
+import type { LoraWeights, TrainableModel } from "../../kernels/models/trainable.ts";
 import { LatheError } from "../../foundation/errors.ts";
 import { humanCount, type Progress } from "../../foundation/progress.ts";
 import { buildBatch, chunks, epochOrder, SHUFFLE_STREAM, type Split, trainedTokens } from "./batches.ts";

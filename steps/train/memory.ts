@@ -22,7 +22,7 @@ import {
   planTrainingMemory,
   type QuantizationSettings,
 } from "../../kernels/models/memory_plan.ts";
-import type { TrainSftConfig } from "./config.ts";
+import type { TrainingArgs } from "./config.ts";
 
 /** The adapter's memory and where the figure came from, or null when unknown. */
 export interface GpuMemory {
@@ -83,7 +83,7 @@ export function quantizeSettings(config: Record<string, unknown>): QuantizationS
  */
 export function planTrainSft(
   model: ModelConfig,
-  config: TrainSftConfig,
+  config: TrainingArgs,
   targets: readonly Projection[],
   seqLen: number,
   dtype: "f16" | "f32",

@@ -6,11 +6,29 @@
 import { renderSvg } from "../../tracker/plot.ts";
 import type { LogEntry } from "./trainer_state.ts";
 
-/** An SVG document with the train and eval loss of `history` over optimizer steps. */
-export function lossSvg(history: readonly LogEntry[], title = "train-sft"): string {
-  const train = history.filter((e) => e.loss !== undefined).map((e) => ({ x: e.step, y: e.loss! }));
-  const evals = history.filter((e) => e.eval_loss !== undefined).map((e) => ({ x: e.step, y: e.eval_loss! }));
-  const series = [{ label: "train loss", points: train }];
-  if (evals.length > 0) series.push({ label: "eval loss", points: evals });
-  return renderSvg(series, { title, xLabel: "optimizer step", yLabel: "loss" });
+/**
+ * An SVG document with the train and eval loss of `history` over optimizer steps, and the
+ * curves of `extra` metrics (e.g. DPO's "rewards/margins", "rewards/accuracies"), each with its
+ * eval_ curve where the history has one.
+ */
+export function lossSvg(
+  history: readonly LogEntry[],
+  title = "train-sft",
+  extra: readonly string[] = [],
+): string {
+  const curve = (key: string) =>
+    history.filter((e) => e[key] !== undefined).map((e) => ({ x: e.step, y: e[key]! }));
+  const series = [];
+  for (const key of ["loss", ...extra]) {
+    const label = key === "loss" ? "loss" : key;
+    for (
+      const [name, points] of [[`train ${label}`, curve(key)], [
+        `eval ${label}`,
+        curve(`eval_${key}`),
+      ]] as const
+    ) {
+      if (points.length > 0) series.push({ label: name, points });
+    }
+  }
+  return renderSvg(series, { title, xLabel: "optimizer step", yLabel: extra.length > 0 ? "value" : "loss" });
 }

@@ -18,7 +18,7 @@
  * @module
  */
 import { LatheError } from "../../foundation/errors.ts";
-import type { TrainSftConfig } from "./config.ts";
+import type { TrainingArgs } from "./config.ts";
 
 /** The step plan of a run. */
 export interface TrainPlan {
@@ -30,7 +30,7 @@ export interface TrainPlan {
 }
 
 /** Plans a run over `numRows` training rows. */
-export function planTraining(numRows: number, config: TrainSftConfig): TrainPlan {
+export function planTraining(numRows: number, config: TrainingArgs): TrainPlan {
   if (numRows === 0) {
     throw new LatheError("Cannot train: the training split has no rows", {
       hint: "check the prepare and tokenize steps' metrics (rows, empty_rows, overlong_rows)",
@@ -54,7 +54,7 @@ export function planTraining(numRows: number, config: TrainSftConfig): TrainPlan
 }
 
 /** The learning rate of the update at 0-based step `step`. */
-export function lrAt(config: TrainSftConfig, plan: TrainPlan, step: number): number {
+export function lrAt(config: TrainingArgs, plan: TrainPlan, step: number): number {
   return learning_rate(config.learning_rate, plan.schedule, step);
 }
 

@@ -1,0 +1,158 @@
+/**
+ * What the training steps (train-sft, train-dpo) share around the loop: the base directory (a
+ * quantize step's 4-bit model or the named model), the model on its backend, the memory check
+ * before any weight loads, the measured peak, and the resume decision.
+ * @module
+ */
+import { dirname, join, resolve } from "node:path";
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from "../../formats/peft.ts";
+import { modelDir, modelSources } from "../model_source.ts";
+import type { ModelConfig, Projection } from "../../formats/model_config.ts";
+import type { LoraSpec, TrainableModel } from "../../kernels/models/trainable.ts";
+import type { StepContext, Upstream } from "../define.ts";
+import { LatheError } from "../../foundation/errors.ts";
+import type { Progress } from "../../foundation/progress.ts";
+import { MODEL_DIR as QUANTIZED_MODEL_DIR } from "../quantize.ts";
+import { listCheckpoints } from "./checkpoint.ts";
+import type { TrainingArgs } from "./config.ts";
+import { checkFits, gpuMemory, planTrainSft } from "./memory.ts";
+import { formatBytes, type MemoryPlan } from "../../kernels/models/memory_plan.ts";
+
+/** The step's model: the CPU reference or the GPU graph on `dir`, with fresh adapters from the step's seed. */
+export async function createModel(
+  config: TrainingArgs,
+  ctx: StepContext,
+  dir: string,
+  model: ModelConfig,
+  spec: LoraSpec,
+): Promise<TrainableModel> {
+  if (config.backend === "cpu-reference") {
+    const { loadHostModel } = await import("../../kernels/models/load.ts");
+    const { createReferenceModel } = await import("../../kernels/models/reference_backend.ts");
+    const host = await loadHostModel(dir, { progress: (total) => ctx.progress(total, "B") });
+    return createReferenceModel(host.config, host.weights, spec, ctx.seed);
+  }
+  const { getGpu } = await import("../../kernels/device.ts");
+  const { createGpuModel } = await import("../../kernels/models/graph.ts");
+  ctx.setGpu((await getGpu()).info);
+  // Weight upload progress, in bytes read from disk.
+  const load: { progress: Progress | null; read: number } = { progress: null, read: 0 };
+  const gpuModel = await createGpuModel(model, dir, spec, ctx.seed, {
+    gradientCheckpointing: config.gradient_checkpointing,
+    offloadLayerInputs: config.offload_layer_inputs,
+    onLoadProgress: (read, total) => {
+      load.progress ??= ctx.progress(total, "B");
+      load.progress.tick(read - load.read);
+      load.read = read;
+    },
+  });
+  load.progress?.done();
+  return gpuModel;
+}
+
+/** Plans the step's GPU memory, prints the plan and stops a step that cannot fit (steps/train/memory.ts). */
+export async function checkMemory(
+  step: string,
+  config: TrainingArgs,
+  model: ModelConfig,
+  targets: Projection[],
+  seqLen: number,
+): Promise<MemoryPlan> {
+  const { getGpu } = await import("../../kernels/device.ts");
+  const { memoryLimits } = await import("../../kernels/models/memory_plan.ts");
+  const { resetPeakMemory } = await import("../../kernels/tensor.ts");
+  const gpu = await getGpu();
+  const plan = planTrainSft(
+    model,
+    config,
+    targets,
+    seqLen,
+    gpu.f16 ? "f16" : "f32",
+    memoryLimits(gpu),
+  );
+  const memory = gpuMemory({ description: gpu.info.description, software: gpu.software });
+  console.error(
+    `[${step}] planned peak GPU memory ${formatBytes(plan.total)} of ${
+      memory ? `${formatBytes(memory.bytes)} (${memory.source})` : "unknown (set LATHE_GPU_MEMORY to check)"
+    }`,
+  );
+  checkFits(plan, memory, gpu.info.description);
+  resetPeakMemory(gpu);
+  return plan;
+}
+
+/** The pool's peak since {@link checkMemory}: what the plan is checked against. */
+export async function measuredPeak(): Promise<number> {
+  const { getGpu } = await import("../../kernels/device.ts");
+  const { memoryStats } = await import("../../kernels/tensor.ts");
+  return memoryStats(await getGpu()).peakBytes;
+}
+
+/** Decides between resuming and starting over, from `LATHE_RESUME` and the checkpoints present. */
+export async function resumeChoice(step: string, checkpointDir: string): Promise<boolean> {
+  const env = Deno.env.get("LATHE_RESUME") ?? "";
+  if (!["", "0", "1"].includes(env)) {
+    throw new LatheError(`Cannot read LATHE_RESUME "${env}": expected 1 (resume) or 0 (start over)`);
+  }
+  if (env === "1") return true;
+  const found = await listCheckpoints(checkpointDir);
+  if (found.length === 0) return false;
+  if (env === "0") {
+    await Deno.remove(checkpointDir, { recursive: true });
+    return false;
+  }
+  const last = found[found.length - 1];
+  throw new LatheError(
+    `Cannot start ${step}: an interrupted run with the same key left ${found.length} checkpoint(s) in ` +
+      `"${checkpointDir}" (latest: step ${last.step})`,
+    {
+      hint:
+        "rerun with --resume (LATHE_RESUME=1) to continue from it, or --restart (LATHE_RESUME=0) to delete them",
+    },
+  );
+}
+
+/**
+ * The directory of the base the step trains on: the 4-bit model of a quantize step upstream
+ * (which must have quantized `config.model`), else `config.model` itself.
+ */
+export function baseDir(
+  step: string,
+  ctx: StepContext,
+  config: { model: string; revision: string },
+  inputs: Record<string, Upstream>,
+): string {
+  const base = inputs.base;
+  if (base === undefined) return dirname(ctx.sources["model/config.json"]);
+  const quantized = base.manifest.config as { model?: unknown; revision?: unknown };
+  if (quantized.model !== config.model || (quantized.revision ?? "main") !== config.revision) {
+    throw new LatheError(
+      `Cannot ${step} on the quantize step's model: it quantized "${String(quantized.model)}" ` +
+        `(revision ${String(quantized.revision ?? "main")}), ${step}.model is "${config.model}" ` +
+        `(revision ${config.revision})`,
+      { hint: `set ${step}.model to the model quantize.model names (the adapter records it as its base)` },
+    );
+  }
+  return dirname(base.path(`${QUANTIZED_MODEL_DIR}/config.json`));
+}
+
+/**
+ * The sources of a training step: the model's files (none with a quantize step upstream, whose
+ * key covers the model) and the init_adapter's.
+ */
+export async function trainingSources(
+  config: TrainingArgs,
+  projectRoot: string,
+  inputs: ReadonlySet<string>,
+): Promise<Record<string, string>> {
+  // With a quantize step upstream, its key already covers the model: nothing to hash (or download) here.
+  const out = inputs.has("base")
+    ? {}
+    : await modelSources(await modelDir(config.model, config.revision, projectRoot));
+  if (config.init_adapter !== null) {
+    const dir = resolve(projectRoot, config.init_adapter);
+    out["init_adapter/config"] = join(dir, ADAPTER_CONFIG_FILE);
+    out["init_adapter/weights"] = join(dir, ADAPTER_WEIGHTS_FILE);
+  }
+  return out;
+}
