@@ -10,6 +10,7 @@ const MODULES: Record<string, () => Promise<{ step: StepDef }>> = {
   tokenize: () => import("./tokenize.ts"),
   quantize: () => import("./quantize.ts"),
   "train-sft": () => import("./train_sft.ts"),
+  "train-dpo": () => import("./train_dpo.ts"),
 };
 
 /** Names of all registered steps, in pipeline order. */

@@ -273,6 +273,7 @@ export function dpoObjective(
   return {
     size: pairCount(train),
     hasEval: evalSplit !== null && evalSplit.rows.length > 0,
+    shown: { metric: "rewards/accuracies", label: "reward acc" },
     async step(model, take, batchSize, seeds): Promise<ObjectiveStep> {
       const P = take.length;
       const chosenTokens = chosenTokenCount(train, take);

@@ -164,6 +164,8 @@ export interface Objective {
   evaluate(model: TrainableModel, batchSize: number): Promise<EvalResult | null>;
   /** Whether there is an eval split with examples. */
   readonly hasEval: boolean;
+  /** The step metric the progress line shows as a percentage, and its label there (SFT: token accuracy). */
+  readonly shown?: { metric: string; label: string };
 }
 
 /** Micro-batches of `examples` in chunks of `batchSize`. */
@@ -180,6 +182,7 @@ export function sftObjective(train: Split, evalSplit: Split | null): Objective {
   return {
     size: train.rows.length,
     hasEval: evalSplit !== null && evalSplit.rows.length > 0,
+    shown: { metric: "mean_token_accuracy", label: "acc" },
     async step(model, take, batchSize, seeds) {
       const micro = chunks(Array.from(take, (i) => train.rows[i]), batchSize).map((rows) =>
         buildBatch(rows, padId)
@@ -538,9 +541,8 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
       }
     }
     const rate = r.slots / Math.max(1e-9, (performance.now() - started) / 1000);
-    const shown = Object.entries(r.metrics).slice(0, 1).map(([name, v]) =>
-      ` · ${name === "mean_token_accuracy" ? "acc" : name} ${(100 * v).toFixed(1)}%`
-    ).join("");
+    const value = objective.shown ? r.metrics[objective.shown.metric] : undefined;
+    const shown = value === undefined ? "" : ` · ${objective.shown!.label} ${(100 * value).toFixed(1)}%`;
     progress.tick(
       1,
       `loss ${loss.toFixed(4)}${shown} · lr ${lr.toExponential(2)} · ${humanCount(rate)} tok/s`,

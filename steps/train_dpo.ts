@@ -1,0 +1,424 @@
+/**
+ * The `train-dpo` step: preference tuning of LoRA adapters (DPO and trl's variants,
+ * steps/train/dpo.ts) on the paired shards of `tokenize`, written as a PEFT adapter.
+ *
+ * The policy and its reference:
+ * - no train-sft upstream (and no init_adapter): the policy is a fresh adapter and the reference
+ *   is the base alone (trl's `ref_model=None` with peft: the adapter disabled);
+ * - train-sft upstream (or init_adapter): the policy continues from that adapter (its r, alpha,
+ *   dropout and target modules) and the reference is the base with that adapter, frozen. (trl
+ *   with a loaded trainable adapter and `ref_model=None` takes the bare base as reference;
+ *   lathe takes the model the preference tuning starts from, which is what DPO's KL term means.)
+ * Either way the reference is the policy before its first step, so with
+ * `precompute_ref_log_probs` (default) the reference log-probs are the policy's scores before
+ * training, computed once (no dropout), kept in `reference_logps.json` with the identity of the
+ * reference (base, adapter, data, backend) and reused on resume and by any later train-dpo whose
+ * reference is the same (a rerun with another beta or loss_type). Without it each step scores its
+ * pairs under the reference adapter (B = 0 for the bare base) before the policy's forward.
+ *
+ * Works on 16/32-bit and 4-bit bases (a quantize step upstream, or a pre-quantized checkpoint),
+ * as train-sft does; everything around the objective is train-sft's loop (accumulation,
+ * schedules, clipping, evaluation, early stopping, best model, checkpoints and resume).
+ *
+ * Outputs: `adapter/`, `trainer_state.json`, `loss.svg` (loss, reward margins and accuracies),
+ * `metrics.jsonl` (trl's names), `reference_logps.json` (with precomputing) and `checkpoints/`.
+ * docs/training.md has the config reference.
+ * @module
+ */
+import { dirname, join } from "node:path";
+import {
+  ADAPTER_CONFIG_FILE,
+  ADAPTER_WEIGHTS_FILE,
+  type LoraConfig,
+  resolveTargetModules,
+} from "../formats/peft.ts";
+import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
+import type { LoraSpec, LoraWeights, TrainableModel } from "../kernels/models/trainable.ts";
+import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
+import { canonicalJson, sha256Hex } from "../foundation/hash.ts";
+import { LatheError } from "../foundation/errors.ts";
+import { runFromCli } from "./cli.ts";
+import { defineStep, type StepContext, type Upstream } from "./define.ts";
+import { loadSplit, type Split } from "./train/batches.ts";
+import { readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
+import { DPO_EVAL_METRICS, TrainDpoConfig } from "./train/config.ts";
+import { DPO_METRICS, dpoObjective, type ReferenceSource, scoreSplit } from "./train/dpo.ts";
+import { checkEvaluationNeeds, finalTrainerState, trainLoop } from "./train/loop.ts";
+import { lossSvg } from "./train/plot.ts";
+import {
+  baseDir,
+  checkMemory,
+  createModel,
+  measuredPeak,
+  resumeChoice,
+  trainingSources,
+} from "./train/setup.ts";
+
+export { TrainDpoConfig };
+
+/** Where a run keeps train-dpo's checkpoints (and its reference log-probs) while the step runs. */
+export const CHECKPOINTS_DIR = ".train-dpo.checkpoints";
+/** The reference log-probs file, in the checkpoint directory and among the outputs. */
+export const REFERENCE_FILE = "reference_logps.json";
+
+/** Fault injection for tests, as train-sft's. */
+export const trainDpoHooks: { wrapModel?: (model: TrainableModel) => TrainableModel } = {};
+
+async function openSplits(data: Upstream, model: ModelConfig): Promise<{ train: Split; eval: Split | null }> {
+  const train = await loadSplit(data.path("train"));
+  const evalSplit = "eval" in data.manifest.outputs ? await loadSplit(data.path("eval")) : null;
+  for (const split of [train, evalSplit]) {
+    if (!split) continue;
+    const i = split.index;
+    if (i.kind !== "preference" || !i.paired) {
+      throw new LatheError(
+        `Cannot train-dpo on split "${i.split}" of step "${data.manifest.step}": it holds ${i.kind} rows, ` +
+          "not chosen/rejected pairs",
+        {
+          hint: "give train-dpo a tokenize step of preference data (prompt, chosen, rejected), e.g. " +
+            "prepare@preference and tokenize@preference before it in the recipe",
+        },
+      );
+    }
+    if (i.vocab_size > model.vocabSize) {
+      throw new LatheError(
+        `Cannot train on split "${i.split}": its tokenizer has ${i.vocab_size} token ids, ` +
+          `the model's vocab_size is ${model.vocabSize}`,
+        { hint: "tokenize with the model's own tokenizer (tokenize.tokenizer = the model directory)" },
+      );
+    }
+    checkSequenceLength(model, i.seq_len);
+  }
+  return { train, eval: evalSplit };
+}
+
+/** The adapter the policy starts from (and the reference keeps): train-sft's, init_adapter's, or none. */
+interface StartAdapter {
+  /** Where it was read, for messages. */
+  from: string;
+  weights: LoraWeights[];
+  config: LoraConfig;
+}
+
+async function startAdapter(
+  ctx: StepContext,
+  config: TrainDpoConfig,
+  inputs: Record<string, Upstream>,
+  model: ModelConfig,
+): Promise<StartAdapter | null> {
+  const sft = inputs.sft;
+  let dir: string;
+  let what: string;
+  if (sft !== undefined) {
+    const sftConfig = sft.manifest.config as { model?: unknown; revision?: unknown };
+    if (sftConfig.model !== config.model || (sftConfig.revision ?? "main") !== config.revision) {
+      throw new LatheError(
+        `Cannot use the adapter of step "${sft.manifest.step}" as train-dpo's reference: it was trained on ` +
+          `"${String(sftConfig.model)}", train-dpo.model is "${config.model}"`,
+        {
+          hint: "set train-dpo.model to train-sft.model: the reference adapter must fit the base it runs on",
+        },
+      );
+    }
+    if (config.init_adapter !== null) {
+      throw new LatheError(
+        "Cannot use train-dpo.init_adapter with a train-sft step in the recipe: the policy starts from " +
+          "train-sft's adapter",
+        { hint: "drop train-dpo.init_adapter, or run train-dpo without the train-sft step" },
+      );
+    }
+    dir = dirname(sft.path("adapter"));
+    what = `step "${sft.manifest.step}"`;
+  } else if (config.init_adapter !== null) {
+    dir = dirname(ctx.sources["init_adapter/config"]);
+    what = `train-dpo.init_adapter "${config.init_adapter}"`;
+  } else return null;
+  try {
+    const { weights, config: peft } = await readAdapterWeights(dir, model);
+    return { from: what, weights, config: peft };
+  } catch (error) {
+    if (!(error instanceof LatheError)) throw error;
+    throw new LatheError(
+      `Cannot use the adapter of ${what} as train-dpo's reference: it does not fit the base "${config.model}": ` +
+        error.message,
+      { hint: "train the adapter on the same base model (train-dpo.model = train-sft.model)" },
+    );
+  }
+}
+
+/** The identity of the reference: what its log-probs depend on (base, adapter, data, backend, dtype). */
+function referenceKey(
+  ctx: StepContext,
+  config: TrainDpoConfig,
+  inputs: Record<string, Upstream>,
+  model: TrainableModel,
+): string {
+  return sha256Hex(canonicalJson({
+    data: inputs.data.manifest.key,
+    base: inputs.base?.manifest.key ?? null,
+    sft: inputs.sft?.manifest.key ?? null,
+    model: config.model,
+    revision: config.revision,
+    sources: ctx.sourceHashes,
+    backend: model.backend,
+    dtype: "dtype" in model ? String((model as { dtype: unknown }).dtype) : null,
+    eval_batch: config.per_device_eval_batch_size ?? config.per_device_train_batch_size,
+  }));
+}
+
+interface StoredReference {
+  key: string;
+  train: number[];
+  eval: number[];
+}
+
+async function readReference(path: string, key: string): Promise<StoredReference | null> {
+  try {
+    const stored = JSON.parse(await Deno.readTextFile(path)) as StoredReference;
+    return stored.key === key && Array.isArray(stored.train) && Array.isArray(stored.eval) ? stored : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A finished train-dpo's reference log-probs with this key, in any run under the runs root. */
+async function findReference(runsRoot: string, key: string): Promise<StoredReference | null> {
+  const dirs = async (path: string) => {
+    try {
+      return (await Array.fromAsync(Deno.readDir(path))).filter((e) => e.isDirectory).map((e) => e.name);
+    } catch {
+      return [];
+    }
+  };
+  for (const run of await dirs(runsRoot)) {
+    for (const step of await dirs(join(runsRoot, run))) {
+      if (step !== "train-dpo" && !step.startsWith("train-dpo@")) continue;
+      const found = await readReference(join(runsRoot, run, step, REFERENCE_FILE), key);
+      if (found) return found;
+    }
+  }
+  return null;
+}
+
+/**
+ * The precomputed reference: from this step's checkpoint directory (a resume), from an earlier
+ * train-dpo with the same reference, or scored now; kept in the checkpoint directory.
+ */
+async function precomputedReference(
+  ctx: StepContext,
+  key: string,
+  model: TrainableModel,
+  train: Split,
+  evalSplit: Split | null,
+  batchSize: number,
+  checkpointDir: string,
+): Promise<{ source: ReferenceSource; reused: boolean }> {
+  const path = join(checkpointDir, REFERENCE_FILE);
+  let stored = await readReference(path, key) ?? await findReference(dirname(ctx.runDir), key);
+  const reused = stored !== null;
+  if (stored === null) {
+    const pairs = (train.rows.length + (evalSplit?.rows.length ?? 0)) / 2;
+    const progress = ctx.progress(pairs, "pairs");
+    const tick = (n: number) => progress.tick(n, "reference log-probs");
+    const trainLogps = await scoreSplit(model, train, batchSize, tick);
+    const evalLogps = evalSplit ? await scoreSplit(model, evalSplit, batchSize, tick) : new Float64Array(0);
+    progress.done("reference log-probs computed");
+    stored = { key, train: Array.from(trainLogps), eval: Array.from(evalLogps) };
+  }
+  await Deno.mkdir(checkpointDir, { recursive: true });
+  await writeJsonAtomic(path, stored);
+  const tables = { train: stored.train, eval: stored.eval };
+  return {
+    reused,
+    source: {
+      logps(split, pairs) {
+        const table = tables[split];
+        const out = new Float64Array(2 * pairs.length);
+        for (let j = 0; j < pairs.length; j++) {
+          out[2 * j] = table[2 * pairs[j]];
+          out[2 * j + 1] = table[2 * pairs[j] + 1];
+        }
+        return Promise.resolve(out);
+      },
+    },
+  };
+}
+
+/**
+ * The reference scored each time: the policy's adapter is set aside, the reference adapter (the
+ * start adapter, or B = 0 for the bare base) scores the pairs, and the policy comes back.
+ */
+function liveReference(
+  model: TrainableModel,
+  reference: LoraWeights[],
+  train: Split,
+  evalSplit: Split | null,
+): ReferenceSource {
+  return {
+    async logps(split, pairs) {
+      const { pairBatch, sequenceStats } = await import("./train/dpo.ts");
+      const policy = await model.getLora();
+      await model.setLora(reference);
+      try {
+        const batch = pairBatch(split === "train" ? train : evalSplit!, pairs);
+        const stats = sequenceStats(batch, await model.scoreTokens(batch));
+        return stats.logp;
+      } finally {
+        await model.setLora(policy);
+      }
+    },
+  };
+}
+
+async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<string, Upstream>) {
+  const dir = baseDir("train-dpo", ctx, config, inputs);
+  const modelConfig = await loadModelConfig(dir);
+  const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig);
+  checkEvaluationNeeds(config, evalSplit !== null && evalSplit.rows.length > 0, "train-dpo");
+  const start = await startAdapter(ctx, config, inputs, modelConfig);
+  const spec: LoraSpec = start
+    ? {
+      r: start.config.r,
+      alpha: start.config.loraAlpha,
+      dropout: start.config.loraDropout,
+      targets: resolveTargetModules(start.config.targetModules),
+      useRslora: start.config.useRslora,
+    }
+    : {
+      r: config.lora.r,
+      alpha: config.lora.alpha,
+      dropout: config.lora.dropout,
+      targets: resolveTargetModules(config.lora.target_modules, "train-dpo.lora.target_modules"),
+      useRslora: config.lora.use_rslora,
+    };
+  const peft: LoraConfig = {
+    baseModelNameOrPath: config.model,
+    r: spec.r,
+    loraAlpha: spec.alpha,
+    loraDropout: spec.dropout,
+    targetModules: spec.targets,
+    useRslora: spec.useRslora,
+    revision: config.revision === "main" ? null : config.revision,
+  };
+  const checkpointDir = join(ctx.runDir, CHECKPOINTS_DIR, ctx.key);
+  const resume = await resumeChoice("train-dpo", checkpointDir);
+  // A micro-batch of b pairs runs 2b rows.
+  const rows = { ...config, per_device_train_batch_size: 2 * config.per_device_train_batch_size };
+  const plan = config.backend === "webgpu"
+    ? await checkMemory("train-dpo", rows, modelConfig, spec.targets, train.index.seq_len)
+    : null;
+  const base = await createModel(config, ctx, dir, modelConfig, spec);
+  const model = trainDpoHooks.wrapModel ? trainDpoHooks.wrapModel(base) : base;
+  try {
+    if (start) await model.setLora(start.weights);
+    const evalBs = config.per_device_eval_batch_size ?? config.per_device_train_batch_size;
+    const refKey = referenceKey(ctx, config, inputs, model);
+    let reference: ReferenceSource;
+    let reused = false;
+    if (config.reference_free) {
+      reference = { logps: (_, pairs) => Promise.resolve(new Float64Array(2 * pairs.length)) };
+    } else if (config.precompute_ref_log_probs) {
+      // The reference is the policy before its first step: score now, before any update.
+      ({ source: reference, reused } = await precomputedReference(
+        ctx,
+        refKey,
+        model,
+        train,
+        evalSplit,
+        evalBs,
+        checkpointDir,
+      ));
+    } else {
+      const weights = start?.weights ??
+        (await model.getLora()).map((w) => ({ ...w, B: new Float32Array(w.B.length) }));
+      reference = liveReference(model, weights, train, evalSplit);
+    }
+    const objective = dpoObjective(
+      train,
+      evalSplit,
+      {
+        lossType: config.loss_type,
+        beta: config.beta,
+        labelSmoothing: config.label_smoothing,
+        referenceFree: config.reference_free,
+        rpoAlpha: config.rpo_alpha,
+      },
+      reference,
+      modelConfig.vocabSize,
+    );
+    const result = await trainLoop({
+      model,
+      config,
+      lora: peft,
+      train,
+      eval: evalSplit,
+      objective,
+      evalMetrics: DPO_EVAL_METRICS,
+      stepName: "train-dpo",
+      seed: ctx.seed,
+      checkpointDir: config.save_steps === null ? null : checkpointDir,
+      checkpointLabel: "checkpoints",
+      resume,
+      io: { log: ctx.log, progress: ctx.progress },
+    });
+    await writeAdapter(dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE))), model, peft);
+    await writeJsonAtomic(await ctx.out("trainer_state.json"), finalTrainerState(result, config));
+    await writeFileAtomic(
+      await ctx.out("loss.svg"),
+      lossSvg(result.history, `train-dpo ${config.model}`, ["rewards/margins", "rewards/accuracies"]),
+    );
+    const outputs: Record<string, string> = {
+      adapter: join("adapter", ADAPTER_CONFIG_FILE),
+      adapter_weights: join("adapter", ADAPTER_WEIGHTS_FILE),
+      trainer_state: "trainer_state.json",
+      loss_plot: "loss.svg",
+    };
+    if (await exists(checkpointDir)) {
+      const refPath = join(checkpointDir, REFERENCE_FILE);
+      if (await exists(refPath)) {
+        await Deno.rename(refPath, await ctx.out(REFERENCE_FILE));
+        outputs.reference_logps = REFERENCE_FILE;
+      }
+      await Deno.rename(checkpointDir, await ctx.out("checkpoints"));
+      await Deno.remove(join(ctx.runDir, CHECKPOINTS_DIR)).catch(() => {}); // only when empty
+    }
+    const { eval_mean_token_accuracy: _, ...metrics } = result.metrics;
+    return {
+      outputs,
+      metrics: {
+        ...metrics,
+        pairs: train.rows.length / 2,
+        reference: config.reference_free
+          ? "none"
+          : start
+          ? `base + adapter of ${start.from}`
+          : "base (adapter disabled)",
+        reference_key: config.reference_free ? null : refKey,
+        reference_reused: reused,
+        ...(plan === null
+          ? {}
+          : { memory_planned_bytes: plan.total, memory_peak_bytes: await measuredPeak() }),
+      },
+    };
+  } finally {
+    model[Symbol.dispose]();
+  }
+}
+
+/** Metric names train-dpo logs per step (for docs and tests). */
+export const TRAIN_DPO_METRICS = ["loss", ...DPO_METRICS];
+
+/** The train-dpo step. */
+export const step = defineStep({
+  name: "train-dpo",
+  version: "1",
+  description:
+    "Preference tuning (DPO, IPO, hinge, robust) of LoRA adapters on paired shards; writes a PEFT adapter",
+  config: TrainDpoConfig,
+  inputs: { data: "tokenize" },
+  optionalInputs: { base: "quantize", sft: "train-sft" },
+  sources: trainingSources,
+  run,
+});
+
+if (import.meta.main) await runFromCli(step);
