@@ -1,7 +1,7 @@
 /**
  * `deno task demo`: the embedded default — the tiny-demo recipe end to end (prepare, tokenize,
- * quantize to NF4, QLoRA train-sft), offline, on the shipped demo data and tokenizer — followed
- * by where its manifests are and how to query it.
+ * quantize to NF4, QLoRA train-sft, then train-dpo on preference pairs), offline, on the shipped
+ * demo data and tokenizer — followed by where its manifests are and how to query it.
  * Extra arguments go to the recipe command (`deno task demo --set tokenize.max_seq_len=128`).
  * @module
  */
@@ -42,6 +42,22 @@ quantize:    ${q.tensors_quantized} projections to ${q.quant_type}, relative RMS
         } trained
 loss curve:  ${runDir}/train-sft/loss.svg   (or: deno task runs plot ${result.runId})
 adapter:     ${runDir}/train-sft/adapter/   (PEFT format: PeftModel.from_pretrained(base, path))`,
+      );
+    }
+    const dpo = result.steps.find((s) => s.step === "train-dpo")?.outcome.manifest;
+    if (dpo) {
+      const m = dpo.metrics;
+      const pct = (v: unknown) => typeof v === "number" ? `${(100 * v).toFixed(1)}%` : "?";
+      console.log(
+        `train-dpo:   reward accuracy on the eval pairs ${
+          pct(m["eval_rewards/accuracies_before"])
+        } at the reference -> ${
+          pct(m["eval_rewards/accuracies"])
+        } trained (share of pairs whose chosen answer gained more than the rejected one) · margin ${
+          f(m["eval_rewards/margins"])
+        } · DPO loss ${f(m.eval_loss_before)} -> ${f(m.eval_loss)}
+dpo curves:  ${runDir}/train-dpo/loss.svg   (loss, reward margins and accuracies)
+adapter:     ${runDir}/train-dpo/adapter/   (the SFT adapter, preference-tuned)`,
       );
     }
     console.log(`

@@ -49,6 +49,7 @@ import {
   baseDir,
   checkMemory,
   createModel,
+  describeTraining,
   measuredPeak,
   resumeChoice,
   trainingSources,
@@ -419,6 +420,14 @@ export const step = defineStep({
   optionalInputs: { base: "quantize", sft: "train-sft" },
   sources: trainingSources,
   run,
+  // A micro-batch of b pairs is 2b rows; after train-sft, the adapter is train-sft's.
+  describe: (config, ctx) =>
+    describeTraining(
+      "train-dpo",
+      ctx.inputs.sft ? { ...config, lora: ctx.inputs.sft.lora as TrainDpoConfig["lora"] } : config,
+      ctx,
+      2,
+    ),
 });
 
 if (import.meta.main) await runFromCli(step);

@@ -24,7 +24,7 @@
  * config reference.
  * @module
  */
-import { dirname, join, resolve } from "node:path";
+import { dirname, join } from "node:path";
 import {
   ADAPTER_CONFIG_FILE,
   ADAPTER_WEIGHTS_FILE,
@@ -35,7 +35,7 @@ import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../forma
 import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
 import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runFromCli } from "./cli.ts";
-import { defineStep, type DescribeContext, type StepContext, type Upstream } from "./define.ts";
+import { defineStep, type StepContext, type Upstream } from "./define.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
 import { readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
@@ -45,14 +45,12 @@ import {
   baseDir,
   checkMemory,
   createModel,
+  describeTraining,
   measuredPeak,
   resumeChoice,
   trainingSources,
 } from "./train/setup.ts";
 import { lossSvg } from "./train/plot.ts";
-import { gpuMemory, planTrainSft, quantizeSettings } from "./train/memory.ts";
-import { fitAdvice, formatBytes, formatMemoryPlan } from "../kernels/models/memory_plan.ts";
-import { resolveModel } from "../hub/model.ts";
 
 export { TrainSftConfig };
 
@@ -181,46 +179,6 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
   }
 }
 
-/**
- * The dry run's lines: the planned peak GPU memory of one optimizer step, from the model's
- * config.json alone (downloaded alone, or read from the Hugging Face cache offline), the
- * tokenize step's max_seq_len and the quantize step's settings when it is upstream.
- */
-async function describe(config: TrainSftConfig, ctx: DescribeContext): Promise<string[]> {
-  const local = resolve(ctx.projectRoot, config.model);
-  const ref = (await exists(join(local, "config.json"))) ? local : config.model;
-  const { dir } = await resolveModel(ref, { revision: config.revision, configOnly: true, progress: false });
-  const model = await loadModelConfig(dir);
-  const seqLen = Number(ctx.inputs.data?.max_seq_len ?? model.maxPositionEmbeddings);
-  const targets = resolveTargetModules(config.lora.target_modules, "train-sft.lora.target_modules");
-  const { tryGetGpu } = await import("../kernels/device.ts");
-  const gpu = await tryGetGpu();
-  const limits = gpu ? { maxBindingBytes: gpu.maxBindingBytes, software: gpu.software } : DEFAULT_LIMITS;
-  const quantization = ctx.inputs.base ? quantizeSettings(ctx.inputs.base) : undefined;
-  const plan = planTrainSft(
-    model,
-    config,
-    targets,
-    seqLen,
-    gpu && !gpu.f16 ? "f32" : "f16",
-    limits,
-    quantization,
-  );
-  const memory = gpu ? gpuMemory({ description: gpu.info.description, software: gpu.software }) : null;
-  const on = gpu ? gpu.info.description : "a GPU with 2 GiB storage bindings (no adapter here)";
-  const verdict = memory === null
-    ? "the adapter's memory is unknown (set LATHE_GPU_MEMORY to check)"
-    : plan.total <= memory.bytes
-    ? `fits the ${formatBytes(memory.bytes)} of ${memory.source}`
-    : `does not fit the ${formatBytes(memory.bytes)} of ${memory.source}: ${
-      fitAdvice(plan, memory.bytes).slice(1).join("; ")
-    }`;
-  return [`memory on ${on}: ${verdict}`, ...formatMemoryPlan(plan).split("\n")];
-}
-
-/** Limits a plan assumes without an adapter: a discrete GPU's 2 GiB bindings. */
-const DEFAULT_LIMITS = { maxBindingBytes: 2 ** 31, software: false };
-
 /** The train-sft step. */
 export const step = defineStep({
   name: "train-sft",
@@ -231,7 +189,7 @@ export const step = defineStep({
   optionalInputs: { base: "quantize" },
   sources: trainingSources,
   run,
-  describe,
+  describe: (config, ctx) => describeTraining("train-sft", config, ctx),
 });
 
 if (import.meta.main) await runFromCli(step);

@@ -5,18 +5,25 @@
  * @module
  */
 import { dirname, join, resolve } from "node:path";
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from "../../formats/peft.ts";
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, resolveTargetModules } from "../../formats/peft.ts";
+import { exists } from "../../foundation/atomic.ts";
+import { resolveModel } from "../../hub/model.ts";
 import { modelDir, modelSources } from "../model_source.ts";
-import type { ModelConfig, Projection } from "../../formats/model_config.ts";
+import { loadModelConfig, type ModelConfig, type Projection } from "../../formats/model_config.ts";
 import type { LoraSpec, TrainableModel } from "../../kernels/models/trainable.ts";
-import type { StepContext, Upstream } from "../define.ts";
+import type { DescribeContext, StepContext, Upstream } from "../define.ts";
 import { LatheError } from "../../foundation/errors.ts";
 import type { Progress } from "../../foundation/progress.ts";
 import { MODEL_DIR as QUANTIZED_MODEL_DIR } from "../quantize.ts";
 import { listCheckpoints } from "./checkpoint.ts";
 import type { TrainingArgs } from "./config.ts";
-import { checkFits, gpuMemory, planTrainSft } from "./memory.ts";
-import { formatBytes, type MemoryPlan } from "../../kernels/models/memory_plan.ts";
+import { checkFits, gpuMemory, planTrainSft, quantizeSettings } from "./memory.ts";
+import {
+  fitAdvice,
+  formatBytes,
+  formatMemoryPlan,
+  type MemoryPlan,
+} from "../../kernels/models/memory_plan.ts";
 
 /** The step's model: the CPU reference or the GPU graph on `dir`, with fresh adapters from the step's seed. */
 export async function createModel(
@@ -156,3 +163,48 @@ export async function trainingSources(
   }
   return out;
 }
+
+/**
+ * The dry run's lines of a training step (`rowsPerExample`: 2 for preference pairs): the planned peak GPU memory of one optimizer step, from the model's
+ * config.json alone (downloaded alone, or read from the Hugging Face cache offline), the
+ * tokenize step's max_seq_len and the quantize step's settings when it is upstream.
+ */
+export async function describeTraining(
+  step: string,
+  config: TrainingArgs,
+  ctx: DescribeContext,
+  rowsPerExample = 1,
+): Promise<string[]> {
+  const local = resolve(ctx.projectRoot, config.model);
+  const ref = (await exists(join(local, "config.json"))) ? local : config.model;
+  const { dir } = await resolveModel(ref, { revision: config.revision, configOnly: true, progress: false });
+  const model = await loadModelConfig(dir);
+  const seqLen = Number(ctx.inputs.data?.max_seq_len ?? model.maxPositionEmbeddings);
+  const targets = resolveTargetModules(config.lora.target_modules, `${step}.lora.target_modules`);
+  const { tryGetGpu } = await import("../../kernels/device.ts");
+  const gpu = await tryGetGpu();
+  const limits = gpu ? { maxBindingBytes: gpu.maxBindingBytes, software: gpu.software } : DEFAULT_LIMITS;
+  const quantization = ctx.inputs.base ? quantizeSettings(ctx.inputs.base) : undefined;
+  const plan = planTrainSft(
+    model,
+    { ...config, per_device_train_batch_size: rowsPerExample * config.per_device_train_batch_size },
+    targets,
+    seqLen,
+    gpu && !gpu.f16 ? "f32" : "f16",
+    limits,
+    quantization,
+  );
+  const memory = gpu ? gpuMemory({ description: gpu.info.description, software: gpu.software }) : null;
+  const on = gpu ? gpu.info.description : "a GPU with 2 GiB storage bindings (no adapter here)";
+  const verdict = memory === null
+    ? "the adapter's memory is unknown (set LATHE_GPU_MEMORY to check)"
+    : plan.total <= memory.bytes
+    ? `fits the ${formatBytes(memory.bytes)} of ${memory.source}`
+    : `does not fit the ${formatBytes(memory.bytes)} of ${memory.source}: ${
+      fitAdvice(plan, memory.bytes).slice(1).join("; ")
+    }`;
+  return [`memory on ${on}: ${verdict}`, ...formatMemoryPlan(plan).split("\n")];
+}
+
+/** Limits a plan assumes without an adapter: a discrete GPU's 2 GiB bindings. */
+const DEFAULT_LIMITS = { maxBindingBytes: 2 ** 31, software: false };

@@ -123,3 +123,50 @@ Deno.test("a plan that does not fit says what would", async () => {
     saved === undefined ? Deno.env.delete("LATHE_GPU_MEMORY") : Deno.env.set("LATHE_GPU_MEMORY", saved);
   }
 });
+
+Deno.test("mistral-dpo is SFT with the mistral-qlora settings, then DPO with the guides' settings", async () => {
+  const recipe = await loadRecipe("mistral-dpo", { projectRoot: ROOT, loadStep });
+  const qlora = await loadRecipe("mistral-qlora", { projectRoot: ROOT, loadStep });
+  assert.deepEqual(recipe.steps.map((s) => s.name), [
+    "prepare",
+    "tokenize",
+    "quantize",
+    "train-sft",
+    "prepare@preference",
+    "tokenize@preference",
+    "train-dpo",
+  ]);
+  const config = (r: typeof recipe, name: string) => {
+    const s = r.steps.find((s) => s.name === name)!;
+    return resolveConfig(s.def, s.raw) as Record<string, unknown>;
+  };
+  for (const name of ["tokenize", "quantize", "train-sft"]) {
+    assert.deepEqual(config(recipe, name), config(qlora, name), `${name} as in mistral-qlora`);
+  }
+  const dpo = config(recipe, "train-dpo");
+  assert.deepEqual(
+    [
+      dpo.beta,
+      dpo.loss_type,
+      dpo.learning_rate,
+      dpo.per_device_train_batch_size,
+      dpo.gradient_accumulation_steps,
+    ],
+    [0.1, "sigmoid", 5e-5, 1, 16],
+  );
+  assert.deepEqual([dpo.num_train_epochs, dpo.precompute_ref_log_probs], [1, true]);
+  assert.equal(dpo.model, config(recipe, "train-sft").model);
+  // train-dpo reads the preference instances, train-sft's adapter and the 4-bit base.
+  assert.deepEqual(recipe.steps.find((s) => s.name === "train-dpo")!.inputs, {
+    data: "tokenize@preference",
+    base: "quantize",
+    sft: "train-sft",
+  });
+  const out = (await dryRun("mistral-dpo", "mistralai/Mistral-7B-Instruct-v0.3")).join("\n");
+  assert.match(out, /train-dpo +\? +would run \(upstream changes\)/);
+  // Its memory plan: a pair is two rows of up to 2048 tokens.
+  assert.match(
+    out,
+    /T = 2·2048, f16, checkpointing on, layer inputs in host memory, LoRA r 16 on q_proj, v_proj/,
+  );
+});
