@@ -167,7 +167,7 @@ gpuTest(
 
       trainDpoHooks.wrapModel = (model) => new FaultyModel(model, { throwAtStep: 7 });
       const forced = ["--run", "k", "--only", "train-dpo", "--force"];
-    await assert.rejects(() => recipe(dir, text, ...forced), /injected kill at step 7/);
+      await assert.rejects(() => recipe(dir, text, ...forced), /injected kill at step 7/);
       delete trainDpoHooks.wrapModel;
       const failure = await readManifest(join(dir, "runs", "k", "train-dpo", FAILURE_FILE));
       assert.equal(failure.status, "failed");
