@@ -12,7 +12,7 @@ import { LatheError } from "../../foundation/errors.ts";
 import { FAILURE_FILE, type Manifest, readManifest } from "../../foundation/manifest.ts";
 import { type PipelineResult, recipeCommand } from "../../steps/pipeline.ts";
 import { loadStep } from "../../steps/registry.ts";
-import { REFERENCE_FILE, trainDpoHooks } from "../../steps/train_dpo.ts";
+import { trainDpoHooks } from "../../steps/train_dpo.ts";
 import { gpuTest } from "../kernels/_harness.ts";
 import { FaultyModel, ROOT } from "./train/_fixtures.ts";
 
@@ -229,7 +229,7 @@ gpuTest(
         save_steps: null,
         lora: { r: 4, alpha: 8, target_modules: ["q_proj", "v_proj"] },
       })
-        .replace(/  quantize:[\s\S]*?  prepare@preference:/, "  prepare@preference:");
+        .replace(/ {2}quantize:[\s\S]*? {2}prepare@preference:/, "  prepare@preference:");
       const m = dpoOf(await recipe(dir, text));
       assert.equal(m.metrics.reference, "base (adapter disabled)");
       assert.equal(m.inputs.sft, undefined);
@@ -250,7 +250,7 @@ Deno.test("train-dpo refuses beta <= 0, SFT data, and an SFT adapter of another 
     await assert.rejects(() => bad({ loss_type: "kto" }), /steps\.train-dpo\.loss_type/);
     // SFT data: train-dpo placed right after the SFT tokenize reads that.
     const onSft = recipeText(dir, { backend: "cpu-reference", max_steps: 1 })
-      .replace(/  prepare@preference:[\s\S]*?  train-dpo:/, "  train-dpo:");
+      .replace(/ {2}prepare@preference:[\s\S]*? {2}train-dpo:/, "  train-dpo:");
     await assert.rejects(() => recipe(dir, onSft), (e: Error) => {
       assert.ok(e instanceof LatheError);
       assert.match(e.message, /Cannot train-dpo on split "train" of step "tokenize": it holds sft rows/);
@@ -266,7 +266,7 @@ Deno.test("train-dpo refuses beta <= 0, SFT data, and an SFT adapter of another 
       tokenizerDir: join(DEMO, "tokenizer"),
     });
     const mismatch = recipeText(dir, { backend: "cpu-reference", max_steps: 1, model: other })
-      .replace(/  quantize:\n.*\n/, "");
+      .replace(/ {2}quantize:\n.*\n/, "");
     await assert.rejects(() => recipe(dir, mismatch), (e: Error) => {
       assert.ok(e instanceof LatheError);
       assert.match(

@@ -100,7 +100,7 @@ function splitOf(targets: number[][], padId = 0): Split {
 }
 
 /** A model whose "forward" is fixed logits [rows, S, V] (S + 1 positions, the last untrained). */
-function logitsModel(logits: Float64Array, rows: number, S: number, V: number) {
+function logitsModel(logits: Float64Array, S: number, V: number) {
   const grads: Float64Array[] = [];
   const scores = (batch: Batch): TokenScores => {
     const T = batch.rows * batch.seqLen;
@@ -152,7 +152,7 @@ for (const c of GOLDEN.cases) {
     const rows = 2 * c.pairs;
     const targets = Array.from({ length: rows }, (_, k) => c.targets.slice(k * c.S, (k + 1) * c.S));
     const split = splitOf(targets);
-    const { model, grads } = logitsModel(Float64Array.from(c.logits), rows, c.S, c.V);
+    const { model, grads } = logitsModel(Float64Array.from(c.logits), c.S, c.V);
     const objective = dpoObjective(split, null, settingsOf(c), tableReference(c.ref), c.V);
     const r = await objective.step(model, Uint32Array.from({ length: c.pairs }, (_, i) => i), c.pairs, [0]);
     assertClose([r.loss], [c.loss], { atol: 1e-13, rtol: 1e-12, name: "loss" });
