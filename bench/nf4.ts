@@ -633,6 +633,7 @@ function printTrain(report: Nf4BenchReport, t: Nf4TrainResult): void {
     flopFormula: "",
     results: t.runs.flatMap((r) => [r.lora, r.qlora]),
     ratios: {},
+    dpoRatios: {},
   });
   console.log(
     `\nquantize step: ${t.quantizeSeconds.toFixed(1)} s for the 4-bit copy (${mib(t.quantizedBytes)})`,

@@ -12,6 +12,14 @@
  *    (printed with the figures), as a fraction of `LATHE_PEAK_TFLOPS` (default: the adapter's
  *    non-tensor-core peak where known, e.g. H100).
  *
+ * 3. DPO beside SFT on the same tiny models (`--objectives`, default sft,dpo,dpo-live for the tiny
+ *    sizes, sft for a shape): a DPO step (steps/train/dpo.ts, sigmoid, β 0.1) on B/2 synthetic
+ *    preference pairs of S tokens (prompt S/4, answer the rest), chosen and rejected in one
+ *    micro-batch, so a step runs the same B·S tokens as SFT's; "dpo" with the reference log-probs
+ *    precomputed (scored once before the clock starts, as train-dpo's precompute_ref_log_probs),
+ *    "dpo-live" with the reference scored in every step (a forward of the pairs under the
+ *    reference adapter). The ratios to SFT's tokens/s are printed.
+ *
  * Tokens/s counts every token of the packed micro-batch (B·S per step). A step is timed from the
  * start of `forwardBackward` to the gradient norm's readback at the end of `optimizerStep`, after
  * `--warmup` untimed steps (which compile the pipelines and fill the buffer pool).
@@ -28,6 +36,7 @@
  *   --dtype f16|f32       weights and activations (f16 where the adapter has shader-f16)
  *   --no-checkpointing    keep activations instead of recomputing them in the backward
  *   --no-reference        skip the CPU reference run
+ *   --objectives LIST     sft, dpo (reference precomputed), dpo-live (reference each step)
  *   --peak TFLOPS         peak for the "% peak" figures (default LATHE_PEAK_TFLOPS, or known)
  *   --tmp DIR             where checkpoints are written (default: the system temp dir)
  *   --json FILE           also write the figures as JSON (device, date, config, results)
@@ -64,6 +73,16 @@ import { writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runMain } from "../foundation/errors.ts";
 import { Progress } from "../foundation/progress.ts";
 import { shapeConfigJson, SHAPES, writeRandomCheckpoint } from "./train_checkpoint.ts";
+import type { Split } from "../steps/train/batches.ts";
+import type { ShardRow } from "../steps/tokenize/shards.ts";
+import {
+  dpoObjective,
+  type DpoSettings,
+  pairBatch,
+  type ReferenceSource,
+  scoreSplit,
+} from "../steps/train/dpo.ts";
+import { liveReference } from "../steps/train_dpo.ts";
 import {
   FLOP_FORMULA,
   frozenMatmulParams,
@@ -94,15 +113,22 @@ export interface TrainBenchConfig {
   dtype: "f16" | "f32";
   gradientCheckpointing: boolean;
   reference: boolean;
+  /** What the GPU runs train: "sft", "dpo" (reference precomputed), "dpo-live" (reference each step). */
+  objectives: Objective[];
   /** Peak TFLOP/s the "% peak" figures divide by, or null. */
   peakTflops: number | null;
   seed: number;
 }
 
+/** What a run trains; see the module documentation. */
+export type Objective = "sft" | "dpo" | "dpo-live";
+const OBJECTIVES: readonly Objective[] = ["sft", "dpo", "dpo-live"];
+
 /** The figures of one model on one backend. */
 export interface TrainResult {
   model: string;
   backend: "webgpu" | "cpu-reference";
+  objective: Objective;
   /** dtype of the weights and activations (the reference computes in f64 on f32 weights). */
   dtype: string;
   rows: number;
@@ -140,6 +166,8 @@ export interface TrainBenchReport {
   results: TrainResult[];
   /** tokens/s of the GPU over the CPU reference, by model. */
   ratios: Record<string, number>;
+  /** tokens/s of each DPO run over SFT's on the same model (GPU), by "model objective". */
+  dpoRatios: Record<string, number>;
 }
 
 const usage: Usage = benchUsage("train");
@@ -173,6 +201,7 @@ export function parseTrainArgs(args: string[], gpu: Pick<Gpu, "f16" | "info" | "
         dtype: { type: "string" },
         "no-checkpointing": { type: "boolean", default: false },
         "no-reference": { type: "boolean", default: false },
+        objectives: { type: "string" },
         peak: { type: "string" },
         seed: { type: "string", default: "0" },
         tmp: { type: "string" },
@@ -220,6 +249,12 @@ export function parseTrainArgs(args: string[], gpu: Pick<Gpu, "f16" | "info" | "
       usage(`the peak "${peakRaw}" (--peak or LATHE_PEAK_TFLOPS) is not a positive number`);
     }
   }
+  const objectives = (values.objectives ?? (big ? "sft" : OBJECTIVES.join(","))).split(",").filter((o) => o);
+  for (const o of objectives) {
+    if (!(OBJECTIVES as readonly string[]).includes(o)) {
+      usage(`--objectives names "${o}"`, `Known: ${OBJECTIVES.join(", ")}.`);
+    }
+  }
   const config: TrainBenchConfig = {
     sizes: sizes as TinySize[],
     shape,
@@ -233,6 +268,7 @@ export function parseTrainArgs(args: string[], gpu: Pick<Gpu, "f16" | "info" | "
     dtype,
     gradientCheckpointing: !values["no-checkpointing"],
     reference: !values["no-reference"],
+    objectives: objectives as Objective[],
     peakTflops,
     seed: int("seed", 0, 0),
   };
@@ -322,16 +358,14 @@ interface StepTimes {
   flops: { total: number; model: number };
 }
 
+/** One timed step of a run: its loss per trained token. */
+type Stepper = (step: number) => Promise<number>;
+
 /**
- * Runs warm-up and timed steps on `model`; the micro-batches alternate between two seeds, made
- * before the clock starts. `checkpointing` says whether the backward recomputes the forward.
+ * SFT steps on `model`: forwardBackward + optimizerStep on micro-batches alternating between two
+ * seeds, made before the clock starts.
  */
-async function timeSteps(
-  model: TrainableModel,
-  cfg: TrainBenchConfig,
-  label: string,
-  checkpointing: boolean,
-): Promise<StepTimes> {
+function sftStepper(model: TrainableModel, cfg: TrainBenchConfig, checkpointing: boolean) {
   const batches = [0, 1].map((i) => {
     const batch = syntheticBatch(
       model.config.vocabSize,
@@ -346,19 +380,97 @@ async function timeSteps(
       flops: trainingFlops(model.config, cfg.lora, batch, checkpointing),
     };
   });
-  const out: StepTimes = { seconds: [], losses: [], flops: { total: 0, model: 0 } };
-  const progress = new Progress(label, cfg.warmup + cfg.steps, "steps");
-  for (let s = 0; s < cfg.warmup + cfg.steps; s++) {
-    const { batch, tokens, flops } = batches[s % 2];
-    const t0 = performance.now();
+  const step: Stepper = async (s) => {
+    const { batch, tokens } = batches[s % 2];
     const { lossSum } = await model.forwardBackward(batch, Math.max(1, tokens), s + 1);
     await model.optimizerStep(ADAMW);
+    return lossSum / tokens;
+  };
+  return { step, flops: batches[0].flops };
+}
+
+/**
+ * A synthetic preference split: `pairs` pairs whose rows are `seqLen` tokens, a shared prompt of
+ * seqLen/4 and different answers (random tokens in [0, V)).
+ */
+export function syntheticPairs(V: number, pairs: number, seqLen: number, seed: number): Split {
+  const next = mulberry32(seed);
+  const prompt = Math.max(1, Math.floor(seqLen / 4));
+  const rows: ShardRow[] = [];
+  for (let p = 0; p < pairs; p++) {
+    const head = Array.from({ length: prompt }, () => Math.floor(next() * V));
+    for (let side = 0; side < 2; side++) {
+      const tokens = Uint32Array.from(
+        { length: seqLen },
+        (_, i) => i < prompt ? head[i] : Math.floor(next() * V),
+      );
+      const mask = Uint8Array.from(tokens, (_, i) => i >= prompt ? 1 : 0);
+      rows.push({ index: rows.length, tokens, mask, bounds: Uint32Array.from([0, seqLen]) });
+    }
+  }
+  return { index: { pad_id: 0 } as Split["index"], rows };
+}
+
+/**
+ * DPO steps on `model` (sigmoid, β 0.1): B/2 pairs per step from two alternating halves of a
+ * synthetic split; the reference is the model's adapter before the first step, its log-probs
+ * scored once before the clock starts ("dpo") or in every step ("dpo-live").
+ */
+async function dpoStepper(
+  model: TrainableModel,
+  cfg: TrainBenchConfig,
+  checkpointing: boolean,
+  live: boolean,
+) {
+  const pairs = Math.max(1, Math.floor(cfg.rows / 2));
+  const split = syntheticPairs(model.config.vocabSize, 2 * pairs, cfg.seqLen, cfg.seed * 2 + 7);
+  const reference = live
+    ? liveReference(model, await model.getLora(), split, null)
+    : tableReference(await scoreSplit(model, split, pairs));
+  const settings: DpoSettings = {
+    lossType: "sigmoid",
+    beta: 0.1,
+    labelSmoothing: 0,
+    referenceFree: false,
+    rpoAlpha: null,
+  };
+  const objective = dpoObjective(split, null, settings, reference, model.config.vocabSize);
+  const halves = [0, 1].map((h) => Uint32Array.from({ length: pairs }, (_, i) => h * pairs + i));
+  const step: Stepper = async (s) => {
+    const r = await objective.step(model, halves[s % 2], pairs, [s + 1]);
+    await model.optimizerStep(ADAMW);
+    return r.loss;
+  };
+  const batch = pairBatch(split, halves[0]);
+  return { step, flops: trainingFlops(model.config, cfg.lora, batch, checkpointing) };
+}
+
+/** A reference read from precomputed log-probs [2·pairs]. */
+function tableReference(table: Float64Array): ReferenceSource {
+  return {
+    logps: (_split, pairs) =>
+      Promise.resolve(
+        Float64Array.from({ length: 2 * pairs.length }, (_, k) => table[2 * pairs[k >> 1] + (k & 1)]),
+      ),
+  };
+}
+
+/** Runs warm-up and timed steps of `step`; `flops` are one step's (bench/train_flops.ts). */
+async function timeSteps(
+  step: Stepper,
+  flops: { total: number; model: number },
+  cfg: TrainBenchConfig,
+  label: string,
+): Promise<StepTimes> {
+  const out: StepTimes = { seconds: [], losses: [], flops };
+  const progress = new Progress(label, cfg.warmup + cfg.steps, "steps");
+  for (let s = 0; s < cfg.warmup + cfg.steps; s++) {
+    const t0 = performance.now();
+    const loss = await step(s);
     const dt = (performance.now() - t0) / 1000;
     if (s >= cfg.warmup) {
       out.seconds.push(dt);
-      out.losses.push(lossSum / tokens);
-      out.flops.total += flops.total / cfg.steps;
-      out.flops.model += flops.model / cfg.steps;
+      out.losses.push(loss);
     }
     progress.tick(1, `${dt.toFixed(3)} s/step`);
   }
@@ -390,7 +502,7 @@ function summarise(
 
 /**
  * Loads `dir` on the GPU (a 16-bit or a bitsandbytes 4-bit checkpoint), runs `afterLoad` (e.g.
- * deleting the checkpoint), times the steps, frees the model.
+ * deleting the checkpoint), times the steps of `objective`, frees the model.
  */
 export async function benchGpu(
   gpu: Gpu,
@@ -401,6 +513,7 @@ export async function benchGpu(
   generateSeconds: number | null,
   cfg: TrainBenchConfig,
   afterLoad: () => Promise<void> = async () => {},
+  objective: Objective = "sft",
 ): Promise<TrainResult> {
   trimPool(gpu);
   let progress = null as Progress | null;
@@ -422,15 +535,21 @@ export async function benchGpu(
     await afterLoad();
     resetPeakMemory(gpu);
     const loadedBytes = memoryStats(gpu).liveBytes;
-    const run = await timeSteps(model, cfg, `train ${name} webgpu`, cfg.gradientCheckpointing);
+    const stepper = objective === "sft"
+      ? sftStepper(model, cfg, cfg.gradientCheckpointing)
+      : await dpoStepper(model, cfg, cfg.gradientCheckpointing, objective === "dpo-live");
+    const label = `train ${name} webgpu${objective === "sft" ? "" : ` ${objective}`}`;
+    const run = await timeSteps(stepper.step, stepper.flops, cfg, label);
+    const rows = objective === "sft" ? cfg.rows : 2 * Math.max(1, Math.floor(cfg.rows / 2));
     return summarise(
       {
         model: name,
         backend: "webgpu",
+        objective,
         dtype: model.dtype,
-        rows: cfg.rows,
+        rows,
         seqLen: cfg.seqLen,
-        tokensPerStep: cfg.rows * cfg.seqLen,
+        tokensPerStep: rows * cfg.seqLen,
         params: paramCounts(config, cfg),
         generateSeconds,
         checkpointBytes,
@@ -457,11 +576,13 @@ async function benchReference(
   const host = await loadHostModel(dir);
   using model = createReferenceModel(host.config, host.weights, cfg.lora, cfg.seed);
   const loadSeconds = (performance.now() - t0) / 1000;
-  const run = await timeSteps(model, cfg, `train ${name} cpu-reference`, false);
+  const stepper = sftStepper(model, cfg, false);
+  const run = await timeSteps(stepper.step, stepper.flops, cfg, `train ${name} cpu-reference`);
   return summarise(
     {
       model: name,
       backend: "cpu-reference",
+      objective: "sft",
       dtype: "f64",
       rows: cfg.rows,
       seqLen: cfg.seqLen,
@@ -532,6 +653,7 @@ export function printReport(report: TrainBenchReport): void {
   const header = [
     "model",
     "backend",
+    "objective",
     "dtype",
     "B×S",
     "load s",
@@ -546,6 +668,7 @@ export function printReport(report: TrainBenchReport): void {
   const rows = results.map((r) => [
     r.model,
     r.backend,
+    r.objective,
     r.dtype,
     `${r.rows}×${r.seqLen}`,
     r.loadSeconds.toFixed(2),
@@ -558,9 +681,14 @@ export function printReport(report: TrainBenchReport): void {
     r.loss.last.toFixed(3),
   ]);
   console.log();
-  printTable(header, rows, 3);
+  printTable(header, rows, 4);
   for (const [model, ratio] of Object.entries(report.ratios)) {
     console.log(`\nwebgpu / cpu-reference tokens/s, ${model}: ${ratio.toFixed(2)}x`);
+  }
+  for (const [what, ratio] of Object.entries(report.dpoRatios)) {
+    const [model, objective] = what.split(" ");
+    const how = objective === "dpo" ? "reference precomputed" : "reference scored each step";
+    console.log(`DPO / SFT tokens/s, ${model} (${how}): ${ratio.toFixed(2)}x`);
   }
   for (const r of results.filter((r) => r.generateSeconds !== null)) {
     console.log(
@@ -611,7 +739,9 @@ export async function run(args: string[]): Promise<TrainBenchReport> {
       const dir = join(tmp, name);
       await Deno.mkdir(dir);
       const { config, bytes } = await writeTinyCheckpoint(dir, size, cfg.seed);
-      results.push(await benchGpu(gpu, name, dir, config, bytes, null, cfg));
+      for (const objective of cfg.objectives) {
+        results.push(await benchGpu(gpu, name, dir, config, bytes, null, cfg, undefined, objective));
+      }
       if (size === "nano" && cfg.reference) results.push(await benchReference(name, dir, bytes, cfg));
       await Deno.remove(dir, { recursive: true });
     }
@@ -626,9 +756,16 @@ export async function run(args: string[]): Promise<TrainBenchReport> {
     await Deno.remove(tmp, { recursive: true });
   }
   const ratios: Record<string, number> = {};
+  const sftOf = (model: string) =>
+    results.find((x) => x.model === model && x.backend === "webgpu" && x.objective === "sft");
   for (const r of results.filter((r) => r.backend === "cpu-reference")) {
-    const g = results.find((x) => x.model === r.model && x.backend === "webgpu");
+    const g = sftOf(r.model);
     if (g) ratios[r.model] = g.tokensPerSecond / r.tokensPerSecond;
+  }
+  const dpoRatios: Record<string, number> = {};
+  for (const r of results.filter((r) => r.objective !== "sft")) {
+    const sft = sftOf(r.model);
+    if (sft) dpoRatios[`${r.model} ${r.objective}`] = r.tokensPerSecond / sft.tokensPerSecond;
   }
   const report: TrainBenchReport = {
     benchmark: "train",
@@ -645,6 +782,7 @@ export async function run(args: string[]): Promise<TrainBenchReport> {
     flopFormula: FLOP_FORMULA,
     results,
     ratios,
+    dpoRatios,
   };
   printReport(report);
   if (json !== null) {

@@ -42,7 +42,14 @@ import { defineStep, type StepContext, type Upstream } from "./define.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
 import { readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
 import { DPO_EVAL_METRICS, TrainDpoConfig } from "./train/config.ts";
-import { DPO_METRICS, dpoObjective, type ReferenceSource, scoreSplit } from "./train/dpo.ts";
+import {
+  DPO_METRICS,
+  dpoObjective,
+  pairBatch,
+  type ReferenceSource,
+  scoreSplit,
+  sequenceStats,
+} from "./train/dpo.ts";
 import { checkEvaluationNeeds, finalTrainerState, trainLoop } from "./train/loop.ts";
 import { lossSvg } from "./train/plot.ts";
 import {
@@ -249,7 +256,7 @@ async function precomputedReference(
  * The reference scored each time: the policy's adapter is set aside, the reference adapter (the
  * start adapter, or B = 0 for the bare base) scores the pairs, and the policy comes back.
  */
-function liveReference(
+export function liveReference(
   model: TrainableModel,
   reference: LoraWeights[],
   train: Split,
@@ -257,7 +264,6 @@ function liveReference(
 ): ReferenceSource {
   return {
     async logps(split, pairs) {
-      const { pairBatch, sequenceStats } = await import("./train/dpo.ts");
       const policy = await model.getLora();
       await model.setLora(reference);
       try {

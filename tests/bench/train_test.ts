@@ -128,7 +128,7 @@ Deno.test("syntheticBatch() packs documents with restarting positions and next-t
 });
 
 gpuTest(
-  "run() prints a row per model and backend, the GPU / reference ratio, and the JSON figures",
+  "run() prints a row per model, backend and objective, the GPU / reference and DPO / SFT ratios, and the JSON figures",
   async () => {
     const dir = await Deno.makeTempDir({ prefix: "lathe-bench-train-test-" });
     try {
@@ -136,15 +136,25 @@ gpuTest(
       let report: TrainBenchReport | null = null;
       const lines = await captureLog(async () => {
         report = await run([
-          ...["--sizes", "nano", "--steps", "1", "--warmup", "0", "--rows", "1", "--seq", "32"],
+          ...["--sizes", "nano", "--steps", "1", "--warmup", "0", "--rows", "2", "--seq", "32"],
           ...["--json", json, "--tmp", dir],
         ]);
       });
-      const header = lines.findIndex((l) => /^model\s+backend\s+dtype\s+B×S/.test(l));
+      const header = lines.findIndex((l) => /^model\s+backend\s+objective\s+dtype\s+B×S/.test(l));
       assert.ok(header >= 0, lines.join("\n"));
-      assert.match(lines[header + 2], /^llama-nano\s+webgpu\s+f(16|32)\s+1×32\s/);
-      assert.match(lines[header + 3], /^llama-nano\s+cpu-reference\s+f64\s+1×32\s/);
+      assert.match(lines[header + 2], /^llama-nano\s+webgpu\s+sft\s+f(16|32)\s+2×32\s/);
+      assert.match(lines[header + 3], /^llama-nano\s+webgpu\s+dpo\s+f(16|32)\s+2×32\s/);
+      assert.match(lines[header + 4], /^llama-nano\s+webgpu\s+dpo-live\s+f(16|32)\s+2×32\s/);
+      assert.match(lines[header + 5], /^llama-nano\s+cpu-reference\s+sft\s+f64\s+2×32\s/);
       assert.ok(lines.some((l) => /^webgpu \/ cpu-reference tokens\/s, llama-nano: \d+\.\d\dx$/.test(l)));
+      for (const how of ["reference precomputed", "reference scored each step"]) {
+        assert.ok(
+          lines.some((l) =>
+            new RegExp(`^DPO / SFT tokens/s, llama-nano \\(${how}\\): \\d+\\.\\d\\dx$`).test(l)
+          ),
+          how,
+        );
+      }
       assert.ok(lines.some((l) => l.includes("layers bwd =")), "the FLOP model is printed");
 
       const written = JSON.parse(await Deno.readTextFile(json)) as TrainBenchReport;
@@ -152,17 +162,24 @@ gpuTest(
       assert.equal(written.benchmark, "train");
       assert.ok(!Number.isNaN(Date.parse(written.date)));
       assert.ok(written.device.description.length > 0);
-      assert.deepEqual(written.results.map((r) => [r.model, r.backend]), [
-        ["llama-nano", "webgpu"],
-        ["llama-nano", "cpu-reference"],
+      assert.deepEqual(written.results.map((r) => [r.model, r.backend, r.objective]), [
+        ["llama-nano", "webgpu", "sft"],
+        ["llama-nano", "webgpu", "dpo"],
+        ["llama-nano", "webgpu", "dpo-live"],
+        ["llama-nano", "cpu-reference", "sft"],
       ]);
-      const [gpu, ref] = written.results;
+      const [gpu, dpo, live, ref] = written.results;
       for (const r of written.results) {
-        assert.equal(r.tokensPerStep, 32);
+        assert.equal(r.tokensPerStep, 64, "a DPO step runs as many tokens as an SFT step");
         assert.equal(r.stepSeconds.all.length, 1);
         assert.ok(r.tokensPerSecond > 0 && r.flopsPerStep.total > 0 && r.tflops.total > 0);
-        // Random init: the loss per token is about ln V (V = 512).
-        assert.ok(Math.abs(r.loss.last - Math.log(512)) < 0.5, `loss ${r.loss.last}`);
+        // Random init: the loss per token is about ln V (V = 512); DPO's first step is near ln 2
+        // (the reference is the initial policy; LoRA dropout moves the policy's forward a little).
+        const expected = r.objective === "sft" ? Math.log(512) : Math.LN2;
+        assert.ok(Math.abs(r.loss.last - expected) < 0.1, `${r.objective} loss ${r.loss.last}`);
+      }
+      for (const r of [dpo, live]) {
+        assert.equal(written.dpoRatios[`llama-nano ${r.objective}`], r.tokensPerSecond / gpu.tokensPerSecond);
       }
       assert.ok(
         gpu.memory !== null && gpu.memory.peakBytes >= gpu.memory.loadedBytes && gpu.memory.loadedBytes > 0,
