@@ -54,7 +54,7 @@ if want lora; then bench lora ${LORA_ARGS:-} --json "$out/lora.json" 2>&1 | tee 
 
 # shellcheck disable=SC2086
 if want train; then
-  bench train ${TRAIN_ARGS:---shape mistral-7b --rows 1 --seq 2048 --steps 3 --warmup 1} --json "$out/train.json" 2>&1 |
+  bench train ${TRAIN_ARGS:---shape mistral-7b --rows 2 --seq 2048 --steps 3 --warmup 1 --objectives sft,dpo,dpo-live} --json "$out/train.json" 2>&1 |
     tee "$out/train.log"
 fi
 

@@ -600,7 +600,8 @@ async function benchReference(
 
 /**
  * Writes a random bf16 checkpoint of `configJson` under `parent` (bench/train_checkpoint.ts),
- * loads it on the GPU, deletes it, and times the steps.
+ * loads it on the GPU once per objective of `cfg.objectives`, deletes it once the last is loaded,
+ * and times the steps of each.
  */
 export async function benchRandomCheckpoint(
   gpu: Gpu,
@@ -608,16 +609,33 @@ export async function benchRandomCheckpoint(
   name: string,
   configJson: Record<string, unknown>,
   cfg: TrainBenchConfig,
-): Promise<TrainResult> {
+): Promise<TrainResult[]> {
   const dir = await Deno.makeTempDir({ dir: parent, prefix: "checkpoint-" });
   try {
     const t0 = performance.now();
     const ckpt = await writeRandomCheckpoint(dir, configJson, { seed: cfg.seed, progress: `write ${name}` });
     const generateSeconds = (performance.now() - t0) / 1000;
-    // The checkpoint is not needed once the weights are on the GPU: free the disk early.
-    return await benchGpu(gpu, name, dir, ckpt.config, ckpt.weightBytes, generateSeconds, cfg, async () => {
-      await Deno.remove(dir, { recursive: true });
-    });
+    const results: TrainResult[] = [];
+    for (const [i, objective] of cfg.objectives.entries()) {
+      // The checkpoint is not needed once the last weights are on the GPU: free the disk early.
+      const afterLoad = i === cfg.objectives.length - 1
+        ? async () => await Deno.remove(dir, { recursive: true })
+        : undefined;
+      results.push(
+        await benchGpu(
+          gpu,
+          name,
+          dir,
+          ckpt.config,
+          ckpt.weightBytes,
+          generateSeconds,
+          cfg,
+          afterLoad,
+          objective,
+        ),
+      );
+    }
+    return results;
   } finally {
     await Deno.remove(dir, { recursive: true }).catch((error) => {
       if (!(error instanceof Deno.errors.NotFound)) throw error;
@@ -750,7 +768,9 @@ export async function run(args: string[]): Promise<TrainBenchReport> {
       const name = cfg.layers === null
         ? cfg.shape
         : `${cfg.shape} (${cfg.layers} layer${cfg.layers === 1 ? "" : "s"})`;
-      results.push(await benchRandomCheckpoint(gpu, tmp, name, shapeConfigJson(cfg.shape, overrides), cfg));
+      results.push(
+        ...await benchRandomCheckpoint(gpu, tmp, name, shapeConfigJson(cfg.shape, overrides), cfg),
+      );
     }
   } finally {
     await Deno.remove(tmp, { recursive: true });

@@ -92,6 +92,7 @@ Deno.test("parseTrainArgs() names the bad option and value", () => {
     [["--dtype", "bf16"], /--dtype "bf16"/],
     [["--peak", "fast"], /peak "fast"/],
     [["--bogus"], /bogus/],
+    [["--objectives", "sft,kto"], /--objectives names "kto"/],
   ];
   for (const [args, pattern] of cases) {
     assert.throws(
@@ -196,12 +197,28 @@ gpuTest(
 );
 
 gpuTest(
-  "benchRandomCheckpoint() writes, loads and trains a shrunk Qwen2 shape, then deletes it",
+  "benchRandomCheckpoint() writes a shrunk Qwen2 shape once, trains it with SFT and DPO, then deletes it",
   async (gpu) => {
     const dir = await Deno.makeTempDir({ prefix: "lathe-bench-train-test-" });
     try {
       const { config } = parseTrainArgs(
-        ["--shape", "qwen2-7b", "--rows", "1", "--seq", "16", "--steps", "1", "--warmup", "0", "--peak", "1"],
+        [
+          ...[
+            "--shape",
+            "qwen2-7b",
+            "--rows",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--peak",
+            "1",
+          ],
+          ...["--objectives", "sft,dpo"],
+        ],
         gpu,
       );
       const json = shapeConfigJson("qwen2-7b", {
@@ -212,7 +229,10 @@ gpuTest(
         num_key_value_heads: 2,
         vocab_size: 256,
       });
-      const r = await benchRandomCheckpoint(gpu, dir, "qwen2-small", json, config);
+      const results = await benchRandomCheckpoint(gpu, dir, "qwen2-small", json, config);
+      assert.deepEqual(results.map((x) => x.objective), ["sft", "dpo"]);
+      assert.equal(results[1].checkpointBytes, results[0].checkpointBytes, "one checkpoint for both");
+      const [r] = results;
       assert.equal(r.backend, "webgpu");
       assert.ok(r.generateSeconds !== null && r.generateSeconds >= 0);
       assert.ok(r.checkpointBytes > 0 && r.loadSeconds >= 0);
