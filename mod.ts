@@ -64,6 +64,7 @@ export { canonicalJson, sha256File, sha256Hex } from "./foundation/hash.ts";
 // Recipes and pipelines.
 export { listRecipes, loadRecipe, type Recipe, type RecipeStep } from "./steps/recipe.ts";
 export { type PipelineResult, planPipeline, runPipeline } from "./steps/pipeline.ts";
+export { INSTANCE_NAME, stepOfInstance } from "./steps/define.ts";
 
 // The tracker.
 export * as tracker from "./tracker/mod.ts";
@@ -95,8 +96,33 @@ export { type HubRepo, repoCacheDir } from "./hub/cache.ts";
 export { type FileChooser, type Snapshot, snapshot, type SnapshotRequest } from "./hub/snapshot.ts";
 export { hubSnapshot } from "./hub/dataset.ts";
 export { writeTinyModel } from "./kernels/models/tiny.ts";
-export type { Batch, LoraSpec, TrainableModel } from "./kernels/models/trainable.ts";
+export type {
+  Batch,
+  LoraSpec,
+  TokenScores,
+  TokenWeighting,
+  TrainableModel,
+} from "./kernels/models/trainable.ts";
 
 // The WebGPU engine: device, tensors, kernels, model graphs.
 export * as kernels from "./kernels/mod.ts";
 export { step as trainSft } from "./steps/train_sft.ts";
+export { step as trainDpo } from "./steps/train_dpo.ts";
+
+// Training: the loop over an objective (SFT, DPO), shared by the training steps.
+export {
+  type Objective,
+  type ObjectiveStep,
+  sftObjective,
+  trainLoop,
+  type TrainLoopOptions,
+} from "./steps/train/loop.ts";
+export {
+  DPO_METRICS,
+  dpoObjective,
+  type DpoSettings,
+  pairLoss,
+  type ReferenceSource,
+  scoreSplit,
+} from "./steps/train/dpo.ts";
+export { TrainDpoConfig, TrainSftConfig } from "./steps/train/config.ts";
