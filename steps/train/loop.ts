@@ -620,7 +620,7 @@ export function finalTrainerState(result: TrainLoopResult, config: TrainingArgs)
     epoch: result.metrics.epochs,
     history: result.history,
     bestEvalLoss: result.state.bestEvalLoss,
-    best: bestModelSettings(config).loadBest ? result.state.bestModel ?? null : undefined,
+    best: config.load_best_model_at_end ? result.state.bestModel ?? null : undefined,
     evalSteps: config.eval_steps,
     loggingSteps: config.logging_steps,
     maxSteps: result.plan.totalSteps,

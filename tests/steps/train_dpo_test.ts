@@ -318,3 +318,49 @@ Deno.test("prepare and tokenize refuse preference rows that prefer nothing, with
     }
   });
 });
+
+gpuTest(
+  "train-dpo keeps the adapter of the best eval_rewards/accuracies, and stops on a NaN loss naming the step",
+  async () => {
+    await withProject(async (dir) => {
+      const best = dpoOf(
+        await recipe(
+          dir,
+          recipeText(dir, {
+            max_steps: 12,
+            eval_steps: 4,
+            save_steps: 4,
+            load_best_model_at_end: true,
+            metric_for_best_model: "rewards/accuracies",
+          }),
+        ),
+      );
+      assert.equal((best.config as Record<string, unknown>).metric_for_best_model, "eval_rewards/accuracies");
+      assert.equal((best.config as Record<string, unknown>).greater_is_better, true);
+      const state = JSON.parse(
+        await Deno.readTextFile(join(dir, "runs", best.runId, "train-dpo", "trainer_state.json")),
+      );
+      const evals = state.log_history.filter((e: Record<string, number>) =>
+        e.step > 0 && e.eval_loss !== undefined
+      );
+      const top = Math.max(...evals.map((e: Record<string, number>) => e["eval_rewards/accuracies"]));
+      assert.equal(best.metrics.best_metric, top);
+      assert.equal(state.best_metric, top);
+      const first = evals.find((e: Record<string, number>) => e["eval_rewards/accuracies"] === top);
+      assert.equal(best.metrics.best_global_step, first.step, "the first evaluation reaching the best");
+
+      trainDpoHooks.wrapModel = (model) => new FaultyModel(model, { nanAtStep: 3 });
+      await assert.rejects(
+        () => recipe(dir, recipeText(dir, { max_steps: 6, save_steps: 2 }), "--run", "nan"),
+        (e: Error) => {
+          assert.ok(e instanceof LatheError);
+          assert.match(e.message, /the loss of step 3 is NaN; the last good checkpoint is step 2/);
+          return true;
+        },
+      );
+      delete trainDpoHooks.wrapModel;
+      const files = [...Deno.readDirSync(join(dir, "runs", "nan", "train-dpo"))].map((e) => e.name);
+      assert.deepEqual(files, [FAILURE_FILE], "no manifest claims success");
+    });
+  },
+);
