@@ -77,6 +77,30 @@ Deno.test("preference rows become a chosen/rejected pair masked on the completio
   assert.deepEqual(m.docs[0].ids, chosen.ids);
 });
 
+Deno.test("preference rows that prefer nothing are errors naming the row", async () => {
+  const demo = await tokenizer(DEMO_TOKENIZER);
+  const b = builder(demo, { kind: "preference" });
+  const a = (content: string) => ({ role: "assistant", content });
+  const u = (content: string) => ({ role: "user", content });
+  const cases: [Record<string, unknown>, RegExp][] = [
+    [{ prompt: "Ship", chosen: '{"n":2}', rejected: '{"n":2}' }, /"chosen" and "rejected" are identical/],
+    [{ prompt: "Ship", chosen: "  ", rejected: '{"n":2}' }, /"chosen" is empty/],
+    [{ prompt: "Ship", chosen: '{"n":2}', rejected: [] }, /"rejected" is empty/],
+    [
+      { prompt: "Ship", chosen: [a("x"), u("one"), a("y")], rejected: [a("x"), u("two"), a("z")] },
+      /the prompts differ between "chosen" and "rejected"/,
+    ],
+  ];
+  for (const [row, pattern] of cases) {
+    assert.throws(() => b.row(row, "pairs.jsonl:7"), (e) => {
+      assert.ok(e instanceof LatheError);
+      assert.match(e.message, /^Cannot tokenize pairs\.jsonl:7: /);
+      assert.match(e.message, pattern);
+      return true;
+    });
+  }
+});
+
 Deno.test("malformed rows are errors naming the row", async () => {
   const demo = await tokenizer(DEMO_TOKENIZER);
   assert.throws(
