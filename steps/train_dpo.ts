@@ -32,14 +32,14 @@ import {
   type LoraConfig,
   resolveTargetModules,
 } from "../formats/peft.ts";
-import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
+import { loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
 import type { LoraSpec, LoraWeights, TrainableModel } from "../kernels/models/trainable.ts";
 import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { canonicalJson, sha256Hex } from "../foundation/hash.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type Upstream } from "./define.ts";
-import { loadSplit, type Split } from "./train/batches.ts";
+import type { Split } from "./train/batches.ts";
 import { readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
 import { DPO_EVAL_METRICS, TrainDpoConfig } from "./train/config.ts";
 import {
@@ -58,6 +58,7 @@ import {
   createModel,
   describeTraining,
   measuredPeak,
+  openSplits,
   resumeChoice,
   trainingSources,
 } from "./train/setup.ts";
@@ -71,34 +72,6 @@ export const REFERENCE_FILE = "reference_logps.json";
 
 /** Fault injection for tests, as train-sft's. */
 export const trainDpoHooks: { wrapModel?: (model: TrainableModel) => TrainableModel } = {};
-
-async function openSplits(data: Upstream, model: ModelConfig): Promise<{ train: Split; eval: Split | null }> {
-  const train = await loadSplit(data.path("train"));
-  const evalSplit = "eval" in data.manifest.outputs ? await loadSplit(data.path("eval")) : null;
-  for (const split of [train, evalSplit]) {
-    if (!split) continue;
-    const i = split.index;
-    if (i.kind !== "preference" || !i.paired) {
-      throw new LatheError(
-        `Cannot train-dpo on split "${i.split}" of step "${data.manifest.step}": it holds ${i.kind} rows, ` +
-          "not chosen/rejected pairs",
-        {
-          hint: "give train-dpo a tokenize step of preference data (prompt, chosen, rejected), e.g. " +
-            "prepare@preference and tokenize@preference before it in the recipe",
-        },
-      );
-    }
-    if (i.vocab_size > model.vocabSize) {
-      throw new LatheError(
-        `Cannot train on split "${i.split}": its tokenizer has ${i.vocab_size} token ids, ` +
-          `the model's vocab_size is ${model.vocabSize}`,
-        { hint: "tokenize with the model's own tokenizer (tokenize.tokenizer = the model directory)" },
-      );
-    }
-    checkSequenceLength(model, i.seq_len);
-  }
-  return { train, eval: evalSplit };
-}
 
 /** The adapter the policy starts from (and the reference keeps): train-sft's, init_adapter's, or none. */
 interface StartAdapter {
@@ -280,7 +253,17 @@ export function liveReference(
 async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<string, Upstream>) {
   const dir = baseDir("train-dpo", ctx, config, inputs);
   const modelConfig = await loadModelConfig(dir);
-  const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig);
+  const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig, (i) => {
+    if (i.kind === "preference" && i.paired) return;
+    throw new LatheError(
+      `Cannot train-dpo on split "${i.split}" of step "${inputs.data.manifest.step}": it holds ${i.kind} rows, ` +
+        "not chosen/rejected pairs",
+      {
+        hint: "give train-dpo a tokenize step of preference data (prompt, chosen, rejected), e.g. " +
+          "prepare@preference and tokenize@preference before it in the recipe",
+      },
+    );
+  });
   checkEvaluationNeeds(config, evalSplit !== null && evalSplit.rows.length > 0, "train-dpo");
   const start = await startAdapter(ctx, config, inputs, modelConfig);
   const spec: LoraSpec = start

@@ -31,13 +31,13 @@ import {
   type LoraConfig,
   resolveTargetModules,
 } from "../formats/peft.ts";
-import { checkSequenceLength, loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
+import { loadModelConfig } from "../formats/model_config.ts";
 import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
 import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type Upstream } from "./define.ts";
 import { LatheError } from "../foundation/errors.ts";
-import { loadSplit, type Split } from "./train/batches.ts";
+
 import { readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
 import { TrainSftConfig } from "./train/config.ts";
 import { checkEvaluationNeeds, finalTrainerState, trainLoop } from "./train/loop.ts";
@@ -47,6 +47,7 @@ import {
   createModel,
   describeTraining,
   measuredPeak,
+  openSplits,
   resumeChoice,
   trainingSources,
 } from "./train/setup.ts";
@@ -63,37 +64,19 @@ export const CHECKPOINTS_DIR = ".train-sft.checkpoints";
  */
 export const trainSftHooks: { wrapModel?: (model: TrainableModel) => TrainableModel } = {};
 
-async function openSplits(data: Upstream, model: ModelConfig): Promise<{ train: Split; eval: Split | null }> {
-  const train = await loadSplit(data.path("train"));
-  const evalSplit = "eval" in data.manifest.outputs ? await loadSplit(data.path("eval")) : null;
-  for (const split of [train, evalSplit]) {
-    if (!split) continue;
-    const i = split.index;
-    if (i.kind === "preference") {
-      throw new LatheError(
-        `Cannot train-sft on preference data (split "${i.split}" holds chosen/rejected pairs)`,
-        {
-          hint:
-            "use the train-dpo step for preference data, or prepare SFT rows (messages, prompt/response, text)",
-        },
-      );
-    }
-    if (i.vocab_size > model.vocabSize) {
-      throw new LatheError(
-        `Cannot train on split "${i.split}": its tokenizer has ${i.vocab_size} token ids, ` +
-          `the model's vocab_size is ${model.vocabSize}`,
-        { hint: "tokenize with the model's own tokenizer (tokenize.tokenizer = the model directory)" },
-      );
-    }
-    checkSequenceLength(model, i.seq_len);
-  }
-  return { train, eval: evalSplit };
-}
-
 async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<string, Upstream>) {
   const dir = baseDir("train-sft", ctx, config, inputs);
   const modelConfig = await loadModelConfig(dir);
-  const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig);
+  const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig, (i) => {
+    if (i.kind !== "preference") return;
+    throw new LatheError(
+      `Cannot train-sft on preference data (split "${i.split}" holds chosen/rejected pairs)`,
+      {
+        hint:
+          "use the train-dpo step for preference data, or prepare SFT rows (messages, prompt/response, text)",
+      },
+    );
+  });
   // Before the model loads: a config that needs evaluations fails fast without them.
   checkEvaluationNeeds(config, evalSplit !== null && evalSplit.rows.length > 0);
   const targets = resolveTargetModules(config.lora.target_modules, "train-sft.lora.target_modules");

@@ -235,15 +235,23 @@ export function canonicalBestModelKeys<
   return config;
 }
 
-/** trl's DPO `loss_type`s lathe implements. */
+/** trl's DPO `loss_type`s lathe implements (steps/train/dpo.ts). */
 export const DPO_LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust"] as const;
 
+/** The metrics a DPO step logs, by trl's names (each also with eval_; steps/train/dpo.ts). */
+export const DPO_METRICS = [
+  "rewards/chosen",
+  "rewards/rejected",
+  "rewards/accuracies",
+  "rewards/margins",
+  "logps/chosen",
+  "logps/rejected",
+  "logits/chosen",
+  "logits/rejected",
+] as const;
+
 /** The evaluation metrics of train-dpo: eval_loss and trl's eval_rewards/…, eval_logps/…, eval_logits/…. */
-export const DPO_EVAL_METRICS = [
-  "eval_loss",
-  ...["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"],
-  ...["logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"],
-].map((m) => (m.startsWith("eval_") ? m : `eval_${m}`));
+export const DPO_EVAL_METRICS = ["eval_loss", ...DPO_METRICS.map((m) => `eval_${m}`)];
 
 /**
  * The train-dpo config: the training arguments, with trl's `DPOConfig` keys (docs/training.md).

@@ -32,22 +32,11 @@ import type { Batch, TokenScores, TrainableModel } from "../../kernels/models/tr
 import { buildBatch, IGNORE, type Split } from "./batches.ts";
 import type { EvalResult, Objective, ObjectiveStep } from "./loop.ts";
 
-import type { DPO_LOSS_TYPES } from "./config.ts";
+import { DPO_LOSS_TYPES, DPO_METRICS } from "./config.ts";
 
+export { DPO_LOSS_TYPES, DPO_METRICS };
 /** One of trl's `loss_type`s that lathe implements (config.ts `DPO_LOSS_TYPES`). */
 export type LossType = typeof DPO_LOSS_TYPES[number];
-
-/** The per-step metric names (each also with eval_). */
-export const DPO_METRICS = [
-  "rewards/chosen",
-  "rewards/rejected",
-  "rewards/accuracies",
-  "rewards/margins",
-  "logps/chosen",
-  "logps/rejected",
-  "logits/chosen",
-  "logits/rejected",
-] as const;
 
 /** The objective's settings (trl's DPOConfig names in the step config). */
 export interface DpoSettings {

@@ -9,7 +9,14 @@ import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, resolveTargetModules } from 
 import { exists } from "../../foundation/atomic.ts";
 import { resolveModel } from "../../hub/model.ts";
 import { modelDir, modelSources } from "../model_source.ts";
-import { loadModelConfig, type ModelConfig, type Projection } from "../../formats/model_config.ts";
+import {
+  checkSequenceLength,
+  loadModelConfig,
+  type ModelConfig,
+  type Projection,
+} from "../../formats/model_config.ts";
+import type { ShardIndex } from "../tokenize/shards.ts";
+import { loadSplit, type Split } from "./batches.ts";
 import type { LoraSpec, TrainableModel } from "../../kernels/models/trainable.ts";
 import type { DescribeContext, StepContext, Upstream } from "../define.ts";
 import { LatheError } from "../../foundation/errors.ts";
@@ -208,3 +215,30 @@ export async function describeTraining(
 
 /** Limits a plan assumes without an adapter: a discrete GPU's 2 GiB bindings. */
 const DEFAULT_LIMITS = { maxBindingBytes: 2 ** 31, software: false };
+
+/**
+ * The train and (when tokenize wrote one) eval splits of a tokenize step, each checked by `check`
+ * (the kind of rows the step trains on), against the model's vocabulary and its positions.
+ */
+export async function openSplits(
+  data: Upstream,
+  model: ModelConfig,
+  check: (index: ShardIndex) => void,
+): Promise<{ train: Split; eval: Split | null }> {
+  const train = await loadSplit(data.path("train"));
+  const evalSplit = "eval" in data.manifest.outputs ? await loadSplit(data.path("eval")) : null;
+  for (const split of [train, evalSplit]) {
+    if (!split) continue;
+    const i = split.index;
+    check(i);
+    if (i.vocab_size > model.vocabSize) {
+      throw new LatheError(
+        `Cannot train on split "${i.split}": its tokenizer has ${i.vocab_size} token ids, ` +
+          `the model's vocab_size is ${model.vocabSize}`,
+        { hint: "tokenize with the model's own tokenizer (tokenize.tokenizer = the model directory)" },
+      );
+    }
+    checkSequenceLength(model, i.seq_len);
+  }
+  return { train, eval: evalSplit };
+}
