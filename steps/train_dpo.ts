@@ -26,21 +26,16 @@
  * @module
  */
 import { dirname, join } from "node:path";
-import {
-  ADAPTER_CONFIG_FILE,
-  ADAPTER_WEIGHTS_FILE,
-  type LoraConfig,
-  resolveTargetModules,
-} from "../formats/peft.ts";
+import { type LoraConfig, resolveTargetModules } from "../formats/peft.ts";
 import { loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
 import type { LoraSpec, LoraWeights, TrainableModel } from "../kernels/models/trainable.ts";
-import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
+import { exists, writeJsonAtomic } from "../foundation/atomic.ts";
 import { canonicalJson, sha256Hex } from "../foundation/hash.ts";
 import { LatheError } from "../foundation/errors.ts";
 import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type Upstream } from "./define.ts";
 import type { Split } from "./train/batches.ts";
-import { readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
+import { readAdapterWeights } from "./train/checkpoint.ts";
 import { DPO_EVAL_METRICS, TrainDpoConfig } from "./train/config.ts";
 import {
   DPO_METRICS,
@@ -50,8 +45,7 @@ import {
   scoreSplit,
   sequenceStats,
 } from "./train/dpo.ts";
-import { checkEvaluationNeeds, finalTrainerState, trainLoop } from "./train/loop.ts";
-import { lossSvg } from "./train/plot.ts";
+import { checkEvaluationNeeds, trainLoop } from "./train/loop.ts";
 import {
   baseDir,
   checkMemory,
@@ -61,6 +55,7 @@ import {
   openSplits,
   resumeChoice,
   trainingSources,
+  writeTrainingOutputs,
 } from "./train/setup.ts";
 
 export { TrainDpoConfig };
@@ -351,27 +346,21 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
       resume,
       io: { log: ctx.log, progress: ctx.progress },
     });
-    await writeAdapter(dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE))), model, peft);
-    await writeJsonAtomic(await ctx.out("trainer_state.json"), finalTrainerState(result, config));
-    await writeFileAtomic(
-      await ctx.out("loss.svg"),
-      lossSvg(result.history, `train-dpo ${config.model}`, ["rewards/margins", "rewards/accuracies"]),
+    // The reference log-probs become an output; the checkpoints move in after them.
+    const refPath = join(checkpointDir, REFERENCE_FILE);
+    const hasReference = await exists(refPath);
+    if (hasReference) await Deno.rename(refPath, await ctx.out(REFERENCE_FILE));
+    const outputs = await writeTrainingOutputs(
+      ctx,
+      model,
+      peft,
+      result,
+      config,
+      `train-dpo ${config.model}`,
+      checkpointDir,
+      ["rewards/margins", "rewards/accuracies"],
     );
-    const outputs: Record<string, string> = {
-      adapter: join("adapter", ADAPTER_CONFIG_FILE),
-      adapter_weights: join("adapter", ADAPTER_WEIGHTS_FILE),
-      trainer_state: "trainer_state.json",
-      loss_plot: "loss.svg",
-    };
-    if (await exists(checkpointDir)) {
-      const refPath = join(checkpointDir, REFERENCE_FILE);
-      if (await exists(refPath)) {
-        await Deno.rename(refPath, await ctx.out(REFERENCE_FILE));
-        outputs.reference_logps = REFERENCE_FILE;
-      }
-      await Deno.rename(checkpointDir, await ctx.out("checkpoints"));
-      await Deno.remove(join(ctx.runDir, CHECKPOINTS_DIR)).catch(() => {}); // only when empty
-    }
+    if (hasReference) outputs.reference_logps = REFERENCE_FILE;
     const { eval_mean_token_accuracy: _, ...metrics } = result.metrics;
     return {
       outputs,

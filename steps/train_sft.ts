@@ -25,22 +25,16 @@
  * @module
  */
 import { dirname, join } from "node:path";
-import {
-  ADAPTER_CONFIG_FILE,
-  ADAPTER_WEIGHTS_FILE,
-  type LoraConfig,
-  resolveTargetModules,
-} from "../formats/peft.ts";
+import { type LoraConfig, resolveTargetModules } from "../formats/peft.ts";
 import { loadModelConfig } from "../formats/model_config.ts";
 import type { LoraSpec, TrainableModel } from "../kernels/models/trainable.ts";
-import { exists, writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type Upstream } from "./define.ts";
 import { LatheError } from "../foundation/errors.ts";
 
-import { readAdapterWeights, writeAdapter } from "./train/checkpoint.ts";
+import { readAdapterWeights } from "./train/checkpoint.ts";
 import { TrainSftConfig } from "./train/config.ts";
-import { checkEvaluationNeeds, finalTrainerState, trainLoop } from "./train/loop.ts";
+import { checkEvaluationNeeds, trainLoop } from "./train/loop.ts";
 import {
   baseDir,
   checkMemory,
@@ -50,8 +44,8 @@ import {
   openSplits,
   resumeChoice,
   trainingSources,
+  writeTrainingOutputs,
 } from "./train/setup.ts";
-import { lossSvg } from "./train/plot.ts";
 
 export { TrainSftConfig };
 
@@ -135,20 +129,17 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
       resume,
       io: { log: ctx.log, progress: ctx.progress },
     });
-    await writeAdapter(dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE))), model, peft);
-    await writeJsonAtomic(await ctx.out("trainer_state.json"), finalTrainerState(result, config));
-    await writeFileAtomic(await ctx.out("loss.svg"), lossSvg(result.history, `train-sft ${config.model}`));
-    if (await exists(checkpointDir)) {
-      await Deno.rename(checkpointDir, await ctx.out("checkpoints"));
-      await Deno.remove(join(ctx.runDir, CHECKPOINTS_DIR)).catch(() => {}); // only when empty
-    }
+    const outputs = await writeTrainingOutputs(
+      ctx,
+      model,
+      peft,
+      result,
+      config,
+      `train-sft ${config.model}`,
+      checkpointDir,
+    );
     return {
-      outputs: {
-        adapter: join("adapter", ADAPTER_CONFIG_FILE),
-        adapter_weights: join("adapter", ADAPTER_WEIGHTS_FILE),
-        trainer_state: "trainer_state.json",
-        loss_plot: "loss.svg",
-      },
+      outputs,
       metrics: {
         ...result.metrics,
         ...(plan === null ? {} : {

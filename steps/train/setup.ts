@@ -5,8 +5,16 @@
  * @module
  */
 import { dirname, join, resolve } from "node:path";
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, resolveTargetModules } from "../../formats/peft.ts";
-import { exists } from "../../foundation/atomic.ts";
+import {
+  ADAPTER_CONFIG_FILE,
+  ADAPTER_WEIGHTS_FILE,
+  type LoraConfig,
+  resolveTargetModules,
+} from "../../formats/peft.ts";
+import { exists, writeFileAtomic, writeJsonAtomic } from "../../foundation/atomic.ts";
+import { writeAdapter } from "./checkpoint.ts";
+import { finalTrainerState, type TrainLoopResult } from "./loop.ts";
+import { lossSvg } from "./plot.ts";
 import { resolveModel } from "../../hub/model.ts";
 import { modelDir, modelSources } from "../model_source.ts";
 import {
@@ -241,4 +249,35 @@ export async function openSplits(
     checkSequenceLength(model, i.seq_len);
   }
   return { train, eval: evalSplit };
+}
+
+/**
+ * Writes a training step's outputs once its loop is done: the adapter (PEFT), trainer_state.json,
+ * loss.svg (with the `curves` metrics beside the loss) and, when the loop wrote checkpoints, moves
+ * them from `checkpointDir` (outside the staging directory) into the step's `checkpoints/`.
+ * Returns the outputs by name.
+ */
+export async function writeTrainingOutputs(
+  ctx: StepContext,
+  model: TrainableModel,
+  peft: LoraConfig,
+  result: TrainLoopResult,
+  config: TrainingArgs,
+  title: string,
+  checkpointDir: string,
+  curves: readonly string[] = [],
+): Promise<Record<string, string>> {
+  await writeAdapter(dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE))), model, peft);
+  await writeJsonAtomic(await ctx.out("trainer_state.json"), finalTrainerState(result, config));
+  await writeFileAtomic(await ctx.out("loss.svg"), lossSvg(result.history, title, curves));
+  if (await exists(checkpointDir)) {
+    await Deno.rename(checkpointDir, await ctx.out("checkpoints"));
+    await Deno.remove(dirname(checkpointDir)).catch(() => {}); // only when empty
+  }
+  return {
+    adapter: join("adapter", ADAPTER_CONFIG_FILE),
+    adapter_weights: join("adapter", ADAPTER_WEIGHTS_FILE),
+    trainer_state: "trainer_state.json",
+    loss_plot: "loss.svg",
+  };
 }
