@@ -223,3 +223,47 @@ export function attention_backward<A extends Floats>(
   result.dv.set(dv);
   return result;
 }
+
+/**
+ * One query per sequence against its cached keys and values (KV-cache decoding):
+ * out[b,h] = softmax_j(q[b,h]·K[b,j,h/g]/√hd)·V[b,j,h/g] over j in [lo_b, len_b), lo_b =
+ * max(0, len_b − window) with a window, else 0; g = H/Hkv. f64 accumulation.
+ *
+ * @param q q[B,H,hd]
+ * @param K K[B,L,Hkv,hd]
+ * @param V V[B,L,Hkv,hd]
+ * @param lens len[B]
+ */
+export function attention_decode(
+  q: ArrayLike<number>,
+  K: ArrayLike<number>,
+  V: ArrayLike<number>,
+  lens: ArrayLike<number>,
+  dims: { B: number; H: number; Hkv: number; hd: number; L: number; window?: number | null },
+): Float64Array {
+  const { B, H, Hkv, hd, L } = dims;
+  const out = new Float64Array(B * H * hd);
+  const g = H / Hkv;
+  for (let b = 0; b < B; b++) {
+    const n = lens[b];
+    const lo = dims.window && n > dims.window ? n - dims.window : 0;
+    for (let h = 0; h < H; h++) {
+      const kvh = Math.floor(h / g);
+      const s: number[] = [];
+      for (let j = lo; j < n; j++) {
+        let dot = 0;
+        for (let d = 0; d < hd; d++) dot += q[(b * H + h) * hd + d] * K[((b * L + j) * Hkv + kvh) * hd + d];
+        s.push(dot / Math.sqrt(hd));
+      }
+      const m = Math.max(...s);
+      const e = s.map((x) => Math.exp(x - m));
+      const sum = e.reduce((a, x) => a + x, 0);
+      for (let d = 0; d < hd; d++) {
+        let acc = 0;
+        for (let j = lo; j < n; j++) acc += e[j - lo] * V[((b * L + j) * Hkv + kvh) * hd + d];
+        out[(b * H + h) * hd + d] = acc / sum;
+      }
+    }
+  }
+  return out;
+}
