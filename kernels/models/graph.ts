@@ -185,6 +185,15 @@ export class GpuModel implements TrainableModel {
     };
   }
 
+  /**
+   * What the layers share (config, weights, adapters, RoPE table, activation dtype): for the
+   * inference engine (kernels/models/decode.ts), which runs the same layers with a KV cache.
+   */
+  get layers(): LayerContext {
+    this.#alive();
+    return this.#ctx;
+  }
+
   #alive(): void {
     if (this.#disposed) throw new Error("Cannot use the webgpu model: it was disposed");
   }

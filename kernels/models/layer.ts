@@ -140,8 +140,11 @@ function loraOf(ctx: LayerContext, batch: LayerBatch, slot: AdapterSlot): LoraTe
   };
 }
 
-/** y = x·Wᵀ (+ b) (+ LoRA); into `out` (+=) when given. Records xa of an adapted projection. */
-function project(
+/**
+ * y = x·Wᵀ (+ b) (+ LoRA); into `out` (+=) when given. Records xa of an adapted projection.
+ * Exported for the inference engine (kernels/models/decode.ts), which runs the same projections.
+ */
+export function project(
   ctx: LayerContext,
   batch: LayerBatch,
   layer: number,
@@ -215,7 +218,7 @@ function projectBackward(
 }
 
 /** The normed input in the activation dtype (RMSNorm writes its input's dtype, f32 here). */
-function normed(ctx: LayerContext, h: Tensor, w: Tensor, label: string): { x: Tensor; rstd: Tensor } {
+export function normed(ctx: LayerContext, h: Tensor, w: Tensor, label: string): { x: Tensor; rstd: Tensor } {
   const { y, rstd } = rmsnormForward(h, w, { eps: ctx.config.rmsNormEps, label });
   if (ctx.act === "f32") return { x: y, rstd };
   const x = cast(y, "f16", { label });
@@ -223,7 +226,8 @@ function normed(ctx: LayerContext, h: Tensor, w: Tensor, label: string): { x: Te
   return { x, rstd };
 }
 
-function copyOf(t: Tensor, label: string): Tensor {
+/** A copy of `t` (a residual stream the next block adds into). */
+export function copyOf(t: Tensor, label: string): Tensor {
   const out = Tensor.empty(t.gpu, t.shape, t.dtype, { label });
   const rec = recorder(t.gpu);
   t.chunks.forEach((c, i) =>
