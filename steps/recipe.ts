@@ -421,7 +421,42 @@ export async function parseRecipe(text: string, path: string, opts: LoadRecipeOp
             `add "${upstream}" before "${name}"`,
       });
     }
-    const given = file.steps[name] ?? {};
+    // `inputs:` names the instance an input reads, where the nearest earlier one is not it.
+    const { inputs: chosen, ...given } = (file.steps[name] ?? {}) as Record<string, unknown>;
+    if (chosen !== undefined) {
+      const declared = { ...def.inputs, ...def.optionalInputs };
+      if (chosen === null || typeof chosen !== "object" || Array.isArray(chosen)) {
+        problems.push({
+          path: ["steps", name, "inputs"],
+          message: "expected a mapping of input name -> step instance",
+        });
+      } else {
+        for (const [input, instance] of Object.entries(chosen)) {
+          const want = declared[input];
+          if (want === undefined) {
+            problems.push({
+              path: ["steps", name, "inputs", input],
+              message: `step "${stepOfInstance(name)}" has no input "${input}" (its inputs: ${
+                Object.keys(declared).map((k) => `"${k}"`).join(", ") || "none"
+              })`,
+            });
+          } else if (
+            typeof instance !== "string" || !earlier.includes(instance) || stepOfInstance(instance) !== want
+          ) {
+            problems.push({
+              path: ["steps", name, "inputs", input],
+              message:
+                `input "${input}" reads a "${want}" step: "${
+                  String(instance)
+                }" is not one before "${name}" ` +
+                `(instances of "${want}" before it: ${
+                  earlier.filter((n) => stepOfInstance(n) === want).map((n) => `"${n}"`).join(", ") || "none"
+                })`,
+            });
+          } else inputs[input] = instance;
+        }
+      }
+    }
     const checked = def.config.safeParse(given);
     if (!checked.success) {
       problems.push(...zodProblems(checked.error.issues, ["steps", name], given, def.config));

@@ -435,3 +435,47 @@ steps:
     /bad\.yaml:4:3: steps\.upper@late: step "upper@late" reads input "text" from step "emit", which comes after it/,
   );
 });
+
+Deno.test("step instances: `inputs:` picks an earlier instance other than the nearest; a wrong one is a recipe error", async () => {
+  await using box = await sandbox();
+  await project(box.root);
+  await Deno.writeTextFile(
+    join(box.root, "recipes", "pick.yaml"),
+    `name: pick
+steps:
+  emit:
+    text: first
+  emit@second:
+    text: second
+  upper:
+    inputs: { text: emit }
+`,
+  );
+  const { result } = await recipe(box.root, box.runs, "pick");
+  const upper = result!.steps.find((s) => s.step === "upper")!.outcome.manifest;
+  assert.equal(upper.inputs.text.step, "emit");
+  assert.equal(
+    await Deno.readTextFile(join(result!.runDir, "upper", "sub/upper.txt")),
+    "FIRST\nFIRST\n!0042\n",
+  );
+  assert.ok(!Object.hasOwn(upper.config as object, "inputs"), "inputs: is not part of the step's config");
+  await Deno.writeTextFile(
+    join(box.root, "recipes", "wrong.yaml"),
+    `name: wrong
+steps:
+  emit:
+  upper:
+    inputs: { text: upper, words: emit }
+`,
+  );
+  const error = await recipe(box.root, box.runs, "wrong").then(() => null, (e) => e);
+  assert.ok(error instanceof LatheError);
+  assert.match(
+    error.message,
+    /steps\.upper\.inputs\.text: input "text" reads a "emit" step: "upper" is not one before "upper" \(instances of "emit" before it: "emit"\)/,
+  );
+  assert.match(
+    error.message,
+    /steps\.upper\.inputs\.words: step "upper" has no input "words" \(its inputs: "text"\)/,
+  );
+});

@@ -22,7 +22,9 @@ Deno.test("corpus BLEU equals sacreBLEU's published example: 48.53 82.4/50.0/45.
   assert.equal(b.bp.toFixed(3), "0.943");
   assert.deepEqual([b.sysLen, b.refLen], [17, 18]);
   // Identical output and reference: 100.
-  assert.ok(Math.abs(corpusBleu(["the cat sat on the mat"], [["the cat sat on the mat"]]).score - 100) < 1e-9);
+  assert.ok(
+    Math.abs(corpusBleu(["the cat sat on the mat"], [["the cat sat on the mat"]]).score - 100) < 1e-9,
+  );
   // A 4-gram that matches nothing: exp smoothing (100 / (2·1) for it), not 0.
   const smoothed = corpusBleu(["the cat sat on"], [["the cat sat in the hat"]]);
   assert.deepEqual(smoothed.precisions, [75, 200 / 3, 50, 50]);
