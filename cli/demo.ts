@@ -60,6 +60,34 @@ dpo curves:  ${runDir}/train-dpo/loss.svg   (loss, reward margins and accuracies
 adapter:     ${runDir}/train-dpo/adapter/   (the SFT adapter, preference-tuned)`,
       );
     }
+    const evalStep = result.steps.find((s) => s.step === "eval")?.outcome.manifest;
+    if (evalStep) {
+      const m = evalStep.metrics as Record<string, number | null>;
+      const models = ["base", "train-sft", "train-dpo"].filter((k) => `${k}/eval_loss` in m);
+      const pct = (v: number | null | undefined) => typeof v === "number" ? `${(100 * v).toFixed(1)}%` : "–";
+      const num = (v: number | null | undefined) => typeof v === "number" ? v.toFixed(3) : "–";
+      const rows = [
+        ["model", "eval loss", "valid JSON", "fields right", "ROUGE-L", "chosen likelier"],
+        ...models.map((k) => [
+          k,
+          num(m[`${k}/eval_loss`]),
+          pct(m[`${k}/json_valid`]),
+          pct(m[`${k}/json_field_accuracy`]),
+          pct(m[`${k}/rouge_l`]),
+          pct(m[`${k}/preference_accuracy`]),
+        ]),
+      ];
+      const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
+      console.log(
+        `\neval (${m.samples} eval prompts answered greedily, ${m.preference_pairs} preference pairs):`,
+      );
+      for (const r of rows) {
+        console.log(
+          "  " + r.map((cell, c) => c === 0 ? cell.padEnd(widths[c]) : cell.padStart(widths[c])).join("  "),
+        );
+      }
+      console.log(`report:      ${runDir}/eval/report.html   (and report.md, generations.jsonl)`);
+    }
     console.log(`
 manifests:   ${runDir}/<step>/manifest.json
 rerun one:   deno task step tokenize --manifest ${runDir}/tokenize/manifest.json

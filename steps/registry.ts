@@ -11,6 +11,7 @@ const MODULES: Record<string, () => Promise<{ step: StepDef }>> = {
   quantize: () => import("./quantize.ts"),
   "train-sft": () => import("./train_sft.ts"),
   "train-dpo": () => import("./train_dpo.ts"),
+  eval: () => import("./eval.ts"),
 };
 
 /** Names of all registered steps, in pipeline order. */

@@ -159,11 +159,11 @@ export function baseDir(
 }
 
 /**
- * The sources of a training step: the model's files (none with a quantize step upstream, whose
- * key covers the model) and the init_adapter's.
+ * The sources of a step that runs a model (training, eval): the model's files (none with a
+ * quantize step upstream, whose key covers the model) and an init_adapter's.
  */
 export async function trainingSources(
-  config: TrainingArgs,
+  config: { model: string; revision: string; init_adapter?: string | null },
   projectRoot: string,
   inputs: ReadonlySet<string>,
 ): Promise<Record<string, string>> {
@@ -171,7 +171,7 @@ export async function trainingSources(
   const out = inputs.has("base")
     ? {}
     : await modelSources(await modelDir(config.model, config.revision, projectRoot));
-  if (config.init_adapter !== null) {
+  if (config.init_adapter !== undefined && config.init_adapter !== null) {
     const dir = resolve(projectRoot, config.init_adapter);
     out["init_adapter/config"] = join(dir, ADAPTER_CONFIG_FILE);
     out["init_adapter/weights"] = join(dir, ADAPTER_WEIGHTS_FILE);

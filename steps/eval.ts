@@ -1,0 +1,296 @@
+/**
+ * The `eval` step: the base model and every adapter trained upstream (train-sft, train-dpo),
+ * side by side, on the eval split:
+ * - loss and perplexity of the eval split's token shards (`data`, a tokenize of SFT rows),
+ *   token-weighted exactly as train-sft's `eval_loss` (the same loop, the same batches);
+ * - greedy (or sampled) answers to the eval prompts (the prepare step behind `data`: each row's
+ *   conversation up to its last assistant turn, that turn the reference), in `generations.jsonl`;
+ * - exact match (and normalised), ROUGE-L F1, corpus BLEU (sacreBLEU's defaults) and, for JSON
+ *   references, valid JSON and field accuracy (steps/eval/metrics.ts);
+ * - with preference data (`preference`, a tokenize of pairs): the share of eval pairs whose chosen
+ *   answer is more likely under each model, and for train-dpo's adapter its implicit reward
+ *   accuracy against the reference it was trained with (trl's `eval_rewards/accuracies`).
+ * Outputs: `report.md`, a self-contained `report.html`, `generations.jsonl`, `metrics.json`; the
+ * manifest's metrics are `<model>/<metric>` (the tracker indexes them).
+ *
+ * Models: "base" is the model train-sft and train-dpo trained on (the quantize step's 4-bit model
+ * when one is upstream); each adapter is named by the step that wrote it. train-dpo's adapter
+ * continues train-sft's, so each model is the base with one adapter.
+ * @module
+ */
+import { join } from "node:path";
+import * as z from "zod";
+import { writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
+import { LatheError } from "../foundation/errors.ts";
+import { MANIFEST_FILE, readManifest } from "../foundation/manifest.ts";
+import { runFromCli } from "./cli.ts";
+import { defineStep, type StepContext, type Upstream } from "./define.ts";
+import { openSession, type Session } from "./generate/session.ts";
+import { corpusBleu, exactMatch, jsonMetrics, rougeL } from "./eval/metrics.ts";
+import { type ModelResult, reportHtml, reportMarkdown, type SampleRow } from "./eval/report.ts";
+import type { Message } from "./tokenize/chat.ts";
+import { loadSplit, type Split } from "./train/batches.ts";
+import { pairCount, scoreSplit } from "./train/dpo.ts";
+import { evaluateSplit } from "./train/loop.ts";
+import { baseDir, trainingSources } from "./train/setup.ts";
+
+/** The step's config. */
+export const EvalConfig = z.strictObject({
+  /** The base model (as train-sft's `model`): a directory, an HF cache snapshot or a Hub repo id. */
+  model: z.string().min(1),
+  revision: z.string().min(1).default("main"),
+  /** Eval prompts to answer (the first N of the eval split; default 32); 0: no generations. */
+  max_samples: z.number().int().min(0).default(32),
+  /** New tokens per answer at most (default 128). */
+  max_new_tokens: z.number().int().positive().default(128),
+  /** Prompts per generation batch, and rows (pairs) per loss batch (default 8). */
+  batch_size: z.number().int().positive().default(8),
+  /** Sampling (default greedy), by transformers' names. */
+  do_sample: z.boolean().default(false),
+  temperature: z.number().min(0).default(1),
+  top_k: z.number().int().min(0).default(50),
+  top_p: z.number().gt(0).max(1).default(1),
+  min_p: z.number().min(0).lt(1).default(0),
+  repetition_penalty: z.number().positive().default(1),
+  /** Sample generations shown side by side in the reports (default 5). */
+  report_samples: z.number().int().min(0).default(5),
+});
+/** The parsed config. */
+export type EvalConfig = z.output<typeof EvalConfig>;
+
+/** One eval prompt and its reference, from the prepared rows. */
+interface Prompt {
+  messages: Message[];
+  reference: string;
+  source: string;
+}
+
+/** The prepared eval rows behind a tokenize step: its prepare input's eval.jsonl. */
+async function evalPrompts(data: Upstream, max: number): Promise<Prompt[]> {
+  const prepare = data.manifest.inputs.data;
+  if (!prepare || max === 0) return [];
+  const dir = join(data.dir, "..", prepare.step);
+  const manifest = await readManifest(join(dir, MANIFEST_FILE));
+  const evalOut = manifest.outputs.eval;
+  if (!evalOut) return [];
+  const out: Prompt[] = [];
+  const lines = (await Deno.readTextFile(join(dir, evalOut.path))).split("\n");
+  for (const [i, line] of lines.entries()) {
+    if (out.length >= max) break;
+    if (line.trim() === "") continue;
+    const row = JSON.parse(line) as { messages?: Message[]; source?: string };
+    const messages = row.messages ?? [];
+    const last = messages.findLastIndex((m) => m.role === "assistant");
+    if (last <= 0) continue;
+    out.push({
+      messages: messages.slice(0, last),
+      reference: messages[last].content,
+      source: row.source ?? `${prepare.step}/eval.jsonl:${i + 1}`,
+    });
+  }
+  return out;
+}
+
+/** The eval split of a tokenize step, or null when it has none. */
+async function evalSplit(data: Upstream): Promise<Split | null> {
+  return "eval" in data.manifest.outputs ? await loadSplit(data.path("eval")) : null;
+}
+
+interface Candidate {
+  label: string;
+  adapters: string[];
+  description: string;
+  /** For train-dpo's adapter: the adapters of its reference (train-sft's, or none: the base). */
+  reference?: string[];
+  beta?: number;
+}
+
+async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, Upstream>) {
+  const dir = baseDir("eval", ctx, config, inputs);
+  const data = inputs.data;
+  const split = await evalSplit(data);
+  if (split && split.index.kind === "preference") {
+    throw new LatheError(`Cannot eval on step "${data.manifest.step}": its rows are preference pairs`, {
+      hint: "give eval the tokenize step of the SFT data as `data` (inputs: { data: tokenize }) and the " +
+        "preference data as `preference`",
+    });
+  }
+  const prefInput = inputs.preference;
+  const prefSplit = prefInput && prefInput.manifest.step !== data.manifest.step
+    ? await evalSplit(prefInput)
+    : null;
+  const preference = prefSplit && prefSplit.index.kind === "preference" ? prefSplit : null;
+  const prompts = await evalPrompts(data, config.max_samples);
+
+  const candidates: Candidate[] = [{ label: "base", adapters: [], description: `${config.model}` }];
+  const sft = inputs.sft;
+  const dpo = inputs.dpo;
+  if (sft) {
+    candidates.push({
+      label: sft.manifest.step,
+      adapters: [join(sft.dir, "adapter")],
+      description: `base + the LoRA adapter of ${sft.manifest.step}`,
+    });
+  }
+  if (dpo) {
+    const dpoConfig = dpo.manifest.config as { beta?: number };
+    const ref = dpo.manifest.inputs.sft;
+    candidates.push({
+      label: dpo.manifest.step,
+      adapters: [join(dpo.dir, "adapter")],
+      description: `base + the LoRA adapter of ${dpo.manifest.step}`,
+      reference: ref ? [join(dpo.dir, "..", ref.step, "adapter")] : [],
+      beta: dpoConfig.beta,
+    });
+  }
+  const sampling = {
+    doSample: config.do_sample,
+    temperature: config.temperature,
+    topK: config.top_k,
+    topP: config.top_p,
+    minP: config.min_p,
+    repetitionPenalty: config.repetition_penalty,
+  };
+  const results: ModelResult[] = [];
+  const outputs = new Map<string, { text: string; tokens: number; seconds: number; finish: string }[]>();
+  // Preference log-probs by adapters (for the reward accuracy of train-dpo's reference).
+  const prefLogps = new Map<string, Float64Array>();
+  const evalBs = sftBatch(sft) ?? config.batch_size;
+  const { getGpu } = await import("../kernels/device.ts");
+  ctx.setGpu((await getGpu()).info);
+  const total = candidates.length * (1 + prompts.length);
+  const progress = ctx.progress(total, "items");
+  for (const c of candidates) {
+    using session = await openSession({
+      model: dir,
+      adapters: c.adapters,
+      projectRoot: ctx.projectRoot,
+      seed: ctx.seed,
+    });
+    const metrics: Record<string, number | null> = {};
+    if (split && split.rows.length > 0) {
+      const r = await evaluateSplit(session.model, split, evalBs);
+      metrics.eval_loss = r?.eval_loss ?? null;
+      metrics.perplexity = r ? Math.exp(r.eval_loss) : null;
+      metrics.eval_mean_token_accuracy = r?.eval_mean_token_accuracy ?? null;
+    }
+    progress.tick(1, c.label);
+    if (prompts.length > 0) {
+      const answers = await answerAll(session, prompts, config, sampling, () => progress.tick(1, c.label));
+      outputs.set(c.label, answers);
+      const texts = answers.map((a) => a.text);
+      const refs = prompts.map((p) => p.reference);
+      const em = exactMatch(texts, refs);
+      metrics.exact_match = em.exact;
+      metrics.exact_match_normalized = em.normalized;
+      metrics.rouge_l = texts.reduce((s, t, i) => s + rougeL(t, refs[i]), 0) / texts.length;
+      metrics.bleu = corpusBleu(texts, [refs]).score;
+      const json = jsonMetrics(texts, refs);
+      if (json) {
+        metrics.json_valid = json.valid;
+        metrics.json_field_accuracy = json.fields;
+      }
+    }
+    if (preference) {
+      const logps = await scoreSplit(session.model, preference, evalBs);
+      prefLogps.set(c.adapters.join("|"), logps);
+      let more = 0;
+      for (let i = 0; i < pairCount(preference); i++) if (logps[2 * i] > logps[2 * i + 1]) more++;
+      metrics.preference_accuracy = more / pairCount(preference);
+    }
+    results.push({ label: c.label, description: c.description, metrics });
+  }
+  // train-dpo's implicit rewards against the reference it was trained with.
+  for (const c of candidates) {
+    if (!preference || c.reference === undefined) continue;
+    const pol = prefLogps.get(c.adapters.join("|"))!;
+    const ref = prefLogps.get(c.reference.join("|"));
+    if (!ref) continue;
+    let right = 0;
+    for (let i = 0; i < pairCount(preference); i++) {
+      if (pol[2 * i] - ref[2 * i] > pol[2 * i + 1] - ref[2 * i + 1]) right++;
+    }
+    results.find((r) => r.label === c.label)!.metrics.reward_accuracy = right / pairCount(preference);
+  }
+  progress.done();
+
+  const rows = prompts.map((p, i) => ({
+    source: p.source,
+    prompt: p.messages.at(-1)?.content ?? "",
+    reference: p.reference,
+    outputs: Object.fromEntries(candidates.map((c) => [c.label, outputs.get(c.label)![i]])),
+  }));
+  await writeFileAtomic(
+    await ctx.out("generations.jsonl"),
+    rows.map((r) => JSON.stringify(r)).join("\n") + (rows.length ? "\n" : ""),
+  );
+  const samples: SampleRow[] = rows.slice(0, config.report_samples).map((r) => ({
+    prompt: r.prompt,
+    reference: r.reference,
+    outputs: Object.fromEntries(Object.entries(r.outputs).map(([k, v]) => [k, v.text])),
+  }));
+  const title = `eval of ${config.model}`;
+  await writeFileAtomic(await ctx.out("report.md"), reportMarkdown(title, results, samples));
+  await writeFileAtomic(await ctx.out("report.html"), reportHtml(title, results, samples));
+  await writeJsonAtomic(await ctx.out("metrics.json"), { models: results });
+  const flat: Record<string, number | null> = {};
+  for (const r of results) for (const [k, v] of Object.entries(r.metrics)) flat[`${r.label}/${k}`] = v;
+  return {
+    outputs: {
+      report: "report.md",
+      report_html: "report.html",
+      generations: "generations.jsonl",
+      metrics_json: "metrics.json",
+    },
+    metrics: { ...flat, samples: prompts.length, preference_pairs: preference ? pairCount(preference) : 0 },
+  };
+}
+
+/** train-sft's eval batch size: the same batches give its eval_loss to the bit. */
+function sftBatch(sft: Upstream | undefined): number | null {
+  if (!sft) return null;
+  const c = sft.manifest.config as {
+    per_device_eval_batch_size?: number | null;
+    per_device_train_batch_size?: number;
+  };
+  return c.per_device_eval_batch_size ?? c.per_device_train_batch_size ?? null;
+}
+
+async function answerAll(
+  session: Session,
+  prompts: Prompt[],
+  config: EvalConfig,
+  sampling: Record<string, number | boolean>,
+  tick: () => void,
+) {
+  const out: { text: string; tokens: number; seconds: number; finish: string }[] = [];
+  for (let i = 0; i < prompts.length; i += config.batch_size) {
+    const group = prompts.slice(i, i + config.batch_size);
+    const answers = await session.answer(group.map((p) => p.messages), {
+      ...sampling,
+      maxNewTokens: config.max_new_tokens,
+      batchSize: config.batch_size,
+      seed: i,
+    });
+    for (const a of answers) {
+      out.push({ text: a.text, tokens: a.tokens, seconds: a.seconds, finish: a.finishReason });
+      tick();
+    }
+  }
+  return out;
+}
+
+/** The eval step. */
+export const step = defineStep({
+  name: "eval",
+  version: "1",
+  description:
+    "Evaluates the base and each trained adapter side by side: loss, generations, text metrics, preferences",
+  config: EvalConfig,
+  inputs: { data: "tokenize" },
+  optionalInputs: { base: "quantize", sft: "train-sft", dpo: "train-dpo", preference: "tokenize" },
+  sources: trainingSources,
+  run,
+});
+
+if (import.meta.main) await runFromCli(step);
