@@ -112,7 +112,8 @@ export function barChart(models: readonly ModelResult[]): string {
   const colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
   const bar = 18;
   const gap = 22;
-  const group = models.length * bar + gap;
+  // Wide enough for its label under it.
+  const group = Math.max(models.length * bar + gap, 120);
   const left = 50;
   const top = 30;
   const h = 200;
@@ -125,7 +126,7 @@ export function barChart(models: readonly ModelResult[]): string {
     parts.push(`<text x="${left - 6}" y="${y + 4}" text-anchor="end" font-size="11">${t * 25}%</text>`);
   }
   names.forEach((name, g) => {
-    const x0 = left + g * group + gap / 2;
+    const x0 = left + g * group + (group - models.length * bar) / 2;
     models.forEach((m, i) => {
       const v = m.metrics[name];
       const value = typeof v === "number" && Number.isFinite(v) ? Math.max(0, Math.min(1, v)) : 0;
@@ -181,7 +182,8 @@ th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th:first-child { text-align: left; }
 thead th { background: #f3f3f3; }
 .grid { display: grid; grid-template-columns: repeat(${models.length + 2}, 1fr); gap: 8px; }
-pre { white-space: pre-wrap; word-break: break-word; background: #f8f8f8; padding: 6px; margin: 0; font-size: 12px; }
+pre { white-space: pre-wrap; word-break: break-word; background: #f8f8f8; padding: 6px; margin: 0; font-size: 12px;
+  max-height: 12em; overflow: auto; }
 h4 { margin: 0 0 4px; font-size: 13px; }
 ul { padding-left: 1.2em; }
 </style></head>
