@@ -18,7 +18,7 @@
  * continues train-sft's, so each model is the base with one adapter.
  * @module
  */
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import * as z from "zod";
 import { writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { LatheError } from "../foundation/errors.ts";
@@ -27,6 +27,8 @@ import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type Upstream } from "./define.ts";
 import { openSession, type Session } from "./generate/session.ts";
 import { corpusBleu, exactMatch, jsonMetrics, rougeL } from "./eval/metrics.ts";
+import { DEFAULT_JUDGE_PROMPT, judge } from "./eval/judge.ts";
+import { type McItem, parseMcFile, scoreMultipleChoice } from "./eval/multiple_choice.ts";
 import { type ModelResult, reportHtml, reportMarkdown, type SampleRow } from "./eval/report.ts";
 import type { Message } from "./tokenize/chat.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
@@ -54,6 +56,29 @@ export const EvalConfig = z.strictObject({
   repetition_penalty: z.number().positive().default(1),
   /** Sample generations shown side by side in the reports (default 5). */
   report_samples: z.number().int().min(0).default(5),
+  /**
+   * Multiple-choice benchmarks scored as lm-evaluation-harness scores them (acc, acc_norm):
+   * JSONL files of {"question", "choices", "answer"} (steps/eval/multiple_choice.ts).
+   */
+  benchmarks: z.array(z.strictObject({
+    /** Its name in the report and the metrics ("<model>/<name>/acc"). */
+    name: z.string().regex(/^[A-Za-z0-9_.-]+$/, "letters, digits, '_', '.' and '-'"),
+    /** The JSONL file (relative to the project root). */
+    path: z.string().min(1),
+    /** Questions scored at most (default: all). */
+    max_samples: z.number().int().positive().nullable().default(null),
+  })).default([]),
+  /**
+   * An LLM judge through an OpenAI-compatible chat-completions endpoint, scoring each generation
+   * from 1 to 10 (steps/eval/judge.ts); null: none (default). The key comes from the environment
+   * variable `key_env` and is never written anywhere.
+   */
+  judge: z.strictObject({
+    url: z.string().url(),
+    model: z.string().min(1),
+    prompt: z.string().min(1).default(DEFAULT_JUDGE_PROMPT),
+    key_env: z.string().regex(/^[A-Z_][A-Z0-9_]*$/).nullable().default("OPENAI_API_KEY"),
+  }).nullable().default(null),
 });
 /** The parsed config. */
 export type EvalConfig = z.output<typeof EvalConfig>;
@@ -121,6 +146,14 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
     : null;
   const preference = prefSplit && prefSplit.index.kind === "preference" ? prefSplit : null;
   const prompts = await evalPrompts(data, config.max_samples);
+  const benchmarks: { name: string; items: McItem[] }[] = [];
+  for (const b of config.benchmarks) {
+    const path = ctx.sources[`benchmark/${b.name}`];
+    benchmarks.push({
+      name: b.name,
+      items: parseMcFile(await Deno.readTextFile(path), b.path, b.max_samples ?? undefined),
+    });
+  }
 
   const candidates: Candidate[] = [{ label: "base", adapters: [], description: `${config.model}` }];
   const sft = inputs.sft;
@@ -152,7 +185,7 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
     repetitionPenalty: config.repetition_penalty,
   };
   const results: ModelResult[] = [];
-  const outputs = new Map<string, { text: string; tokens: number; seconds: number; finish: string }[]>();
+  const outputs = new Map<string, Output[]>();
   // Preference log-probs by adapters (for the reward accuracy of train-dpo's reference).
   const prefLogps = new Map<string, Float64Array>();
   const evalBs = sftBatch(sft) ?? config.batch_size;
@@ -190,6 +223,40 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
         metrics.json_valid = json.valid;
         metrics.json_field_accuracy = json.fields;
       }
+    }
+    for (const b of benchmarks) {
+      const encode = (text: string) =>
+        session.tokenizer.tokenizer.encode(text, { add_special_tokens: false }).ids;
+      const score = await scoreMultipleChoice(session.model, encode, b.items, config.batch_size);
+      metrics[`${b.name}/acc`] = score.acc;
+      metrics[`${b.name}/acc_norm`] = score.acc_norm;
+    }
+    if (config.judge && prompts.length > 0) {
+      const settings = {
+        url: config.judge.url,
+        model: config.judge.model,
+        prompt: config.judge.prompt,
+        keyEnv: config.judge.key_env,
+      };
+      let sum = 0;
+      let scored = 0;
+      const scores: (number | null)[] = [];
+      for (const [i, p] of prompts.entries()) {
+        const output = outputs.get(c.label)![i];
+        const score = await judge(settings, {
+          prompt: p.messages.at(-1)?.content ?? "",
+          reference: p.reference,
+          output: output.text,
+        });
+        scores.push(score);
+        output.judge = score;
+        if (score !== null) {
+          sum += score;
+          scored++;
+        }
+      }
+      metrics.judge_score = scored > 0 ? sum / scored : null;
+      metrics.judge_unscored = scores.length - scored;
     }
     if (preference) {
       const logps = await scoreSplit(session.model, preference, evalBs);
@@ -256,6 +323,16 @@ function sftBatch(sft: Upstream | undefined): number | null {
   return c.per_device_eval_batch_size ?? c.per_device_train_batch_size ?? null;
 }
 
+/** One model's answer to one eval prompt, as generations.jsonl holds it. */
+interface Output {
+  text: string;
+  tokens: number;
+  seconds: number;
+  finish: string;
+  /** The judge's score, when a judge is configured (null: its reply held none). */
+  judge?: number | null;
+}
+
 async function answerAll(
   session: Session,
   prompts: Prompt[],
@@ -263,7 +340,7 @@ async function answerAll(
   sampling: Record<string, number | boolean>,
   tick: () => void,
 ) {
-  const out: { text: string; tokens: number; seconds: number; finish: string }[] = [];
+  const out: Output[] = [];
   for (let i = 0; i < prompts.length; i += config.batch_size) {
     const group = prompts.slice(i, i + config.batch_size);
     const answers = await session.answer(group.map((p) => p.messages), {
@@ -289,7 +366,11 @@ export const step = defineStep({
   config: EvalConfig,
   inputs: { data: "tokenize" },
   optionalInputs: { base: "quantize", sft: "train-sft", dpo: "train-dpo", preference: "tokenize" },
-  sources: trainingSources,
+  sources: async (config, projectRoot, inputs) => {
+    const out = await trainingSources(config, projectRoot, inputs);
+    for (const b of config.benchmarks) out[`benchmark/${b.name}`] = resolve(projectRoot, b.path);
+    return out;
+  },
   run,
 });
 

@@ -35,7 +35,14 @@ export const METRIC_LABELS: Record<string, { label: string; share: boolean }> = 
   bleu: { label: "BLEU", share: false },
   preference_accuracy: { label: "chosen more likely", share: true },
   reward_accuracy: { label: "DPO reward accuracy", share: true },
+  judge_score: { label: "judge score (1–10)", share: false },
+  judge_unscored: { label: "judge: answers without a score", share: false },
 };
+
+/** How the report shows a metric: a known one, a benchmark's acc / acc_norm (shares), or as named. */
+function metaOf(name: string): { label: string; share: boolean } {
+  return METRIC_LABELS[name] ?? { label: name, share: /\/acc(_norm)?$/.test(name) };
+}
 
 function format(value: number | null | undefined, share: boolean, digits = 4): string {
   if (value === null || value === undefined || !Number.isFinite(value)) return "–";
@@ -54,7 +61,7 @@ function metricNames(models: readonly ModelResult[]): string[] {
 /** The metrics table as Markdown rows (one row per metric, one column per model). */
 export function metricsTable(models: readonly ModelResult[]): string[][] {
   return metricNames(models).map((name) => {
-    const meta = METRIC_LABELS[name] ?? { label: name, share: false };
+    const meta = metaOf(name);
     // BLEU is on a 0–100 scale, read to two decimals as sacreBLEU prints it.
     return [meta.label, ...models.map((m) => format(m.metrics[name], meta.share, name === "bleu" ? 2 : 4))];
   });
@@ -107,7 +114,7 @@ export function reportMarkdown(
 
 /** A grouped bar chart (SVG) of the share metrics, one group per metric, one bar per model. */
 export function barChart(models: readonly ModelResult[]): string {
-  const names = metricNames(models).filter((n) => METRIC_LABELS[n]?.share);
+  const names = metricNames(models).filter((n) => metaOf(n).share);
   if (names.length === 0) return "";
   const colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
   const bar = 18;
@@ -141,7 +148,7 @@ export function barChart(models: readonly ModelResult[]): string {
     });
     parts.push(
       `<text x="${x0 + (models.length * bar) / 2}" y="${top + h + 16}" text-anchor="middle" font-size="11">${
-        escapeXml(METRIC_LABELS[name].label)
+        escapeXml(metaOf(name).label)
       }</text>`,
     );
   });

@@ -136,3 +136,88 @@ Deno.test("eval refuses preference pairs as its `data`", async () => {
     });
   });
 });
+
+/** A chat-completions mock: scores 7 unless the answer is empty (then "no idea"); records what it got. */
+function mockJudge(key: string) {
+  const seen: { auth: string | null; model: string; content: string }[] = [];
+  const server = Deno.serve({ port: 0, hostname: "127.0.0.1", onListen: () => {} }, async (req) => {
+    const body = await req.json();
+    seen.push({
+      auth: req.headers.get("authorization"),
+      model: body.model,
+      content: body.messages[0].content,
+    });
+    if (req.headers.get("authorization") !== `Bearer ${key}`) return new Response("no", { status: 401 });
+    const reply = /Assistant's answer:\n\n/.test(body.messages[0].content) ? "no idea" : "Score: 7/10";
+    return Response.json({ choices: [{ message: { role: "assistant", content: reply } }] });
+  });
+  return { server, seen, url: `http://127.0.0.1:${server.addr.port}/v1` };
+}
+
+gpuTest("eval with a multiple-choice benchmark and an LLM judge; the judge's key lands nowhere", async () => {
+  await withProject(async (dir) => {
+    const key = "sk-test-7f3a9c";
+    const judgeServer = mockJudge(key);
+    const saved = Deno.env.get("LATHE_TEST_JUDGE_KEY");
+    Deno.env.set("LATHE_TEST_JUDGE_KEY", key);
+    try {
+      await Deno.writeTextFile(
+        join(dir, "mc.jsonl"),
+        [
+          JSON.stringify({
+            question: "Which city is in Portugal?",
+            choices: ["Lisbon", "Zurich"],
+            answer: 0,
+          }),
+          JSON.stringify({ question: "How many mugs is 'six mugs'?", choices: ["2", "6", "9"], answer: 1 }),
+        ].join("\n") + "\n",
+      );
+      const text = recipeText(dir, "{ data: tokenize }")
+        .replace(/ {2}prepare@preference:[\s\S]*? {2}eval:/, "  eval:") +
+        `    benchmarks: [{ name: shop-mc, path: ${join(dir, "mc.jsonl")} }]\n` +
+        `    judge: { url: "${judgeServer.url}", model: judge-1, key_env: LATHE_TEST_JUDGE_KEY }\n`;
+      const result = await recipe(dir, text);
+      const ev = result.steps.find((s) => s.step === "eval")!.outcome.manifest;
+      const m = ev.metrics as Record<string, number>;
+      for (const label of ["base", "train-sft"]) {
+        assert.ok([0, 0.5, 1].includes(m[`${label}/shop-mc/acc`]), `${label} acc`);
+        assert.ok([0, 0.5, 1].includes(m[`${label}/shop-mc/acc_norm`]));
+        assert.equal(m[`${label}/judge_score`] ?? null, m[`${label}/judge_unscored`] === 3 ? null : 7);
+      }
+      assert.equal(judgeServer.seen.length, 6, "3 answers × 2 models");
+      assert.ok(judgeServer.seen.every((s) => s.model === "judge-1" && s.auth === `Bearer ${key}`));
+      assert.match(judgeServer.seen[0].content, /Reference answer:\n\{/);
+      // The key is in no file of the run (manifests, reports, generations, logs) nor the index.
+      for await (const f of walkFiles(join(dir, "runs"))) {
+        const bytes = await Deno.readFile(f);
+        assert.ok(!new TextDecoder().decode(bytes).includes(key), `the key is in ${f}`);
+      }
+      // An unreachable judge fails the step: no manifest claims success.
+      await judgeServer.server.shutdown();
+      await assert.rejects(
+        () => recipe(dir, text.replace("judge-1", "judge-2")),
+        (e: Error) => {
+          assert.ok(e instanceof LatheError);
+          assert.match(
+            e.message,
+            /Cannot reach the judge at http:\/\/127\.0\.0\.1:\d+\/v1\/chat\/completions/,
+          );
+          assert.ok(!e.message.includes(key) && !(e.hint ?? "").includes(key));
+          return true;
+        },
+      );
+    } finally {
+      if (saved === undefined) Deno.env.delete("LATHE_TEST_JUDGE_KEY");
+      else Deno.env.set("LATHE_TEST_JUDGE_KEY", saved);
+      await judgeServer.server.shutdown().catch(() => {});
+    }
+  });
+});
+
+async function* walkFiles(dir: string): AsyncGenerator<string> {
+  for await (const e of Deno.readDir(dir)) {
+    const p = join(dir, e.name);
+    if (e.isDirectory) yield* walkFiles(p);
+    else if (e.isFile) yield p;
+  }
+}
