@@ -51,7 +51,13 @@ async function dryRun(recipe: string, repo: string, extra: string[] = []): Promi
 
 Deno.test("mistral-qlora is the guides' QLoRA configuration", async () => {
   const recipe = await loadRecipe("mistral-qlora", { projectRoot: ROOT, loadStep });
-  assert.deepEqual(recipe.steps.map((s) => s.name), ["prepare", "tokenize", "quantize", "train-sft"]);
+  assert.deepEqual(recipe.steps.map((s) => s.name), ["prepare", "tokenize", "quantize", "train-sft", "eval"]);
+  assert.deepEqual(recipe.steps.find((s) => s.name === "eval")!.inputs, {
+    data: "tokenize",
+    base: "quantize",
+    sft: "train-sft",
+    preference: "tokenize",
+  });
   const config = (name: string) => {
     const s = recipe.steps.find((s) => s.name === name)!;
     return resolveConfig(s.def, s.raw) as Record<string, unknown>;
@@ -135,7 +141,15 @@ Deno.test("mistral-dpo is SFT with the mistral-qlora settings, then DPO with the
     "prepare@preference",
     "tokenize@preference",
     "train-dpo",
+    "eval",
   ]);
+  assert.deepEqual(recipe.steps.find((s) => s.name === "eval")!.inputs, {
+    data: "tokenize",
+    preference: "tokenize@preference",
+    base: "quantize",
+    sft: "train-sft",
+    dpo: "train-dpo",
+  });
   const config = (r: typeof recipe, name: string) => {
     const s = r.steps.find((s) => s.name === name)!;
     return resolveConfig(s.def, s.raw) as Record<string, unknown>;
