@@ -126,3 +126,19 @@ export {
   scoreSplit,
 } from "./steps/train/dpo.ts";
 export { TrainDpoConfig, TrainSftConfig } from "./steps/train/config.ts";
+export { step as evaluate } from "./steps/eval.ts";
+
+// Generation: the KV-cache decoder, sampling, and sessions (a model, adapters, tokenizer, template).
+export { Decoder } from "./kernels/models/decode.ts";
+export { generate, type GenerateRequest, type Generation } from "./kernels/models/generate.ts";
+export {
+  DEFAULT_SAMPLING,
+  nextToken,
+  processLogits,
+  type SamplingOptions,
+} from "./kernels/models/sampling.ts";
+export { type Adapter, stackAdapters } from "./kernels/models/stack_adapters.ts";
+export { type Answer, openSession, Session, type SessionSetup } from "./steps/generate/session.ts";
+export { corpusBleu, exactMatch, jsonMetrics, rougeL } from "./steps/eval/metrics.ts";
+export { parseMcFile, scoreMultipleChoice } from "./steps/eval/multiple_choice.ts";
+export { readGenerationConfig } from "./formats/generation_config.ts";
