@@ -18,7 +18,7 @@
  * continues train-sft's, so each model is the base with one adapter.
  * @module
  */
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import * as z from "zod";
 import { writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { LatheError } from "../foundation/errors.ts";
@@ -28,7 +28,10 @@ import { defineStep, type StepContext, type Upstream } from "./define.ts";
 import { openSession, type Session } from "./generate/session.ts";
 import { corpusBleu, exactMatch, jsonMetrics, rougeL } from "./eval/metrics.ts";
 import { DEFAULT_JUDGE_PROMPT, judge } from "./eval/judge.ts";
-import { type McItem, parseMcFile, scoreMultipleChoice } from "./eval/multiple_choice.ts";
+import { type McItem, mcItem, scoreMultipleChoice } from "./eval/multiple_choice.ts";
+import { Source } from "./prepare/config.ts";
+import { readRows } from "./prepare/readers.ts";
+import { resolveSources } from "./prepare/sources.ts";
 import { type ModelResult, reportHtml, reportMarkdown, type SampleRow } from "./eval/report.ts";
 import type { Message } from "./tokenize/chat.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
@@ -63,8 +66,8 @@ export const EvalConfig = z.strictObject({
   benchmarks: z.array(z.strictObject({
     /** Its name in the report and the metrics ("<model>/<name>/acc"). */
     name: z.string().regex(/^[A-Za-z0-9_.-]+$/, "letters, digits, '_', '.' and '-'"),
-    /** The JSONL file (relative to the project root). */
-    path: z.string().min(1),
+    /** Where its rows are, as a prepare source: a file, directory or glob, or `{ hub, split, ... }`. */
+    source: Source,
     /** Questions scored at most (default: all). */
     max_samples: z.number().int().positive().nullable().default(null),
   })).default([]),
@@ -148,11 +151,7 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
   const prompts = await evalPrompts(data, config.max_samples);
   const benchmarks: { name: string; items: McItem[] }[] = [];
   for (const b of config.benchmarks) {
-    const path = ctx.sources[`benchmark/${b.name}`];
-    benchmarks.push({
-      name: b.name,
-      items: parseMcFile(await Deno.readTextFile(path), b.path, b.max_samples ?? undefined),
-    });
+    benchmarks.push({ name: b.name, items: await benchmarkItems(b, ctx.projectRoot) });
   }
 
   const candidates: Candidate[] = [{ label: "base", adapters: [], description: `${config.model}` }];
@@ -313,6 +312,26 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
   };
 }
 
+/** A benchmark's questions (its first `max_samples`), read as prepare reads its sources. */
+async function benchmarkItems(
+  b: { name: string; source: z.output<typeof Source>; max_samples: number | null },
+  projectRoot: string,
+): Promise<McItem[]> {
+  const [resolved] = await resolveSources({ sources: [b.source] }, projectRoot);
+  const items: McItem[] = [];
+  for (const file of resolved.files) {
+    for await (const row of readRows(file.path, file.format, { label: file.label })) {
+      if (b.max_samples !== null && items.length >= b.max_samples) return items;
+      if (row.error) throw new LatheError(`Cannot read benchmark ${row.where}: ${row.error.message}`);
+      items.push(mcItem(row.value, row.where));
+    }
+  }
+  if (items.length === 0) {
+    throw new LatheError(`Cannot run benchmark "${b.name}": its source holds no question`);
+  }
+  return items;
+}
+
 /** train-sft's eval batch size: the same batches give its eval_loss to the bit. */
 function sftBatch(sft: Upstream | undefined): number | null {
   if (!sft) return null;
@@ -368,7 +387,10 @@ export const step = defineStep({
   optionalInputs: { base: "quantize", sft: "train-sft", dpo: "train-dpo", preference: "tokenize" },
   sources: async (config, projectRoot, inputs) => {
     const out = await trainingSources(config, projectRoot, inputs);
-    for (const b of config.benchmarks) out[`benchmark/${b.name}`] = resolve(projectRoot, b.path);
+    for (const b of config.benchmarks) {
+      const [resolved] = await resolveSources({ sources: [b.source] }, projectRoot);
+      resolved.files.forEach((f, i) => (out[`benchmark/${b.name}/${i}`] = f.path));
+    }
     return out;
   },
   run,

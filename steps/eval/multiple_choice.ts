@@ -6,8 +6,9 @@
  * summed over its tokens;
  *   acc      = [argmax_i ll_i = answer]
  *   acc_norm = [argmax_i ll_i / len(choice_i) = answer]   (len in characters, as the harness)
- * averaged over the questions. Files are JSONL rows {"question", "choices": [...], "answer": index}
- * ("label" or "gold" may stand for "answer").
+ * averaged over the questions. Rows are {"question", "choices": [...], "answer": index} ("label" or
+ * "gold" may stand for "answer"), from any source the prepare step reads (files of JSONL, JSON,
+ * CSV or Parquet, or a Hub dataset; steps/eval.ts).
  * @module
  */
 import { LatheError } from "../../foundation/errors.ts";
@@ -33,7 +34,28 @@ export interface McScore {
   loglikelihoods: number[][];
 }
 
-/** Reads a JSONL file of questions; a malformed row is an error naming its line. */
+/** One question from a parsed row; a malformed row is an error naming `where`. */
+export function mcItem(value: unknown, where: string): McItem {
+  const row = (value !== null && typeof value === "object" ? value : {}) as Record<string, unknown>;
+  const answer = row.answer ?? row.label ?? row.gold;
+  const choices = row.choices;
+  if (typeof row.question !== "string") {
+    throw new LatheError(`Cannot read benchmark ${where}: "question" is not a string`);
+  }
+  if (!Array.isArray(choices) || choices.length < 2 || !choices.every((c) => typeof c === "string")) {
+    throw new LatheError(`Cannot read benchmark ${where}: "choices" is not a list of at least two strings`);
+  }
+  if (!Number.isInteger(answer) || (answer as number) < 0 || (answer as number) >= choices.length) {
+    throw new LatheError(
+      `Cannot read benchmark ${where}: "answer" ${
+        JSON.stringify(answer)
+      } is not the index of one of its ${choices.length} choices`,
+    );
+  }
+  return { question: row.question, choices: choices as string[], answer: answer as number, where };
+}
+
+/** Reads a JSONL text of questions (at most `max`); a malformed row is an error naming its line. */
 export function parseMcFile(text: string, path: string, max?: number): McItem[] {
   const out: McItem[] = [];
   const lines = text.split("\n");
@@ -41,28 +63,13 @@ export function parseMcFile(text: string, path: string, max?: number): McItem[] 
     if (max !== undefined && out.length >= max) break;
     if (line.trim() === "") continue;
     const where = `${path}:${i + 1}`;
-    let row: Record<string, unknown>;
+    let row: unknown;
     try {
       row = JSON.parse(line);
     } catch (error) {
       throw new LatheError(`Cannot read benchmark ${where}: ${(error as Error).message}`);
     }
-    const answer = row.answer ?? row.label ?? row.gold;
-    const choices = row.choices;
-    if (typeof row.question !== "string") {
-      throw new LatheError(`Cannot read benchmark ${where}: "question" is not a string`);
-    }
-    if (!Array.isArray(choices) || choices.length < 2 || !choices.every((c) => typeof c === "string")) {
-      throw new LatheError(`Cannot read benchmark ${where}: "choices" is not a list of at least two strings`);
-    }
-    if (!Number.isInteger(answer) || (answer as number) < 0 || (answer as number) >= choices.length) {
-      throw new LatheError(
-        `Cannot read benchmark ${where}: "answer" ${
-          JSON.stringify(answer)
-        } is not the index of one of its ${choices.length} choices`,
-      );
-    }
-    out.push({ question: row.question, choices: choices as string[], answer: answer as number, where });
+    out.push(mcItem(row, where));
   }
   return out;
 }

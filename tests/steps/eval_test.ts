@@ -174,7 +174,7 @@ gpuTest("eval with a multiple-choice benchmark and an LLM judge; the judge's key
       );
       const text = recipeText(dir, "{ data: tokenize }")
         .replace(/ {2}prepare@preference:[\s\S]*? {2}eval:/, "  eval:") +
-        `    benchmarks: [{ name: shop-mc, path: ${join(dir, "mc.jsonl")} }]\n` +
+        `    benchmarks: [{ name: shop-mc, source: ${join(dir, "mc.jsonl")} }]\n` +
         `    judge: { url: "${judgeServer.url}", model: judge-1, key_env: LATHE_TEST_JUDGE_KEY }\n`;
       const result = await recipe(dir, text);
       const ev = result.steps.find((s) => s.step === "eval")!.outcome.manifest;
