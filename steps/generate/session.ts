@@ -183,6 +183,11 @@ function stopIds(tokenizer: LoadedTokenizer, eos: readonly number[]): Set<number
   return out;
 }
 
+/** Whether two model references name the same model (the same Hub id, or the same directory). */
+function sameModel(a: string, b: string, projectRoot: string): boolean {
+  return a === b || localOr(a, projectRoot) === localOr(b, projectRoot);
+}
+
 /** Where a model reference names a directory of the project, that directory; else the reference. */
 function localOr(ref: string, projectRoot: string): string {
   return isAbsolute(ref) ? ref : resolve(projectRoot, ref);
@@ -207,6 +212,14 @@ export async function openSession(setup: SessionSetup): Promise<Session> {
       });
     }
     const p = loaded.config;
+    const named = p.baseModelNameOrPath;
+    if (
+      named && !sameModel(named, setup.model, setup.projectRoot) && !sameModel(named, dir, setup.projectRoot)
+    ) {
+      // Shapes fit (checked above), so it runs; the name is worth a line (a quantized copy of the
+      // named base, or a local copy of a Hub model, are the usual innocent cases).
+      console.error(`[session] adapter "${a}" names "${named}" as its base; applying it to "${setup.model}"`);
+    }
     adapters.push({
       spec: {
         r: p.r,
