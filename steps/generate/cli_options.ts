@@ -123,15 +123,18 @@ export async function parseSessionArgs(
   const runs = runsRoot(values.runs as string | undefined, projectRoot);
   let model = ref;
   let adapters = (values.adapter as string[] | undefined) ?? [];
+  let baseName: string | undefined;
   if (!ref.includes("/") && (await exists(join(runs, ref)))) {
     const found = await runModel(join(runs, ref));
     model = found.model;
     adapters = [...found.adapters, ...adapters];
+    baseName = found.baseName;
   }
   return {
     setup: {
       model,
       adapters,
+      baseName,
       tokenizer: values.tokenizer as string | undefined,
       dtype: dtype as "f16" | "f32" | undefined,
       projectRoot,

@@ -36,6 +36,11 @@ export interface SessionSetup {
   revision?: string;
   /** PEFT adapter directories, applied in order (stacked). */
   adapters?: readonly string[];
+  /**
+   * The name the adapters give their base when `model` is a copy of it (a quantize step's 4-bit
+   * model: adapters name the original, as peft writes them).
+   */
+  baseName?: string;
   /** The tokenizer directory (default: the model's). */
   tokenizer?: string;
   projectRoot: string;
@@ -273,7 +278,9 @@ export async function openSession(setup: SessionSetup): Promise<Session> {
  * latest instance) gives the adapter, and the base it trained on (the quantize step's 4-bit
  * model when it read one, else its `model`).
  */
-export async function runModel(runDir: string): Promise<{ model: string; adapters: string[]; step: string }> {
+export async function runModel(
+  runDir: string,
+): Promise<{ model: string; adapters: string[]; step: string; baseName: string }> {
   if (!(await exists(runDir))) {
     throw new LatheError(`Cannot find run "${runDir}"`, { hint: "`deno task runs ls` lists the runs" });
   }
@@ -298,5 +305,6 @@ export async function runModel(runDir: string): Promise<{ model: string; adapter
   const model = base
     ? join(runDir, base.step, "model")
     : String((manifest.config as { model?: unknown }).model);
-  return { model, adapters: [join(runDir, pick, "adapter")], step: pick };
+  const baseName = String((manifest.config as { model?: unknown }).model);
+  return { model, adapters: [join(runDir, pick, "adapter")], step: pick, baseName };
 }
