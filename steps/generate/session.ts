@@ -218,9 +218,8 @@ export async function openSession(setup: SessionSetup): Promise<Session> {
     }
     const p = loaded.config;
     const named = p.baseModelNameOrPath;
-    if (
-      named && !sameModel(named, setup.model, setup.projectRoot) && !sameModel(named, dir, setup.projectRoot)
-    ) {
+    const expected = [setup.model, dir, ...(setup.baseName ? [setup.baseName] : [])];
+    if (named && !expected.some((m) => sameModel(named, m, setup.projectRoot))) {
       // Shapes fit (checked above), so it runs; the name is worth a line (a quantized copy of the
       // named base, or a local copy of a Hub model, are the usual innocent cases).
       console.error(`[session] adapter "${a}" names "${named}" as its base; applying it to "${setup.model}"`);
