@@ -8,8 +8,14 @@
  *   many bytes, read + write counted as the copy moves them): the bound a batch-1 decoder can
  *   reach, since each step reads every weight once. Reported as decode step time / copy time.
  *
+ * With `--shape mistral-7b` (or llama3-8b, qwen2-7b; `--layers N` keeps N layers) a random-weight
+ * bf16 checkpoint of that model's config (bench/train_checkpoint.ts) runs instead of the tiny
+ * sizes, loaded in f16 and, with `--nf4`, also as the quantize step's NF4 copy: the GPU phase of
+ * bench/gpu.sh, where the decode step against the weights' copy is the memory-bandwidth bound.
+ *
  * ```
  * deno task bench generate [--sizes nano,micro] [--prompt 128] [--new 32] [--batches 1,8] [--json FILE]
+ * deno task bench generate --shape mistral-7b --nf4 --prompt 512 --new 64 --batches 1,8
  * ```
  * @module
  */
@@ -27,6 +33,9 @@ import { Tensor } from "../kernels/tensor.ts";
 import { expectedTensors, PROJECTIONS } from "../formats/model_config.ts";
 import { benchDevice, benchUsage, type Usage } from "./_common.ts";
 import { writeTinyCheckpoint } from "./train.ts";
+import { shapeConfigJson, SHAPES, writeRandomCheckpoint } from "./train_checkpoint.ts";
+import { runQuantizeStep } from "./nf4.ts";
+import { loadModelConfig, type ModelConfig } from "../formats/model_config.ts";
 
 const usage: Usage = benchUsage("generate");
 
@@ -69,6 +78,10 @@ function parse(args: string[]) {
         prompt: { type: "string", default: "128" },
         new: { type: "string", default: "32" },
         batches: { type: "string", default: "1,8" },
+        shape: { type: "string" },
+        layers: { type: "string" },
+        nf4: { type: "boolean", default: false },
+        tmp: { type: "string" },
         json: { type: "string" },
       },
       strict: true,
@@ -81,15 +94,51 @@ function parse(args: string[]) {
     if (!Number.isInteger(n) || n < 1) usage(`--${name} "${raw}" is not a positive integer`);
     return n;
   };
-  const sizes = values.sizes!.split(",").filter((s) => s);
+  const shape = values.shape ?? null;
+  if (shape !== null && !Object.hasOwn(SHAPES, shape)) {
+    usage(`--shape "${shape}" is unknown`, `Known shapes: ${Object.keys(SHAPES).join(", ")}.`);
+  }
+  const sizes = shape !== null ? [] : values.sizes!.split(",").filter((s) => s);
   for (const s of sizes) if (!Object.hasOwn(TINY_SIZES, s)) usage(`--sizes names "${s}"`);
   return {
+    shape,
+    layers: values.layers === undefined ? null : int("layers", values.layers),
+    nf4: values.nf4!,
+    tmp: values.tmp ?? null,
     sizes: sizes as TinySize[],
     prompt: int("prompt", values.prompt!),
     newTokens: int("new", values.new!),
     batches: values.batches!.split(",").map((b) => int("batches", b)),
     json: values.json ?? null,
   };
+}
+
+/**
+ * Bytes of the weights as the GPU holds them: 16/32-bit tensors at the activation dtype's size,
+ * 4-bit projections at their codes, absmax and tables (what a decode step reads).
+ */
+async function storedWeightBytes(dir: string, config: ModelConfig, dtype: "f16" | "f32"): Promise<number> {
+  const quantized = await readQuantizedStats(dir).catch(() => null);
+  let bytes = 0;
+  for (const [name, shape] of expectedTensors(config)) {
+    const n = shape.reduce((a, b) => a * b, 1);
+    const q = quantized?.get(name);
+    bytes += q ? Math.ceil(n / 2) + q.absmaxBytes : n * (dtype === "f16" ? 2 : 4);
+  }
+  return bytes;
+}
+
+/** The absmax bytes of each 4-bit weight of a bitsandbytes checkpoint in `dir`, by weight name. */
+async function readQuantizedStats(dir: string): Promise<Map<string, { absmaxBytes: number }>> {
+  const { ModelWeights } = await import("../formats/safetensors.ts");
+  const { quantizedWeightNames } = await import("../formats/bnb4bit_checkpoint.ts");
+  using weights = await ModelWeights.open(dir);
+  const out = new Map<string, { absmaxBytes: number }>();
+  for (const name of quantizedWeightNames(weights.names())) {
+    const absmax = `${name}.absmax`;
+    out.set(name, { absmaxBytes: weights.has(absmax) ? weights.info(absmax).byteLength : 0 });
+  }
+  return out;
 }
 
 /** Median of a few timings. */
@@ -109,21 +158,38 @@ export async function run(args: string[]): Promise<GenerateBenchReport> {
     }`,
   );
   const results: GenerateResult[] = [];
-  const tmp = await Deno.makeTempDir({ prefix: "lathe-bench-generate-" });
+  const tmp = await Deno.makeTempDir({ dir: cfg.tmp ?? undefined, prefix: "lathe-bench-generate-" });
   try {
+    const models: { name: string; dir: string; config: ModelConfig }[] = [];
     for (const size of cfg.sizes) {
       const dir = join(tmp, size);
       await Deno.mkdir(dir);
-      const { config } = await writeTinyCheckpoint(dir, size, 1);
+      models.push({ name: `llama-${size}`, dir, config: (await writeTinyCheckpoint(dir, size, 1)).config });
+    }
+    if (cfg.shape !== null) {
+      const dir = join(tmp, cfg.shape);
+      await Deno.mkdir(dir);
+      const overrides = cfg.layers === null ? {} : { num_hidden_layers: cfg.layers };
+      const name = cfg.layers === null ? cfg.shape : `${cfg.shape} (${cfg.layers} layers)`;
+      const ckpt = await writeRandomCheckpoint(dir, shapeConfigJson(cfg.shape, overrides), {
+        seed: 1,
+        progress: `write ${name}`,
+      });
+      models.push({ name, dir, config: ckpt.config });
+      if (cfg.nf4) {
+        const q = await runQuantizeStep(dir, join(tmp, "quantize"));
+        models.push({ name: `${name} NF4`, dir: q.dir, config: await loadModelConfig(q.dir) });
+      }
+    }
+    for (const { name, dir, config } of models) {
       const lora = { r: 8, alpha: 16, dropout: 0, targets: [...PROJECTIONS], useRslora: false };
       using model = await createGpuModel(config, dir, lora, 1, { dtype });
       const next = mulberry32(5);
       await model.setLora(
         (await model.getLora()).map((w) => ({ ...w, B: w.B.map(() => (next() - 0.5) * 0.02) })),
       );
-      let params = 0;
-      for (const shape of expectedTensors(config).values()) params += shape.reduce((a, b) => a * b, 1);
-      const weightBytes = params * (dtype === "f16" ? 2 : 4);
+      // The bytes a step reads: every weight once (NF4 projections at their stored size).
+      const weightBytes = await storedWeightBytes(dir, config, dtype);
       // The copy ceiling: read and write the weights' bytes once; 20 copies per submission so the
       // submission's own latency is spread (median of 5 rounds).
       const words = Math.ceil(weightBytes / 4);
@@ -132,7 +198,11 @@ export async function run(args: string[]): Promise<GenerateBenchReport> {
       const copies: number[] = [];
       for (let i = 0; i < 6; i++) {
         const t0 = performance.now();
-        for (let k = 0; k < 20; k++) recorder(gpu).copyBuffer(src.buffer, 0, dst.buffer, 0, words * 4);
+        for (let k = 0; k < 20; k++) {
+          src.chunks.forEach((c, j) =>
+            recorder(gpu).copyBuffer(c.buffer, 0, dst.chunks[j].buffer, 0, c.byteLength)
+          );
+        }
         await recorder(gpu).sync();
         if (i > 0) copies.push((performance.now() - t0) / 20);
       }
@@ -173,7 +243,7 @@ export async function run(args: string[]): Promise<GenerateBenchReport> {
         const forwardS = (performance.now() - t2) / 1000;
         const decodeStepMs = (1000 * decodeS) / steps;
         results.push({
-          model: `llama-${size}`,
+          model: name,
           dtype,
           batch: B,
           promptTokens: cfg.prompt,

@@ -13,10 +13,11 @@
 #
 # Usage: bench/gpu.sh OUT_DIR [PEAK_TFLOPS]
 #   OUT_DIR      receives tune.log, matmul.log, attention.{log,json}, lora.{log,json}, train.{log,json},
-#                nf4.{log,json}, qlora.{log,json}, peft_lora.{log,json} and cache/ (the tuning table)
+#                nf4.{log,json}, qlora.{log,json}, peft_lora.{log,json}, generate.{log,json} and cache/
+#                (the tuning table)
 #   PEAK_TFLOPS  the card's FP32 vector peak (H100 SXM: 66.9), for "% of peak" columns
 # Each phase takes its arguments from TUNE_ARGS, MATMUL_ARGS, ATTENTION_ARGS, LORA_ARGS, TRAIN_ARGS,
-# NF4_ARGS, QLORA_ARGS and PEFT_ARGS when set. PHASES picks phases (default: all, in this order):
+# NF4_ARGS, QLORA_ARGS, PEFT_ARGS and GENERATE_ARGS when set. PHASES picks phases (default: all, in this order):
 #   PHASES="nf4 qlora peft" bench/gpu.sh OUT_DIR
 # The qlora phase writes the 14.5 GB bf16 checkpoint, then the quantize step makes its 4-bit copy on
 # one CPU core (tens of MB/s: minutes for all 32 layers); QLORA_ARGS="--parts train --layers 8" is
@@ -37,7 +38,7 @@ export LATHE_CACHE_DIR="$out/cache"
 [[ -n $peak ]] && export LATHE_PEAK_TFLOPS="$peak"
 
 bench() { deno run -A "$bundle" "$@"; }
-phases=" ${PHASES:-tune matmul attention lora train nf4 qlora peft} "
+phases=" ${PHASES:-tune matmul attention lora train nf4 qlora peft generate} "
 want() { [[ $phases == *" $1 "* ]] && echo "== $1 ($(date -u +%FT%TZ))"; }
 
 # shellcheck disable=SC2086
@@ -78,4 +79,12 @@ if want peft; then
   "${PYTHON:-python3}" "$root/bench/peft_lora.py" ${PEFT_ARGS:---layers 32 --rows 1 --seq 2048 --steps 3 --warmup 1} \
     --json "$out/peft_lora.json" ${lathe[@]+"${lathe[@]}"} 2>&1 | tee "$out/peft_lora.log" ||
     echo "bench/gpu.sh: peft_lora.py exited with ${PIPESTATUS[0]} (3: transformers or peft missing)"
+fi
+
+# KV-cache decoding of all of Mistral 7B in f16 and NF4, batch 1 and 8: decode step time against a copy
+# of the weights (the memory-bandwidth bound of a batch-1 step).
+# shellcheck disable=SC2086
+if want generate; then
+  bench generate ${GENERATE_ARGS:---shape mistral-7b --nf4 --prompt 512 --new 64 --batches 1,8} \
+    --json "$out/generate.json" 2>&1 | tee "$out/generate.log"
 fi
