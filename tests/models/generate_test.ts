@@ -81,7 +81,7 @@ gpuTest(
 );
 
 gpuTest(
-  "two stacked adapters equal the first merged into the base with the second on top (CPU reference)",
+  "two stacked adapters equal the first merged into the base with the second on top (CPU reference), in prefill and decode",
   async () => {
     const ckpt = await tinyCheckpoint("llama");
     try {
@@ -169,6 +169,18 @@ gpuTest(
       });
       const scale = 1 + Math.max(...ref.map(Math.abs));
       assertClose(gpu[0], ref, { atol: 1e-4 * scale, rtol: 0, name: "stacked logits" });
+      // Decode steps with the stacked adapters equal a fresh prefill of the sequence so far.
+      const seq = [...ps[0]];
+      let logits = gpu;
+      for (let s = 0; s < 4; s++) {
+        const next = logits[0].indexOf(Math.max(...logits[0]));
+        seq.push(next);
+        logits = await decoder.step([next]);
+        using fresh = new Decoder(model, 1, 16);
+        const full = await fresh.prefill([seq]);
+        const sc = 1 + Math.max(...full[0].map(Math.abs));
+        assertClose(logits[0], full[0], { atol: 2e-4 * sc, rtol: 0, name: `stacked decode step ${s}` });
+      }
     } finally {
       await ckpt.cleanup();
     }
