@@ -10,6 +10,8 @@ import { createReferenceModel, type ReferenceModel } from "../../kernels/models/
 import { type TinyArch, writeTinyModel } from "../../kernels/models/tiny.ts";
 import type { Batch, LoraSpec, LoraWeights } from "../../kernels/models/trainable.ts";
 import { randn, rng } from "../kernels/_harness.ts";
+import { decoder_forward } from "../../kernels/reference/decoder.ts";
+import type { LoraAdapter } from "../../kernels/reference/linear_lora.ts";
 import { MODEL_DIR, step as quantizeStep } from "../../steps/quantize.ts";
 import { runStep } from "../../steps/runner.ts";
 
@@ -129,4 +131,31 @@ export async function quantizedCheckpoint(
     await Deno.remove(runs, { recursive: true });
     await ckpt.cleanup();
   }
+}
+
+/**
+ * The CPU reference's logits of the last token of `ids` (f64), from a full forward with
+ * `adapters` (by module path) on `weights`.
+ */
+export function referenceLastLogits(
+  config: ModelConfig,
+  weights: ReadonlyMap<string, Float32Array>,
+  adapters: ReadonlyMap<string, LoraAdapter>,
+  ids: number[],
+): Float64Array {
+  const f = decoder_forward(config, weights, adapters, {
+    B: 1,
+    S: ids.length,
+    ids,
+    targets: ids.map(() => -100),
+    numItems: 1,
+  });
+  const { xF, head } = f.saved;
+  const { vocabSize: V, hiddenSize: D } = config;
+  const t = ids.length - 1;
+  return Float64Array.from({ length: V }, (_, v) => {
+    let s = 0;
+    for (let d = 0; d < D; d++) s += xF[t * D + d] * head[v * D + d];
+    return s;
+  });
 }

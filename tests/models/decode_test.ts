@@ -12,12 +12,17 @@ import { Decoder } from "../../kernels/models/decode.ts";
 import { loadHostModel } from "../../kernels/models/load.ts";
 import type { TinyArch } from "../../kernels/models/tiny.ts";
 import type { LoraSpec, LoraWeights } from "../../kernels/models/trainable.ts";
-import { decoder_forward } from "../../kernels/reference/decoder.ts";
 import { lora_scaling } from "../../kernels/reference/linear_lora.ts";
 import { projectionPath } from "../../formats/model_config.ts";
 import { loadModelConfig } from "../../formats/model_config.ts";
 import { assertClose, gpuTest, rng } from "../kernels/_harness.ts";
-import { allTargets, quantizedCheckpoint, tinyCheckpoint, withRandomB } from "./_model_fixture.ts";
+import {
+  allTargets,
+  quantizedCheckpoint,
+  referenceLastLogits,
+  tinyCheckpoint,
+  withRandomB,
+} from "./_model_fixture.ts";
 
 const STEPS = 6;
 
@@ -41,23 +46,7 @@ async function referenceLogits(dir: string, lora: LoraSpec, weights: LoraWeights
       w,
     ) => [projectionPath(w.layer, w.module), { A: w.A, B: w.B, r: lora.r, scaling, dropout: null }]),
   );
-  const { vocabSize: V, hiddenSize: D } = host.config;
-  return (ids: number[]): Float64Array => {
-    const f = decoder_forward(host.config, host.weights, adapters, {
-      B: 1,
-      S: ids.length,
-      ids,
-      targets: ids.map(() => -100),
-      numItems: 1,
-    });
-    const { xF, head } = f.saved;
-    const t = ids.length - 1;
-    return Float64Array.from({ length: V }, (_, v) => {
-      let s = 0;
-      for (let d = 0; d < D; d++) s += xF[t * D + d] * head[v * D + d];
-      return s;
-    });
-  };
+  return (ids: number[]): Float64Array => referenceLastLogits(host.config, host.weights, adapters, ids);
 }
 
 async function checkDecoding(dir: string, dtype: "f16" | "f32", withReference: boolean): Promise<void> {

@@ -14,10 +14,9 @@ import { DEFAULT_SAMPLING } from "../../kernels/models/sampling.ts";
 import { stackAdapters } from "../../kernels/models/stack_adapters.ts";
 import type { LoraSpec, LoraWeights } from "../../kernels/models/trainable.ts";
 import { initialAdapters } from "../../kernels/models/trainable.ts";
-import { decoder_forward } from "../../kernels/reference/decoder.ts";
 import { projectionPath, projectionShape } from "../../formats/model_config.ts";
 import { assertClose, gpuTest, rng } from "../kernels/_harness.ts";
-import { allTargets, tinyCheckpoint, withRandomB } from "./_model_fixture.ts";
+import { allTargets, referenceLastLogits, tinyCheckpoint, withRandomB } from "./_model_fixture.ts";
 
 function prompts(V: number, seed: number, lengths: number[]): number[][] {
   const next = rng(seed);
@@ -151,22 +150,7 @@ gpuTest(
           dropout: null,
         }]),
       );
-      const ids = ps[0];
-      const f = decoder_forward(config, weights, adapters, {
-        B: 1,
-        S: ids.length,
-        ids,
-        targets: ids.map(() => -100),
-        numItems: 1,
-      });
-      const { xF, head } = f.saved;
-      const { vocabSize: V, hiddenSize: D } = config;
-      const t = ids.length - 1;
-      const ref = Float64Array.from({ length: V }, (_, v) => {
-        let acc = 0;
-        for (let d = 0; d < D; d++) acc += xF[t * D + d] * head[v * D + d];
-        return acc;
-      });
+      const ref = referenceLastLogits(config, weights, adapters, ps[0]);
       const scale = 1 + Math.max(...ref.map(Math.abs));
       assertClose(gpu[0], ref, { atol: 1e-4 * scale, rtol: 0, name: "stacked logits" });
       // Decode steps with the stacked adapters equal a fresh prefill of the sequence so far.
