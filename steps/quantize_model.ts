@@ -77,7 +77,8 @@ interface TensorReport {
   bits_per_weight: number;
 }
 
-async function copyModelFiles(from: string, to: string, names: readonly string[]): Promise<string[]> {
+/** Copies the files of `names` that `from` has into `to`; returns the names copied. */
+export async function copyModelFiles(from: string, to: string, names: readonly string[]): Promise<string[]> {
   const copied: string[] = [];
   for (const name of names) {
     if (!(await exists(join(from, name)))) continue;

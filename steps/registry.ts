@@ -12,6 +12,7 @@ const MODULES: Record<string, () => Promise<{ step: StepDef }>> = {
   "train-sft": () => import("./train_sft.ts"),
   "train-dpo": () => import("./train_dpo.ts"),
   eval: () => import("./eval.ts"),
+  merge: () => import("./merge.ts"),
 };
 
 /** Names of all registered steps, in pipeline order. */
