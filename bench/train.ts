@@ -75,13 +75,7 @@ import { Progress } from "../foundation/progress.ts";
 import { shapeConfigJson, SHAPES, writeRandomCheckpoint } from "./train_checkpoint.ts";
 import type { Split } from "../steps/train/batches.ts";
 import type { ShardRow } from "../steps/tokenize/shards.ts";
-import {
-  dpoObjective,
-  type DpoSettings,
-  pairBatch,
-  type ReferenceSource,
-  scoreSplit,
-} from "../steps/train/dpo.ts";
+import { dpoObjective, type DpoSettings, pairBatch, scoreSplit, tableReference } from "../steps/train/dpo.ts";
 import { liveReference } from "../steps/train_dpo.ts";
 import {
   FLOP_FORMULA,
@@ -426,7 +420,7 @@ async function dpoStepper(
   const split = syntheticPairs(model.config.vocabSize, 2 * pairs, cfg.seqLen, cfg.seed * 2 + 7);
   const reference = live
     ? liveReference(model, await model.getLora(), split, null)
-    : tableReference(await scoreSplit(model, split, pairs));
+    : tableReference({ train: await scoreSplit(model, split, pairs) });
   const settings: DpoSettings = {
     lossType: "sigmoid",
     beta: 0.1,
@@ -443,16 +437,6 @@ async function dpoStepper(
   };
   const batch = pairBatch(split, halves[0]);
   return { step, flops: trainingFlops(model.config, cfg.lora, batch, checkpointing) };
-}
-
-/** A reference read from precomputed log-probs [2·pairs]. */
-function tableReference(table: Float64Array): ReferenceSource {
-  return {
-    logps: (_split, pairs) =>
-      Promise.resolve(
-        Float64Array.from({ length: 2 * pairs.length }, (_, k) => table[2 * pairs[k >> 1] + (k & 1)]),
-      ),
-  };
 }
 
 /** Runs warm-up and timed steps of `step`; `flops` are one step's (bench/train_flops.ts). */

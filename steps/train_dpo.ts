@@ -44,6 +44,7 @@ import {
   type ReferenceSource,
   scoreSplit,
   sequenceStats,
+  tableReference,
 } from "./train/dpo.ts";
 import { checkEvaluationNeeds, trainLoop } from "./train/loop.ts";
 import {
@@ -203,21 +204,7 @@ async function precomputedReference(
   }
   await Deno.mkdir(checkpointDir, { recursive: true });
   await writeJsonAtomic(path, stored);
-  const tables = { train: stored.train, eval: stored.eval };
-  return {
-    reused,
-    source: {
-      logps(split, pairs) {
-        const table = tables[split];
-        const out = new Float64Array(2 * pairs.length);
-        for (let j = 0; j < pairs.length; j++) {
-          out[2 * j] = table[2 * pairs[j]];
-          out[2 * j + 1] = table[2 * pairs[j] + 1];
-        }
-        return Promise.resolve(out);
-      },
-    },
-  };
+  return { reused, source: tableReference(stored) };
 }
 
 /**

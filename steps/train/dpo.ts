@@ -29,7 +29,7 @@
  */
 import { LatheError } from "../../foundation/errors.ts";
 import type { Batch, TokenScores, TrainableModel } from "../../kernels/models/trainable.ts";
-import { buildBatch, IGNORE, type Split } from "./batches.ts";
+import { buildBatch, chunks, IGNORE, type Split } from "./batches.ts";
 import type { EvalResult, Objective, ObjectiveStep } from "./loop.ts";
 
 import { DPO_LOSS_TYPES, DPO_METRICS } from "./config.ts";
@@ -128,6 +128,27 @@ export function pairCount(split: Split): number {
  */
 export interface ReferenceSource {
   logps(split: "train" | "eval", pairs: ArrayLike<number>): Promise<Float64Array>;
+}
+
+/**
+ * A reference read from precomputed log-probs: `tables.train` and `tables.eval` hold [2·pairs]
+ * (chosen, rejected) of each split, as {@link scoreSplit} writes them.
+ */
+export function tableReference(tables: {
+  train: ArrayLike<number>;
+  eval?: ArrayLike<number>;
+}): ReferenceSource {
+  return {
+    logps(split, pairs) {
+      const table = tables[split];
+      if (table === undefined) {
+        throw new RangeError(`Cannot read the reference log-probs of the ${split} split: none were computed`);
+      }
+      return Promise.resolve(
+        Float64Array.from({ length: 2 * pairs.length }, (_, k) => table[2 * pairs[k >> 1] + (k & 1)]),
+      );
+    },
+  };
 }
 
 /** Sums of the metrics of some pairs (and their answer tokens), to be averaged. */
@@ -239,15 +260,6 @@ function chosenTokenCount(split: Split, pairs: ArrayLike<number>): number {
   return n;
 }
 
-/** Chunks of `items` of at most `size`. */
-function chunksOf(items: ArrayLike<number>, size: number): number[][] {
-  const out: number[][] = [];
-  for (let i = 0; i < items.length; i += size) {
-    out.push(Array.from({ length: Math.min(size, items.length - i) }, (_, k) => items[i + k]));
-  }
-  return out;
-}
-
 /**
  * The DPO objective on preference splits (pairs in consecutive rows), its reference from
  * `reference`. `vocabSize` turns logit sums into trl's mean logits.
@@ -269,7 +281,7 @@ export function dpoObjective(
       const tally = new Tally();
       let slots = 0;
       let trained = 0;
-      const micro = chunksOf(take, batchSize);
+      const micro = chunks(Array.from(take), batchSize);
       for (let i = 0; i < micro.length; i++) {
         const batch = pairBatch(train, micro[i]);
         const ref = settings.referenceFree
@@ -292,7 +304,7 @@ export function dpoObjective(
       if (!evalSplit || evalSplit.rows.length === 0) return null;
       const tally = new Tally();
       const all = Array.from({ length: pairCount(evalSplit) }, (_, i) => i);
-      for (const pairs of chunksOf(all, batchSize)) {
+      for (const pairs of chunks(all, batchSize)) {
         const batch = pairBatch(evalSplit, pairs);
         const ref = settings.referenceFree
           ? new Float64Array(2 * pairs.length)
@@ -323,7 +335,7 @@ export async function scoreSplit(
 ): Promise<Float64Array> {
   const out = new Float64Array(split.rows.length);
   const all = Array.from({ length: pairCount(split) }, (_, i) => i);
-  for (const pairs of chunksOf(all, batchSize)) {
+  for (const pairs of chunks(all, batchSize)) {
     const batch = pairBatch(split, pairs);
     const stats = sequenceStats(batch, await model.scoreTokens(batch));
     pairs.forEach((p, j) => {

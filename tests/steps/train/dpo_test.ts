@@ -26,8 +26,8 @@ import {
   dpoObjective,
   type DpoSettings,
   pairLoss,
-  type ReferenceSource,
   scoreSplit,
+  tableReference,
 } from "../../../steps/train/dpo.ts";
 import type { ShardRow } from "../../../steps/tokenize/shards.ts";
 import { assertClose, gpuTest, rng } from "../../kernels/_harness.ts";
@@ -140,20 +140,13 @@ function logitsModel(logits: Float64Array, S: number, V: number) {
   return { model: model as unknown as TrainableModel, grads };
 }
 
-const tableReference = (ref: ArrayLike<number>): ReferenceSource => ({
-  logps: (_split, pairs) =>
-    Promise.resolve(
-      Float64Array.from({ length: 2 * pairs.length }, (_, k) => ref[2 * pairs[k >> 1] + (k & 1)]),
-    ),
-});
-
 for (const c of GOLDEN.cases) {
   Deno.test(`DPO objective matches PyTorch autograd: ${c.name} (loss, trl's metrics, d loss / d logits)`, async () => {
     const rows = 2 * c.pairs;
     const targets = Array.from({ length: rows }, (_, k) => c.targets.slice(k * c.S, (k + 1) * c.S));
     const split = splitOf(targets);
     const { model, grads } = logitsModel(Float64Array.from(c.logits), c.S, c.V);
-    const objective = dpoObjective(split, null, settingsOf(c), tableReference(c.ref), c.V);
+    const objective = dpoObjective(split, null, settingsOf(c), tableReference({ train: c.ref }), c.V);
     const r = await objective.step(model, Uint32Array.from({ length: c.pairs }, (_, i) => i), c.pairs, [0]);
     assertClose([r.loss], [c.loss], { atol: 1e-13, rtol: 1e-12, name: "loss" });
     for (const name of DPO_METRICS) {
@@ -247,7 +240,13 @@ for (const arch of ARCHS) {
         referenceFree: false,
         rpoAlpha: null,
       };
-      const first = await dpoObjective(split, null, sigmoid, tableReference(refLogps), ckpt.config.vocabSize)
+      const first = await dpoObjective(
+        split,
+        null,
+        sigmoid,
+        tableReference({ train: refLogps }),
+        ckpt.config.vocabSize,
+      )
         .step(model, all, 4, [0]);
       assertClose([first.loss], [Math.LN2], { atol: 1e-12, rtol: 0, name: "first loss" });
       for (const name of ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]) {
@@ -255,7 +254,9 @@ for (const arch of ARCHS) {
       }
       await model.zeroGrad();
       // Off the reference (a shifted one), every loss type's gradient against central differences.
-      const ref = tableReference(refLogps.map((x, i) => x + (i % 2 === 0 ? -0.7 : 0.4) * (1 + (i % 3))));
+      const ref = tableReference({
+        train: refLogps.map((x, i) => x + (i % 2 === 0 ? -0.7 : 0.4) * (1 + (i % 3))),
+      });
       const cases: DpoSettings[] = [
         sigmoid,
         { ...sigmoid, lossType: "ipo" },
@@ -332,7 +333,7 @@ async function gpuAgainstReference(config: TinyCheckpoint["config"], dir: string
     rpoAlpha: null,
   };
   const all = Uint32Array.from([0, 1, 2, 3]);
-  const objective = dpoObjective(split, null, s, tableReference(refLogps), config.vocabSize);
+  const objective = dpoObjective(split, null, s, tableReference({ train: refLogps }), config.vocabSize);
   const r = await objective.step(ref, all, 2, [0, 0]);
   const g = await objective.step(gpu, all, 2, [0, 0]);
   assertClose([g.loss], [r.loss], { atol: 1e-5, rtol: 1e-5, name: "loss" });
