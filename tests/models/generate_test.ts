@@ -73,6 +73,12 @@ gpuTest(
       const c = await generate(model, { ...sampled, seed: 10 });
       assert.notDeepEqual(c.map((g) => g.tokens), a.map((g) => g.tokens));
       await assert.rejects(() => generate(model, { ...greedy, maxNewTokens: 0 }), /max_new_tokens 0/);
+      // A prompt that fills the context leaves no room for an answer: refused before anything runs.
+      const context = ckpt.config.maxPositionEmbeddings;
+      await assert.rejects(
+        () => generate(model, { ...greedy, prompts: [[1, 2], new Array(context).fill(1)] }),
+        new RegExp(`prompt 1: its ${context} tokens fill the model's context of ${context}`),
+      );
     } finally {
       await ckpt.cleanup();
     }
