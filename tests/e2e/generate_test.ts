@@ -111,7 +111,7 @@ gpuTest("deno task chat answers each line of stdin in one conversation, and /res
   assert.equal(r.out, expected);
 });
 
-Deno.test("generate refuses an adapter of another base, an unknown option and a bad sampling option", async () => {
+Deno.test("generate refuses an adapter of another base, a prompt longer than the context, an unknown option and a bad sampling option", async () => {
   const dir = await Deno.makeTempDir({ prefix: "lathe-generate-" });
   try {
     const other = join(dir, "other");
@@ -136,6 +136,16 @@ Deno.test("generate refuses an adapter of another base, an unknown option and a 
     assert.equal(r.code, 1);
     assert.match(r.err, /Cannot apply adapter ".*adapter" to ".*demo\/model"/);
     assert.doesNotMatch(r.err, /\n\s+at /, "no stack trace");
+    const long = await lathe("cli/generate.ts", [
+      MODEL,
+      "--prompt",
+      "ship mugs ".repeat(1200),
+      "--dtype",
+      "f32",
+    ]);
+    assert.equal(long.code, 1);
+    assert.match(long.err, /Cannot answer prompt 1: it is \d+ tokens long, the model's context is 2048/);
+    assert.doesNotMatch(long.err, /\n\s+at /, "no stack trace");
     const bogus = await lathe("cli/generate.ts", [MODEL, "--prompt", "Hi", "--top-q", "3"]);
     assert.match(bogus.err, /Cannot run generate: Unknown option '--top-q'/);
     const range = await lathe("cli/generate.ts", [MODEL, "--prompt", "Hi", "--top-p=1.5"]);
