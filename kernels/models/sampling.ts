@@ -75,11 +75,12 @@ export function processLogits(
   if (!o.doSample || o.temperature === 0) return z;
   if (o.temperature !== 1) { for (let i = 0; i < z.length; i++) z[i] /= o.temperature; }
   if (o.topK > 0 && o.topK < z.length) {
-    const kth = Float64Array.from(z).sort().reverse()[o.topK - 1];
+    const kth = kthLargest(Float64Array.from(z), o.topK);
     for (let i = 0; i < z.length; i++) if (z[i] < kth) z[i] = -Infinity;
   }
   if (o.topP < 1) {
-    const order = Array.from(z.keys()).sort((a, b) => z[a] - z[b] || a - b);
+    // Only the ids still in play are sorted (after top_k, a few dozen, not the vocabulary).
+    const order = Array.from(z.keys()).filter((i) => z[i] !== -Infinity).sort((a, b) => z[a] - z[b] || a - b);
     const p = softmax(z);
     let cum = 0;
     // Ascending: remove while the cumulative probability stays ≤ 1 − P; the last (largest) stays.
@@ -94,6 +95,33 @@ export function processLogits(
     for (let i = 0; i < z.length; i++) if (p[i] < o.minP * top) z[i] = -Infinity;
   }
   return z;
+}
+
+/** The k-th largest value of `a` (1-based; `a` is reordered): quickselect, O(V) on average. */
+function kthLargest(a: Float64Array, k: number): number {
+  let lo = 0;
+  let hi = a.length - 1;
+  const target = k - 1;
+  while (lo < hi) {
+    const pivot = a[(lo + hi) >> 1];
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (a[i] > pivot) i++;
+      while (a[j] < pivot) j--;
+      if (i <= j) {
+        const t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        i++;
+        j--;
+      }
+    }
+    if (target <= j) hi = j;
+    else if (target >= i) lo = i;
+    else return a[target];
+  }
+  return a[target];
 }
 
 function softmax(z: Float64Array): Float64Array {

@@ -72,3 +72,16 @@ Deno.test("out-of-range options name transformers' option", () => {
     assert.throws(() => checkSampling({ ...DEFAULT_SAMPLING, ...o }), pattern);
   }
 });
+
+Deno.test("top_k keeps exactly what sorting would, on random logits with ties", () => {
+  let x = 12345;
+  const next = () => (x = (x * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+  for (let round = 0; round < 200; round++) {
+    const n = 1 + Math.floor(next() * 300);
+    const z = Array.from({ length: n }, () => Math.round(next() * 40) / 4); // many ties
+    const k = 1 + Math.floor(next() * n);
+    const kth = [...z].sort((a, b) => b - a)[k - 1];
+    const want = Array.from(z.keys()).filter((i) => z[i] >= kth);
+    assert.deepEqual(kept(processLogits(z, [], { ...sample, topK: k })), k < n ? want : Array.from(z.keys()));
+  }
+});
