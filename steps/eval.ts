@@ -26,6 +26,7 @@ import { MANIFEST_FILE, readManifest } from "../foundation/manifest.ts";
 import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type Upstream } from "./define.ts";
 import { openSession, type Session } from "./generate/session.ts";
+import type { SamplingOptions } from "../kernels/models/sampling.ts";
 import { corpusBleu, exactMatch, jsonMetrics, rougeL } from "./eval/metrics.ts";
 import { DEFAULT_JUDGE_PROMPT, judge } from "./eval/judge.ts";
 import { type McItem, mcItem, scoreMultipleChoice } from "./eval/multiple_choice.ts";
@@ -149,6 +150,18 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
     : null;
   const preference = prefSplit && prefSplit.index.kind === "preference" ? prefSplit : null;
   const prompts = await evalPrompts(data, config.max_samples);
+  if (
+    (split === null || split.rows.length === 0) && prompts.length === 0 && config.benchmarks.length === 0 &&
+    !preference
+  ) {
+    throw new LatheError(
+      `Cannot eval: step "${data.manifest.step}" has no eval split, so there is nothing to evaluate on`,
+      {
+        hint:
+          "give its prepare step an eval split (prepare.eval_fraction or eval_max), or add benchmarks to eval",
+      },
+    );
+  }
   const benchmarks: { name: string; items: McItem[] }[] = [];
   for (const b of config.benchmarks) {
     benchmarks.push({ name: b.name, items: await benchmarkItems(b, ctx.projectRoot) });
@@ -356,7 +369,7 @@ async function answerAll(
   session: Session,
   prompts: Prompt[],
   config: EvalConfig,
-  sampling: Record<string, number | boolean>,
+  sampling: Partial<SamplingOptions>,
   tick: () => void,
 ) {
   const out: Output[] = [];

@@ -122,7 +122,7 @@ gpuTest(
   },
 );
 
-Deno.test("eval refuses preference pairs as its `data`", async () => {
+Deno.test("eval refuses preference pairs as its `data`, and data without an eval split", async () => {
   await withProject(async (dir) => {
     const text = recipeText(dir, "{ data: tokenize@preference }").replace(
       / {2}train-sft:[\s\S]*? {2}prepare@preference/,
@@ -132,6 +132,17 @@ Deno.test("eval refuses preference pairs as its `data`", async () => {
     await assert.rejects(() => recipe(dir, text), (e: Error) => {
       assert.ok(e instanceof LatheError);
       assert.match(e.message, /Cannot eval on step "tokenize@preference": its rows are preference pairs/);
+      return true;
+    });
+    const noEval = text.replace("{ data: tokenize@preference }", "{ data: tokenize, preference: tokenize }")
+      .replace(
+        "eval_fraction: 0.2",
+        "eval_fraction: 0",
+      );
+    await assert.rejects(() => recipe(dir, noEval), (e: Error) => {
+      assert.ok(e instanceof LatheError);
+      assert.match(e.message, /Cannot eval: step "tokenize" has no eval split/);
+      assert.match(e.hint ?? "", /prepare\.eval_fraction/);
       return true;
     });
   });
