@@ -186,3 +186,13 @@ export function rope_check_positions(config: RopeConfig, positions: ArrayLike<nu
     );
   }
 }
+
+/**
+ * The factor each RoPE frequency is divided by under `scaling`: base_inv_freq[i] / scaled_inv_freq[i]
+ * (i < hd/2), as llama.cpp's `rope_freqs` tensor carries Llama 3 scaling in GGUF.
+ */
+export function ropeFreqFactors(config: RopeConfig): Float32Array {
+  const base = rope_inv_freq({ ...config, scaling: null }).invFreq;
+  const scaled = rope_inv_freq(config).invFreq;
+  return Float32Array.from(base, (b, i) => b / scaled[i]);
+}

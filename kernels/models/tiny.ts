@@ -43,6 +43,8 @@ export type TinyArch = typeof TINY_ARCHS[number];
 export const TINY_SIZES = {
   nano: { hidden: 64, layers: 2, heads: 4, kvHeads: 2, ffn: 128 },
   micro: { hidden: 128, layers: 4, heads: 4, kvHeads: 2, ffn: 256 },
+  /** Rows that are multiples of 256: GGUF's K-quant blocks (Q4_K, Q5_K, Q6_K) fit without fallback. */
+  milli: { hidden: 256, layers: 2, heads: 4, kvHeads: 2, ffn: 512 },
 } as const;
 /** One of the keys of {@link TINY_SIZES}. */
 export type TinySize = keyof typeof TINY_SIZES;
