@@ -9,9 +9,14 @@
  * `max_shard_size`), config.json with `torch_dtype` set (and no `quantization_config`), and the
  * tokenizer, chat template and generation config copied.
  *
- * The base is the 16- or 32-bit model `model` names (with a 4-bit quantize step upstream, the
- * original model the guides merge into). Merging into the dequantized NF4 weights
- * (`merge_base: dequantized`) is not built yet.
+ * With a 4-bit base (a quantize step upstream), `merge_base` chooses what W is:
+ * - `original` (default, what the QLoRA guides do): the 16-bit model `model` names, the one the NF4
+ *   weights were made from;
+ * - `dequantized`: the NF4 weights the adapter was trained against, dequantized to f32
+ *   (quantize's model: its 16-bit tensors as stored, each 4-bit projection through its codebook).
+ * To show what the choice costs, the manifest records the loss on the first `check_rows` rows of
+ * the SFT eval split of the model as trained (base + adapters, unmerged, 4-bit when trained 4-bit)
+ * and of the merged model (`check_loss_unmerged`, `check_loss_merged`, and their difference).
  * Adapters with a NaN or an Inf are refused before anything is written, and a merged tensor that
  * overflows `dtype` stops the step (no manifest claims success).
  * @module
@@ -19,7 +24,19 @@
 import { dirname, join, resolve } from "node:path";
 import * as z from "zod";
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, loraScaling } from "../formats/peft.ts";
-import { loadModelConfig, projectionPath, projectionShape } from "../formats/model_config.ts";
+import {
+  expectedTensors,
+  loadModelConfig,
+  projectionPath,
+  projectionShape,
+} from "../formats/model_config.ts";
+import { dequantize4bit } from "../formats/bnb4bit.ts";
+import { quantizedWeightNames, readQuantized4bit } from "../formats/bnb4bit_checkpoint.ts";
+import { type Manifest, MANIFEST_FILE, readManifest } from "../foundation/manifest.ts";
+import { openSession } from "./generate/session.ts";
+import { loadSplit } from "./train/batches.ts";
+import { evaluateSplit } from "./train/loop.ts";
+import { MODEL_DIR as QUANTIZED_DIR } from "./quantize_model.ts";
 import {
   type Dtype,
   fromFloat32,
@@ -57,6 +74,10 @@ export const MergeConfig = z.strictObject({
   dtype: z.enum(["float16", "bfloat16", "float32"]).default("float16"),
   /** Largest weight file in bytes before sharding with an index (default 5e9, transformers' "5GB"). */
   max_shard_size: z.number().int().positive().default(5e9),
+  /** With a 4-bit base upstream: merge into the original 16-bit weights or the dequantized NF4 ones. */
+  merge_base: z.enum(["original", "dequantized"]).default("original"),
+  /** SFT eval rows on which merged and unmerged losses are compared (0: no check). */
+  check_rows: z.number().int().nonnegative().default(8),
 });
 /** The parsed config. */
 export type MergeConfig = z.output<typeof MergeConfig>;
@@ -84,13 +105,80 @@ function adapterDirs(ctx: StepContext, config: MergeConfig, inputs: Record<strin
   return [dirname(last.path("adapter"))];
 }
 
+/** The SFT data the adapters were trained on: train-sft's tokenize (directly, or behind train-dpo). */
+async function sftData(inputs: Record<string, Upstream>): Promise<string | null> {
+  let sft: { manifest: Manifest; dir: string } | null = inputs.sft ?? null;
+  if (!sft && inputs.dpo?.manifest.inputs.sft) {
+    const dir = join(inputs.dpo.dir, "..", inputs.dpo.manifest.inputs.sft.step);
+    sft = { manifest: await readManifest(join(dir, MANIFEST_FILE)), dir };
+  }
+  const data = sft?.manifest.inputs.data;
+  if (!sft || !data) return null;
+  const dir = join(sft.dir, "..", data.step);
+  const manifest = await readManifest(join(dir, MANIFEST_FILE));
+  const evalOut = manifest.outputs.eval;
+  return evalOut ? join(dir, evalOut.path) : null;
+}
+
+/**
+ * Loss of the model as trained (`trainedOn` + adapters, unmerged) and of the merged model on the
+ * first `rows` rows of the SFT eval split; null when there is no such split.
+ */
+async function mergedVsUnmerged(
+  ctx: StepContext,
+  inputs: Record<string, Upstream>,
+  trainedOn: string,
+  adapterDirs: string[],
+  merged: string,
+  rows: number,
+  baseName: string,
+): Promise<Record<string, number> | null> {
+  if (rows === 0) return null;
+  const index = await sftData(inputs);
+  if (!index) return null;
+  const split = await loadSplit(index);
+  const part = { ...split, rows: split.rows.slice(0, rows) };
+  if (part.rows.length === 0) return null;
+  const loss = async (model: string, adapters: string[]) => {
+    using session = await openSession({
+      model,
+      adapters,
+      projectRoot: ctx.projectRoot,
+      seed: ctx.seed,
+      baseName,
+    });
+    return (await evaluateSplit(session.model, part, 4))?.eval_loss ?? null;
+  };
+  const unmerged = await loss(trainedOn, adapterDirs);
+  const mergedLoss = await loss(merged, []);
+  if (unmerged === null || mergedLoss === null) return null;
+  return {
+    check_rows: part.rows.length,
+    check_loss_unmerged: unmerged,
+    check_loss_merged: mergedLoss,
+    check_loss_delta: mergedLoss - unmerged,
+  };
+}
+
 async function run(ctx: StepContext, config: MergeConfig, inputs: Record<string, Upstream>) {
-  const src = dirname(ctx.sources["model/config.json"]);
+  const quantized = inputs.quantize ? dirname(inputs.quantize.path(`${QUANTIZED_DIR}/config.json`)) : null;
+  const src = config.merge_base === "dequantized" && quantized
+    ? quantized
+    : dirname(ctx.sources["model/config.json"]);
   const modelConfig = await loadModelConfig(src);
-  if (modelConfig.quantizationConfig) {
+  if (config.merge_base === "dequantized" && !modelConfig.quantizationConfig) {
+    throw new LatheError(
+      `Cannot merge with merge_base "dequantized": the base "${config.model}" is not 4-bit`,
+      {
+        hint:
+          "put a quantize step before merge (its NF4 weights are the ones dequantized), or use merge_base: original",
+      },
+    );
+  }
+  if (config.merge_base === "original" && modelConfig.quantizationConfig) {
     throw new LatheError(`Cannot merge into "${config.model}": it is a 4-bit checkpoint`, {
       hint:
-        "set merge.model to the 16-bit model it was quantized from (merging into dequantized NF4 weights is not built yet)",
+        "set merge.model to the 16-bit model it was quantized from, or merge_base: dequantized to merge into its dequantized weights",
     });
   }
   // Every adapter read and checked before anything is written.
@@ -126,17 +214,22 @@ async function run(ctx: StepContext, config: MergeConfig, inputs: Record<string,
   const dtype: Dtype = DTYPES[config.dtype];
   const out = dirname(await ctx.out(`${MERGED_DIR}/config.json`));
   using weights = await ModelWeights.open(src);
-  const names = weights.names();
+  const fourBit = quantizedWeightNames(weights.names());
+  const expected = expectedTensors(modelConfig);
+  // A 4-bit checkpoint's tensors are its model's (the companions fold into their weight).
+  const names = fourBit.size ? [...expected.keys()] : weights.names();
   let merged = 0;
   const progress = ctx.progress(names.length, "tensors");
   const tensors: TensorSource[] = names.map((name) => {
-    const info = weights.info(name);
+    const shape = fourBit.has(name) ? expected.get(name)! : weights.info(name).shape;
     return {
       name,
       dtype,
-      shape: info.shape,
+      shape,
       data: async () => {
-        const values = toFloat32(info.dtype, await weights.readBytes(name), `${src}: ${name}`);
+        const values = fourBit.has(name)
+          ? dequantize4bit(await readQuantized4bit(weights, name, shape, src))
+          : toFloat32(weights.info(name).dtype, await weights.readBytes(name), `${src}: ${name}`);
         const layer = /^model\.layers\.(\d+)\./.exec(name);
         for (const a of adapters) {
           const w = a.pairs.get(name);
@@ -182,13 +275,33 @@ async function run(ctx: StepContext, config: MergeConfig, inputs: Record<string,
   for (const file of ["config.json", ...files, ...copied]) {
     outputs[`${MERGED_DIR}/${file}`] = `${MERGED_DIR}/${file}`;
   }
+  // The model as trained: the 4-bit one when a quantize step made the training base.
+  const trainedOn = quantized ?? src;
+  const check = await mergedVsUnmerged(
+    ctx,
+    inputs,
+    trainedOn,
+    adapters.map((a) => a.dir),
+    out,
+    config.check_rows,
+    config.model,
+  );
+  if (check) {
+    console.log(
+      `merge: loss on ${check.check_rows} eval rows: unmerged ${
+        check.check_loss_unmerged.toFixed(6)
+      }, merged ${check.check_loss_merged.toFixed(6)} (${config.merge_base}, ${config.dtype})`,
+    );
+  }
   return {
     outputs,
     metrics: {
       projections_merged: merged,
       adapters: adapters.length,
       dtype: config.dtype,
+      merge_base: quantized ? config.merge_base : "original",
       tensors: names.length,
+      ...(check ?? {}),
     },
   };
 }
@@ -201,7 +314,7 @@ export const step = defineStep({
     "Merges LoRA adapters into their base (W + s·B·A in f32, rounded once) as a Hugging Face model directory",
   config: MergeConfig,
   inputs: {},
-  optionalInputs: { sft: "train-sft", dpo: "train-dpo" },
+  optionalInputs: { sft: "train-sft", dpo: "train-dpo", quantize: "quantize" },
   sources: async (config: MergeConfig, projectRoot: string) => {
     const out = await modelSources(await modelDir(config.model, config.revision, projectRoot));
     for (const [i, a] of (config.adapters ?? []).entries()) {

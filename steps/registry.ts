@@ -13,6 +13,7 @@ const MODULES: Record<string, () => Promise<{ step: StepDef }>> = {
   "train-dpo": () => import("./train_dpo.ts"),
   eval: () => import("./eval.ts"),
   merge: () => import("./merge.ts"),
+  export: () => import("./export.ts"),
 };
 
 /** Names of all registered steps, in pipeline order. */
