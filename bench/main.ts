@@ -17,6 +17,7 @@ type BenchmarkModule = {
 /** Benchmarks by name; each takes the arguments after the names. */
 export const BENCHMARKS: Record<string, () => Promise<BenchmarkModule>> = {
   attention: () => import("./attention.ts"),
+  export: () => import("./export.ts"),
   generate: () => import("./generate.ts"),
   lora: () => import("./lora.ts"),
   matmul: () => import("./matmul.ts"),

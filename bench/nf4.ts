@@ -85,7 +85,7 @@ const SMALL = {
  * The quantize part's model: Mistral 7B's config at D 512, F 1792, H 4, Hkv 1 (hd 128), V 1024,
  * with as many layers as make `--quantize-mb` (6.8 MB of bf16 per layer; 2 MB of embeddings).
  */
-const QUANTIZE_SHAPE = {
+export const QUANTIZE_SHAPE = {
   hidden_size: 512,
   intermediate_size: 1792,
   num_attention_heads: 4,
@@ -503,7 +503,7 @@ async function benchTrain(gpu: Gpu, cfg: Nf4BenchConfig, tmp: string): Promise<N
 // 3. quantize: the step against reading and writing the same bytes.
 
 /** Reads every tensor of `dir` and writes the bytes to `path`, synced; returns the bytes. */
-async function readWrite(dir: string, path: string): Promise<number> {
+export async function readWrite(dir: string, path: string): Promise<number> {
   using weights = await ModelWeights.open(dir);
   using file = await Deno.open(path, { write: true, create: true, truncate: true });
   let total = 0;

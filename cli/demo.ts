@@ -1,6 +1,7 @@
 /**
  * `deno task demo`: the embedded default — the tiny-demo recipe end to end (prepare, tokenize,
- * quantize to NF4, QLoRA train-sft, then train-dpo on preference pairs), offline, on the shipped
+ * quantize to NF4, QLoRA train-sft, train-dpo on preference pairs, eval, merge, export to GGUF
+ * for llama.cpp and Ollama), offline, on the shipped
  * demo data and tokenizer — followed by where its manifests are and how to query it.
  * Extra arguments go to the recipe command (`deno task demo --set tokenize.max_seq_len=128`).
  * @module
@@ -87,6 +88,27 @@ adapter:     ${runDir}/train-dpo/adapter/   (the SFT adapter, preference-tuned)`
         );
       }
       console.log(`report:      ${runDir}/eval/report.html   (and report.md, generations.jsonl)`);
+    }
+    const merge = result.steps.find((s) => s.step === "merge")?.outcome.manifest;
+    if (merge) {
+      const m = merge.metrics;
+      console.log(
+        `merge:       ${runDir}/merge/model/ (transformers layout, ${m.dtype}) · loss on ${m.check_rows} eval rows ${
+          f(m.check_loss_unmerged)
+        } as trained (NF4 base + adapter) -> ${f(m.check_loss_merged)} merged into the original base`,
+      );
+    }
+    const exported = result.steps.find((s) => s.step === "export")?.outcome;
+    if (exported) {
+      const dir = `${runDir}/export`;
+      const gguf = Object.keys(exported.manifest.outputs).filter((o) => o.endsWith(".gguf"));
+      console.log(
+        `export:      ${gguf.map((g) => `${dir}/${g}`).join(", ")} · adapter with model card: ${dir}/peft/`,
+      );
+      try {
+        const commands = await Deno.readTextFile(`${result.runDir}/export/commands.txt`);
+        console.log(`run it:\n${commands.trimEnd().split("\n").map((c) => `  ${c}`).join("\n")}`);
+      } catch { /* no commands */ }
     }
     console.log(`
 manifests:   ${runDir}/<step>/manifest.json

@@ -51,7 +51,15 @@ async function dryRun(recipe: string, repo: string, extra: string[] = []): Promi
 
 Deno.test("mistral-qlora is the guides' QLoRA configuration", async () => {
   const recipe = await loadRecipe("mistral-qlora", { projectRoot: ROOT, loadStep });
-  assert.deepEqual(recipe.steps.map((s) => s.name), ["prepare", "tokenize", "quantize", "train-sft", "eval"]);
+  assert.deepEqual(
+    recipe.steps.map((s) => s.name),
+    ["prepare", "tokenize", "quantize", "train-sft", "eval", "merge", "export"],
+  );
+  const exportCfg = recipe.steps.find((s) => s.name === "export")!.config as Record<string, unknown>;
+  assert.deepEqual(exportCfg.targets, ["peft", "gguf", "ollama"]);
+  assert.deepEqual((exportCfg.gguf as { types: string[] }).types, ["Q4_K_M"], "ends with GGUF Q4_K_M");
+  const mergeCfg = recipe.steps.find((s) => s.name === "merge")!.config as Record<string, unknown>;
+  assert.equal(mergeCfg.model, "mistralai/Mistral-7B-Instruct-v0.3", "merged into the original 16-bit base");
   assert.deepEqual(recipe.steps.find((s) => s.name === "eval")!.inputs, {
     data: "tokenize",
     base: "quantize",
@@ -100,7 +108,14 @@ for (
     const out = await dryRun(recipe, repo);
     const text = out.join("\n");
     assert.match(text, new RegExp(`plan for recipe "${recipe}"`));
-    for (const step of ["prepare", "tokenize", "quantize", "train-sft"]) {
+    const steps = [
+      "prepare",
+      "tokenize",
+      "quantize",
+      "train-sft",
+      ...(recipe === "mistral-qlora" ? ["merge", "export"] : []),
+    ];
+    for (const step of steps) {
       assert.ok(out.some((l) => l.startsWith(step)), `a line for ${step}:\n${text}`);
     }
     // prepare reads the shipped sample: its key is known; the others wait for the downloads.
