@@ -17,7 +17,7 @@
 #                (the tuning table)
 #   PEAK_TFLOPS  the card's FP32 vector peak (H100 SXM: 66.9), for "% of peak" columns
 # Each phase takes its arguments from TUNE_ARGS, MATMUL_ARGS, ATTENTION_ARGS, LORA_ARGS, TRAIN_ARGS,
-# NF4_ARGS, QLORA_ARGS, PEFT_ARGS and GENERATE_ARGS when set. PHASES picks phases (default: all, in this order):
+# NF4_ARGS, QLORA_ARGS, PEFT_ARGS, GENERATE_ARGS and EXPORT_ARGS when set. PHASES picks phases (default: all, in this order):
 #   PHASES="nf4 qlora peft" bench/gpu.sh OUT_DIR
 # The qlora phase writes the 14.5 GB bf16 checkpoint, then the quantize step makes its 4-bit copy on
 # one CPU core (tens of MB/s: minutes for all 32 layers); QLORA_ARGS="--parts train --layers 8" is
@@ -38,7 +38,7 @@ export LATHE_CACHE_DIR="$out/cache"
 [[ -n $peak ]] && export LATHE_PEAK_TFLOPS="$peak"
 
 bench() { deno run -A "$bundle" "$@"; }
-phases=" ${PHASES:-tune matmul attention lora train nf4 qlora peft generate} "
+phases=" ${PHASES:-tune matmul attention lora train nf4 qlora peft generate export} "
 want() { [[ $phases == *" $1 "* ]] && echo "== $1 ($(date -u +%FT%TZ))"; }
 
 # shellcheck disable=SC2086
@@ -88,3 +88,8 @@ if want generate; then
   bench generate ${GENERATE_ARGS:---shape mistral-7b --nf4 --prompt 512 --new 64 --batches 1,8} \
     --json "$out/generate.json" 2>&1 | tee "$out/generate.log"
 fi
+
+# Merge and GGUF export (Q8_0, Q4_K_M) of 512 MB of bf16 against a read + write of the same bytes, with the
+# machine's cores quantizing (CPU only; the GPU machines have 16 cores).
+# shellcheck disable=SC2086
+if want export; then bench export ${EXPORT_ARGS:---mb 512 --rounds 2} --json "$out/export.json" 2>&1 | tee "$out/export.log"; fi

@@ -32,9 +32,9 @@ import {
   LLAMA_FTYPE,
   llamaQuantizeOrder,
   MixCounters,
-  quantize,
   tensorType,
 } from "./gguf_quants.ts";
+import { QuantizePool } from "./gguf_quant_pool.ts";
 import { ggufTokenizerMetadata } from "./gguf_tokenizer.ts";
 import { loadModelConfig, type ModelConfig } from "./model_config.ts";
 import { ModelWeights, toFloat32 } from "./safetensors.ts";
@@ -188,6 +188,8 @@ export interface WriteModelGgufOptions {
   ropeFactors?: Float32Array | null;
   /** Extra `general.*` metadata (e.g. provenance), appended after the standard keys. */
   extra?: [string, GgufValue][];
+  /** Quantization workers (default: the machine's cores; 1: the calling thread only). */
+  threads?: number;
   /** Called after each tensor with its index, the tensor count and its GGUF name. */
   onTensor?: (done: number, total: number, name: string) => void;
 }
@@ -243,6 +245,7 @@ export async function writeModelGguf(
     where: dir,
   });
   using weights = await ModelWeights.open(dir);
+  using pool = new QuantizePool(options.threads);
   const present = new Set(weights.names());
 
   // Tensors in layer order, each with its GGUF name and ggml shape.
@@ -310,7 +313,7 @@ export async function writeModelGguf(
           const heads = arch === "llama" ? ropeHeads(p.name, config) : null;
           if (heads !== null) values = permuteRope(values, heads, p.ne.length > 1 ? p.ne[0] : 1);
         }
-        const bytes = quantize(type, values, p.ne[0]);
+        const bytes = await pool.quantize(type, values, p.ne[0]);
         options.onTensor?.(index + 1, plan.length, p.name);
         return bytes;
       },

@@ -17,6 +17,9 @@ import { runStep } from "../../steps/runner.ts";
 import { MERGED_DIR, step } from "../../steps/merge.ts";
 import { assertClose, gpuTest } from "../kernels/_harness.ts";
 import { tinyCheckpoint, withRandomB } from "../models/_model_fixture.ts";
+import { writeTinyModel } from "../../kernels/models/tiny.ts";
+
+const TOKENIZER = join(ROOT, "data", "demo", "tokenizer");
 import { ROOT } from "./train/_fixtures.ts";
 
 const SPEC: LoraSpec = {
@@ -148,4 +151,40 @@ Deno.test("merge with a zero adapter gives the base's bits; an adapter with a Na
       FAILURE_FILE,
     ]);
   }, 0);
+});
+
+Deno.test("merge refuses an adapter whose shapes do not fit the base, before writing anything", async () => {
+  await withSetup(async (s) => {
+    // An adapter made for the micro Llama (D 128) merged into the nano one (D 64).
+    const other = await Deno.makeTempDir({ prefix: "lathe-merge-micro-" });
+    try {
+      const { config } = await writeTinyModel(other, {
+        arch: "llama",
+        size: "micro",
+        seed: 1,
+        tokenizerDir: TOKENIZER,
+      });
+      const pairs = initialAdapters(config, SPEC, 3);
+      const adapter = join(s.dir, "micro-adapter");
+      await writePeftAdapter(adapter, config, {
+        baseModelNameOrPath: other,
+        r: SPEC.r,
+        loraAlpha: SPEC.alpha,
+        loraDropout: 0,
+        targetModules: SPEC.targets,
+        useRslora: false,
+      }, pairs);
+      await assert.rejects(() => merge({ ...s, adapter }, "float16", "shape"), (e: Error) => {
+        assert.ok(e instanceof LatheError);
+        assert.match(e.message, /^Cannot merge adapter ".*micro-adapter" into ".*": /);
+        assert.match(e.hint ?? "", /the base it was trained on/);
+        return true;
+      });
+      assert.deepEqual([...Deno.readDirSync(join(s.dir, "runs", "shape", "merge"))].map((e) => e.name), [
+        FAILURE_FILE,
+      ]);
+    } finally {
+      await Deno.remove(other, { recursive: true });
+    }
+  });
 });
