@@ -22,14 +22,14 @@
  * graph in reverse; the base weights are frozen.
  * @module
  */
-import type { Floats } from "./_dense.ts";
+import { type Floats, mul_tn } from "./_dense.ts";
 import { attention_backward, attention_forward, doc_ids_from_positions } from "./attention.ts";
 import {
   count_trained,
   lm_head_cross_entropy_backward,
   lm_head_cross_entropy_forward,
 } from "./cross_entropy.ts";
-import { embedding_forward } from "./embedding.ts";
+import { embedding_backward, embedding_forward } from "./embedding.ts";
 import { linear_lora_backward, linear_lora_forward, type LoraAdapter } from "./linear_lora.ts";
 import { rmsnorm_backward, rmsnorm_forward } from "./rmsnorm.ts";
 import {
@@ -153,6 +153,8 @@ export interface DecoderInput {
 interface ProjCache {
   /** The projection input x[T,K]. */
   x: Float64Array;
+  /** Whether the projection has a bias b[N]. */
+  hasBias?: boolean;
   /** dropout(x)·Aᵀ [T,r] or null. */
   xa: Float64Array | null;
   W: Floats;
@@ -222,6 +224,13 @@ export interface DecoderGradients {
   lora: Map<string, { dA: Float64Array; dB: Float64Array }>;
   /** d inputs_embeds[T,D] (the gradient at the embedding output). */
   dInputsEmbeds: Float64Array;
+  /**
+   * With `full`: the gradient of every base weight by its HF name (`…q_proj.weight` dW[N,K] = dyᵀ·x,
+   * `….bias` db[N] = Σ_t dy[t], norms dw[D], `model.embed_tokens.weight` by scatter-add of the
+   * embedding output's gradient over the ids, `lm_head.weight` from the fused head; with tied
+   * embeddings the head's gradient is added to the embedding's).
+   */
+  weights?: Map<string, Float64Array>;
 }
 
 function lookup<V>(map: ReadonlyMap<string, V> | Readonly<Record<string, V>>, name: string): V | undefined {
@@ -318,7 +327,7 @@ export function decoder_forward(
     const b = hasBias(config, proj) ? weight(`${name}.bias`, N) : null;
     const lora = lookup(adapters, name) ?? null;
     const { y, xa } = linear_lora_forward(x, W, b, lora, { T, inFeatures: K, outFeatures: N });
-    return [y, { x, xa, W, lora, name, K, N }];
+    return [y, { x, xa, W, lora, name, K, N, hasBias: b !== null }];
   };
 
   // h[T,D]
@@ -456,12 +465,14 @@ export function decoder_backward(
   forward: DecoderForward,
   dloss = 1,
   tokenWeights: ArrayLike<number> | null = null,
+  full = false,
 ): DecoderGradients {
   const s = forward.saved;
   const { config, input, T, weight, cos, sin } = s;
   const { hiddenSize: D, numHeads: H, numKvHeads: Hkv, headDim: hd, vocabSize: V } = config;
   const eps = config.rmsNormEps;
   const lora = new Map<string, { dA: Float64Array; dB: Float64Array }>();
+  const grads = full ? new Map<string, Float64Array>() : undefined;
 
   const projBack = (dy: Float64Array, c: ProjCache): Float64Array => {
     const { dx, dA, dB } = linear_lora_backward(dy, c.x, c.W, c.lora, c.xa, {
@@ -470,11 +481,25 @@ export function decoder_backward(
       outFeatures: c.N,
     });
     if (dA && dB) lora.set(c.name, { dA, dB });
+    if (grads) {
+      // dW[N,K] = dyᵀ·x; db[N] = Σ_t dy[t,:]
+      grads.set(`${c.name}.weight`, mul_tn(dy, c.x, c.N, T, c.K));
+      if (c.hasBias) {
+        const db = new Float64Array(c.N);
+        for (let t = 0; t < T; t++) for (let n = 0; n < c.N; n++) db[n] += dy[t * c.N + n];
+        grads.set(`${c.name}.bias`, db);
+      }
+    }
+    return dx;
+  };
+  const normBack = (dy: Float64Array, x: Float64Array, name: string, rstd: Float64Array): Float64Array => {
+    const { dx, dw } = rmsnorm_backward(dy, x, weight(name, D), rstd, { T, D, eps });
+    grads?.set(name, Float64Array.from(dw));
     return dx;
   };
   const add = (a: Float64Array, b: Float64Array): Float64Array => a.map((x, i) => x + b[i]);
 
-  const { dhidden } = lm_head_cross_entropy_backward(
+  const { dhidden, dW: dHead } = lm_head_cross_entropy_backward(
     s.xF,
     s.head,
     input.targets,
@@ -487,11 +512,11 @@ export function decoder_backward(
       chunk: input.vocabChunk,
     },
     dloss,
-    false,
+    full,
     tokenWeights,
   );
   // dh[T,D]: gradient at the residual stream
-  let dh = rmsnorm_backward(dhidden, s.hFinal, weight("model.norm.weight", D), s.rstdF, { T, D, eps }).dx;
+  let dh = normBack(dhidden, s.hFinal, "model.norm.weight", s.rstdF);
 
   for (let l = config.numLayers - 1; l >= 0; l--) {
     const c = s.layers[l];
@@ -500,8 +525,7 @@ export function decoder_backward(
     const dAct = projBack(dh, c.down);
     const { dg, du } = swiglu_backward(dAct, c.g, c.u);
     const dx2 = add(projBack(dg, c.gate), projBack(du, c.up));
-    const w2 = weight(`${p}.post_attention_layernorm.weight`, D);
-    const dhMid = add(dh, rmsnorm_backward(dx2, c.hMid, w2, c.rstd2, { T, D, eps }).dx);
+    const dhMid = add(dh, normBack(dx2, c.hMid, `${p}.post_attention_layernorm.weight`, c.rstd2));
     // attention block: hMid = hIn + o(attention(rope(q(x1)), rope(k(x1)), v(x1)))
     const dAttn = projBack(dhMid, c.o);
     const attnDims = { B: input.B, S: input.S, H, Hkv, hd, window: config.layerWindows[l], docIds: s.docIds };
@@ -509,8 +533,16 @@ export function decoder_backward(
     const dqLin = rope_backward(dq, cos, sin, { T, heads: H, headDim: hd });
     const dkLin = rope_backward(dk, cos, sin, { T, heads: Hkv, headDim: hd });
     const dx1 = add(add(projBack(dqLin, c.q), projBack(dkLin, c.k)), projBack(dv, c.v));
-    const w1 = weight(`${p}.input_layernorm.weight`, D);
-    dh = add(dhMid, rmsnorm_backward(dx1, c.hIn, w1, c.rstd1, { T, D, eps }).dx);
+    dh = add(dhMid, normBack(dx1, c.hIn, `${p}.input_layernorm.weight`, c.rstd1));
   }
-  return { lora, dInputsEmbeds: dh };
+  if (grads) {
+    // dE[V,D]: scatter-add of the embedding output's gradient (ids only; inputs_embeds stop here).
+    const dE = input.ids
+      ? Float64Array.from(embedding_backward(dh, input.ids, { V, D }))
+      : new Float64Array(V * D);
+    if (config.tieWordEmbeddings) for (let i = 0; i < dE.length; i++) dE[i] += dHead![i];
+    else grads.set("lm_head.weight", Float64Array.from(dHead!));
+    grads.set("model.embed_tokens.weight", dE);
+  }
+  return { lora, dInputsEmbeds: dh, weights: grads };
 }

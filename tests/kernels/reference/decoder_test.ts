@@ -389,3 +389,39 @@ Deno.test("decoder_forward refuses positions past the original length under dyna
     ),
   );
 });
+
+// Full fine-tuning: the gradient of every base weight (embeddings by scatter-add, norms, projections and
+// their biases, lm_head, or the tied embedding's two paths summed) against central differences.
+for (
+  const [label, config, tied] of [
+    ["Mistral-like, windows, untied head", MISTRAL, false],
+    ["Qwen2-like, qkv bias, tied head", QWEN2, true],
+    ["Llama 3 rope, every bias", LLAMA3, false],
+  ] as const
+) {
+  Deno.test(`decoder_backward(full) gives every weight's gradient: ${label}`, () => {
+    const rand = random(40);
+    const B = 2, S = 5;
+    const ids = Int32Array.from({ length: B * S }, () => Math.floor((rand() + 1) / 2 * config.vocabSize));
+    const targets = Int32Array.from({ length: B * S }, () => Math.floor((rand() + 1) / 2 * config.vocabSize));
+    targets[4] = IGNORE_INDEX;
+    const input: DecoderInput = { B, S, ids, targets, vocabChunk: 4 };
+    const weights = tinyWeights(config, 41);
+    const adapters = tinyAdapters(config, [[0, "self_attn.q_proj"]], 42);
+    const grads = decoder_backward(decoder_forward(config, weights, adapters, input), 1, null, true).weights!;
+    assert.deepEqual([...grads.keys()].sort(), [...weights.keys()].sort(), "a gradient for every weight");
+    assert.equal(grads.has("lm_head.weight"), !tied);
+    const loss = () => decoder_loss(config, weights, adapters, input);
+    for (const [name, w] of weights) {
+      checkGradient(name, w, grads.get(name)!, loss, { indices: someIndices(rand, w.length, 3) });
+    }
+    // Rows of ids that no token uses get no gradient from the gather (tied: only the head's).
+    const unused = [...Array(config.vocabSize).keys()].find((v) => !ids.includes(v));
+    if (unused !== undefined && !tied) {
+      const D = config.hiddenSize;
+      assert.ok(
+        grads.get("model.embed_tokens.weight")!.subarray(unused * D, unused * D + D).every((x) => x === 0),
+      );
+    }
+  });
+}
