@@ -218,7 +218,7 @@ export function parseTrainArgs(args: string[], gpu: Pick<Gpu, "f16" | "info" | "
     if (!Number.isInteger(n) || n < min) usage(`--${key} "${raw}" is not an integer ≥ ${min}`);
     return n;
   };
-  const sizes = (values.sizes ?? (big ? "" : Object.keys(TINY_SIZES).join(","))).split(",").filter((s) => s);
+  const sizes = (values.sizes ?? (big ? "" : "nano,micro")).split(",").filter((s) => s);
   for (const s of sizes) {
     if (!Object.hasOwn(TINY_SIZES, s)) {
       usage(`--sizes names "${s}"`, `Tiny sizes: ${Object.keys(TINY_SIZES).join(", ")}.`);
