@@ -366,3 +366,54 @@ function logits(p: Problem, h: Tensor, W: Tensor, v0: number, C: number, label: 
   const z = Tensor.empty(p.gpu, [p.T, C], "f32", { label });
   return matmul(h, W, { layout: "NT", bRows: { start: v0, count: C }, out: z });
 }
+
+/**
+ * dz[T,C] f32 of one vocabulary chunk [v0, v0 + C), exactly as {@link crossEntropyBackward}
+ * computes it before its dh product (the same `matmul` call and the same `cross_entropy_grad`
+ * dispatch, so the same bits): z = h·W[v0:v0+C, D]ᵀ, then in place
+ * dz[t,c] = scale·(e^(z[t,c] − lse[t]) − [v0 + c = y[t]]) on trained tokens (scale·w[t] with
+ * `weights`), 0 on ignored ones. For ops built on the same pass, such as the lm_head's weight
+ * gradient (`kernels/ops/lm_head_grad.ts`); they check the shapes and destroy dz.
+ *
+ * @param h hidden[T,D] (f32 or f16)
+ * @param W lm_head W[V,D] (f32 or f16); rows [v0, v0 + C) must lie within one of its row chunks
+ * @param targets y[T] i32, -100 for tokens that are not trained
+ * @param lse lse[T] f32 from {@link crossEntropyForward}
+ * @param scale dloss / N, as crossEntropyBackward computes it
+ * @param weights w[T] f32 per-token weights, or undefined
+ * @returns dz[T,C] f32 (T ≥ 1, C ≥ 1)
+ * @example
+ * ```ts
+ * const dz = crossEntropyChunkGrad(h, W, targets, lse, v0, C, 1 / n);
+ * matmul(dz, h, { layout: "TN", out: dWChunk }); // dW[v0:v0+C, D] = dzᵀ·h
+ * dz.destroy();
+ * ```
+ */
+export function crossEntropyChunkGrad(
+  h: Tensor,
+  W: Tensor,
+  targets: Tensor,
+  lse: Tensor,
+  v0: number,
+  C: number,
+  scale: number,
+  weights?: Tensor,
+): Tensor {
+  const gpu = h.gpu;
+  const [T, D] = h.shape;
+  const z = logits({ gpu, T, D, V: W.rows, chunk: C }, h, W, v0, C, "ce_dlogits");
+  const grad = kernel(gpu, "cross_entropy_grad", ["write", "read", "read", "read"], 20);
+  const u = new Uint32Array(5);
+  u[4] = weights ? 1 : 0;
+  u.set([T, C, v0]);
+  new Float32Array(u.buffer)[3] = scale;
+  // Unweighted, lse stands in for the weights binding (never read).
+  const w = weights ?? lse;
+  recorder(gpu).dispatch(
+    grad,
+    [z.buffer, targets.buffer, lse.buffer, w.buffer],
+    u,
+    grid(gpu, Math.ceil((T * C) / WG)),
+  );
+  return z;
+}
