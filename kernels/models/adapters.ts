@@ -70,7 +70,7 @@ export class GpuAdapters implements Disposable {
     if (!Number.isInteger(lora.r) || lora.r <= 0) {
       modelError(`LoRA rank r ${lora.r} must be a positive integer`);
     }
-    if (lora.targets.length === 0) modelError("LoRA targets are empty");
+    if (lora.targets.length === 0) return new GpuAdapters([]); // full fine-tuning: no adapter
     const pairs = initialAdapters(config, lora, seed);
     const slots = pairs.map((p): AdapterSlot => {
       const [N, K] = projectionShape(config, p.module);
@@ -109,6 +109,7 @@ export class GpuAdapters implements Disposable {
 
   /** Zeroes every gradient (in stream order). */
   zeroGrad(): void {
+    if (this.slots.length === 0) return;
     const rec = recorder(this.slots[0].A.gpu);
     for (const t of this.gradients()) clear(rec, t);
   }
@@ -220,12 +221,12 @@ export class GpuAdapters implements Disposable {
   }
 }
 
-function clear(rec: ReturnType<typeof recorder>, t: Tensor): void {
+export function clear(rec: ReturnType<typeof recorder>, t: Tensor): void {
   for (const c of t.chunks) rec.clearBuffer(c.buffer, 0, Math.ceil(c.byteLength / 4) * 4);
 }
 
 /** Overwrites an f32 tensor with host data, after the work recorded so far (which may read it). */
-function writeTensor(t: Tensor, data: Float32Array): void {
+export function writeTensor(t: Tensor, data: Float32Array): void {
   recorder(t.gpu).flush();
   const rowSize = t.rowSize;
   for (const c of t.chunks) {

@@ -37,7 +37,9 @@ import type { Gpu } from "../device.ts";
 import { getGpu } from "../device.ts";
 import { adamwStep } from "../ops/adamw.ts";
 import { crossEntropyBackward, crossEntropyForward, IGNORE_INDEX } from "../ops/cross_entropy.ts";
-import { embeddingForward } from "../ops/embedding.ts";
+import { embeddingBackward, embeddingForward } from "../ops/embedding.ts";
+import { lmHeadWeightGrad } from "../ops/lm_head_grad.ts";
+import { FullParams } from "./full_params.ts";
 import { gradNorm } from "../ops/grad_norm.ts";
 import { loraScaling } from "../ops/lora.ts";
 import { rmsnormBackward, rmsnormForward } from "../ops/rmsnorm.ts";
@@ -55,6 +57,7 @@ import {
   type LayerBatch,
   type LayerContext,
   layerForward,
+  normGrad,
 } from "./layer.ts";
 import type {
   AdamWStep,
@@ -95,6 +98,11 @@ export interface GpuModelOptions {
   dtype?: WeightDType;
   /** Called after each uploaded weight tensor with bytes read so far and the total. */
   onLoadProgress?: (readBytes: number, totalBytes: number) => void;
+  /**
+   * Full fine-tuning: every base weight trains (f32 masters, gradients and AdamW moments;
+   * kernels/models/full_params.ts) and `lora.targets` must be empty. Default false.
+   */
+  full?: boolean;
 }
 
 function modelError(what: string): never {
@@ -158,8 +166,11 @@ export class GpuModel implements TrainableModel {
     seed: number,
     gradientCheckpointing: boolean,
     offloadLayerInputs = false,
+    full: FullParams | null = null,
   ) {
     this.#gpu = gpu;
+    if (full === null && lora.targets.length === 0) modelError("LoRA targets are empty");
+    if (full !== null && lora.targets.length > 0) modelError("full fine-tuning takes no LoRA targets");
     this.offloadLayerInputs = gradientCheckpointing && offloadLayerInputs;
     this.config = config;
     this.lora = { ...lora, targets: [...lora.targets] };
@@ -182,7 +193,13 @@ export class GpuModel implements TrainableModel {
       scaling: loraScaling(lora.alpha, lora.r, lora.useRslora),
       act: weights.dtype,
       rope: ropeTable(gpu, this.#ropeConfig),
+      full,
     };
+  }
+
+  /** Whether every base weight trains (full fine-tuning). */
+  get full(): boolean {
+    return !!this.#ctx.full;
   }
 
   /**
@@ -288,12 +305,24 @@ export class GpuModel implements TrainableModel {
         }
       }
       if (train !== null) {
-        const dx = crossEntropyBackward(x, head, targets, lse, {
-          n: mode.kind === "train" ? mode.normaliser : 1,
-          weights: weights ?? undefined,
-        });
+        const full = ctx.full ?? null;
+        const n = mode.kind === "train" ? mode.normaliser : 1;
+        let dx: Tensor;
+        if (full === null) {
+          dx = crossEntropyBackward(x, head, targets, lse, { n, weights: weights ?? undefined });
+        } else {
+          // One pass over the vocabulary for both: dx (as crossEntropyBackward computes it) and
+          // lm_head's dW (or the tied table's head part) += Σ_t w_t·(softmax − onehot)ᵀ·x_t.
+          dx = Tensor.empty(gpu, [T, this.config.hiddenSize], "f32", { label: "d_x_final" });
+          lmHeadWeightGrad(x, head, targets, lse, {
+            dW: full.grad(this.config.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight")!,
+            n,
+            weights: weights ?? undefined,
+            dh: dx,
+          });
+        }
         weights?.destroy();
-        const dh = rmsnormBackward(dx, hs[L], normW, rstd).dx;
+        const dh = rmsnormBackward(dx, hs[L], normW, rstd, normGrad(ctx, "model.norm.weight")).dx;
         dx.destroy();
         hs[L].destroy();
         // The loss's last readers have run: its [T,D] input need not wait through the layers.
@@ -304,10 +333,15 @@ export class GpuModel implements TrainableModel {
             hs[l] = Tensor.from(gpu, await onHost[l], [T, this.config.hiddenSize], "f32", { label: `h${l}` });
           }
           const acts = saved[l] ?? layerForward(ctx, lb, l, hs[l], "recompute").saved!;
-          layerBackward(ctx, lb, l, hs[l], acts, dh, l > 0);
+          // The first layer's input gradient feeds only a trained embedding.
+          layerBackward(ctx, lb, l, hs[l], acts, dh, l > 0 || full !== null);
           acts.destroy();
           saved[l] = null;
           hs[l].destroy();
+        }
+        if (full !== null) {
+          const dE = full.grad("model.embed_tokens.weight")!;
+          embeddingBackward(dh, batch.tokens, this.config.vocabSize, { dE, accumulate: true });
         }
         dh.destroy();
       }
@@ -351,8 +385,10 @@ export class GpuModel implements TrainableModel {
   async optimizerStep(hp: AdamWStep): Promise<{ gradNorm: number }> {
     this.#alive();
     const adapters = this.#ctx.adapters;
-    const clip = gradNorm(adapters.gradients(), { maxNorm: hp.maxGradNorm > 0 ? hp.maxGradNorm : undefined });
-    adamwStep(adapters.optimizerTensors(), {
+    const full = this.#ctx.full ?? null;
+    const grads = full ? full.gradients() : adapters.gradients();
+    const clip = gradNorm(grads, { maxNorm: hp.maxGradNorm > 0 ? hp.maxGradNorm : undefined });
+    adamwStep(full ? full.optimizerTensors() : adapters.optimizerTensors(), {
       lr: hp.lr,
       beta1: hp.beta1,
       beta2: hp.beta2,
@@ -362,6 +398,12 @@ export class GpuModel implements TrainableModel {
       clip,
       zeroGrad: true,
     });
+    if (full) {
+      full.refresh();
+      // lm_head moved: the cached row sum is stale.
+      this.#headSum?.destroy();
+      this.#headSum = null;
+    }
     this.#step++;
     const [norm] = (await readTensors([clip]))[0] as Float32Array;
     clip.destroy();
@@ -372,6 +414,31 @@ export class GpuModel implements TrainableModel {
   async zeroGrad(): Promise<void> {
     this.#alive();
     this.#ctx.adapters.zeroGrad();
+    this.#ctx.full?.zeroGrad();
+  }
+
+  /** Full fine-tuning: the f32 master weights by HF name. */
+  async getWeights(): Promise<Map<string, Float32Array>> {
+    this.#alive();
+    if (!this.#ctx.full) modelError("only a fully fine-tuned model has trained weights to read");
+    return await this.#ctx.full.read();
+  }
+
+  /** Full fine-tuning: overwrites every master weight (and its compute copy). */
+  // deno-lint-ignore require-await
+  async setWeights(weights: ReadonlyMap<string, Float32Array>): Promise<void> {
+    this.#alive();
+    if (!this.#ctx.full) modelError("only a fully fine-tuned model takes weights");
+    this.#ctx.full.write(weights);
+    this.#headSum?.destroy();
+    this.#headSum = null;
+  }
+
+  /** Full fine-tuning: the accumulated gradients of every weight by HF name (tests, diagnostics). */
+  async getWeightGradients(): Promise<Map<string, Float32Array>> {
+    this.#alive();
+    if (!this.#ctx.full) modelError("only a fully fine-tuned model has weight gradients");
+    return await this.#ctx.full.readGradients();
   }
 
   async getLora(): Promise<LoraWeights[]> {
@@ -397,7 +464,7 @@ export class GpuModel implements TrainableModel {
 
   async getOptimizerState(): Promise<OptimizerState> {
     this.#alive();
-    const { m, v } = await this.#ctx.adapters.readMoments();
+    const { m, v } = await (this.#ctx.full ?? this.#ctx.adapters).readMoments();
     return { step: this.#step, m, v };
   }
 
@@ -407,7 +474,8 @@ export class GpuModel implements TrainableModel {
     if (!Number.isInteger(state.step) || state.step < 0) {
       modelError(`optimizer step ${state.step} is invalid`);
     }
-    this.#ctx.adapters.writeMoments(state);
+    if (this.#ctx.full) this.#ctx.full.writeMoments(state.m, state.v);
+    else this.#ctx.adapters.writeMoments(state);
     this.#step = state.step;
   }
 
@@ -416,6 +484,7 @@ export class GpuModel implements TrainableModel {
     if (this.#disposed) return;
     this.#disposed = true;
     this.#ctx.adapters.destroy();
+    this.#ctx.full?.destroy();
     this.#headSum?.destroy();
     this.#ctx.rope.destroy();
     this.#ctx.weights.destroy();
@@ -483,7 +552,9 @@ export async function createGpuModel(
     dtype: opts.dtype,
     onProgress: opts.onLoadProgress,
   });
+  let full: FullParams | null = null;
   try {
+    if (opts.full) full = await FullParams.create(gpu, config, weights, modelDir);
     return new GpuModel(
       gpu,
       config,
@@ -492,8 +563,10 @@ export async function createGpuModel(
       seed,
       opts.gradientCheckpointing ?? false,
       opts.offloadLayerInputs ?? false,
+      full,
     );
   } catch (error) {
+    full?.destroy();
     weights.destroy();
     throw error;
   }

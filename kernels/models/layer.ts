@@ -1,7 +1,8 @@
 /**
  * One decoder layer of the Llama family (Llama 2/3, Mistral, Qwen2) on the GPU: the forward,
  * with the activations its backward needs kept or dropped, and the backward for the input path
- * and the LoRA gradients (the base weights are frozen: no dW).
+ * and the LoRA gradients; the base weights are frozen (no dW) unless the context carries full
+ * fine-tuning's parameters, whose gradients the backward then adds (dW, db, the norms' dw).
  *
  * B = rows, S = tokens per row, T = B·S, D = hidden, F = ffn, H = heads, Hkv = kv heads,
  * hd = head dim, r = LoRA rank. Every projection is y = x·Wᵀ (+ b) (+ s·dropout(x)·Aᵀ·Bᵀ when
@@ -40,6 +41,7 @@ import { Tensor } from "../tensor.ts";
 import type { AdapterSlot, GpuAdapters } from "./adapters.ts";
 import { type ModelConfig, type Projection, projectionPath } from "../../formats/model_config.ts";
 import type { GpuWeights, WeightMatrix } from "./gpu_weights.ts";
+import type { FullParams } from "./full_params.ts";
 import { loraDropoutSeed } from "./reference_backend.ts";
 
 /** Float dtype of the activations that feed matmuls and attention. */
@@ -57,6 +59,11 @@ export interface LayerContext {
   readonly act: ActivationDType;
   /** RoPE frequencies of the model. */
   readonly rope: RopeTable;
+  /**
+   * Full fine-tuning: the gradient buffers of every base weight (kernels/models/full_params.ts);
+   * the backward adds dW = dyᵀ·x, db = Σ_t dy and the norms' dw into them. Absent: the base is frozen.
+   */
+  readonly full?: FullParams | null;
 }
 
 /** The micro-batch as the layers see it. */
@@ -196,6 +203,7 @@ function projectBackward(
   dx: Tensor | null,
   accumulate: boolean,
 ): void {
+  weightGrads(ctx, batch, layer, proj, dy, x);
   const slot = ctx.adapters.find(layer, proj);
   if (slot === null) {
     if (dx === null) return;
@@ -215,6 +223,41 @@ function projectBackward(
     accumulateDx: dx !== null && accumulate,
     skipDx: dx === null,
   });
+}
+
+/**
+ * Full fine-tuning's gradients of a projection, added into their buffers:
+ *   dW[N,K] += dy[T,N]ᵀ · x[T,K]      db[N] += 1[1,T] · dy[T,N]
+ */
+function weightGrads(
+  ctx: LayerContext,
+  batch: LayerBatch,
+  layer: number,
+  proj: Projection,
+  dy: Tensor,
+  x: Tensor | null,
+): void {
+  const full = ctx.full;
+  if (!full) return;
+  const path = projectionPath(layer, proj);
+  const dW = full.grad(`${path}.weight`)!;
+  if (x === null) throw new Error(`Cannot run the backward of ${path}: its input was not kept`);
+  matmul(dy, x, { layout: "TN", out: dW, accumulate: true });
+  const db = full.grad(`${path}.bias`);
+  if (db !== null) {
+    const T = batch.rows * batch.seqLen;
+    const ones = Tensor.from(ctx.gpu, new Float32Array(T).fill(1), [1, T], "f32", { label: "ones" });
+    const row = db.reshape([1, db.size]);
+    matmul(ones, dy, { layout: "NN", out: row, accumulate: true });
+    row.destroy();
+    ones.destroy();
+  }
+}
+
+/** rmsnormBackward's options for norm `name`'s dw under full fine-tuning (none otherwise). */
+export function normGrad(ctx: LayerContext, name: string): { dw?: Tensor; accumulateDw?: boolean } {
+  const dw = ctx.full?.grad(name) ?? null;
+  return dw === null ? {} : { dw, accumulateDw: true };
 }
 
 /** The normed input in the activation dtype (RMSNorm writes its input's dtype, f32 here). */
@@ -283,16 +326,16 @@ export function layerForward(
   // m's only reader after the forward is down_proj's adapter (dA): without one it is not kept,
   // and a recompute, which skips the frozen down product, does not compute it at all.
   const downSlot = ctx.adapters.find(layer, "down_proj");
-  let m: Tensor | null = mode === "recompute" && downSlot === null
-    ? null
-    : swigluForward(g, u, { label: `${p}.m` });
+  // Full fine-tuning reads m for down_proj's dW.
+  const keepM = downSlot !== null || !!ctx.full;
+  let m: Tensor | null = mode === "recompute" && !keepM ? null : swigluForward(g, u, { label: `${p}.m` });
   let hOut: Tensor | null = null;
   if (mode === "recompute") {
     if (downSlot !== null) xa.set("down_proj", adapterInput(ctx, batch, downSlot, m!));
   } else {
     hOut = copyOf(hMid, `${p}.h_out`);
     project(ctx, batch, layer, "down_proj", m!, xa, hOut);
-    if (downSlot === null) {
+    if (!keepM) {
       m!.destroy();
       m = null;
     }
@@ -378,7 +421,8 @@ export function layerBackward(
   dg.destroy();
   du.destroy();
   const w2 = ctx.weights.get(`${p}.post_attention_layernorm.weight`);
-  rmsnormBackward(dx2, saved.hMid, w2, saved.rstd2, { dx: dh, accumulate: true }); // dh = d hMid
+  const n2 = normGrad(ctx, `${p}.post_attention_layernorm.weight`);
+  rmsnormBackward(dx2, saved.hMid, w2, saved.rstd2, { dx: dh, accumulate: true, ...n2 }); // dh = d hMid
   dx2.destroy();
 
   // Attention block: hMid = hIn + o(attention(rope(q(x1)), rope(k(x1)), v(x1))).
@@ -409,7 +453,8 @@ export function layerBackward(
   dvLin.destroy();
   if (dx1 !== null) {
     const w1 = ctx.weights.get(`${p}.input_layernorm.weight`);
-    rmsnormBackward(dx1, hIn, w1, saved.rstd1, { dx: dh, accumulate: true }); // dh = d hIn
+    const n1 = normGrad(ctx, `${p}.input_layernorm.weight`);
+    rmsnormBackward(dx1, hIn, w1, saved.rstd1, { dx: dh, accumulate: true, ...n1 }); // dh = d hIn
     dx1.destroy();
   }
 }

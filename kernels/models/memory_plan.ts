@@ -46,6 +46,7 @@
  * @module
  */
 import {
+  expectedTensors,
   type ModelConfig,
   type Projection,
   projectionPath,
@@ -95,6 +96,11 @@ export interface TrainingMemorySettings {
    * read `config.quantizationConfig` (see {@link quantizationFromConfig}).
    */
   quantization?: QuantizationSettings | null;
+  /**
+   * Full fine-tuning (`finetuning: full`): every weight trains, with f32 masters (a second copy when
+   * the weights are f16), f32 gradients and AdamW moments; `lora.targets` is then empty. Default false.
+   */
+  full?: boolean;
 }
 
 /** What the plan needs of the adapter ({@link memoryLimits} reads them from a {@link Gpu}). */
@@ -210,7 +216,9 @@ const KINDS = {
   embeddings: "embeddings and lm_head",
   norms: "norms and biases",
   adapters: "LoRA A, B",
+  masters: "f32 master weights (full fine-tuning)",
   gradients: "LoRA gradients dA, dB",
+  weightGrads: "weight gradients (full fine-tuning)",
   moments: "AdamW m, v",
   batch: "batch and RoPE table",
   inputs: "layer inputs h",
@@ -432,6 +440,8 @@ interface Model {
   slots: Map<string, Slot>;
   head: SimTensor;
   dropout: number;
+  /** Full fine-tuning: the gradient of each trained tensor, by HF-like key (`${layer}/${proj}`, `head`, …). */
+  grads: Map<string, SimTensor> | null;
   /** Whether docs[T] is split into row chunks (attention then binds chunks). */
   docsChunked: boolean;
 }
@@ -477,6 +487,22 @@ function loadModel(sim: Replay, config: ModelConfig, s: MemoryPlan["settings"]):
   sim.empty([D], "f32", "norms");
   const head = config.tieWordEmbeddings ? embed : sim.empty([V, D], wd, "embeddings");
 
+  // FullParams.create: the f32 masters (a second load when the weights are f16), then per tensor
+  // its gradient and moments.
+  let grads: Map<string, SimTensor> | null = null;
+  if (s.full) {
+    grads = new Map();
+    const shapes = expectedTensors(config);
+    if (wd === "f16") { for (const shape of shapes.values()) sim.empty(shape, "f32", "masters"); }
+    for (const [name, shape] of shapes) {
+      const pm = /^model\.layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)\.(weight|bias)$/.exec(name);
+      const key = pm ? `${pm[1]}/${pm[2]}${pm[3] === "bias" ? "/bias" : ""}` : name;
+      grads.set(key, sim.empty(shape, "f32", "weightGrads"));
+      sim.empty(shape, "f32", "moments");
+      sim.empty(shape, "f32", "moments");
+    }
+  }
+
   // GpuAdapters.init: per layer, per target: A[r,in], B[out,r], their AdamW m, v, then dA, dB.
   const slots = new Map<string, Slot>();
   for (let l = 0; l < L; l++) {
@@ -502,6 +528,7 @@ function loadModel(sim: Replay, config: ModelConfig, s: MemoryPlan["settings"]):
     slots,
     head,
     dropout: s.lora.dropout,
+    grads,
     docsChunked:
       s.batchRows * s.seqLen * SPLIT_ELEMENT_BYTES > Math.floor(sim.limits.maxBindingBytes / 4) * 4,
   };
@@ -564,6 +591,17 @@ function projectBackward(
   dx: SimTensor | null,
   dropout: boolean,
 ): void {
+  const g = m.grads?.get(`${layer}/${proj}`);
+  if (g !== undefined) {
+    // layer.ts weightGrads: dW += dyᵀ·x; db += 1[1,T]·dy with a ones[1,T] f32 row.
+    if (x === null) throw new Error(`memory plan: the input of layer ${layer}'s ${proj} was not kept`);
+    matmul(sim, dy, x, "TN", { out: g });
+    const gb = m.grads!.get(`${layer}/${proj}/bias`);
+    if (gb !== undefined) {
+      const ones = sim.empty([1, dy.shape[0]], "f32", "layerGrads");
+      sim.free(ones);
+    }
+  }
   const slot = m.slots.get(`${layer}/${proj}`);
   if (slot === undefined) {
     if (dx === null) return;
@@ -644,11 +682,10 @@ function layerForward(
   const n2 = normed(sim, m, hMid);
   const g = project(sim, m, layer, "gate_proj", n2.x, xa, dropout);
   const u = project(sim, m, layer, "up_proj", n2.x, xa, dropout);
-  // m is kept only for down_proj's adapter; a recompute without one does not compute it.
+  // m is kept only for down_proj's adapter (or its dW); a recompute without one does not compute it.
   const slot = m.slots.get(`${layer}/down_proj`);
-  let mm: SimTensor | null = mode === "recompute" && slot === undefined
-    ? null
-    : sim.empty(g.shape, m.act, "activations"); // swiglu
+  const keepM = slot !== undefined || m.grads !== null;
+  let mm: SimTensor | null = mode === "recompute" && !keepM ? null : sim.empty(g.shape, m.act, "activations"); // swiglu
   let hOut: SimTensor | null = null;
   if (mode === "recompute") {
     if (slot !== undefined) {
@@ -660,7 +697,7 @@ function layerForward(
   } else {
     hOut = sim.empty(hMid.shape, "f32", "inputs"); // copy of hMid
     project(sim, m, layer, "down_proj", mm!, xa, dropout, hOut);
-    if (slot === undefined) {
+    if (!keepM) {
       sim.free(mm);
       mm = null;
     }
@@ -838,11 +875,25 @@ function trainingStep(
   sim.free(state);
   sim.at("loss", "loss backward");
   const ceDh = sim.empty([T, D], "f32", "loss");
-  for (const { v0, C } of vocabularyChunks(m.head, chunk)) {
-    const z = sim.empty([T, C], "f32", "loss");
-    matmul(sim, x, m.head, "NT", { out: z, bRows: { start: v0, count: C } });
-    matmul(sim, z, m.head, "NN", { out: ceDh, bRows: { start: v0, count: C } });
-    sim.free(z);
+  if (m.grads === null) {
+    for (const { v0, C } of vocabularyChunks(m.head, chunk)) {
+      const z = sim.empty([T, C], "f32", "loss");
+      matmul(sim, x, m.head, "NT", { out: z, bRows: { start: v0, count: C } });
+      matmul(sim, z, m.head, "NN", { out: ceDh, bRows: { start: v0, count: C } });
+      sim.free(z);
+    }
+  } else {
+    // ops/lm_head_grad.ts with dh: per chunk the logit gradient dz[T,C], dh += dz·W, part[C,D] = dzᵀ·x
+    // added into lm_head's (or the tied table's) gradient rows.
+    const fullChunk = lmHeadChunk(sim.limits, T, D, m.head.shape[0]);
+    for (const { v0, C } of vocabularyChunks(m.head, fullChunk)) {
+      const z = sim.empty([T, C], "f32", "loss");
+      matmul(sim, x, m.head, "NT", { out: z, bRows: { start: v0, count: C } });
+      matmul(sim, z, m.head, "NN", { out: ceDh, bRows: { start: v0, count: C } });
+      const part = matmul(sim, z, x, "TN", { outDtype: "f32", kind: "loss" });
+      sim.free(part);
+      sim.free(z);
+    }
   }
   const dh = sim.empty([T, D], "f32", "layerGrads"); // the final norm's input gradient
   sim.free(ceDh);
@@ -857,7 +908,7 @@ function trainingStep(
       sim.at("backward", `recompute of layer ${l}`);
       acts = layerForward(sim, m, l, hs[l], "recompute", dropout).acts!;
     }
-    layerBackward(sim, m, l, acts, dh, l > 0, dropout);
+    layerBackward(sim, m, l, acts, dh, l > 0 || m.grads !== null, dropout);
     acts.all.forEach((t) => sim.free(t));
     saved[l] = null;
     sim.free(hs[l]);
@@ -868,8 +919,12 @@ function trainingStep(
   // optimizerStep: the gradient norm's [2] and its per-block partials (4096 elements a block), AdamW in place.
   sim.at("optimizer", "optimizer step");
   let blocks = 0;
+  const width = (t: SimTensor) => t.shape.slice(1).reduce((a, b) => a * b, 1);
   for (const s of m.slots.values()) {
-    for (const t of [s.A, s.B]) for (const c of t.chunks) blocks += Math.ceil((c.rows * t.shape[1]) / 4096);
+    for (const t of [s.A, s.B]) for (const c of t.chunks) blocks += Math.ceil((c.rows * width(t)) / 4096);
+  }
+  for (const t of m.grads?.values() ?? []) {
+    for (const c of t.chunks) blocks += Math.ceil((c.rows * width(t)) / 4096);
   }
   const norm = sim.empty([2], "f32", "optimizer");
   sim.free(sim.empty([Math.max(1, blocks)], "f32", "optimizer"));
@@ -887,7 +942,9 @@ function resolveSettings(config: ModelConfig, s: TrainingMemorySettings): Memory
     if (!(PROJECTIONS as readonly string[]).includes(t)) planError(`LoRA target "${t}" is not a projection`);
   }
   const targets = PROJECTIONS.filter((p) => s.lora.targets.includes(p));
-  if (targets.length === 0) planError("LoRA targets are empty");
+  const full = s.full ?? false;
+  if (targets.length === 0 && !full) planError("LoRA targets are empty");
+  if (targets.length > 0 && full) planError("full fine-tuning takes no LoRA targets");
   const quantization = s.quantization === undefined ? quantizationFromConfig(config) : s.quantization;
   if (quantization !== null) {
     const bs = quantization.blocksize;
@@ -901,6 +958,7 @@ function resolveSettings(config: ModelConfig, s: TrainingMemorySettings): Memory
     dtype: s.dtype,
     lora: { r: s.lora.r, targets, dropout },
     quantization,
+    full,
   };
 }
 
@@ -982,6 +1040,24 @@ export function planTrainingMemory(
   };
 }
 
+/**
+ * ops/lm_head_grad.ts `lmHeadWeightGradChunk` with its defaults: all of V when dz[T,C] and part[C,D]
+ * fit 32 MiB together, else the largest multiple of 256 (256 to 32768) that does, within a binding.
+ */
+function lmHeadChunk(limits: MemoryLimits, T: number, D: number, V: number): number {
+  const bindRows = Math.min(
+    Math.floor(limits.maxBindingBytes / (4 * T)),
+    Math.floor(limits.maxBindingBytes / (4 * D)),
+  );
+  const budget = 32 * 2 ** 20, rowBytes = 4 * (T + D);
+  let chunk = V;
+  if (rowBytes * V > budget) {
+    chunk = Math.min(Math.floor(budget / rowBytes), 32768);
+    chunk = Math.max(256, Math.floor(chunk / 256) * 256);
+  }
+  return Math.min(chunk, V, bindRows);
+}
+
 /** Shapes and formulas of the resident lines. */
 function partNotes(config: ModelConfig, s: MemoryPlan["settings"], m: Model): Partial<Record<Kind, string>> {
   const { numLayers: L } = config;
@@ -1000,6 +1076,15 @@ function partNotes(config: ModelConfig, s: MemoryPlan["settings"], m: Model): Pa
       config.tieWordEmbeddings ? ", tied" : " ×2"
     }`,
     adapters: `${adapters} adapters, r ${s.lora.r}, f32`,
+    ...(s.full
+      ? {
+        masters: s.dtype === "f16"
+          ? "every weight in f32, beside its f16 compute copy"
+          : "the f32 weights themselves",
+        weightGrads: "every weight's, f32",
+        moments: "every weight's exp_avg and exp_avg_sq, f32",
+      }
+      : {}),
     inputs: `h_0..h_L f32 [T,D], h_l freed after layer l's backward`,
     activations: s.gradientCheckpointing
       ? "one layer's, recomputed before its backward"

@@ -540,7 +540,7 @@ export function decoder_backward(
     const dE = input.ids
       ? Float64Array.from(embedding_backward(dh, input.ids, { V, D }))
       : new Float64Array(V * D);
-    if (config.tieWordEmbeddings) for (let i = 0; i < dE.length; i++) dE[i] += dHead![i];
+    if (config.tieWordEmbeddings) { for (let i = 0; i < dE.length; i++) dE[i] += dHead![i]; }
     else grads.set("lm_head.weight", Float64Array.from(dHead!));
     grads.set("model.embed_tokens.weight", dE);
   }
