@@ -18,7 +18,7 @@
  * continues train-sft's, so each model is the base with one adapter.
  * @module
  */
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import * as z from "zod";
 import { writeFileAtomic, writeJsonAtomic } from "../foundation/atomic.ts";
 import { LatheError } from "../foundation/errors.ts";
@@ -127,6 +127,8 @@ async function evalSplit(data: Upstream): Promise<Split | null> {
 
 interface Candidate {
   label: string;
+  /** A model directory of its own (a full fine-tune's), else the base. */
+  model?: string;
   adapters: string[];
   description: string;
   /** For train-dpo's adapter: the adapters of its reference (train-sft's, or none: the base). */
@@ -170,7 +172,15 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
   const candidates: Candidate[] = [{ label: "base", adapters: [], description: `${config.model}` }];
   const sft = inputs.sft;
   const dpo = inputs.dpo;
-  if (sft) {
+  if (sft && "model" in sft.manifest.outputs) {
+    // A full fine-tune: its own model directory.
+    candidates.push({
+      label: sft.manifest.step,
+      model: dirname(sft.path("model")),
+      adapters: [],
+      description: `the model ${sft.manifest.step} fine-tuned in full`,
+    });
+  } else if (sft) {
     candidates.push({
       label: sft.manifest.step,
       adapters: [join(sft.dir, "adapter")],
@@ -207,7 +217,7 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
   const progress = ctx.progress(total, "items");
   for (const c of candidates) {
     using session = await openSession({
-      model: dir,
+      model: c.model ?? dir,
       adapters: c.adapters,
       projectRoot: ctx.projectRoot,
       seed: ctx.seed,

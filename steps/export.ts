@@ -128,9 +128,12 @@ async function linkOrCopy(from: string, to: string): Promise<void> {
 async function run(ctx: StepContext, config: ExportConfig, inputs: Record<string, Upstream>) {
   const targets = new Set(config.targets);
   const training = [inputs.sft, inputs.dpo].filter((u): u is Upstream => u !== undefined);
-  const adapterStep = inputs.dpo ?? inputs.sft ?? null;
+  const last = inputs.dpo ?? inputs.sft ?? null;
+  // A full fine-tune wrote a model directory, not an adapter.
+  const fullModel = last && "model" in last.manifest.outputs ? dirname(last.path("model")) : null;
+  const adapterStep = fullModel ? null : last;
   const merge = inputs.merge ?? null;
-  const baseRef = config.model ?? (adapterStep?.manifest.config.model as string | undefined) ??
+  const baseRef = config.model ?? (last?.manifest.config.model as string | undefined) ??
     (merge?.manifest.config.model as string | undefined);
   if (!baseRef) {
     throw new LatheError("Cannot export: no base model", {
@@ -209,13 +212,15 @@ async function run(ctx: StepContext, config: ExportConfig, inputs: Record<string
     await writeFileAtomic(await ctx.out("peft/README.md"), modelCard({ ...facts, kind: "peft" }));
     outputs["peft/README.md"] = "peft/README.md";
   }
-  let mergedDir: string | null = null;
+  let mergedDir: string | null = fullModel;
   if (merge) mergedDir = dirname(merge.path(`${MERGED_DIR}/config.json`));
   if (targets.has("merged")) {
-    for (const [key, entry] of Object.entries(merge!.manifest.outputs)) {
+    // The merge step's model, or a full fine-tune's (both under `model/` in their step directory).
+    const from = merge ?? last!;
+    for (const [key, entry] of Object.entries(from.manifest.outputs)) {
       if (!key.startsWith(`${MERGED_DIR}/`)) continue;
       const rel = `merged/${key.slice(MERGED_DIR.length + 1)}`;
-      await linkOrCopy(join(merge!.dir, entry.path), await ctx.out(rel));
+      await linkOrCopy(join(from.dir, entry.path), await ctx.out(rel));
       outputs[rel] = rel;
     }
     await writeFileAtomic(await ctx.out("merged/README.md"), modelCard({ ...facts, kind: "merged" }));

@@ -247,6 +247,12 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
     );
   });
   checkEvaluationNeeds(config, evalSplit !== null && evalSplit.rows.length > 0, "train-dpo");
+  if (config.finetuning === "full" || (inputs.sft && "model" in inputs.sft.manifest.outputs)) {
+    throw new LatheError("Cannot run train-dpo with full fine-tuning: DPO trains LoRA adapters in lathe", {
+      hint: "set train-dpo.finetuning: lora (on a fully fine-tuned SFT model, point train-dpo.model at its " +
+        "model/ directory and drop the train-sft step from this recipe)",
+    });
+  }
   const start = await startAdapter(ctx, config, inputs, modelConfig);
   const spec: LoraSpec = start
     ? {

@@ -14,6 +14,10 @@
  * deno task step train-sft --run <id> --resume ...   # continue a killed run (LATHE_RESUME=1)
  * ```
  *
+ * Full fine-tuning (`finetuning: full`): every weight trains (f32 masters and AdamW state on the
+ * GPU), and `model/` replaces `adapter/`: a Hugging Face model directory in the base's dtype with
+ * its config, tokenizer and generation config, which later steps take as a model.
+ *
  * Outputs: `adapter/` (adapter_config.json, adapter_model.safetensors; PEFT format, loadable
  * by `PeftModel.from_pretrained`; with `load_best_model_at_end`, the adapter of the best
  * evaluation, else the last one), `trainer_state.json` (transformers' layout with the log
@@ -35,8 +39,10 @@ import { LatheError } from "../foundation/errors.ts";
 import { readAdapterWeights } from "./train/checkpoint.ts";
 import { TrainSftConfig } from "./train/config.ts";
 import { checkEvaluationNeeds, trainLoop } from "./train/loop.ts";
+import { fullTrained } from "./train/trained.ts";
 import {
   baseDir,
+  checkFullFinetuning,
   checkMemory,
   createModel,
   describeTraining,
@@ -73,7 +79,11 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
   });
   // Before the model loads: a config that needs evaluations fails fast without them.
   checkEvaluationNeeds(config, evalSplit !== null && evalSplit.rows.length > 0);
-  const targets = resolveTargetModules(config.lora.target_modules, "train-sft.lora.target_modules");
+  const full = config.finetuning === "full";
+  if (full) checkFullFinetuning("train-sft", config, modelConfig);
+  const targets = full
+    ? []
+    : resolveTargetModules(config.lora.target_modules, "train-sft.lora.target_modules");
   const spec: LoraSpec = {
     r: config.lora.r,
     alpha: config.lora.alpha,
@@ -120,6 +130,7 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
       model,
       config,
       lora: peft,
+      trained: full ? fullTrained() : undefined,
       train,
       eval: evalSplit,
       seed: ctx.seed,
@@ -137,6 +148,8 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
       config,
       `train-sft ${config.model}`,
       checkpointDir,
+      [],
+      dir,
     );
     return {
       outputs,
@@ -157,7 +170,8 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
 export const step = defineStep({
   name: "train-sft",
   version: "1",
-  description: "LoRA supervised fine-tuning on token shards; writes a PEFT adapter",
+  description:
+    "Supervised fine-tuning on token shards: LoRA (writes a PEFT adapter) or every weight (writes a model)",
   config: TrainSftConfig,
   inputs: { data: "tokenize" },
   optionalInputs: { base: "quantize" },

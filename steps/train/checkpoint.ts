@@ -3,14 +3,15 @@
  *
  * ```
  * <root>/step-<N>/
- *   adapter_config.json, adapter_model.safetensors   the adapter after N steps (PEFT format)
+ *   adapter_config.json, adapter_model.safetensors   the adapter after N steps (PEFT format), or with
+ *   model.safetensors                                full fine-tuning every weight (f32 masters)
  *   optimizer.safetensors                            AdamW moments, F32: "<adapter key>.exp_avg",
  *                                                    "<adapter key>.exp_avg_sq"; metadata step = N
  *   training_state.json                              data cursor, seeds, running sums, early stopping,
  *                                                    best evaluation
  *   trainer_state.json                               transformers-style state with log_history
- *   best_adapter/                                    with load_best_model_at_end: the adapter of the
- *                                                    best evaluation so far (PEFT format)
+ *   best_adapter/                                    with load_best_model_at_end: the adapter (or the
+ *                                                    weights) of the best evaluation so far
  * ```
  * A checkpoint is written into `.step-<N>.tmp-<id>/` and renamed into place, so a `step-<N>`
  * directory is always complete; a run killed while writing leaves only a temp directory,
@@ -25,6 +26,7 @@ import type { LoraWeights, OptimizerState, TrainableModel } from "../../kernels/
 import { exists, writeJsonAtomic } from "../../foundation/atomic.ts";
 import { LatheError } from "../../foundation/errors.ts";
 import type { BestModelRecord, TrainerState } from "./trainer_state.ts";
+import { loraTrained, type Trained, type TrainedWeights } from "./trained.ts";
 
 /** Format tag of training_state.json. */
 export const TRAINING_STATE_FORMAT = "lathe.train-state/1";
@@ -95,12 +97,15 @@ export interface CheckpointRef {
 
 /** What a checkpoint restores. */
 export interface LoadedCheckpoint {
+  /** The adapter (LoRA); empty with full fine-tuning, whose weights are `trained`. */
   lora: LoraWeights[];
+  /** What trains: the adapter, or every weight. */
+  trained: TrainedWeights;
   optimizer: OptimizerState;
   training: TrainingState;
   trainer: TrainerState;
-  /** The adapter of `training.bestModel` (`best_adapter/`), or null when the checkpoint has none. */
-  best: LoraWeights[] | null;
+  /** The adapter (or weights) of `training.bestModel` (`best_adapter/`), or null when the checkpoint has none. */
+  best: TrainedWeights | null;
 }
 
 const STEP_DIR = /^step-(\d+)$/;
@@ -144,20 +149,21 @@ function f32(values: Float32Array): Uint8Array {
 export async function saveCheckpoint(
   root: string,
   model: TrainableModel,
-  lora: LoraConfig,
+  what: LoraConfig | Trained,
   training: TrainingState,
   trainer: TrainerState,
-  best: LoraWeights[] | null = null,
+  best: TrainedWeights | null = null,
 ): Promise<string> {
+  const trained = asTrained(what);
   const final = join(root, `step-${training.step}`);
   const tmp = join(root, `.step-${training.step}.tmp-${crypto.randomUUID().slice(0, 8)}`);
   await Deno.mkdir(tmp, { recursive: true });
   try {
-    await writeAdapter(tmp, model, lora);
+    await trained.save(tmp, model);
     if (best) {
       const bestDir = join(tmp, BEST_ADAPTER_DIR);
       await Deno.mkdir(bestDir);
-      await writePeftAdapter(bestDir, model.config, lora, toPairs(best));
+      await trained.save(bestDir, model, best);
     }
     const opt = await model.getOptimizerState();
     const tensors: TensorSource[] = [];
@@ -230,8 +236,25 @@ async function readJson(path: string): Promise<unknown> {
   }
 }
 
-/** Reads a checkpoint written by {@link saveCheckpoint}. */
-export async function loadCheckpoint(dir: string, model: ModelConfig): Promise<LoadedCheckpoint> {
+/** A LoRA config stands for {@link loraTrained} of it. */
+function asTrained(what: LoraConfig | Trained): Trained {
+  return "snapshot" in what ? what : loraTrained(what);
+}
+
+/** Reads a checkpoint written by {@link saveCheckpoint} (LoRA unless `what` says otherwise). */
+export async function loadCheckpoint(
+  dir: string,
+  model: ModelConfig,
+  what: Trained | null = null,
+): Promise<LoadedCheckpoint> {
+  const trained = what ?? loraTrained({
+    baseModelNameOrPath: null,
+    r: 1,
+    loraAlpha: 1,
+    loraDropout: 0,
+    targetModules: [],
+    useRslora: false,
+  });
   const training = await readJson(join(dir, TRAINING_STATE_FILE)) as TrainingState;
   if (training?.format !== TRAINING_STATE_FORMAT) {
     throw new LatheError(
@@ -242,7 +265,7 @@ export async function loadCheckpoint(dir: string, model: ModelConfig): Promise<L
     );
   }
   const trainer = await readJson(join(dir, TRAINER_STATE_FILE)) as TrainerState;
-  const { weights } = await readAdapterWeights(dir, model);
+  const weights = await trained.load(dir, model);
   using st = await SafetensorsFile.open(join(dir, OPTIMIZER_FILE));
   const m = new Map<string, Float32Array>();
   const v = new Map<string, Float32Array>();
@@ -263,6 +286,13 @@ export async function loadCheckpoint(dir: string, model: ModelConfig): Promise<L
     );
   }
   const bestDir = join(dir, BEST_ADAPTER_DIR);
-  const best = (await exists(bestDir)) ? (await readAdapterWeights(bestDir, model)).weights : null;
-  return { lora: weights, optimizer: { step, m, v }, training, trainer, best };
+  const best = (await exists(bestDir)) ? await trained.load(bestDir, model) : null;
+  return {
+    lora: trained.full ? [] : weights as LoraWeights[],
+    trained: weights,
+    optimizer: { step, m, v },
+    training,
+    trainer,
+    best,
+  };
 }

@@ -71,6 +71,12 @@ export const TrainingArgs = z.strictObject({
   revision: z.string().min(1).default("main"),
   /** "webgpu" (default): the WGSL engine; "cpu-reference": the f64 CPU reference (tiny models, tests). */
   backend: z.enum(["webgpu", "cpu-reference"]).default("webgpu"),
+  /**
+   * "lora" (default): train LoRA adapters on the frozen base; "full": train every weight (trl
+   * without a peft_config, LLaMA-Factory's `finetuning_type: full`), with f32 master weights and
+   * AdamW state, writing a Hugging Face model directory instead of an adapter (`lora` is unused).
+   */
+  finetuning: z.enum(["lora", "full"]).default("lora"),
   lora: LoraSection.prefault({}),
   /**
    * A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start from

@@ -31,7 +31,8 @@
 import { join } from "node:path";
 import type { LoraConfig } from "../../formats/peft.ts";
 import { Pcg32 } from "../../foundation/random.ts";
-import type { LoraWeights, TrainableModel } from "../../kernels/models/trainable.ts";
+import type { TrainableModel } from "../../kernels/models/trainable.ts";
+import { loraTrained, type Trained, type TrainedWeights } from "./trained.ts";
 import { LatheError } from "../../foundation/errors.ts";
 import { humanCount, type Progress } from "../../foundation/progress.ts";
 import { buildBatch, chunks, epochOrder, SHUFFLE_STREAM, type Split, trainedTokens } from "./batches.ts";
@@ -76,6 +77,8 @@ export interface TrainLoopOptions {
   stepName?: string;
   /** The adapter's PEFT config (written with every checkpoint). */
   lora: LoraConfig;
+  /** What trains (default: the LoRA adapters of `lora`; `fullTrained()` for full fine-tuning). */
+  trained?: Trained;
   train: Split;
   eval: Split | null;
   seed: number;
@@ -346,17 +349,18 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
   const bs = config.per_device_train_batch_size;
   const evalBs = config.per_device_eval_batch_size ?? bs;
 
+  const trained = options.trained ?? loraTrained(options.lora);
   let state = freshState(seed, n, plan);
   if (settings.loadBest) state.bestModel = null;
-  // The adapter of state.bestModel, on the host.
-  let bestWeights: LoraWeights[] | null = null;
+  // The adapter (or weights) of state.bestModel, on the host.
+  let bestWeights: TrainedWeights | null = null;
   let history: LogEntry[] = [];
   let resumedFrom: number | null = null;
   let lastCheckpoint: CheckpointRef | null = null;
   const checkpoints = options.checkpointDir ? await listCheckpoints(options.checkpointDir) : [];
   if (options.resume && checkpoints.length > 0) {
     lastCheckpoint = checkpoints[checkpoints.length - 1];
-    const loaded = await loadCheckpoint(lastCheckpoint.dir, model.config);
+    const loaded = await loadCheckpoint(lastCheckpoint.dir, model.config, trained);
     const t = loaded.training;
     if (t.rows !== n || t.seed !== seed || t.totalSteps !== plan.totalSteps) {
       throw new LatheError(
@@ -374,7 +378,7 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
         { hint: "the checkpoint is damaged or belongs to another run; start over without resuming" },
       );
     }
-    await model.setLora(loaded.lora);
+    await trained.restore(model, loaded.trained);
     await model.setOptimizerState(loaded.optimizer);
     state = t;
     bestWeights = loaded.best;
@@ -407,7 +411,7 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     if (!settings.loadBest || !isBetter(value, state.bestModel?.metric ?? null, settings.greaterIsBetter)) {
       return;
     }
-    bestWeights = await model.getLora();
+    bestWeights = await trained.snapshot(model);
     state.bestModel = {
       step,
       metric: value,
@@ -529,7 +533,7 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
       const dir = await saveCheckpoint(
         options.checkpointDir,
         model,
-        options.lora,
+        trained,
         structuredClone(state),
         snapshot(),
         bestWeights,
@@ -554,7 +558,7 @@ export async function trainLoop(options: TrainLoopOptions): Promise<TrainLoopRes
     if (result !== null) await keepIfBest(state.step, result[settings.metric]);
   }
   const best: BestModelRecord | null = state.bestModel ?? null;
-  if (best && bestWeights && best.step !== state.step) await model.setLora(bestWeights);
+  if (best && bestWeights && best.step !== state.step) await trained.restore(model, bestWeights);
   const tokensPerS = state.tokens / Math.max(1e-9, state.seconds);
   history.push({
     step: state.step,

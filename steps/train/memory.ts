@@ -96,7 +96,12 @@ export function planTrainSft(
     gradientCheckpointing: config.gradient_checkpointing,
     offloadLayerInputs: config.offload_layer_inputs,
     dtype,
-    lora: { r: config.lora.r, targets, dropout: config.lora.dropout },
+    lora: {
+      r: config.lora.r,
+      targets: config.finetuning === "full" ? [] : targets,
+      dropout: config.lora.dropout,
+    },
+    full: config.finetuning === "full",
     ...(quantization === undefined ? {} : { quantization }),
   }, limits);
 }

@@ -13,12 +13,17 @@ import {
 } from "../../formats/peft.ts";
 import { exists, writeFileAtomic, writeJsonAtomic } from "../../foundation/atomic.ts";
 import { writeAdapter } from "./checkpoint.ts";
+import { fullTrained, writeFullModel } from "./trained.ts";
+
+/** The model directory a full fine-tune writes inside its step directory. */
+export const FULL_MODEL_DIR = "model";
 import { finalTrainerState, type TrainLoopResult } from "./loop.ts";
 import { lossSvg } from "./plot.ts";
 import { resolveModel } from "../../hub/model.ts";
 import { modelDir, modelSources } from "../model_source.ts";
 import {
   checkSequenceLength,
+  expectedTensors,
   loadModelConfig,
   type ModelConfig,
   type Projection,
@@ -49,6 +54,11 @@ export async function createModel(
   spec: LoraSpec,
 ): Promise<TrainableModel> {
   if (config.backend === "cpu-reference") {
+    if (config.finetuning === "full") {
+      throw new LatheError("Cannot fine-tune every weight on the cpu-reference backend", {
+        hint: "use backend webgpu for finetuning: full (the reference checks its gradients in the tests)",
+      });
+    }
     const { loadHostModel } = await import("../../kernels/models/load.ts");
     const { createReferenceModel } = await import("../../kernels/models/reference_backend.ts");
     const host = await loadHostModel(dir, { progress: (total) => ctx.progress(total, "B") });
@@ -60,6 +70,7 @@ export async function createModel(
   // Weight upload progress, in bytes read from disk.
   const load: { progress: Progress | null; read: number } = { progress: null, read: 0 };
   const gpuModel = await createGpuModel(model, dir, spec, ctx.seed, {
+    full: config.finetuning === "full",
     gradientCheckpointing: config.gradient_checkpointing,
     offloadLayerInputs: config.offload_layer_inputs,
     onLoadProgress: (read, total) => {
@@ -70,6 +81,32 @@ export async function createModel(
   });
   load.progress?.done();
   return gpuModel;
+}
+
+/**
+ * Refuses what full fine-tuning does not do: a 4-bit base (QLoRA trains adapters), an init_adapter,
+ * the cpu-reference backend.
+ */
+export function checkFullFinetuning(step: string, config: TrainingArgs, model: ModelConfig): void {
+  if (model.quantizationConfig) {
+    throw new LatheError(`Cannot fine-tune every weight of a 4-bit base (${step}.finetuning: full)`, {
+      hint:
+        "drop the quantize step (full fine-tuning trains the 16/32-bit weights), or use finetuning: lora (QLoRA)",
+    });
+  }
+  if (config.init_adapter !== null) {
+    throw new LatheError(
+      `Cannot use ${step}.init_adapter with finetuning: full: there is no adapter to start from`,
+      {
+        hint: `drop ${step}.init_adapter, or merge the adapter into the model and train that`,
+      },
+    );
+  }
+  if (config.backend === "cpu-reference") {
+    throw new LatheError(`Cannot fine-tune every weight on the cpu-reference backend (${step}.backend)`, {
+      hint: "use backend webgpu for finetuning: full",
+    });
+  }
 }
 
 /** Plans the step's GPU memory, prints the plan and stops a step that cannot fit (steps/train/memory.ts). */
@@ -87,7 +124,7 @@ export async function checkMemory(
   const plan = planTrainSft(
     model,
     config,
-    targets,
+    config.finetuning === "full" ? [] : targets,
     seqLen,
     gpu.f16 ? "f16" : "f32",
     memoryLimits(gpu),
@@ -266,18 +303,32 @@ export async function writeTrainingOutputs(
   title: string,
   checkpointDir: string,
   curves: readonly string[] = [],
+  baseModelDir: string | null = null,
 ): Promise<Record<string, string>> {
-  await writeAdapter(dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE))), model, peft);
+  const outputs: Record<string, string> = {};
+  if (config.finetuning === "full") {
+    // Every weight trained: a Hugging Face model directory in the base's dtype (what merge writes).
+    const dir = dirname(await ctx.out(join(FULL_MODEL_DIR, "config.json")));
+    const weights = await fullTrained().snapshot(model) as Map<string, Float32Array>;
+    const files = await writeFullModel(
+      dir,
+      baseModelDir!,
+      model.config,
+      weights,
+      expectedTensors(model.config),
+    );
+    for (const f of files) outputs[`${FULL_MODEL_DIR}/${f}`] = `${FULL_MODEL_DIR}/${f}`;
+    outputs.model = `${FULL_MODEL_DIR}/config.json`;
+  } else {
+    await writeAdapter(dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE))), model, peft);
+    outputs.adapter = join("adapter", ADAPTER_CONFIG_FILE);
+    outputs.adapter_weights = join("adapter", ADAPTER_WEIGHTS_FILE);
+  }
   await writeJsonAtomic(await ctx.out("trainer_state.json"), finalTrainerState(result, config));
   await writeFileAtomic(await ctx.out("loss.svg"), lossSvg(result.history, title, curves));
   if (await exists(checkpointDir)) {
     await Deno.rename(checkpointDir, await ctx.out("checkpoints"));
     await Deno.remove(dirname(checkpointDir)).catch(() => {}); // only when empty
   }
-  return {
-    adapter: join("adapter", ADAPTER_CONFIG_FILE),
-    adapter_weights: join("adapter", ADAPTER_WEIGHTS_FILE),
-    trainer_state: "trainer_state.json",
-    loss_plot: "loss.svg",
-  };
+  return { ...outputs, trainer_state: "trainer_state.json", loss_plot: "loss.svg" };
 }

@@ -58,6 +58,7 @@ Deno.test("train-sft config fills the documented defaults and rejects unknown ke
     model: "m",
     revision: "main",
     backend: "webgpu",
+    finetuning: "lora",
     lora: { r: 8, alpha: 16, dropout: 0.05, target_modules: "all-linear", use_rslora: false, bias: "none" },
     init_adapter: null,
     per_device_train_batch_size: 1,

@@ -241,6 +241,14 @@ export class FaultyModel implements TrainableModel {
   setLora(weights: LoraWeights[]) {
     return this.inner.setLora(weights);
   }
+  /** Full fine-tuning's weights, when the inner model trains every weight. */
+  getWeights(): Promise<Map<string, Float32Array>> {
+    return (this.inner as unknown as { getWeights(): Promise<Map<string, Float32Array>> }).getWeights();
+  }
+  setWeights(weights: ReadonlyMap<string, Float32Array>): Promise<void> {
+    return (this.inner as unknown as { setWeights(w: ReadonlyMap<string, Float32Array>): Promise<void> })
+      .setWeights(weights);
+  }
   async getOptimizerState(): Promise<OptimizerState> {
     return await this.inner.getOptimizerState();
   }

@@ -1,3 +1,4 @@
+import type { LoraWeights } from "../../../kernels/models/trainable.ts";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { type LoraConfig, loraKey, readPeftAdapter } from "../../../formats/peft.ts";
@@ -188,7 +189,7 @@ Deno.test("a checkpoint of a load_best_model_at_end run keeps the best adapter b
     assert.ok((await Deno.stat(join(path, BEST_ADAPTER_DIR, "adapter_model.safetensors"))).isFile);
     const loaded = await loadCheckpoint(path, host.config);
     assert.deepEqual(loaded.training.bestModel, state.bestModel);
-    const byKey = new Map(loaded.best!.map((w) => [`${w.layer}.${w.module}`, w]));
+    const byKey = new Map((loaded.best as LoraWeights[]).map((w) => [`${w.layer}.${w.module}`, w]));
     assert.equal(byKey.size, best.length);
     for (const w of best) {
       assert.deepEqual(byKey.get(`${w.layer}.${w.module}`)!.A, w.A);
