@@ -36,7 +36,8 @@
  *   --dtype f16|f32       weights and activations (f16 where the adapter has shader-f16)
  *   --no-checkpointing    keep activations instead of recomputing them in the backward
  *   --no-reference        skip the CPU reference run
- *   --objectives LIST     sft, dpo (reference precomputed), dpo-live (reference each step)
+ *   --objectives LIST     sft, dpo (reference precomputed), dpo-live (reference each step), full
+ *                         (every weight trains; its ratio to sft is printed; "% peak" counts LoRA FLOPs)
  *   --peak TFLOPS         peak for the "% peak" figures (default LATHE_PEAK_TFLOPS, or known)
  *   --tmp DIR             where checkpoints are written (default: the system temp dir)
  *   --json FILE           also write the figures as JSON (device, date, config, results)
@@ -115,8 +116,8 @@ export interface TrainBenchConfig {
 }
 
 /** What a run trains; see the module documentation. */
-export type Objective = "sft" | "dpo" | "dpo-live";
-const OBJECTIVES: readonly Objective[] = ["sft", "dpo", "dpo-live"];
+export type Objective = "sft" | "dpo" | "dpo-live" | "full";
+const OBJECTIVES: readonly Objective[] = ["sft", "dpo", "dpo-live", "full"];
 
 /** The figures of one model on one backend. */
 export interface TrainResult {
@@ -503,7 +504,11 @@ export async function benchGpu(
   let progress = null as Progress | null;
   let lastRead = 0;
   const t0 = performance.now();
-  const model = await createGpuModel(config, dir, cfg.lora, cfg.seed, {
+  // "full": every weight trains (f32 masters, gradients and moments); no adapter.
+  const full = objective === "full";
+  const lora = full ? { ...cfg.lora, targets: [] } : cfg.lora;
+  const model = await createGpuModel(config, dir, lora, cfg.seed, {
+    full,
     dtype: cfg.dtype,
     gradientCheckpointing: cfg.gradientCheckpointing,
     onLoadProgress: generateSeconds === null ? undefined : (read, total) => {
@@ -519,12 +524,12 @@ export async function benchGpu(
     await afterLoad();
     resetPeakMemory(gpu);
     const loadedBytes = memoryStats(gpu).liveBytes;
-    const stepper = objective === "sft"
+    const stepper = objective === "sft" || full
       ? sftStepper(model, cfg, cfg.gradientCheckpointing)
       : await dpoStepper(model, cfg, cfg.gradientCheckpointing, objective === "dpo-live");
     const label = `train ${name} webgpu${objective === "sft" ? "" : ` ${objective}`}`;
     const run = await timeSteps(stepper.step, stepper.flops, cfg, label);
-    const rows = objective === "sft" ? cfg.rows : 2 * Math.max(1, Math.floor(cfg.rows / 2));
+    const rows = objective === "sft" || full ? cfg.rows : 2 * Math.max(1, Math.floor(cfg.rows / 2));
     return summarise(
       {
         model: name,
@@ -689,6 +694,10 @@ export function printReport(report: TrainBenchReport): void {
   }
   for (const [what, ratio] of Object.entries(report.dpoRatios)) {
     const [model, objective] = what.split(" ");
+    if (objective === "full") {
+      console.log(`full fine-tuning / LoRA tokens/s, ${model}: ${ratio.toFixed(2)}x`);
+      continue;
+    }
     const how = objective === "dpo" ? "reference precomputed" : "reference scored each step";
     console.log(`DPO / SFT tokens/s, ${model} (${how}): ${ratio.toFixed(2)}x`);
   }

@@ -146,7 +146,9 @@ gpuTest(
       assert.match(lines[header + 2], /^llama-nano\s+webgpu\s+sft\s+f(16|32)\s+2×32\s/);
       assert.match(lines[header + 3], /^llama-nano\s+webgpu\s+dpo\s+f(16|32)\s+2×32\s/);
       assert.match(lines[header + 4], /^llama-nano\s+webgpu\s+dpo-live\s+f(16|32)\s+2×32\s/);
-      assert.match(lines[header + 5], /^llama-nano\s+cpu-reference\s+sft\s+f64\s+2×32\s/);
+      assert.match(lines[header + 5], /^llama-nano\s+webgpu\s+full\s+f(16|32)\s+2×32\s/);
+      assert.match(lines[header + 6], /^llama-nano\s+cpu-reference\s+sft\s+f64\s+2×32\s/);
+      assert.ok(lines.some((l) => /^full fine-tuning \/ LoRA tokens\/s, llama-nano: \d+\.\d\dx$/.test(l)));
       assert.ok(lines.some((l) => /^webgpu \/ cpu-reference tokens\/s, llama-nano: \d+\.\d\dx$/.test(l)));
       for (const how of ["reference precomputed", "reference scored each step"]) {
         assert.ok(
@@ -167,16 +169,18 @@ gpuTest(
         ["llama-nano", "webgpu", "sft"],
         ["llama-nano", "webgpu", "dpo"],
         ["llama-nano", "webgpu", "dpo-live"],
+        ["llama-nano", "webgpu", "full"],
         ["llama-nano", "cpu-reference", "sft"],
       ]);
-      const [gpu, dpo, live, ref] = written.results;
+      const [gpu, dpo, live, full, ref] = written.results;
+      assert.equal(written.dpoRatios["llama-nano full"], full.tokensPerSecond / gpu.tokensPerSecond);
       for (const r of written.results) {
         assert.equal(r.tokensPerStep, 64, "a DPO step runs as many tokens as an SFT step");
         assert.equal(r.stepSeconds.all.length, 1);
         assert.ok(r.tokensPerSecond > 0 && r.flopsPerStep.total > 0 && r.tflops.total > 0);
         // Random init: the loss per token is about ln V (V = 512); DPO's first step is near ln 2
         // (the reference is the initial policy; LoRA dropout moves the policy's forward a little).
-        const expected = r.objective === "sft" ? Math.log(512) : Math.LN2;
+        const expected = r.objective === "sft" || r.objective === "full" ? Math.log(512) : Math.LN2;
         assert.ok(Math.abs(r.loss.last - expected) < 0.1, `${r.objective} loss ${r.loss.last}`);
       }
       for (const r of [dpo, live]) {
