@@ -156,7 +156,7 @@ async function run(ctx: StepContext, config: ExportConfig, inputs: Record<string
   );
   need(
     "merged: there is no merge step upstream",
-    !targets.has("merged") || merge,
+    !targets.has("merged") || merge || fullModel,
     "add a merge step before export",
   );
   need(
@@ -194,6 +194,7 @@ async function run(ctx: StepContext, config: ExportConfig, inputs: Record<string
     training: records,
     runId: ctx.runId,
     gitCommit,
+    full: fullModel !== null,
   };
   const outputs: Record<string, string> = {};
   const metrics: Record<string, number | string | boolean | null> = {};

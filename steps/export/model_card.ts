@@ -31,6 +31,8 @@ export interface CardFacts {
   gitCommit: string | null;
   /** GGUF files (name, type) for `gguf` cards. */
   ggufFiles?: { file: string; type: string }[];
+  /** Every weight was trained (no adapter): the `merged` card says so. */
+  full?: boolean;
   /** Eval metrics to show (model label → metric → value), optional. */
   eval?: Record<string, Record<string, number | null>>;
 }

@@ -258,3 +258,41 @@ async function* walk(dir: string): AsyncGenerator<string> {
     else if (e.isFile) yield p;
   }
 }
+
+gpuTest(
+  "a fully fine-tuned model is a model downstream: eval compares it with the base, export writes its GGUF",
+  async () => {
+    await withProject(async (dir) => {
+      const text = `name: full-test
+seed: 3
+steps:
+  prepare: { sources: [${join(dir, "sft.jsonl")}], eval_fraction: 0.2 }
+  tokenize: { tokenizer: ${join(DEMO, "tokenizer")}, max_seq_len: 128, packing: true }
+  train-sft:
+    model: ${join(DEMO, "model")}
+    finetuning: full
+    per_device_train_batch_size: 2
+    gradient_accumulation_steps: 1
+    max_steps: 3
+    learning_rate: 0.002
+    save_steps: null
+  eval: { model: ${join(DEMO, "model")}, max_samples: 2, max_new_tokens: 8, batch_size: 2 }
+  export:
+    targets: [merged, gguf]
+    gguf: { types: [F16] }
+`;
+      const result = await recipe(dir, text);
+      const manifest = (step: string) => result.steps.find((s) => s.step === step)!.outcome.manifest;
+      const ev = manifest("eval").metrics as Record<string, number>;
+      const sft = manifest("train-sft").metrics as Record<string, number>;
+      assert.equal(ev["train-sft/eval_loss"], sft.eval_loss, "the tuned model's own eval_loss");
+      assert.equal(ev["base/eval_loss"], sft.eval_loss_before);
+      const outputs = manifest("export").outputs;
+      assert.ok("merged/model.safetensors" in outputs, "the tuned model, linked");
+      const parsed = await parseGguf(join(result.runDir, "export", "gguf", "model-lathe-F16.gguf"), {
+        allowLocalFile: true,
+      });
+      assert.equal(parsed.tensorInfos.length, 21);
+    });
+  },
+);
