@@ -53,6 +53,43 @@ export interface LoraConfig {
   readonly useRslora: boolean;
   /** `revision` of the base model; written as null when absent. */
   readonly revision?: string | null;
+  /** `modules_to_save`: whole modules trained beside the adapters (`embed_tokens`, `lm_head`). */
+  readonly modulesToSave?: readonly SavedModule[] | null;
+  /** `trainable_token_indices`: rows of `embed_tokens` trained beside the adapters (peft's TrainableTokens). */
+  readonly trainableTokenIndices?: readonly number[] | null;
+}
+
+/** Modules `modules_to_save` can hold in lathe. */
+export const SAVED_MODULES = ["embed_tokens", "lm_head"] as const;
+/** One of {@link SAVED_MODULES}. */
+export type SavedModule = typeof SAVED_MODULES[number];
+
+/** The model weight a saved module stands for. */
+export const SAVED_MODULE_WEIGHTS: Record<SavedModule, string> = {
+  embed_tokens: "model.embed_tokens.weight",
+  lm_head: "lm_head.weight",
+};
+
+/**
+ * The adapter file's keys of what trains beside the adapters, as peft saves them: a module of
+ * `modules_to_save` under its own path (peft strips `modules_to_save.default.`), and the rows of
+ * `trainable_token_indices` as `token_adapter.trainable_tokens_delta` [k, D] (the rows' new values,
+ * in the order of the indices).
+ */
+export const EXTRA_KEYS = {
+  embed_tokens: "base_model.model.model.embed_tokens.weight",
+  lm_head: "base_model.model.lm_head.weight",
+  tokens: "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+} as const;
+
+/**
+ * What an adapter trains beside its LoRA pairs: whole modules (`embed_tokens` [V, D], `lm_head`
+ * [V, D]) and the trained token rows (`tokens`: [k, D] for `trainableTokenIndices`).
+ */
+export interface AdapterExtras {
+  embed_tokens?: Float32Array;
+  lm_head?: Float32Array;
+  tokens?: Float32Array;
 }
 
 /** One adapted projection: A[r, in] and B[out, r], row-major. */
@@ -183,7 +220,7 @@ export function adapterConfigJson(config: LoraConfig): Record<string, unknown> {
     init_lora_weights: true,
     lora_alpha: config.loraAlpha,
     lora_dropout: config.loraDropout,
-    modules_to_save: null,
+    modules_to_save: config.modulesToSave?.length ? [...config.modulesToSave] : null,
     peft_type: "LORA",
     r: config.r,
     rank_pattern: {},
@@ -193,6 +230,10 @@ export function adapterConfigJson(config: LoraConfig): Record<string, unknown> {
     use_dora: false,
     use_rslora: config.useRslora,
   };
+  // Written only when set: older peft versions reject the key.
+  if (config.trainableTokenIndices?.length) {
+    fields.trainable_token_indices = { embed_tokens: [...config.trainableTokenIndices] };
+  }
   const sorted: Record<string, unknown> = {};
   for (const k of Object.keys(fields).sort()) sorted[k] = fields[k];
   return sorted;
@@ -249,6 +290,7 @@ export async function writePeftAdapter(
   model: ModelConfig,
   config: LoraConfig,
   pairs: Iterable<LoraPair>,
+  extras: AdapterExtras = {},
 ): Promise<void> {
   const json = adapterConfigJson(config);
   const targets = json.target_modules as Projection[];
@@ -284,8 +326,33 @@ export async function writePeftAdapter(
       tensors.push({ name: loraKey(layer, module, "B"), dtype: "F32", shape: b, data: f32Bytes(p.b) });
     }
   }
+  for (const [what, shape] of extraShapes(model, config)) {
+    const values = extras[what];
+    const n = shape[0] * shape[1];
+    if (!values || values.length !== n) {
+      throw new LatheError(
+        `Cannot write LoRA adapter: ${what} ${
+          values ? `holds ${values.length} values` : "is missing"
+        }; expected [${shape}]`,
+      );
+    }
+    tensors.push({ name: EXTRA_KEYS[what], dtype: "F32", shape, data: f32Bytes(values) });
+  }
   await writeSafetensors(join(dir, ADAPTER_WEIGHTS_FILE), tensors, { format: "pt" });
   await writeFileAtomic(join(dir, ADAPTER_CONFIG_FILE), JSON.stringify(json, null, 2));
+}
+
+/** The extra tensors `config` trains beside its pairs, with their shapes. */
+export function extraShapes(
+  model: ModelConfig,
+  config: LoraConfig,
+): [keyof AdapterExtras, [number, number]][] {
+  const { vocabSize: V, hiddenSize: D } = model;
+  const out: [keyof AdapterExtras, [number, number]][] = [];
+  for (const m of config.modulesToSave ?? []) out.push([m, [V, D]]);
+  const k = config.trainableTokenIndices?.length ?? 0;
+  if (k > 0) out.push(["tokens", [k, D]]);
+  return out;
 }
 
 function f32Bytes(values: Float32Array): Uint8Array {
@@ -326,6 +393,12 @@ export interface PeftAdapter {
   readonly pairs: ReadonlyMap<string, LoraPair>;
   /** The pair of (layer, module); a LatheError when the adapter does not touch it. */
   get(layer: number, module: Projection): LoraPair;
+  /** What it trains beside the pairs (modules_to_save, trainable token rows). */
+  readonly extras: AdapterExtras;
+}
+
+function isIndexList(v: unknown): v is number[] {
+  return Array.isArray(v) && v.every((i) => Number.isInteger(i) && i >= 0);
 }
 
 const KEY = /^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\.lora_(A|B)\.weight$/;
@@ -335,7 +408,12 @@ const UNSUPPORTED: [field: string, isDefault: (v: unknown) => boolean, what: str
   ["bias", (v) => v === undefined || v === "none", "bias training"],
   ["use_dora", (v) => v === undefined || v === false, "DoRA"],
   ["fan_in_fan_out", (v) => v === undefined || v === false, "fan_in_fan_out (Conv1D layouts)"],
-  ["modules_to_save", (v) => v == null || (Array.isArray(v) && v.length === 0), "modules_to_save"],
+  [
+    "modules_to_save",
+    (v) =>
+      v == null || (Array.isArray(v) && v.every((m) => (SAVED_MODULES as readonly unknown[]).includes(m))),
+    "modules_to_save beyond embed_tokens and lm_head",
+  ],
   [
     "rank_pattern",
     (v) => v == null || (typeof v === "object" && Object.keys(v).length === 0),
@@ -349,7 +427,14 @@ const UNSUPPORTED: [field: string, isDefault: (v: unknown) => boolean, what: str
   ["layers_to_transform", (v) => v == null, "layers_to_transform"],
   ["layer_replication", (v) => v == null, "layer_replication"],
   ["lora_bias", (v) => v == null || v === false, "lora_bias"],
-  ["trainable_token_indices", (v) => v == null, "trainable_token_indices"],
+  [
+    "trainable_token_indices",
+    (v) =>
+      v == null || isIndexList(v) ||
+      (typeof v === "object" && Object.keys(v).length === 1 &&
+        isIndexList((v as Record<string, unknown>).embed_tokens)),
+    "trainable_token_indices beyond a list of embed_tokens rows",
+  ],
 ];
 
 /**
@@ -390,9 +475,26 @@ export async function readPeftAdapter(dir: string, model: ModelConfig): Promise<
     targetModules: tm as string[] | string,
     useRslora: raw.use_rslora === true,
     revision: typeof raw.revision === "string" ? raw.revision : null,
+    modulesToSave: Array.isArray(raw.modules_to_save) && raw.modules_to_save.length
+      ? raw.modules_to_save as SavedModule[]
+      : null,
+    trainableTokenIndices: raw.trainable_token_indices == null
+      ? null
+      : isIndexList(raw.trainable_token_indices)
+      ? raw.trainable_token_indices
+      : (raw.trainable_token_indices as { embed_tokens: number[] }).embed_tokens,
   };
+  for (const i of config.trainableTokenIndices ?? []) {
+    if (i >= model.vocabSize) {
+      bad(`trainable_token_indices holds ${i}, beyond the model's vocab_size ${model.vocabSize}`);
+    }
+  }
 
   using st = await SafetensorsFile.open(weightsPath);
+  const extras: AdapterExtras = {};
+  const extraNames = new Map<string, { what: keyof AdapterExtras; shape: [number, number] }>(
+    extraShapes(model, config).map(([what, shape]) => [EXTRA_KEYS[what], { what, shape }]),
+  );
   const badTensor = (name: string, what: string): never => {
     throw new LatheError(`Cannot read LoRA adapter "${weightsPath}": tensor "${name}" ${what}`, {
       hint: "The adapter was trained for another model or with other settings than adapter_config.json says.",
@@ -400,6 +502,15 @@ export async function readPeftAdapter(dir: string, model: ModelConfig): Promise<
   };
   const found = new Map<string, { a?: Float32Array; b?: Float32Array }>();
   for (const name of st.names()) {
+    const extra = extraNames.get(name);
+    if (extra) {
+      const info = st.info(name);
+      if (info.shape.length !== 2 || info.shape[0] !== extra.shape[0] || info.shape[1] !== extra.shape[1]) {
+        badTensor(name, `has shape [${info.shape.join(", ")}], expected [${extra.shape.join(", ")}]`);
+      }
+      extras[extra.what] = toFloat32(info.dtype, await st.readBytes(name), `tensor "${name}"`);
+      continue;
+    }
     const m = KEY.exec(name);
     if (!m) {
       badTensor(
@@ -440,6 +551,13 @@ export async function readPeftAdapter(dir: string, model: ModelConfig): Promise<
     else entry.b = values;
     found.set(key, entry);
   }
+  for (const [name, { what }] of extraNames) {
+    if (!extras[what]) {
+      throw new LatheError(`Cannot read LoRA adapter "${weightsPath}": tensor "${name}" is missing`, {
+        hint: "adapter_config.json's modules_to_save / trainable_token_indices name it",
+      });
+    }
+  }
   const pairs = new Map<string, LoraPair>();
   for (const { layer, module } of sites) {
     const e = found.get(`${layer}.${module}`);
@@ -458,6 +576,7 @@ export async function readPeftAdapter(dir: string, model: ModelConfig): Promise<
     targets,
     scaling: loraScaling(config.loraAlpha, config.r, config.useRslora),
     pairs,
+    extras,
     get(layer: number, module: Projection): LoraPair {
       const p = pairs.get(`${layer}.${module}`);
       if (!p) {

@@ -19,6 +19,7 @@ import { readTensors, Tensor } from "../tensor.ts";
 import { clear, writeTensor } from "./adapters.ts";
 import { expectedTensors, type ModelConfig } from "../../formats/model_config.ts";
 import { type GpuWeights, loadGpuWeights } from "./gpu_weights.ts";
+import { ModelWeights } from "../../formats/safetensors.ts";
 
 function modelError(what: string): never {
   throw new RangeError(`Cannot use the webgpu model: ${what}`);
@@ -29,6 +30,16 @@ interface Param extends AdamWTensors {
   name: string;
   /** The tensor the forward reads (the master itself with f32 compute weights). */
   compute: Tensor;
+  /** Only these rows train (peft's trainable_token_indices); null: every row. */
+  rows: readonly number[] | null;
+}
+
+/** Which weights train, when not all of them (LoRA's `modules_to_save`, `trainable_token_indices`). */
+export interface TrainedSubset {
+  /** HF weight names trained in full. */
+  names: readonly string[];
+  /** `model.embed_tokens.weight` rows trained (the rest stays bit for bit), or none. */
+  embedRows?: readonly number[];
 }
 
 /** The trainable copies of every base weight; see the module documentation. */
@@ -36,40 +47,92 @@ export class FullParams implements Disposable {
   readonly #params: Map<string, Param>;
   /** The separate f32 load (f16 compute weights), or null when the masters are the weights. */
   readonly #masters: GpuWeights | null;
+  /** A subset's own f32 masters (f16 compute weights). */
+  readonly #own: Tensor[];
+  /** Every weight trains (full fine-tuning), not a subset beside adapters. */
+  readonly all: boolean;
 
-  private constructor(params: Map<string, Param>, masters: GpuWeights | null) {
+  private constructor(params: Map<string, Param>, masters: GpuWeights | null, own: Tensor[], all: boolean) {
     this.#params = params;
     this.#masters = masters;
+    this.#own = own;
+    this.all = all;
   }
 
-  /** The parameters of `weights` (the model's compute weights, loaded from `modelDir`). */
+  /**
+   * Clears the gradient rows that do not train (rows outside `embedRows`): called before the
+   * gradient norm and the update, so those rows stay bit for bit (their moments stay 0).
+   */
+  maskGradients(): void {
+    for (const p of this.#params.values()) {
+      if (p.rows === null) continue;
+      const keep = new Set(p.rows);
+      const rec = recorder(p.grad.gpu);
+      const rowBytes = p.grad.rowSize * 4;
+      for (const c of p.grad.chunks) {
+        let start = -1;
+        for (let r = 0; r <= c.rows; r++) {
+          const cleared = r < c.rows && !keep.has(c.rowStart + r);
+          if (cleared && start === -1) start = r;
+          if (!cleared && start !== -1) {
+            rec.clearBuffer(c.buffer, start * rowBytes, (r - start) * rowBytes);
+            start = -1;
+          }
+        }
+      }
+    }
+  }
+
+  /**
+   * The parameters of `weights` (the model's compute weights, loaded from `modelDir`): every weight,
+   * or the `subset` trained beside LoRA adapters (its masters read from the checkpoint).
+   */
   static async create(
     gpu: Gpu,
     config: ModelConfig,
     weights: GpuWeights,
     modelDir: string,
+    subset: TrainedSubset | null = null,
   ): Promise<FullParams> {
-    if (weights.quantizedCount > 0) {
+    if (subset === null && weights.quantizedCount > 0) {
       modelError("a 4-bit base cannot be fine-tuned in full (train LoRA adapters on it: QLoRA)");
     }
-    const masters = weights.dtype === "f32"
-      ? null
-      : await loadGpuWeights(gpu, config, modelDir, { dtype: "f32" });
+    const shapes = expectedTensors(config);
+    const names = subset?.names ?? [...shapes.keys()];
+    let masters: GpuWeights | null = null;
+    const own = new Map<string, Tensor>();
+    if (weights.dtype !== "f32") {
+      if (subset === null) masters = await loadGpuWeights(gpu, config, modelDir, { dtype: "f32" });
+      else {
+        using file = await ModelWeights.open(modelDir);
+        for (const name of names) {
+          const values = await file.readFloat32(name);
+          own.set(name, Tensor.from(gpu, values, shapes.get(name)!, "f32", { label: `${name}.master` }));
+        }
+      }
+    }
     const params = new Map<string, Param>();
-    for (const name of expectedTensors(config).keys()) {
+    for (const name of names) {
       const compute = weights.get(name);
-      const param = masters?.get(name) ?? compute;
+      const param = masters?.get(name) ?? own.get(name) ?? compute;
       if (param.dtype !== "f32") modelError(`the master copy of "${name}" is ${param.dtype}, not f32`);
+      const rows = name === "model.embed_tokens.weight" && subset?.embedRows ? [...subset.embedRows] : null;
+      for (const r of rows ?? []) {
+        if (!Number.isInteger(r) || r < 0 || r >= config.vocabSize) {
+          modelError(`trainable token ${r} is outside the vocabulary [0, ${config.vocabSize})`);
+        }
+      }
       params.set(name, {
         name,
         compute,
         param,
+        rows,
         grad: Tensor.zeros(gpu, param.shape, "f32", { label: `${name}.grad` }),
         m: Tensor.zeros(gpu, param.shape, "f32", { label: `${name}.exp_avg` }),
         v: Tensor.zeros(gpu, param.shape, "f32", { label: `${name}.exp_avg_sq` }),
       });
     }
-    return new FullParams(params, masters);
+    return new FullParams(params, masters, [...own.values()], subset === null);
   }
 
   /** The gradient tensor of weight `name` (HF name), or null when it is not a parameter. */
@@ -87,9 +150,20 @@ export class FullParams implements Disposable {
     return [...this.#params.values()].map((p) => p.grad);
   }
 
-  /** Parameter, gradient and moments of every tensor, for `adamwStep`. */
-  optimizerTensors(): AdamWTensors[] {
-    return [...this.#params.values()].map(({ param, grad, m, v }) => ({ param, grad, m, v }));
+  /**
+   * Parameter, gradient and moments of every tensor, for `adamwStep`. `rows`: the tensors of which
+   * only some rows train (true) or the others (false); such a tensor takes no weight decay, which
+   * would move the rows that do not train (peft decays only its delta rows).
+   */
+  optimizerTensors(rows?: boolean): AdamWTensors[] {
+    return [...this.#params.values()]
+      .filter((p) => rows === undefined || (p.rows !== null) === rows)
+      .map(({ param, grad, m, v }) => ({ param, grad, m, v }));
+  }
+
+  /** The rows of weight `name` that train, or null when all do. */
+  rowsOf(name: string): readonly number[] | null {
+    return this.#params.get(name)?.rows ?? null;
   }
 
   /** Zeroes every gradient (in stream order). */
@@ -157,6 +231,7 @@ export class FullParams implements Disposable {
   destroy(): void {
     for (const p of this.#params.values()) for (const t of [p.grad, p.m, p.v]) t.destroy();
     this.#masters?.destroy();
+    for (const t of this.#own) t.destroy();
     this.#params.clear();
   }
 

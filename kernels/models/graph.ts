@@ -39,7 +39,7 @@ import { adamwStep } from "../ops/adamw.ts";
 import { crossEntropyBackward, crossEntropyForward, IGNORE_INDEX } from "../ops/cross_entropy.ts";
 import { embeddingBackward, embeddingForward } from "../ops/embedding.ts";
 import { lmHeadWeightGrad } from "../ops/lm_head_grad.ts";
-import { FullParams } from "./full_params.ts";
+import { FullParams, type TrainedSubset } from "./full_params.ts";
 import { gradNorm } from "../ops/grad_norm.ts";
 import { loraScaling } from "../ops/lora.ts";
 import { rmsnormBackward, rmsnormForward } from "../ops/rmsnorm.ts";
@@ -103,6 +103,11 @@ export interface GpuModelOptions {
    * kernels/models/full_params.ts) and `lora.targets` must be empty. Default false.
    */
   full?: boolean;
+  /**
+   * With LoRA: base weights trained beside the adapters (peft's `modules_to_save`: whole
+   * `embed_tokens` / `lm_head`; `trainable_token_indices`: only some embedding rows). Default none.
+   */
+  trainedSubset?: TrainedSubset | null;
 }
 
 function modelError(what: string): never {
@@ -169,8 +174,8 @@ export class GpuModel implements TrainableModel {
     full: FullParams | null = null,
   ) {
     this.#gpu = gpu;
-    if (full === null && lora.targets.length === 0) modelError("LoRA targets are empty");
-    if (full !== null && lora.targets.length > 0) modelError("full fine-tuning takes no LoRA targets");
+    if (!full?.all && lora.targets.length === 0) modelError("LoRA targets are empty");
+    if (full?.all && lora.targets.length > 0) modelError("full fine-tuning takes no LoRA targets");
     this.offloadLayerInputs = gradientCheckpointing && offloadLayerInputs;
     this.config = config;
     this.lora = { ...lora, targets: [...lora.targets] };
@@ -199,7 +204,7 @@ export class GpuModel implements TrainableModel {
 
   /** Whether every base weight trains (full fine-tuning). */
   get full(): boolean {
-    return !!this.#ctx.full;
+    return !!this.#ctx.full?.all;
   }
 
   /**
@@ -307,15 +312,17 @@ export class GpuModel implements TrainableModel {
       if (train !== null) {
         const full = ctx.full ?? null;
         const n = mode.kind === "train" ? mode.normaliser : 1;
+        const headName = this.config.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+        const headGrad = full?.grad(headName) ?? null;
         let dx: Tensor;
-        if (full === null) {
+        if (headGrad === null) {
           dx = crossEntropyBackward(x, head, targets, lse, { n, weights: weights ?? undefined });
         } else {
           // One pass over the vocabulary for both: dx (as crossEntropyBackward computes it) and
           // lm_head's dW (or the tied table's head part) += Σ_t w_t·(softmax − onehot)ᵀ·x_t.
           dx = Tensor.empty(gpu, [T, this.config.hiddenSize], "f32", { label: "d_x_final" });
           lmHeadWeightGrad(x, head, targets, lse, {
-            dW: full.grad(this.config.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight")!,
+            dW: headGrad,
             n,
             weights: weights ?? undefined,
             dh: dx,
@@ -328,20 +335,20 @@ export class GpuModel implements TrainableModel {
         // The loss's last readers have run: its [T,D] input need not wait through the layers.
         x.destroy();
         rstd.destroy();
+        const embedGrad = full?.grad("model.embed_tokens.weight") ?? null;
         for (let l = L - 1; l >= 0; l--) {
           if (offload) {
             hs[l] = Tensor.from(gpu, await onHost[l], [T, this.config.hiddenSize], "f32", { label: `h${l}` });
           }
           const acts = saved[l] ?? layerForward(ctx, lb, l, hs[l], "recompute").saved!;
           // The first layer's input gradient feeds only a trained embedding.
-          layerBackward(ctx, lb, l, hs[l], acts, dh, l > 0 || full !== null);
+          layerBackward(ctx, lb, l, hs[l], acts, dh, l > 0 || embedGrad !== null);
           acts.destroy();
           saved[l] = null;
           hs[l].destroy();
         }
-        if (full !== null) {
-          const dE = full.grad("model.embed_tokens.weight")!;
-          embeddingBackward(dh, batch.tokens, this.config.vocabSize, { dE, accumulate: true });
+        if (embedGrad !== null) {
+          embeddingBackward(dh, batch.tokens, this.config.vocabSize, { dE: embedGrad, accumulate: true });
         }
         dh.destroy();
       }
@@ -386,9 +393,10 @@ export class GpuModel implements TrainableModel {
     this.#alive();
     const adapters = this.#ctx.adapters;
     const full = this.#ctx.full ?? null;
-    const grads = full ? full.gradients() : adapters.gradients();
+    full?.maskGradients(); // rows outside trainable_token_indices stay as they are
+    const grads = [...adapters.gradients(), ...(full?.gradients() ?? [])];
     const clip = gradNorm(grads, { maxNorm: hp.maxGradNorm > 0 ? hp.maxGradNorm : undefined });
-    adamwStep(full ? full.optimizerTensors() : adapters.optimizerTensors(), {
+    const update = {
       lr: hp.lr,
       beta1: hp.beta1,
       beta2: hp.beta2,
@@ -397,7 +405,10 @@ export class GpuModel implements TrainableModel {
       step: this.#step + 1,
       clip,
       zeroGrad: true,
-    });
+    };
+    adamwStep([...adapters.optimizerTensors(), ...(full?.optimizerTensors(false) ?? [])], update);
+    // A table of which only some rows train takes no decay (it would move the others).
+    adamwStep(full?.optimizerTensors(true) ?? [], { ...update, weightDecay: 0 });
     if (full) {
       full.refresh();
       // lm_head moved: the cached row sum is stale.
@@ -462,8 +473,54 @@ export class GpuModel implements TrainableModel {
     return await this.#ctx.adapters.readGradients();
   }
 
+  /**
+   * LoRA with a trained subset: the values peft saves beside the adapters (whole modules by HF
+   * weight name; the trained embedding rows, in the order of their indices, under "tokens").
+   */
+  async getExtras(): Promise<Map<string, Float32Array>> {
+    this.#alive();
+    const full = this.#ctx.full;
+    if (!full || full.all) return new Map();
+    const out = await full.read();
+    const rows = full.rowsOf("model.embed_tokens.weight");
+    if (rows !== null) {
+      const E = out.get("model.embed_tokens.weight")!;
+      const D = this.config.hiddenSize;
+      const tokens = new Float32Array(rows.length * D);
+      rows.forEach((r, i) => tokens.set(E.subarray(r * D, r * D + D), i * D));
+      out.delete("model.embed_tokens.weight");
+      out.set("tokens", tokens);
+    }
+    return out;
+  }
+
+  /** Sets what {@link getExtras} reads (a checkpoint's, or the best evaluation's). */
+  async setExtras(extras: ReadonlyMap<string, Float32Array>): Promise<void> {
+    this.#alive();
+    const full = this.#ctx.full;
+    if (!full || full.all) return;
+    const now = await full.read();
+    const rows = full.rowsOf("model.embed_tokens.weight");
+    const D = this.config.hiddenSize;
+    for (const [name, values] of extras) {
+      if (name !== "tokens") now.set(name, values);
+      else {
+        const E = now.get("model.embed_tokens.weight")!;
+        rows!.forEach((r, i) => E.set(values.subarray(i * D, i * D + D), r * D));
+      }
+    }
+    full.write(now);
+    this.#headSum?.destroy();
+    this.#headSum = null;
+  }
+
   async getOptimizerState(): Promise<OptimizerState> {
     this.#alive();
+    if (this.#ctx.full && !this.#ctx.full.all) {
+      const a = await this.#ctx.adapters.readMoments();
+      const f = await this.#ctx.full.readMoments();
+      return { step: this.#step, m: new Map([...a.m, ...f.m]), v: new Map([...a.v, ...f.v]) };
+    }
     const { m, v } = await (this.#ctx.full ?? this.#ctx.adapters).readMoments();
     return { step: this.#step, m, v };
   }
@@ -474,8 +531,14 @@ export class GpuModel implements TrainableModel {
     if (!Number.isInteger(state.step) || state.step < 0) {
       modelError(`optimizer step ${state.step} is invalid`);
     }
-    if (this.#ctx.full) this.#ctx.full.writeMoments(state.m, state.v);
-    else this.#ctx.adapters.writeMoments(state);
+    const full = this.#ctx.full;
+    if (full?.all) full.writeMoments(state.m, state.v);
+    else {
+      const mine = (map: Map<string, Float32Array>, ofFull: boolean) =>
+        new Map([...map].filter(([k]) => full?.names().includes(k) === ofFull));
+      this.#ctx.adapters.writeMoments({ ...state, m: mine(state.m, false), v: mine(state.v, false) });
+      full?.writeMoments(mine(state.m, true), mine(state.v, true));
+    }
     this.#step = state.step;
   }
 
@@ -555,6 +618,9 @@ export async function createGpuModel(
   let full: FullParams | null = null;
   try {
     if (opts.full) full = await FullParams.create(gpu, config, weights, modelDir);
+    else if (opts.trainedSubset) {
+      full = await FullParams.create(gpu, config, weights, modelDir, opts.trainedSubset);
+    }
     return new GpuModel(
       gpu,
       config,

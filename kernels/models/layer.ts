@@ -240,7 +240,8 @@ function weightGrads(
   const full = ctx.full;
   if (!full) return;
   const path = projectionPath(layer, proj);
-  const dW = full.grad(`${path}.weight`)!;
+  const dW = full.grad(`${path}.weight`);
+  if (dW === null) return; // LoRA with modules_to_save: the projection is frozen
   if (x === null) throw new Error(`Cannot run the backward of ${path}: its input was not kept`);
   matmul(dy, x, { layout: "TN", out: dW, accumulate: true });
   const db = full.grad(`${path}.bias`);

@@ -105,3 +105,73 @@ gpuTest(
     }
   },
 );
+
+// Beside LoRA adapters (fresh: B = 0, so the base's forward is the reference's): peft's modules_to_save
+// trains embed_tokens and lm_head in full, trainable_token_indices only some embedding rows.
+gpuTest("modules_to_save: embed_tokens and lm_head gradients beside LoRA equal the reference's", async () => {
+  const ckpt = await tinyCheckpoint("qwen2");
+  try {
+    const batch = packedBatch(ckpt.config.vocabSize, 2, 16, 9);
+    const n = trainedTokens(batch);
+    const lora: LoraSpec = { r: 4, alpha: 8, dropout: 0, targets: ["q_proj", "v_proj"], useRslora: false };
+    using model = await createGpuModel(ckpt.config, ckpt.dir, lora, 1, {
+      dtype: "f32",
+      trainedSubset: { names: ["model.embed_tokens.weight", "lm_head.weight"] },
+    });
+    await model.forwardBackward(batch, n, 0);
+    const got = await model.getWeightGradients();
+    assert.deepEqual([...got.keys()].sort(), ["lm_head.weight", "model.embed_tokens.weight"]);
+    const host = await loadHostModel(ckpt.dir);
+    const fwd = decoder_forward(host.config, host.weights, new Map(), {
+      B: batch.rows,
+      S: batch.seqLen,
+      ids: batch.tokens,
+      targets: batch.targets,
+      positions: batch.positions,
+      docIds: batch.docs,
+      numItems: n,
+    });
+    const want = decoder_backward(fwd, 1, null, true).weights!;
+    for (const name of got.keys()) {
+      const ref = want.get(name)!;
+      let scale = 0;
+      for (const x of ref) scale = Math.max(scale, Math.abs(x));
+      assertClose(got.get(name)!, ref, { atol: F32.scaled * scale, rtol: F32.rtol, name });
+    }
+    assert.ok((await model.getGradients()).size > 0, "the adapters train too");
+  } finally {
+    await ckpt.cleanup();
+  }
+});
+
+gpuTest(
+  "trainable_token_indices: only the listed rows move (tied table: both its paths train them)",
+  async () => {
+    const ckpt = await tinyCheckpoint("llama");
+    try {
+      const rows = [3, 40, 300];
+      const lora: LoraSpec = { r: 4, alpha: 8, dropout: 0, targets: ["q_proj"], useRslora: false };
+      using model = await createGpuModel(ckpt.config, ckpt.dir, lora, 1, {
+        dtype: "f32",
+        trainedSubset: { names: ["model.embed_tokens.weight"], embedRows: rows },
+      });
+      const before = (await model.getWeights()).get("model.embed_tokens.weight")!.slice();
+      for (let step = 0; step < 3; step++) {
+        const batch = packedBatch(ckpt.config.vocabSize, 2, 16, 20 + step);
+        await model.forwardBackward(batch, trainedTokens(batch), 0);
+        await model.optimizerStep({ ...HP, lr: 1e-2, weightDecay: 0.1 });
+      }
+      const after = (await model.getWeights()).get("model.embed_tokens.weight")!;
+      const D = ckpt.config.hiddenSize;
+      for (let r = 0; r < ckpt.config.vocabSize; r++) {
+        const moved = after.subarray(r * D, r * D + D).some((x, i) => x !== before[r * D + i]);
+        assert.equal(moved, rows.includes(r), `row ${r}`);
+      }
+      const extras = await model.getExtras();
+      assert.deepEqual([...extras.keys()], ["tokens"]);
+      assert.deepEqual(extras.get("tokens")!.subarray(D, 2 * D), after.subarray(40 * D, 41 * D));
+    } finally {
+      await ckpt.cleanup();
+    }
+  },
+);
