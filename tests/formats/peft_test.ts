@@ -433,7 +433,10 @@ Deno.test("readPeftAdapter() rejects config fields lathe does not model, with th
     [{ rank_pattern: { q_proj: 8 } }, /rank_pattern is \{"q_proj":8\}/],
     [{ modules_to_save: ["score"] }, /modules_to_save is \["score"\]; modules_to_save beyond embed_tokens/],
     [{ modules_to_save: ["lm_head"] }, /tensor "base_model\.model\.lm_head\.weight" is missing/],
-    [{ trainable_token_indices: { lm_head: [1] } }, /trainable_token_indices beyond a list of embed_tokens rows/],
+    [
+      { trainable_token_indices: { lm_head: [1] } },
+      /trainable_token_indices beyond a list of embed_tokens rows/,
+    ],
     [{ layers_to_transform: [0] }, /layers_to_transform is \[0\]/],
     [{ target_modules: "(" }, /target_modules of .*: Invalid regular expression/],
     [{ target_modules: ["lm_head"] }, /\["lm_head"\]: it matches no projection of the model/],
