@@ -38,6 +38,12 @@ export async function writeLoraGguf(
 ): Promise<{ path: string; bytes: number; tensors: number; alpha: number }> {
   const arch = ggufArchitecture(config);
   const adapter = await readPeftAdapter(adapterDir, config);
+  if (adapter.extras.embed_tokens || adapter.extras.lm_head || adapter.extras.tokens) {
+    throw new LatheError(
+      `Cannot export adapter "${adapterDir}" as a LoRA GGUF: it trains embed_tokens or lm_head beside its pairs`,
+      { hint: "export gguf from the merged model (a merge step before export) instead of gguf-lora" },
+    );
+  }
   const { r, loraAlpha, useRslora } = adapter.config;
   const alpha = loraScaling(loraAlpha, r, useRslora) * r;
   const type = options.type ?? "F32";

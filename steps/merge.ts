@@ -23,7 +23,12 @@
  */
 import { dirname, join, resolve } from "node:path";
 import * as z from "zod";
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, loraScaling } from "../formats/peft.ts";
+import {
+  ADAPTER_CONFIG_FILE,
+  ADAPTER_WEIGHTS_FILE,
+  type AdapterExtras,
+  loraScaling,
+} from "../formats/peft.ts";
 import {
   expectedTensors,
   loadModelConfig,
@@ -88,6 +93,9 @@ interface MergeAdapter {
   scaling: number;
   r: number;
   pairs: Map<string, LoraWeights>;
+  /** What it trained beside the pairs (modules_to_save, trainable token rows) and those rows. */
+  extras: AdapterExtras;
+  tokenRows: readonly number[];
 }
 
 /** The adapter directories: the config's, else the last training step upstream's. */
@@ -209,7 +217,14 @@ async function run(ctx: StepContext, config: MergeConfig, inputs: Record<string,
       pairs.set(`${projectionPath(w.layer, w.module)}.weight`, w);
     }
     const c = loaded.config;
-    adapters.push({ dir, scaling: loraScaling(c.loraAlpha, c.r, c.useRslora), r: c.r, pairs });
+    adapters.push({
+      dir,
+      scaling: loraScaling(c.loraAlpha, c.r, c.useRslora),
+      r: c.r,
+      pairs,
+      extras: loaded.extras,
+      tokenRows: c.trainableTokenIndices ?? [],
+    });
   }
   const dtype: Dtype = DTYPES[config.dtype];
   const out = dirname(await ctx.out(`${MERGED_DIR}/config.json`));
@@ -231,6 +246,15 @@ async function run(ctx: StepContext, config: MergeConfig, inputs: Record<string,
           ? dequantize4bit(await readQuantized4bit(weights, name, shape, src))
           : toFloat32(weights.info(name).dtype, await weights.readBytes(name), `${src}: ${name}`);
         const layer = /^model\.layers\.(\d+)\./.exec(name);
+        // modules_to_save replace their module; trainable token rows replace their rows (in order).
+        const D = modelConfig.hiddenSize;
+        for (const a of adapters) {
+          if (name === "model.embed_tokens.weight") {
+            if (a.extras.embed_tokens) values.set(a.extras.embed_tokens);
+            a.tokenRows.forEach((r, i) => values.set(a.extras.tokens!.subarray(i * D, i * D + D), r * D));
+          }
+          if (name === "lm_head.weight" && a.extras.lm_head) values.set(a.extras.lm_head);
+        }
         for (const a of adapters) {
           const w = a.pairs.get(name);
           if (!w || !layer) continue;

@@ -110,9 +110,9 @@ async function startAdapter(
     dir = dirname(ctx.sources["init_adapter/config"]);
     what = `train-dpo.init_adapter "${config.init_adapter}"`;
   } else return null;
+  let loaded;
   try {
-    const { weights, config: peft } = await readAdapterWeights(dir, model);
-    return { from: what, weights, config: peft };
+    loaded = await readAdapterWeights(dir, model);
   } catch (error) {
     if (!(error instanceof LatheError)) throw error;
     throw new LatheError(
@@ -121,6 +121,14 @@ async function startAdapter(
       { hint: "train the adapter on the same base model (train-dpo.model = train-sft.model)" },
     );
   }
+  if (loaded.config.modulesToSave?.length || loaded.config.trainableTokenIndices?.length) {
+    throw new LatheError(
+      `Cannot continue the adapter of ${what} in train-dpo: it trains modules_to_save or trainable tokens, ` +
+        "which train-dpo does not carry yet",
+      { hint: "merge that adapter into the base (the merge step) and run train-dpo on the merged model" },
+    );
+  }
+  return { from: what, weights: loaded.weights, config: loaded.config };
 }
 
 /** The identity of the reference: what its log-probs depend on (base, adapter, data, backend, dtype). */
@@ -247,6 +255,11 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
     );
   });
   checkEvaluationNeeds(config, evalSplit !== null && evalSplit.rows.length > 0, "train-dpo");
+  if (config.lora.modules_to_save !== null || config.lora.trainable_token_indices !== null) {
+    throw new LatheError("Cannot train modules_to_save or trainable_token_indices in train-dpo yet", {
+      hint: "train them in train-sft; merge, then run train-dpo on the merged model",
+    });
+  }
   if (config.finetuning === "full" || (inputs.sft && "model" in inputs.sft.manifest.outputs)) {
     throw new LatheError("Cannot run train-dpo with full fine-tuning: DPO trains LoRA adapters in lathe", {
       hint: "set train-dpo.finetuning: lora (on a fully fine-tuned SFT model, point train-dpo.model at its " +

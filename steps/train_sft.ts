@@ -99,6 +99,8 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
     targetModules: targets,
     useRslora: spec.useRslora,
     revision: config.revision === "main" ? null : config.revision,
+    modulesToSave: config.lora.modules_to_save,
+    trainableTokenIndices: config.lora.trainable_token_indices,
   };
   const checkpointDir = join(ctx.runDir, CHECKPOINTS_DIR, ctx.key);
   const resume = await resumeChoice("train-sft", checkpointDir);

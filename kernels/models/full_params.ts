@@ -185,7 +185,7 @@ export class FullParams implements Disposable {
 
   /** The masters, read back, by HF name. */
   async read(): Promise<Map<string, Float32Array>> {
-    return this.#readEach((p) => p.param);
+    return await this.#readEach((p) => p.param);
   }
 
   /** The accumulated gradients, read back, by HF name. */

@@ -33,6 +33,7 @@
  * @module
  */
 import { LatheError } from "../../foundation/errors.ts";
+import { f32ArrayToF16 } from "../half.ts";
 import type { Gpu } from "../device.ts";
 import { getGpu } from "../device.ts";
 import { adamwStep } from "../ops/adamw.ts";
@@ -445,6 +446,29 @@ export class GpuModel implements TrainableModel {
     this.#headSum = null;
   }
 
+  /**
+   * Overwrites base weights in place (e.g. an adapter's modules_to_save for inference): each value
+   * array is converted to its tensor's dtype (f16 rounded once). Not for a trained parameter.
+   */
+  // deno-lint-ignore require-await
+  async overwriteWeights(weights: ReadonlyMap<string, Float32Array>): Promise<void> {
+    this.#alive();
+    recorder(this.#gpu).flush();
+    for (const [name, values] of weights) {
+      const t = this.#ctx.weights.get(name);
+      if (values.length !== t.size) modelError(`"${name}" takes ${t.size} values, not ${values.length}`);
+      const host = t.dtype === "f16" ? f32ArrayToF16(values) : t.dtype === "f32" ? values : null;
+      if (host === null) modelError(`"${name}" is ${t.dtype}: only f32 and f16 weights are overwritten`);
+      const rowSize = t.rowSize;
+      for (const c of t.chunks) {
+        const part = host.subarray(c.rowStart * rowSize, (c.rowStart + c.rows) * rowSize);
+        this.#gpu.device.queue.writeBuffer(c.buffer, 0, part as unknown as ArrayBuffer);
+      }
+    }
+    this.#headSum?.destroy();
+    this.#headSum = null;
+  }
+
   /** Full fine-tuning: the accumulated gradients of every weight by HF name (tests, diagnostics). */
   async getWeightGradients(): Promise<Map<string, Float32Array>> {
     this.#alive();
@@ -531,13 +555,16 @@ export class GpuModel implements TrainableModel {
     if (!Number.isInteger(state.step) || state.step < 0) {
       modelError(`optimizer step ${state.step} is invalid`);
     }
-    const full = this.#ctx.full;
-    if (full?.all) full.writeMoments(state.m, state.v);
+    const full = this.#ctx.full ?? null;
+    if (full === null) this.#ctx.adapters.writeMoments(state);
+    else if (full.all) full.writeMoments(state.m, state.v);
     else {
+      // Adapters beside a trained subset: each takes its own keys.
+      const names = new Set(full.names());
       const mine = (map: Map<string, Float32Array>, ofFull: boolean) =>
-        new Map([...map].filter(([k]) => full?.names().includes(k) === ofFull));
+        new Map([...map].filter(([k]) => names.has(k) === ofFull));
       this.#ctx.adapters.writeMoments({ ...state, m: mine(state.m, false), v: mine(state.v, false) });
-      full?.writeMoments(mine(state.m, true), mine(state.v, true));
+      full.writeMoments(mine(state.m, true), mine(state.v, true));
     }
     this.#step = state.step;
   }

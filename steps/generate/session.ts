@@ -15,7 +15,8 @@
 import { isAbsolute, join, resolve } from "node:path";
 import { readGenerationConfig } from "../../formats/generation_config.ts";
 import { loadModelConfig, type ModelConfig } from "../../formats/model_config.ts";
-import { resolveTargetModules } from "../../formats/peft.ts";
+import { type AdapterExtras, resolveTargetModules } from "../../formats/peft.ts";
+import { ModelWeights } from "../../formats/safetensors.ts";
 import { exists } from "../../foundation/atomic.ts";
 import { LatheError } from "../../foundation/errors.ts";
 import { MANIFEST_FILE, readManifest } from "../../foundation/manifest.ts";
@@ -205,6 +206,7 @@ export async function openSession(setup: SessionSetup): Promise<Session> {
   const { dir } = await resolveModel(ref, { revision: setup.revision ?? "main" });
   const config = await loadModelConfig(dir);
   const adapters: Adapter[] = [];
+  const extras: { extras: AdapterExtras; rows: readonly number[] }[] = [];
   const adapterDirs = (setup.adapters ?? []).map((a) => localOr(a, setup.projectRoot));
   for (const a of adapterDirs) {
     let loaded;
@@ -217,6 +219,7 @@ export async function openSession(setup: SessionSetup): Promise<Session> {
       });
     }
     const p = loaded.config;
+    extras.push({ extras: loaded.extras, rows: p.trainableTokenIndices ?? [] });
     const named = p.baseModelNameOrPath;
     const expected = [setup.model, dir, ...(setup.baseName ? [setup.baseName] : [])];
     if (named && !expected.some((m) => sameModel(named, m, setup.projectRoot))) {
@@ -245,6 +248,10 @@ export async function openSession(setup: SessionSetup): Promise<Session> {
   try {
     // Without an adapter the session's own is zero (B = 0): the base alone.
     if (stacked.weights) await model.setLora(stacked.weights);
+    // What the adapters trained beside their pairs (modules_to_save, trainable token rows), in order.
+    if (extras.some((e) => e.extras.embed_tokens || e.extras.lm_head || e.extras.tokens)) {
+      await model.overwriteWeights(await weightsWithExtras(dir, config, extras));
+    }
     const tokenizer = await loadTokenizer(
       setup.tokenizer ? localOr(setup.tokenizer, setup.projectRoot) : dir,
     );
@@ -306,4 +313,31 @@ export async function runModel(
     : String((manifest.config as { model?: unknown }).model);
   const baseName = String((manifest.config as { model?: unknown }).model);
   return { model, adapters: [join(runDir, pick, "adapter")], step: pick, baseName };
+}
+
+/**
+ * The embedding table and lm_head of the base in `dir` with each adapter's modules_to_save and
+ * trainable token rows applied in order (only the tensors they touch).
+ */
+async function weightsWithExtras(
+  dir: string,
+  config: ModelConfig,
+  extras: { extras: AdapterExtras; rows: readonly number[] }[],
+): Promise<Map<string, Float32Array>> {
+  const out = new Map<string, Float32Array>();
+  using file = await ModelWeights.open(dir);
+  const D = config.hiddenSize;
+  const load = async (name: string) => {
+    if (!out.has(name)) out.set(name, await file.readFloat32(name));
+    return out.get(name)!;
+  };
+  for (const { extras: e, rows } of extras) {
+    if (e.embed_tokens) (await load("model.embed_tokens.weight")).set(e.embed_tokens);
+    if (e.tokens) {
+      const E = await load("model.embed_tokens.weight");
+      rows.forEach((r, i) => E.set(e.tokens!.subarray(i * D, i * D + D), r * D));
+    }
+    if (e.lm_head) (await load("lm_head.weight")).set(e.lm_head);
+  }
+  return out;
 }

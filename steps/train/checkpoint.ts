@@ -19,7 +19,7 @@
  * @module
  */
 import { join } from "node:path";
-import { type LoraConfig, type LoraPair, readPeftAdapter, writePeftAdapter } from "../../formats/peft.ts";
+import { type AdapterExtras, type LoraConfig, readPeftAdapter } from "../../formats/peft.ts";
 import { SafetensorsFile, type TensorSource, writeSafetensors } from "../../formats/safetensors.ts";
 import type { ModelConfig } from "../../formats/model_config.ts";
 import type { LoraWeights, OptimizerState, TrainableModel } from "../../kernels/models/trainable.ts";
@@ -110,14 +110,11 @@ export interface LoadedCheckpoint {
 
 const STEP_DIR = /^step-(\d+)$/;
 
-function toPairs(weights: LoraWeights[]): LoraPair[] {
-  return weights.map((w) => ({ layer: w.layer, module: w.module, a: w.A, b: w.B }));
-}
-
-/** Reads adapter pairs from a PEFT directory as {@link LoraWeights}. */
+/** Reads adapter pairs from a PEFT directory as {@link LoraWeights}, and what trains beside them. */
 export async function readAdapterWeights(dir: string, model: ModelConfig): Promise<{
   weights: LoraWeights[];
   config: LoraConfig;
+  extras: AdapterExtras;
 }> {
   const adapter = await readPeftAdapter(dir, model);
   const weights = [...adapter.pairs.values()].map((p) => ({
@@ -126,7 +123,7 @@ export async function readAdapterWeights(dir: string, model: ModelConfig): Promi
     A: p.a,
     B: p.b,
   }));
-  return { weights, config: adapter.config };
+  return { weights, config: adapter.config, extras: adapter.extras };
 }
 
 /** Writes the model's adapters to `dir` in PEFT format. */
@@ -135,7 +132,7 @@ export async function writeAdapter(
   model: TrainableModel,
   lora: LoraConfig,
 ): Promise<void> {
-  await writePeftAdapter(dir, model.config, lora, toPairs(await model.getLora()));
+  await loraTrained(lora).save(dir, model);
 }
 
 function f32(values: Float32Array): Uint8Array {
@@ -288,7 +285,7 @@ export async function loadCheckpoint(
   const bestDir = join(dir, BEST_ADAPTER_DIR);
   const best = (await exists(bestDir)) ? await trained.load(bestDir, model) : null;
   return {
-    lora: trained.full ? [] : weights as LoraWeights[],
+    lora: Array.isArray(weights) ? weights : "pairs" in weights ? weights.pairs : [],
     trained: weights,
     optimizer: { step, m, v },
     training,

@@ -32,6 +32,16 @@ export const LoraSection = z.strictObject({
   /** Which biases train (peft `bias`): "none", the only one lathe trains (peft's default, the guides' setting). */
   bias: z.literal("none", { error: 'lora.bias must be "none": lathe trains LoRA adapters without biases' })
     .default("none"),
+  /**
+   * Whole modules trained beside the adapters and saved in the adapter (peft `modules_to_save`):
+   * "embed_tokens", "lm_head" (default null: none).
+   */
+  modules_to_save: z.array(z.enum(["embed_tokens", "lm_head"])).min(1).nullable().default(null),
+  /**
+   * Rows of embed_tokens trained beside the adapters, the rest unchanged (peft
+   * `trainable_token_indices`; e.g. the ids of added special tokens; default null).
+   */
+  trainable_token_indices: z.array(z.number().int().min(0)).min(1).nullable().default(null),
 });
 
 /**

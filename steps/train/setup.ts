@@ -14,6 +14,8 @@ import {
 import { exists, writeFileAtomic, writeJsonAtomic } from "../../foundation/atomic.ts";
 import { writeAdapter } from "./checkpoint.ts";
 import { fullTrained, writeFullModel } from "./trained.ts";
+import type { TrainedSubset } from "../../kernels/models/full_params.ts";
+import { SAVED_MODULE_WEIGHTS } from "../../formats/peft.ts";
 
 /** The model directory a full fine-tune writes inside its step directory. */
 export const FULL_MODEL_DIR = "model";
@@ -53,7 +55,16 @@ export async function createModel(
   model: ModelConfig,
   spec: LoraSpec,
 ): Promise<TrainableModel> {
+  const subset = trainedSubsetOf(config, model);
   if (config.backend === "cpu-reference") {
+    if (subset !== null) {
+      throw new LatheError(
+        "Cannot train modules_to_save or trainable_token_indices on the cpu-reference backend",
+        {
+          hint: "use backend webgpu",
+        },
+      );
+    }
     if (config.finetuning === "full") {
       throw new LatheError("Cannot fine-tune every weight on the cpu-reference backend", {
         hint: "use backend webgpu for finetuning: full (the reference checks its gradients in the tests)",
@@ -71,6 +82,7 @@ export async function createModel(
   const load: { progress: Progress | null; read: number } = { progress: null, read: 0 };
   const gpuModel = await createGpuModel(model, dir, spec, ctx.seed, {
     full: config.finetuning === "full",
+    trainedSubset: subset,
     gradientCheckpointing: config.gradient_checkpointing,
     offloadLayerInputs: config.offload_layer_inputs,
     onLoadProgress: (read, total) => {
@@ -81,6 +93,42 @@ export async function createModel(
   });
   load.progress?.done();
   return gpuModel;
+}
+
+/**
+ * The base weights trained beside LoRA adapters (`lora.modules_to_save`, `lora.trainable_token_indices`),
+ * or null. A tied lm_head is embed_tokens' table: name embed_tokens; the two keys cannot both
+ * take embed_tokens (as peft refuses).
+ */
+export function trainedSubsetOf(config: TrainingArgs, model: ModelConfig): TrainedSubset | null {
+  if (config.finetuning === "full") return null;
+  const modules = config.lora.modules_to_save ?? [];
+  const rows = config.lora.trainable_token_indices ?? null;
+  if (modules.length === 0 && rows === null) return null;
+  if (modules.includes("lm_head") && model.tieWordEmbeddings) {
+    throw new LatheError("Cannot save lm_head beside the adapters: this model ties it to embed_tokens", {
+      hint: "set lora.modules_to_save to [embed_tokens]: the one table serves both",
+    });
+  }
+  if (modules.includes("embed_tokens") && rows !== null) {
+    throw new LatheError(
+      "Cannot use lora.trainable_token_indices with embed_tokens in lora.modules_to_save",
+      {
+        hint:
+          "train the whole table (modules_to_save) or some of its rows (trainable_token_indices), not both",
+      },
+    );
+  }
+  for (const r of rows ?? []) {
+    if (r >= model.vocabSize) {
+      throw new LatheError(
+        `Cannot train token ${r} (lora.trainable_token_indices): the vocabulary has ${model.vocabSize} ids`,
+      );
+    }
+  }
+  const names = modules.map((m) => SAVED_MODULE_WEIGHTS[m]);
+  if (rows !== null) names.push(SAVED_MODULE_WEIGHTS.embed_tokens);
+  return { names, ...(rows !== null ? { embedRows: rows } : {}) };
 }
 
 /**

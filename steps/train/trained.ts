@@ -11,7 +11,15 @@
  * @module
  */
 import { join } from "node:path";
-import { type LoraConfig, type LoraPair, readPeftAdapter, writePeftAdapter } from "../../formats/peft.ts";
+import {
+  type AdapterExtras,
+  extraShapes,
+  type LoraConfig,
+  type LoraPair,
+  readPeftAdapter,
+  SAVED_MODULE_WEIGHTS,
+  writePeftAdapter,
+} from "../../formats/peft.ts";
 import type { ModelConfig } from "../../formats/model_config.ts";
 import {
   type Dtype,
@@ -28,8 +36,42 @@ import type { LoraWeights, TrainableModel } from "../../kernels/models/trainable
 import { MODEL_FILES } from "../../hub/model.ts";
 import { copyModelFiles } from "../quantize_model.ts";
 
-/** The trained values on the host: adapter pairs, or every weight by its Hugging Face name. */
-export type TrainedWeights = LoraWeights[] | Map<string, Float32Array>;
+/**
+ * The trained values on the host: adapter pairs (with what trains beside them: peft's
+ * modules_to_save and trainable token rows), or every weight by its Hugging Face name.
+ */
+export type TrainedWeights = LoraWeights[] | Map<string, Float32Array> | LoraWithExtras;
+
+/** Adapter pairs and what trains beside them. */
+export interface LoraWithExtras {
+  pairs: LoraWeights[];
+  extras: AdapterExtras;
+}
+
+/** A model training weights beside its adapters (the webgpu backend with a trained subset). */
+interface ExtrasModel extends TrainableModel {
+  getExtras(): Promise<Map<string, Float32Array>>;
+  setExtras(extras: ReadonlyMap<string, Float32Array>): Promise<void>;
+}
+
+/** The model's extras (HF names, "tokens") as peft's adapter names them. */
+function toAdapterExtras(map: ReadonlyMap<string, Float32Array>): AdapterExtras {
+  const out: AdapterExtras = {};
+  for (const [name, values] of map) {
+    if (name === SAVED_MODULE_WEIGHTS.embed_tokens) out.embed_tokens = values;
+    else if (name === SAVED_MODULE_WEIGHTS.lm_head) out.lm_head = values;
+    else if (name === "tokens") out.tokens = values;
+  }
+  return out;
+}
+
+function fromAdapterExtras(extras: AdapterExtras): Map<string, Float32Array> {
+  const out = new Map<string, Float32Array>();
+  if (extras.embed_tokens) out.set(SAVED_MODULE_WEIGHTS.embed_tokens, extras.embed_tokens);
+  if (extras.lm_head) out.set(SAVED_MODULE_WEIGHTS.lm_head, extras.lm_head);
+  if (extras.tokens) out.set("tokens", extras.tokens);
+  return out;
+}
 
 /** A model whose every weight trains (the webgpu backend with `full`). */
 export interface FullModel extends TrainableModel {
@@ -52,19 +94,38 @@ function toPairs(weights: LoraWeights[]): LoraPair[] {
   return weights.map((w) => ({ layer: w.layer, module: w.module, a: w.A, b: w.B }));
 }
 
-/** LoRA adapters in PEFT format with `peft`'s config. */
+/** LoRA adapters in PEFT format with `peft`'s config (and its modules_to_save / trainable tokens). */
 export function loraTrained(peft: LoraConfig): Trained {
+  const withExtras = extraShapes({ vocabSize: 1, hiddenSize: 1 } as ModelConfig, peft).length > 0;
+  const extrasOf = async (model: TrainableModel) => toAdapterExtras(await (model as ExtrasModel).getExtras());
   return {
     full: false,
-    snapshot: (model) => model.getLora(),
-    restore: (model, weights) => model.setLora(weights as LoraWeights[]),
+    snapshot: async (model) =>
+      withExtras ? { pairs: await model.getLora(), extras: await extrasOf(model) } : await model.getLora(),
+    restore: async (model, weights) => {
+      if (!withExtras) return await model.setLora(weights as LoraWeights[]);
+      const w = weights as LoraWithExtras;
+      await model.setLora(w.pairs);
+      await (model as ExtrasModel).setExtras(fromAdapterExtras(w.extras));
+    },
     save: async (dir, model, weights) => {
-      const w = (weights as LoraWeights[] | undefined) ?? await model.getLora();
-      await writePeftAdapter(dir, model.config, peft, toPairs(w));
+      const w = weights ??
+        await (withExtras
+          ? { pairs: await model.getLora(), extras: await extrasOf(model) }
+          : model.getLora());
+      const pairs = Array.isArray(w) ? w : (w as LoraWithExtras).pairs;
+      const extras = Array.isArray(w) ? {} : (w as LoraWithExtras).extras;
+      await writePeftAdapter(dir, model.config, peft, toPairs(pairs), extras);
     },
     load: async (dir, config) => {
       const adapter = await readPeftAdapter(dir, config);
-      return [...adapter.pairs.values()].map((p) => ({ layer: p.layer, module: p.module, A: p.a, B: p.b }));
+      const pairs = [...adapter.pairs.values()].map((p) => ({
+        layer: p.layer,
+        module: p.module,
+        A: p.a,
+        B: p.b,
+      }));
+      return withExtras ? { pairs, extras: adapter.extras } : pairs;
     },
   };
 }

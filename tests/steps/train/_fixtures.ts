@@ -249,6 +249,14 @@ export class FaultyModel implements TrainableModel {
     return (this.inner as unknown as { setWeights(w: ReadonlyMap<string, Float32Array>): Promise<void> })
       .setWeights(weights);
   }
+  /** What the inner model trains beside its adapters, when it does. */
+  getExtras(): Promise<Map<string, Float32Array>> {
+    return (this.inner as unknown as { getExtras(): Promise<Map<string, Float32Array>> }).getExtras();
+  }
+  setExtras(extras: ReadonlyMap<string, Float32Array>): Promise<void> {
+    return (this.inner as unknown as { setExtras(e: ReadonlyMap<string, Float32Array>): Promise<void> })
+      .setExtras(extras);
+  }
   async getOptimizerState(): Promise<OptimizerState> {
     return await this.inner.getOptimizerState();
   }
