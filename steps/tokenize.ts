@@ -5,14 +5,16 @@
  * `apply_chat_template(messages, tokenize=True)` does; loss masks cover the assistant turns
  * chosen by `train_on`; documents are packed into rows of `max_seq_len` tokens and written as
  * binary shards with an index (docs/shards.md). Tokenization runs on all cores; the output is
- * byte-for-byte the same for any number of workers.
+ * byte-for-byte the same for any number of workers. `add_special_tokens` adds special tokens to
+ * the tokenizer as transformers does; the step then writes the run's tokenizer (`tokenizer/`) and
+ * the new ids (`new_tokens.json`) beside the shards.
  *
  * ```
  * deno task step tokenize --run <id> --set tokenizer=data/demo/tokenizer
  * ```
  * @module
  */
-import { dirname, join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import * as z from "zod";
 import { runFromCli } from "./cli.ts";
 import { defineStep, type StepContext, type Upstream } from "./define.ts";
@@ -23,7 +25,14 @@ import { ChatRenderer } from "./tokenize/chat.ts";
 import type { DataKind } from "./tokenize/documents.ts";
 import { percentile, type SplitStats, tokenizeSplit } from "./tokenize/pipeline.ts";
 import { WorkerPool } from "./tokenize/pool.ts";
-import { loadTokenizer, tokenizerDir, tokenizerSources } from "./tokenize/tokenizer.ts";
+import { addSpecialTokens, specialTokenListProblem } from "./tokenize/special_tokens.ts";
+import {
+  loadTokenizer,
+  readTokenizerFiles,
+  tokenizerDir,
+  tokenizerSources,
+  writeTokenizerFiles,
+} from "./tokenize/tokenizer.ts";
 
 /** The step's config; every default is written into the manifest. */
 export const TokenizeConfig = z.strictObject({
@@ -56,11 +65,26 @@ export const TokenizeConfig = z.strictObject({
   workers: z.number().int().min(0).default(0),
   /** Token slots per shard file before a new shard starts (default 2^26); rows never straddle shards. */
   shard_tokens: z.number().int().positive().default(1 << 26),
+  /**
+   * New special tokens (default none), as transformers'
+   * `tokenizer.add_special_tokens({"additional_special_tokens": [...]})`: each string the
+   * tokenizer lacks gets the next id after its largest, in the order given; one it has is marked
+   * special and keeps its id. The step then writes the modified tokenizer to `tokenizer/` and the
+   * new ids to `new_tokens.json` (training grows the embeddings to `vocab_size`), and encodes each
+   * of them in the data as one token.
+   */
+  add_special_tokens: z.array(z.string()).default([]).superRefine((tokens, ctx) => {
+    const problem = specialTokenListProblem(tokens);
+    if (problem) ctx.addIssue({ code: "custom", message: problem.message, path: [problem.index] });
+  }),
 });
 export type TokenizeConfig = z.infer<typeof TokenizeConfig>;
 
 /** The splits `prepare` writes, by output name. */
 const SPLITS = ["train", "eval"] as const;
+/** Where the tokenizer with `add_special_tokens` goes, and the record of the ids it added. */
+const TOKENIZER_OUT = "tokenizer";
+const NEW_TOKENS_FILE = "new_tokens.json";
 
 function kindOf(data: Upstream): DataKind {
   const kind = data.manifest.metrics.kind;
@@ -102,10 +126,47 @@ function splitMetrics(prefix: string, s: SplitStats): Record<string, number> {
   };
 }
 
+/**
+ * The directory of the tokenizer the step encodes with, and its files by source name: the
+ * configured directory, or with `add_special_tokens` the modified copy the step writes to
+ * `tokenizer/` (outputs named by their paths) with `new_tokens.json`. The step loads the
+ * tokenizer from that directory, so the ids in the shards are those of the files it wrote.
+ */
+async function stepTokenizer(ctx: StepContext, config: TokenizeConfig) {
+  const source = dirname(ctx.sources.tokenizer_json);
+  if (config.add_special_tokens.length === 0) {
+    return { dir: source, paths: ctx.sources, outputs: {}, added: null };
+  }
+  const added = addSpecialTokens(await readTokenizerFiles(source), config.add_special_tokens);
+  const dir = dirname(await ctx.out(join(TOKENIZER_OUT, "tokenizer.json")));
+  const paths = await writeTokenizerFiles(dir, added.files);
+  const outputs: Record<string, string> = {};
+  for (const path of Object.values(paths)) {
+    const rel = join(TOKENIZER_OUT, basename(path));
+    outputs[rel] = rel;
+  }
+  await Deno.writeTextFile(
+    await ctx.out(NEW_TOKENS_FILE),
+    JSON.stringify(
+      {
+        vocab_size: added.vocabSize,
+        base_vocab_size: added.baseVocabSize,
+        new_tokens: added.newTokens,
+        present_tokens: added.presentTokens,
+      },
+      null,
+      2,
+    ) + "\n",
+  );
+  outputs.new_tokens = NEW_TOKENS_FILE;
+  return { dir, paths, outputs, added };
+}
+
 async function run(ctx: StepContext, config: TokenizeConfig, inputs: Record<string, Upstream>) {
   const data = inputs.data;
   const kind = kindOf(data);
-  const dir = dirname(ctx.sources.tokenizer_json);
+  const tok = await stepTokenizer(ctx, config);
+  const dir = tok.dir;
   const loaded = await loadTokenizer(dir);
   const template = new ChatRenderer(loaded, config.chat_template).source;
   const specialIds: Record<string, number> = {};
@@ -121,7 +182,7 @@ async function run(ctx: StepContext, config: TokenizeConfig, inputs: Record<stri
     bos_id: loaded.bosId,
     eos_id: loaded.eosId,
     special_ids: specialIds,
-    tokenizer_sha256: await tokenizerHash(ctx.sources, template),
+    tokenizer_sha256: await tokenizerHash(tok.paths, template),
   };
 
   const splits = SPLITS.filter((s) => s in data.manifest.outputs);
@@ -130,17 +191,20 @@ async function run(ctx: StepContext, config: TokenizeConfig, inputs: Record<stri
   const workers = config.workers || navigator.hardwareConcurrency || 1;
   const pool = await WorkerPool.start(workers, {
     tokenizerDir: dir,
+    loaded,
     chatTemplate: config.chat_template,
     doc: { kind, trainOn: config.train_on, maxSeqLen: config.max_seq_len, overlong: config.overlong },
   });
   const progress = ctx.progress(totalBytes, "bytes");
   const started = performance.now();
   let tokens = 0;
-  const outputs: Record<string, string> = {};
+  const outputs: Record<string, string> = { ...tok.outputs };
   const metrics: Record<string, number | string | boolean> = {
     kind,
     workers,
     fast_path: pool.fast,
+    vocab_size: loaded.vocabSize,
+    new_token_count: tok.added?.newTokens.length ?? 0,
   };
   try {
     for (const split of splits) {
@@ -177,7 +241,7 @@ async function run(ctx: StepContext, config: TokenizeConfig, inputs: Record<stri
 /** The tokenize step. */
 export const step = defineStep({
   name: "tokenize",
-  version: "2",
+  version: "3",
   description: "renders chats with the model's template, tokenizes, masks, packs and writes token shards",
   config: TokenizeConfig,
   inputs: { data: "prepare" },

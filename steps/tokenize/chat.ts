@@ -17,7 +17,11 @@
  * after its start (the end-of-turn token: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`)
  * plus the whitespace that follows it (the `\n` of ChatML and Gemma), which is what trl's
  * training templates put inside `{% generation %}`. A template without special tokens ends
- * the turn where `render(messages[:i+1])` ends.
+ * the turn where `render(messages[:i+1])` ends. Special tokens inside the assistant message's
+ * own content (e.g. `<tool_call>` added by `tokenize.add_special_tokens`) are not its end: when
+ * the content appears verbatim after the turn start with no special token before it, the
+ * end-of-turn token is the first one after the content, as trl's `{% generation %}` block
+ * (content, then the end-of-turn token) marks it.
  * @module
  */
 import { Template } from "@huggingface/jinja";
@@ -110,7 +114,20 @@ export class ChatRenderer {
     const re = this.#special;
     if (re) {
       re.lastIndex = start;
-      const m = re.exec(text);
+      let m = re.exec(text);
+      // A special token inside the message's own text (an added `<tool_call>`) does not end the
+      // turn: when the first one lies in the content, the search goes on after the content.
+      const content = messages[i].content;
+      if (m && typeof content === "string" && content.length > 0) {
+        re.lastIndex = 0;
+        if (re.test(content)) {
+          const at = text.indexOf(content, start);
+          if (at >= 0 && at <= m.index && m.index < at + content.length) {
+            re.lastIndex = at + content.length;
+            m = re.exec(text);
+          }
+        }
+      }
       if (m) {
         let end = m.index + m[0].length;
         while (end < text.length && /\s/.test(text[end])) end++;

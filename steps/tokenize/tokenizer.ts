@@ -36,6 +36,19 @@ export interface AddedTokenSpec {
   single_word: boolean;
 }
 
+/** An entry of `tokenizer.json` `added_tokens` with the library's defaults for missing fields. */
+export function addedTokenOf(t: Partial<AddedTokenSpec>): AddedTokenSpec {
+  return {
+    id: Number(t.id),
+    content: String(t.content),
+    special: t.special ?? false,
+    normalized: t.normalized ?? !(t.special ?? false),
+    lstrip: t.lstrip ?? false,
+    rstrip: t.rstrip ?? false,
+    single_word: t.single_word ?? false,
+  };
+}
+
 /** A loaded tokenizer with the facts the step needs. */
 export interface LoadedTokenizer {
   /** The library tokenizer (reference implementation for every id lathe writes). */
@@ -138,8 +151,31 @@ export async function readTokenizerFiles(dir: string): Promise<TokenizerFiles> {
   return { tokenizerJson, config, chatTemplateFile };
 }
 
+/**
+ * Writes `files` into `dir` as a Hugging Face tokenizer directory (JSON indented by 2, as
+ * `save_pretrained` writes it; `chat_template.jinja` when `files` has one). Returns the paths
+ * by source name, as {@link tokenizerSources} names them.
+ */
+export async function writeTokenizerFiles(
+  dir: string,
+  files: TokenizerFiles,
+): Promise<Record<string, string>> {
+  await Deno.mkdir(dir, { recursive: true });
+  const out: Record<string, string> = {
+    tokenizer_json: join(dir, TOKENIZER_JSON),
+    tokenizer_config: join(dir, TOKENIZER_CONFIG),
+  };
+  await Deno.writeTextFile(out.tokenizer_json, JSON.stringify(files.tokenizerJson, null, 2) + "\n");
+  await Deno.writeTextFile(out.tokenizer_config, JSON.stringify(files.config, null, 2) + "\n");
+  if (files.chatTemplateFile !== null) {
+    out.chat_template = join(dir, CHAT_TEMPLATE_FILE);
+    await Deno.writeTextFile(out.chat_template, files.chatTemplateFile);
+  }
+  return out;
+}
+
 /** A special token value in `tokenizer_config.json`: a string or an AddedToken object. */
-function tokenString(value: unknown): string | null {
+export function tokenString(value: unknown): string | null {
   if (typeof value === "string") return value;
   if (value && typeof value === "object" && typeof (value as { content?: unknown }).content === "string") {
     return (value as { content: string }).content;
@@ -224,15 +260,9 @@ export function buildTokenizer(files: TokenizerFiles, where: string): LoadedToke
       hint: "the tokenizer.json must be in the Hugging Face tokenizers format",
     });
   }
-  const addedTokens = ((files.tokenizerJson.added_tokens ?? []) as Partial<AddedTokenSpec>[]).map((t) => ({
-    id: Number(t.id),
-    content: String(t.content),
-    special: t.special ?? false,
-    normalized: t.normalized ?? !(t.special ?? false),
-    lstrip: t.lstrip ?? false,
-    rstrip: t.rstrip ?? false,
-    single_word: t.single_word ?? false,
-  }));
+  const addedTokens = ((files.tokenizerJson.added_tokens ?? []) as Partial<AddedTokenSpec>[]).map(
+    addedTokenOf,
+  );
   let maxId = -1;
   for (const id of tokenizer.get_vocab(true).values()) if (id > maxId) maxId = id;
   for (const t of addedTokens) if (t.id > maxId) maxId = t.id;

@@ -66,6 +66,7 @@ Deno.test("tokenize config fills documented defaults", () => {
     chat_template: null,
     workers: 0,
     shard_tokens: 1 << 26,
+    add_special_tokens: [],
   });
   assert.throws(() => TokenizeConfig.parse({ tokenizer: "t", trainon: "all" }));
 });
