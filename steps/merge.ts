@@ -42,6 +42,7 @@ import { openSession } from "./generate/session.ts";
 import { loadSplit } from "./train/batches.ts";
 import { evaluateSplit } from "./train/loop.ts";
 import { MODEL_DIR as QUANTIZED_DIR } from "./quantize_model.ts";
+import { baseForAdapters } from "./train/resize.ts";
 import {
   type Dtype,
   fromFloat32,
@@ -170,9 +171,25 @@ async function mergedVsUnmerged(
 
 async function run(ctx: StepContext, config: MergeConfig, inputs: Record<string, Upstream>) {
   const quantized = inputs.quantize ? dirname(inputs.quantize.path(`${QUANTIZED_DIR}/config.json`)) : null;
-  const src = config.merge_base === "dequantized" && quantized
+  const original = config.merge_base === "dequantized" && quantized
     ? quantized
     : dirname(ctx.sources["model/config.json"]);
+  // An adapter that added tokens merges into the base grown the same way (mean rows, its tokenizer).
+  const grown = await baseForAdapters(original, adapterDirs(ctx, config, inputs));
+  try {
+    return await mergeInto(ctx, config, inputs, grown.dir, quantized);
+  } finally {
+    await grown.cleanup();
+  }
+}
+
+async function mergeInto(
+  ctx: StepContext,
+  config: MergeConfig,
+  inputs: Record<string, Upstream>,
+  src: string,
+  quantized: string | null,
+) {
   const modelConfig = await loadModelConfig(src);
   if (config.merge_base === "dequantized" && !modelConfig.quantizationConfig) {
     throw new LatheError(

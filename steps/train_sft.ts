@@ -41,6 +41,7 @@ import { TrainSftConfig } from "./train/config.ts";
 import { checkEvaluationNeeds, trainLoop } from "./train/loop.ts";
 import { fullTrained } from "./train/trained.ts";
 import {
+  addedTokens,
   baseDir,
   checkFullFinetuning,
   checkMemory,
@@ -48,6 +49,7 @@ import {
   describeTraining,
   measuredPeak,
   openSplits,
+  resizedBase,
   resumeChoice,
   trainingSources,
   writeTrainingOutputs,
@@ -64,9 +66,24 @@ export const CHECKPOINTS_DIR = ".train-sft.checkpoints";
  */
 export const trainSftHooks: { wrapModel?: (model: TrainableModel) => TrainableModel } = {};
 
-async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<string, Upstream>) {
-  const dir = baseDir("train-sft", ctx, config, inputs);
+async function run(ctx: StepContext, stepConfig: TrainSftConfig, inputs: Record<string, Upstream>) {
+  let config = stepConfig;
+  const original = baseDir("train-sft", ctx, config, inputs);
+  // New tokens (tokenize.add_special_tokens): train on the base grown to their vocabulary.
+  const added = await addedTokens(inputs.data, await loadModelConfig(original));
+  const dir = await resizedBase(ctx, original, added, "train-sft");
   const modelConfig = await loadModelConfig(dir);
+  if (
+    added !== null && config.finetuning !== "full" &&
+    config.lora.modules_to_save?.includes("embed_tokens") !== true
+  ) {
+    // Their rows must train: as trainable tokens beside the adapters (peft's way), unless listed already.
+    const rows = new Set([...(config.lora.trainable_token_indices ?? []), ...added.ids]);
+    config = {
+      ...config,
+      lora: { ...config.lora, trainable_token_indices: [...rows].sort((a, b) => a - b) },
+    };
+  }
   const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig, (i) => {
     if (i.kind !== "preference") return;
     throw new LatheError(
@@ -152,6 +169,7 @@ async function run(ctx: StepContext, config: TrainSftConfig, inputs: Record<stri
       checkpointDir,
       [],
       dir,
+      added?.tokenizerDir ?? null,
     );
     return {
       outputs,

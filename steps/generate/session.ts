@@ -29,6 +29,7 @@ import { type Adapter, stackAdapters } from "../../kernels/models/stack_adapters
 import { ChatRenderer, type Message } from "../tokenize/chat.ts";
 import { type LoadedTokenizer, loadTokenizer } from "../tokenize/tokenizer.ts";
 import { readAdapterWeights } from "../train/checkpoint.ts";
+import { baseForAdapters } from "../train/resize.ts";
 
 /** What a session loads. */
 export interface SessionSetup {
@@ -203,7 +204,20 @@ function localOr(ref: string, projectRoot: string): string {
 export async function openSession(setup: SessionSetup): Promise<Session> {
   const local = localOr(setup.model, setup.projectRoot);
   const ref = (await exists(join(local, "config.json"))) ? local : setup.model;
-  const { dir } = await resolveModel(ref, { revision: setup.revision ?? "main" });
+  const { dir: resolved } = await resolveModel(ref, { revision: setup.revision ?? "main" });
+  // An adapter that added tokens runs on the base grown the same way (mean rows, its tokenizer).
+  const grown = await baseForAdapters(
+    resolved,
+    (setup.adapters ?? []).map((a) => localOr(a, setup.projectRoot)),
+  );
+  try {
+    return await openOn(setup, grown.dir, resolved);
+  } finally {
+    await grown.cleanup();
+  }
+}
+
+async function openOn(setup: SessionSetup, dir: string, resolved: string): Promise<Session> {
   const config = await loadModelConfig(dir);
   const adapters: Adapter[] = [];
   const extras: { extras: AdapterExtras; rows: readonly number[] }[] = [];
@@ -221,7 +235,7 @@ export async function openSession(setup: SessionSetup): Promise<Session> {
     const p = loaded.config;
     extras.push({ extras: loaded.extras, rows: p.trainableTokenIndices ?? [] });
     const named = p.baseModelNameOrPath;
-    const expected = [setup.model, dir, ...(setup.baseName ? [setup.baseName] : [])];
+    const expected = [setup.model, dir, resolved, ...(setup.baseName ? [setup.baseName] : [])];
     if (named && !expected.some((m) => sameModel(named, m, setup.projectRoot))) {
       // Shapes fit (checked above), so it runs; the name is worth a line (a quantized copy of the
       // named base, or a local copy of a Hub model, are the usual innocent cases).
@@ -270,7 +284,7 @@ export async function openSession(setup: SessionSetup): Promise<Session> {
       stop: stopIds(tokenizer, gen?.eosTokenIds ?? []),
       defaults,
       defaultMaxNewTokens: gen?.maxNewTokens ?? 256,
-      modelDir: dir,
+      modelDir: resolved,
       adapters: adapterDirs,
     });
   } catch (error) {

@@ -14,6 +14,8 @@ import {
 import { exists, writeFileAtomic, writeJsonAtomic } from "../../foundation/atomic.ts";
 import { writeAdapter } from "./checkpoint.ts";
 import { fullTrained, writeFullModel } from "./trained.ts";
+import { writeResizedModel } from "./resize.ts";
+import { copyModelFiles } from "../quantize_model.ts";
 import type { TrainedSubset } from "../../kernels/models/full_params.ts";
 import { SAVED_MODULE_WEIGHTS } from "../../formats/peft.ts";
 
@@ -306,6 +308,55 @@ export async function describeTraining(
   return [`memory on ${on}: ${verdict}`, ...formatMemoryPlan(plan).split("\n")];
 }
 
+/** New tokens the tokenize step added (`tokenize.add_special_tokens`): the new vocabulary size and ids. */
+export interface AddedTokens {
+  vocabSize: number;
+  ids: number[];
+  /** The tokenize step's tokenizer copy, which has them. */
+  tokenizerDir: string;
+}
+
+/** The tokens `data` (a tokenize step) added beyond `model`'s vocabulary, or null. */
+export async function addedTokens(data: Upstream, model: ModelConfig): Promise<AddedTokens | null> {
+  if (!("new_tokens" in data.manifest.outputs)) return null;
+  const info = JSON.parse(await Deno.readTextFile(data.path("new_tokens"))) as {
+    vocab_size: number;
+    new_tokens: { content: string; id: number }[];
+  };
+  if (info.vocab_size <= model.vocabSize) return null;
+  return {
+    vocabSize: info.vocab_size,
+    ids: info.new_tokens.map((t) => t.id).filter((id) => id >= model.vocabSize),
+    tokenizerDir: dirname(data.path("tokenizer/tokenizer.json")),
+  };
+}
+
+/**
+ * With new tokens: the base grown to their vocabulary (steps/train/resize.ts: mean rows, the
+ * tokenize step's tokenizer) in `<run>/.resized/<key>/`, where later steps find it again; else `dir`.
+ */
+export async function resizedBase(
+  ctx: StepContext,
+  dir: string,
+  added: AddedTokens | null,
+  step: string,
+): Promise<string> {
+  if (added === null) return dir;
+  const out = join(ctx.runDir, ".resized", ctx.key);
+  if (!(await exists(join(out, "config.json")))) {
+    const tmp = `${out}.tmp-${crypto.randomUUID().slice(0, 8)}`;
+    await writeResizedModel(dir, tmp, added.vocabSize, added.tokenizerDir);
+    await Deno.rename(tmp, out).catch(async (error) => {
+      await Deno.remove(tmp, { recursive: true });
+      if (!(await exists(join(out, "config.json")))) throw error;
+    });
+  }
+  console.error(
+    `[${step}] vocabulary grown to ${added.vocabSize} for ${added.ids.length} new token(s): mean rows`,
+  );
+  return out;
+}
+
 /** Limits a plan assumes without an adapter: a discrete GPU's 2 GiB bindings. */
 const DEFAULT_LIMITS = { maxBindingBytes: 2 ** 31, software: false };
 
@@ -324,7 +375,7 @@ export async function openSplits(
     if (!split) continue;
     const i = split.index;
     check(i);
-    if (i.vocab_size > model.vocabSize) {
+    if (i.vocab_size > model.vocabSize && !("new_tokens" in data.manifest.outputs)) {
       throw new LatheError(
         `Cannot train on split "${i.split}": its tokenizer has ${i.vocab_size} token ids, ` +
           `the model's vocab_size is ${model.vocabSize}`,
@@ -352,6 +403,7 @@ export async function writeTrainingOutputs(
   checkpointDir: string,
   curves: readonly string[] = [],
   baseModelDir: string | null = null,
+  tokenizerDir: string | null = null,
 ): Promise<Record<string, string>> {
   const outputs: Record<string, string> = {};
   if (config.finetuning === "full") {
@@ -368,9 +420,22 @@ export async function writeTrainingOutputs(
     for (const f of files) outputs[`${FULL_MODEL_DIR}/${f}`] = `${FULL_MODEL_DIR}/${f}`;
     outputs.model = `${FULL_MODEL_DIR}/config.json`;
   } else {
-    await writeAdapter(dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE))), model, peft);
+    const dir = dirname(await ctx.out(join("adapter", ADAPTER_CONFIG_FILE)));
+    await writeAdapter(dir, model, peft);
     outputs.adapter = join("adapter", ADAPTER_CONFIG_FILE);
     outputs.adapter_weights = join("adapter", ADAPTER_WEIGHTS_FILE);
+    // New tokens: the tokenizer that has them goes with the adapter (as trl saves it).
+    if (tokenizerDir !== null) {
+      for (
+        const f of await copyModelFiles(tokenizerDir, dir, [
+          "tokenizer.json",
+          "tokenizer_config.json",
+          "chat_template.jinja",
+        ])
+      ) {
+        outputs[`adapter/${f}`] = `adapter/${f}`;
+      }
+    }
   }
   await writeJsonAtomic(await ctx.out("trainer_state.json"), finalTrainerState(result, config));
   await writeFileAtomic(await ctx.out("loss.svg"), lossSvg(result.history, title, curves));

@@ -15,6 +15,8 @@ import { loadStep } from "../../steps/registry.ts";
 import { gpuTest } from "../kernels/_harness.ts";
 import { ROOT } from "./train/_fixtures.ts";
 import { startFakeHub } from "../hub/_fake_hub.ts";
+import { llamaCpp, llamaCppAvailable } from "../interop/_llama_cpp.ts";
+import { ModelWeights } from "../../formats/safetensors.ts";
 
 const DEMO = join(ROOT, "data", "demo");
 
@@ -293,6 +295,74 @@ steps:
         allowLocalFile: true,
       });
       assert.equal(parsed.tensorInfos.length, 21);
+    });
+  },
+);
+
+const llama = await llamaCppAvailable();
+
+gpuTest(
+  `a special token added in tokenize trains its row, merges and reaches the GGUF as one token${
+    llama.ok ? "" : ` (llama.cpp part skipped: ${llama.reason})`
+  }`,
+  async () => {
+    await withProject(async (dir) => {
+      // An answer that uses the new token, so its row has gradient.
+      const rows = (await Deno.readTextFile(join(dir, "sft.jsonl"))).trim().split("\n").map((l) => {
+        const r = JSON.parse(l);
+        r.messages[r.messages.length - 1].content = "<tool_call>" + r.messages[r.messages.length - 1].content;
+        return JSON.stringify(r);
+      });
+      await Deno.writeTextFile(join(dir, "sft.jsonl"), rows.join("\n") + "\n");
+      const text = recipeText(dir, "original", "    targets: [peft, gguf]\n    gguf: { types: [F16] }")
+        .replace(
+          "max_seq_len: 128, packing: true }",
+          "max_seq_len: 128, packing: true, add_special_tokens: [<tool_call>] }",
+        )
+        .replace(/ {2}quantize: .*\n/, "");
+      const result = await recipe(dir, text);
+      const manifest = (step: string) => result.steps.find((s) => s.step === step)!.outcome.manifest;
+      const adapter = join(result.runDir, "train-sft", "adapter");
+      const config = JSON.parse(await Deno.readTextFile(join(adapter, "adapter_config.json")));
+      assert.deepEqual(config.trainable_token_indices, { embed_tokens: [512] }, "the new row trains");
+      assert.ok(
+        "adapter/tokenizer.json" in manifest("train-sft").outputs,
+        "the tokenizer goes with the adapter",
+      );
+      const merged = join(result.runDir, "merge", "model");
+      const mc = JSON.parse(await Deno.readTextFile(join(merged, "config.json")));
+      assert.equal(mc.vocab_size, 513);
+      using w = await ModelWeights.open(merged);
+      assert.deepEqual(w.info("model.embed_tokens.weight").shape, [513, 64]);
+      // Row 512 started at the mean of the 512 base rows and moved in training.
+      const E = await w.readFloat32("model.embed_tokens.weight");
+      using base = await ModelWeights.open(join(DEMO, "model"));
+      const E0 = await base.readFloat32("model.embed_tokens.weight");
+      const mean = Array.from({ length: 64 }, (_, d) => {
+        let s = 0;
+        for (let v = 0; v < 512; v++) s += E0[v * 64 + d];
+        return Math.fround(s / 512);
+      });
+      assert.ok(E.subarray(512 * 64).some((x, d) => x !== mean[d]), "the new row trained");
+      assert.deepEqual(E.subarray(0, 512 * 64), E0, "the other rows are the base's");
+      const gguf = join(result.runDir, "export", "gguf", "model-lathe-F16.gguf");
+      const parsed = await parseGguf(gguf, { allowLocalFile: true });
+      const tokens = (parsed.metadata as Record<string, unknown>)["tokenizer.ggml.tokens"] as string[];
+      assert.equal(tokens.length, 513);
+      assert.equal(tokens[512], "<tool_call>");
+      if (!llama.ok) return;
+      const answer = await llamaCpp({
+        model: gguf,
+        lora: null,
+        contextSize: 256,
+        threads: 1,
+        tasks: [{ kind: "tokenize", text: "<tool_call>Ship 2 mugs", special: true }],
+      });
+      assert.equal(
+        (answer.results[0] as { tokens: number[] }).tokens[0],
+        512,
+        "llama.cpp reads it as one token",
+      );
     });
   },
 );
