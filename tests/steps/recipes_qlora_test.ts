@@ -86,6 +86,8 @@ Deno.test("mistral-qlora is the guides' QLoRA configuration", async () => {
     bias: "none",
     target_modules: ["q_proj", "v_proj"],
     use_rslora: false,
+    modules_to_save: null,
+    trainable_token_indices: null,
   });
   assert.deepEqual(
     [t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate, t.num_train_epochs],
