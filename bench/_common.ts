@@ -1,9 +1,13 @@
 /**
- * What every benchmark program shares: its usage error, and the device line of its JSON report.
+ * What every benchmark program shares: its usage error, the device line of its JSON report, and
+ * the context a step's run gets when a benchmark times it without the runner.
  * @module
  */
+import { dirname, join } from "node:path";
 import { LatheError } from "../foundation/errors.ts";
+import { Progress } from "../foundation/progress.ts";
 import type { Gpu } from "../kernels/device.ts";
+import type { StepContext } from "../steps/define.ts";
 
 /** Throws a benchmark's usage error: what was wrong, and where the options are documented. */
 export type Usage = (what: string, hint?: string) => never;
@@ -35,5 +39,34 @@ export function benchDevice(gpu: Gpu): BenchDevice {
     backend: gpu.info.backend,
     features: [...gpu.info.features],
     software: gpu.software,
+  };
+}
+
+/**
+ * A {@link StepContext} for timing a step's `run` alone (no hashing, manifest or git state): outputs
+ * under `stepDir`, `sources` as given, quiet progress labelled `label`.
+ */
+export function benchStepContext(
+  stepDir: string,
+  sources: Record<string, string>,
+  label: string,
+): StepContext {
+  return {
+    runId: `bench-${label}`,
+    runDir: dirname(stepDir),
+    stepDir,
+    projectRoot: stepDir,
+    seed: 0,
+    key: `bench-${label}`,
+    sources,
+    sourceHashes: {},
+    async out(rel: string): Promise<string> {
+      const path = join(stepDir, rel);
+      await Deno.mkdir(dirname(path), { recursive: true });
+      return path;
+    },
+    log: () => {},
+    progress: (total, unit) => new Progress(label, total, unit, true),
+    setGpu: () => {},
   };
 }

@@ -23,22 +23,20 @@
  * many layers as `--mb` allows: every row is a multiple of 256, so Q4_K_M writes real K-quants.
  * @module
  */
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { writeJsonAtomic } from "../foundation/atomic.ts";
 import { runMain } from "../foundation/errors.ts";
-import { Progress } from "../foundation/progress.ts";
 import { writeModelGguf } from "../formats/gguf_model.ts";
 import { loadModelConfig } from "../formats/model_config.ts";
 import { type LoraConfig, writePeftAdapter } from "../formats/peft.ts";
 import { initialAdapters } from "../kernels/models/trainable.ts";
-import type { StepContext } from "../steps/define.ts";
 import { MergeConfig, step as mergeStep } from "../steps/merge.ts";
 import { modelSources } from "../steps/model_source.ts";
 import { median } from "./lora.ts";
 import { QUANTIZE_SHAPE, readWrite } from "./nf4.ts";
 import { shapeConfigJson, writeRandomCheckpoint } from "./train_checkpoint.ts";
-import { benchUsage } from "./_common.ts";
+import { benchStepContext, benchUsage } from "./_common.ts";
 
 const usage = benchUsage("export");
 const CONTENDERS = ["read + write", "merge f16", "gguf Q8_0", "gguf Q4_K_M"] as const;
@@ -49,24 +47,7 @@ const MISTRAL_7B_BYTES = 14.48e9;
 /** The merge step's run on `model` + `adapter` into `stepDir`, without the runner's bookkeeping. */
 async function runMerge(model: string, adapter: string, stepDir: string): Promise<void> {
   const config = MergeConfig.parse({ model, adapters: [adapter], dtype: "float16", check_rows: 0 });
-  const ctx: StepContext = {
-    runId: "bench-export",
-    runDir: dirname(stepDir),
-    stepDir,
-    projectRoot: stepDir,
-    seed: 0,
-    key: "bench-export",
-    sources: await modelSources(model),
-    sourceHashes: {},
-    async out(rel: string): Promise<string> {
-      const path = join(stepDir, rel);
-      await Deno.mkdir(dirname(path), { recursive: true });
-      return path;
-    },
-    log: () => {},
-    progress: (total, unit) => new Progress("merge", total, unit, true),
-    setGpu: () => {},
-  };
+  const ctx = benchStepContext(stepDir, await modelSources(model), "merge");
   await mergeStep.run(ctx, config, {});
 }
 

@@ -44,8 +44,8 @@
  * the bench bundle too (bench/gpu.sh).
  * @module
  */
-import { type BenchDevice, benchDevice, benchUsage, type Usage } from "./_common.ts";
-import { dirname, join } from "node:path";
+import { type BenchDevice, benchDevice, benchStepContext, benchUsage, type Usage } from "./_common.ts";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { getGpu, type Gpu } from "../kernels/device.ts";
 import { quantize4bit } from "../formats/bnb4bit.ts";
@@ -58,9 +58,7 @@ import { recorder } from "../kernels/recorder.ts";
 import { DTYPE_BYTES, Tensor, trimPool } from "../kernels/tensor.ts";
 import { writeJsonAtomic } from "../foundation/atomic.ts";
 import { runMain } from "../foundation/errors.ts";
-import { Progress } from "../foundation/progress.ts";
 import { uniformFiller } from "../foundation/random.ts";
-import type { StepContext } from "../steps/define.ts";
 import { modelSources } from "../steps/model_source.ts";
 import { QuantizeConfig, quantizeModel } from "../steps/quantize_model.ts";
 import { median, timeAll } from "./lora.ts";
@@ -393,24 +391,7 @@ export interface QuantizedModel {
 export async function runQuantizeStep(model: string, stepDir: string): Promise<QuantizedModel> {
   const config = QuantizeConfig.parse({ model });
   const sources = await modelSources(model);
-  const ctx: StepContext = {
-    runId: "bench-nf4",
-    runDir: dirname(stepDir),
-    stepDir,
-    projectRoot: stepDir,
-    seed: 0,
-    key: "bench-nf4",
-    sources,
-    sourceHashes: {},
-    async out(rel: string): Promise<string> {
-      const path = join(stepDir, rel);
-      await Deno.mkdir(dirname(path), { recursive: true });
-      return path;
-    },
-    log: () => {},
-    progress: (total, unit) => new Progress("quantize", total, unit, true),
-    setGpu: () => {},
-  };
+  const ctx = benchStepContext(stepDir, sources, "quantize");
   const t0 = performance.now();
   const result = await quantizeModel(ctx, config);
   return {

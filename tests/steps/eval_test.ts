@@ -5,10 +5,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { LatheError } from "../../foundation/errors.ts";
-import { type PipelineResult, recipeCommand } from "../../steps/pipeline.ts";
-import { loadStep } from "../../steps/registry.ts";
 import { gpuTest } from "../kernels/_harness.ts";
 import { ROOT } from "./train/_fixtures.ts";
+import { runRecipe } from "./_recipes.ts";
 
 const DEMO = join(ROOT, "data", "demo");
 
@@ -60,16 +59,7 @@ async function withProject(fn: (dir: string) => Promise<void>): Promise<void> {
   }
 }
 
-async function recipe(dir: string, text: string): Promise<PipelineResult> {
-  const path = join(dir, "eval-test.yaml");
-  await Deno.writeTextFile(path, text);
-  return (await recipeCommand([path, "--runs", join(dir, "runs"), "--quiet"], {
-    projectRoot: ROOT,
-    loadStep,
-    print: () => {},
-    printError: () => {},
-  }))!;
-}
+const recipe = (dir: string, text: string) => runRecipe(dir, "eval-test", text);
 
 gpuTest(
   "eval compares base, SFT and DPO: train-sft's eval_loss to the bit, DPO's reward accuracy, reports",

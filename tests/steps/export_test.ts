@@ -10,10 +10,9 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { gguf as parseGguf } from "@huggingface/gguf";
 import { LatheError } from "../../foundation/errors.ts";
-import { type PipelineResult, recipeCommand } from "../../steps/pipeline.ts";
-import { loadStep } from "../../steps/registry.ts";
 import { gpuTest } from "../kernels/_harness.ts";
 import { ROOT } from "./train/_fixtures.ts";
+import { runRecipe } from "./_recipes.ts";
 import { startFakeHub } from "../hub/_fake_hub.ts";
 import { llamaCpp, llamaCppAvailable } from "../interop/_llama_cpp.ts";
 import { ModelWeights } from "../../formats/safetensors.ts";
@@ -52,16 +51,7 @@ async function withProject(fn: (dir: string) => Promise<void>): Promise<void> {
   }
 }
 
-async function recipe(dir: string, text: string, printed: string[] = []): Promise<PipelineResult> {
-  const path = join(dir, "export-test.yaml");
-  await Deno.writeTextFile(path, text);
-  return (await recipeCommand([path, "--runs", join(dir, "runs"), "--quiet"], {
-    projectRoot: ROOT,
-    loadStep,
-    print: (s: string) => printed.push(s),
-    printError: () => {},
-  }))!;
-}
+const recipe = (dir: string, text: string) => runRecipe(dir, "export-test", text);
 
 gpuTest(
   "merge records merged vs unmerged loss; export writes peft, merged, GGUF, LoRA GGUF, Modelfile",

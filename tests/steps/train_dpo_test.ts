@@ -10,11 +10,11 @@ import { loadModelConfig } from "../../formats/model_config.ts";
 import { readPeftAdapter } from "../../formats/peft.ts";
 import { LatheError } from "../../foundation/errors.ts";
 import { FAILURE_FILE, type Manifest, readManifest } from "../../foundation/manifest.ts";
-import { type PipelineResult, recipeCommand } from "../../steps/pipeline.ts";
-import { loadStep } from "../../steps/registry.ts";
+import type { PipelineResult } from "../../steps/pipeline.ts";
 import { trainDpoHooks } from "../../steps/train_dpo.ts";
 import { gpuTest } from "../kernels/_harness.ts";
 import { FaultyModel, ROOT } from "./train/_fixtures.ts";
+import { runRecipe } from "./_recipes.ts";
 
 const DEMO = join(ROOT, "data", "demo");
 
@@ -81,17 +81,7 @@ steps:
 }
 
 /** Runs the recipe in `dir` (extra argv: --only, --run, --set ...); returns the result. */
-async function recipe(dir: string, text: string, ...argv: string[]): Promise<PipelineResult> {
-  const path = join(dir, "dpo-test.yaml");
-  await Deno.writeTextFile(path, text);
-  const result = await recipeCommand([path, "--runs", join(dir, "runs"), "--quiet", ...argv], {
-    projectRoot: ROOT,
-    loadStep,
-    print: () => {},
-    printError: () => {},
-  });
-  return result!;
-}
+const recipe = (dir: string, text: string, ...argv: string[]) => runRecipe(dir, "dpo-test", text, ...argv);
 
 const dpoOf = (r: PipelineResult): Manifest => r.steps.find((s) => s.step === "train-dpo")!.outcome.manifest;
 

@@ -9,6 +9,8 @@ import { writeTinyModel } from "../../../kernels/models/tiny.ts";
 import { step as quantizeStep } from "../../../steps/quantize.ts";
 import { runStep } from "../../../steps/runner.ts";
 import { step as tokenizeStep } from "../../../steps/tokenize.ts";
+import type { RunOutcome } from "../../../steps/runner.ts";
+import { step as trainSftStep } from "../../../steps/train_sft.ts";
 import { trainSftHooks } from "../../../steps/train_sft.ts";
 import { fakePrepare, syntheticChats, writeJsonl } from "../tokenize/_fixtures.ts";
 import { DEMO_TOKENIZER, ROOT } from "./_fixtures.ts";
@@ -68,4 +70,23 @@ export async function withSftSetup(
     Deno.env.delete("LATHE_RESUME");
     await Deno.remove(dir, { recursive: true });
   }
+}
+
+/** Runs train-sft on `s`'s model with `config` into run `runId` (seed 11), on the default backend. */
+export function trainSft(
+  s: { runs: string; model: string },
+  config: Record<string, unknown>,
+  runId = "a",
+  force = false,
+): Promise<RunOutcome> {
+  return runStep(trainSftStep, {
+    runsRoot: s.runs,
+    runId,
+    recipe: null,
+    config: { model: s.model, ...config },
+    seed: 11,
+    projectRoot: ROOT,
+    quiet: true,
+    force,
+  });
 }

@@ -14,12 +14,11 @@ import { ModelWeights } from "../../../formats/safetensors.ts";
 import { LatheError } from "../../../foundation/errors.ts";
 import { FAILURE_FILE, readManifest } from "../../../foundation/manifest.ts";
 import { planTrainingMemory } from "../../../kernels/models/memory_plan.ts";
-import { type RunOutcome, runStep } from "../../../steps/runner.ts";
-import { CHECKPOINTS_DIR, step, trainSftHooks } from "../../../steps/train_sft.ts";
+import { CHECKPOINTS_DIR, trainSftHooks } from "../../../steps/train_sft.ts";
 import { listCheckpoints } from "../../../steps/train/checkpoint.ts";
 import { gpuTest } from "../../kernels/_harness.ts";
 import { FaultyModel, ROOT } from "./_fixtures.ts";
-import { sftUpstream, withSftSetup } from "./_sft_runs.ts";
+import { sftUpstream, trainSft, withSftSetup } from "./_sft_runs.ts";
 
 const FULL = {
   finetuning: "full",
@@ -31,23 +30,7 @@ const FULL = {
   save_steps: 2,
 };
 
-function train(
-  s: { runs: string; model: string },
-  config: Record<string, unknown>,
-  runId = "a",
-  force = false,
-) {
-  return runStep(step, {
-    runsRoot: s.runs,
-    runId,
-    recipe: null,
-    config: { model: s.model, ...config },
-    seed: 11,
-    projectRoot: ROOT,
-    quiet: true,
-    force,
-  }) as Promise<RunOutcome>;
-}
+const train = trainSft;
 
 gpuTest("train-sft finetuning: full trains every weight and writes a model directory", async () => {
   await withSftSetup({ arch: "llama" }, async (s) => {

@@ -11,13 +11,13 @@ import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from "../../../formats/peft
 import { SafetensorsFile } from "../../../formats/safetensors.ts";
 import { ModelWeights } from "../../../formats/safetensors.ts";
 import { LatheError } from "../../../foundation/errors.ts";
-import { type RunOutcome, runStep } from "../../../steps/runner.ts";
+import { runStep } from "../../../steps/runner.ts";
 import { MERGED_DIR, step as mergeStep } from "../../../steps/merge.ts";
 import { openSession } from "../../../steps/generate/session.ts";
-import { step, trainSftHooks } from "../../../steps/train_sft.ts";
+import { trainSftHooks } from "../../../steps/train_sft.ts";
 import { gpuTest } from "../../kernels/_harness.ts";
 import { FaultyModel, ROOT } from "./_fixtures.ts";
-import { sftUpstream, withSftSetup } from "./_sft_runs.ts";
+import { sftUpstream, trainSft, withSftSetup } from "./_sft_runs.ts";
 
 const SMALL = {
   max_steps: 4,
@@ -27,23 +27,7 @@ const SMALL = {
   save_steps: 2,
 };
 
-function train(
-  s: { runs: string; model: string },
-  config: Record<string, unknown>,
-  runId = "a",
-  force = false,
-) {
-  return runStep(step, {
-    runsRoot: s.runs,
-    runId,
-    recipe: null,
-    config: { model: s.model, ...config },
-    seed: 11,
-    projectRoot: ROOT,
-    quiet: true,
-    force,
-  }) as Promise<RunOutcome>;
-}
+const train = trainSft;
 
 function merge(s: { runs: string; model: string }, runId: string) {
   return runStep(mergeStep, {
