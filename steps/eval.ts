@@ -190,11 +190,16 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
   if (dpo) {
     const dpoConfig = dpo.manifest.config as { beta?: number };
     const ref = dpo.manifest.inputs.sft;
+    // After a full train-sft, train-dpo's adapter runs on that model, which is also its reference.
+    const sftModel = ref && sft && "model" in sft.manifest.outputs ? dirname(sft.path("model")) : undefined;
     candidates.push({
       label: dpo.manifest.step,
+      model: sftModel,
       adapters: [join(dpo.dir, "adapter")],
-      description: `base + the LoRA adapter of ${dpo.manifest.step}`,
-      reference: ref ? [join(dpo.dir, "..", ref.step, "adapter")] : [],
+      description: sftModel
+        ? `the model of ${sft!.manifest.step} + the LoRA adapter of ${dpo.manifest.step}`
+        : `base + the LoRA adapter of ${dpo.manifest.step}`,
+      reference: ref && !sftModel ? [join(dpo.dir, "..", ref.step, "adapter")] : [],
       beta: dpoConfig.beta,
     });
   }
@@ -282,7 +287,7 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
     }
     if (preference) {
       const logps = await scoreSplit(session.model, preference, evalBs);
-      prefLogps.set(c.adapters.join("|"), logps);
+      prefLogps.set(`${c.model ?? ""}|${c.adapters.join("|")}`, logps);
       let more = 0;
       for (let i = 0; i < pairCount(preference); i++) if (logps[2 * i] > logps[2 * i + 1]) more++;
       metrics.preference_accuracy = more / pairCount(preference);
@@ -292,8 +297,9 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
   // train-dpo's implicit rewards against the reference it was trained with.
   for (const c of candidates) {
     if (!preference || c.reference === undefined) continue;
-    const pol = prefLogps.get(c.adapters.join("|"))!;
-    const ref = prefLogps.get(c.reference.join("|"));
+    // The reference runs on the candidate's own model (the base, or a full train-sft's model).
+    const pol = prefLogps.get(`${c.model ?? ""}|${c.adapters.join("|")}`)!;
+    const ref = prefLogps.get(`${c.model ?? ""}|${c.reference.join("|")}`);
     if (!ref) continue;
     let right = 0;
     for (let i = 0; i < pairCount(preference); i++) {

@@ -171,7 +171,13 @@ async function mergedVsUnmerged(
 
 async function run(ctx: StepContext, config: MergeConfig, inputs: Record<string, Upstream>) {
   const quantized = inputs.quantize ? dirname(inputs.quantize.path(`${QUANTIZED_DIR}/config.json`)) : null;
-  const original = config.merge_base === "dequantized" && quantized
+  // After a full train-sft its model is the base train-dpo's adapter was trained on.
+  const sftModel = inputs.sft && "model" in inputs.sft.manifest.outputs
+    ? dirname(inputs.sft.path("model"))
+    : null;
+  const original = sftModel
+    ? sftModel
+    : config.merge_base === "dequantized" && quantized
     ? quantized
     : dirname(ctx.sources["model/config.json"]);
   // An adapter that added tokens merges into the base grown the same way (mean rows, its tokenizer).

@@ -241,7 +241,12 @@ export function liveReference(
 }
 
 async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<string, Upstream>) {
-  const dir = baseDir("train-dpo", ctx, config, inputs);
+  // After a full fine-tune the SFT model is the base: a fresh policy adapter on it, the model itself
+  // the reference.
+  const sftModel = inputs.sft && "model" in inputs.sft.manifest.outputs
+    ? dirname(inputs.sft.path("model"))
+    : null;
+  const dir = sftModel ?? baseDir("train-dpo", ctx, config, inputs);
   const modelConfig = await loadModelConfig(dir);
   const { train, eval: evalSplit } = await openSplits(inputs.data, modelConfig, (i) => {
     if (i.kind === "preference" && i.paired) return;
@@ -260,13 +265,12 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
       hint: "train them in train-sft; merge, then run train-dpo on the merged model",
     });
   }
-  if (config.finetuning === "full" || (inputs.sft && "model" in inputs.sft.manifest.outputs)) {
-    throw new LatheError("Cannot run train-dpo with full fine-tuning: DPO trains LoRA adapters in lathe", {
-      hint: "set train-dpo.finetuning: lora (on a fully fine-tuned SFT model, point train-dpo.model at its " +
-        "model/ directory and drop the train-sft step from this recipe)",
+  if (config.finetuning === "full") {
+    throw new LatheError("Cannot run train-dpo with finetuning: full: DPO trains LoRA adapters in lathe", {
+      hint: "set train-dpo.finetuning: lora; after a full train-sft it trains an adapter on the tuned model",
     });
   }
-  const start = await startAdapter(ctx, config, inputs, modelConfig);
+  const start = sftModel ? null : await startAdapter(ctx, config, inputs, modelConfig);
   const spec: LoraSpec = start
     ? {
       r: start.config.r,
@@ -283,7 +287,7 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
       useRslora: config.lora.use_rslora,
     };
   const peft: LoraConfig = {
-    baseModelNameOrPath: config.model,
+    baseModelNameOrPath: sftModel ?? config.model,
     r: spec.r,
     loraAlpha: spec.alpha,
     loraDropout: spec.dropout,

@@ -252,9 +252,12 @@ async function* walk(dir: string): AsyncGenerator<string> {
 }
 
 gpuTest(
-  "a fully fine-tuned model is a model downstream: eval compares it with the base, export writes its GGUF",
+  "a fully fine-tuned model is a model downstream: train-dpo tunes an adapter on it, eval compares, export writes its GGUF",
   async () => {
     await withProject(async (dir) => {
+      const prefs = (await Deno.readTextFile(join(DEMO, "preference.jsonl"))).split("\n").filter((l) => l)
+        .slice(0, 12);
+      await Deno.writeTextFile(join(dir, "pref.jsonl"), prefs.join("\n") + "\n");
       const text = `name: full-test
 seed: 3
 steps:
@@ -268,7 +271,22 @@ steps:
     max_steps: 3
     learning_rate: 0.002
     save_steps: null
-  eval: { model: ${join(DEMO, "model")}, max_samples: 2, max_new_tokens: 8, batch_size: 2 }
+  prepare@preference: { sources: [${join(dir, "pref.jsonl")}], eval_fraction: 0.25 }
+  tokenize@preference: { tokenizer: ${join(DEMO, "tokenizer")}, max_seq_len: 128 }
+  train-dpo:
+    model: ${join(DEMO, "model")}
+    lora: { r: 4, alpha: 8, target_modules: [q_proj, v_proj] }
+    per_device_train_batch_size: 4
+    gradient_accumulation_steps: 1
+    max_steps: 2
+    save_steps: null
+  eval:
+    inputs: { data: tokenize, preference: tokenize@preference }
+    model: ${join(DEMO, "model")}
+    max_samples: 2
+    max_new_tokens: 8
+    batch_size: 2
+  merge: { model: ${join(DEMO, "model")}, dtype: float32, check_rows: 0 }
   export:
     targets: [merged, gguf]
     gguf: { types: [F16] }
@@ -277,8 +295,19 @@ steps:
       const manifest = (step: string) => result.steps.find((s) => s.step === step)!.outcome.manifest;
       const ev = manifest("eval").metrics as Record<string, number>;
       const sft = manifest("train-sft").metrics as Record<string, number>;
+      assert.equal(manifest("merge").metrics.projections_merged, 2 * 2, "DPO's adapter into the tuned model");
+      const dpo = manifest("train-dpo").metrics as Record<string, number>;
       assert.equal(ev["train-sft/eval_loss"], sft.eval_loss, "the tuned model's own eval_loss");
       assert.equal(ev["base/eval_loss"], sft.eval_loss_before);
+      // train-dpo's adapter runs on the tuned model, its reference: the first DPO loss is ln 2.
+      assert.ok(Math.abs(dpo.eval_loss_before - Math.LN2) < 1e-6, `${dpo.eval_loss_before}`);
+      assert.ok(
+        Math.abs(ev["train-dpo/reward_accuracy"] - dpo["eval_rewards/accuracies"]) <= 1 / ev.preference_pairs,
+      );
+      const cfg = JSON.parse(
+        await Deno.readTextFile(join(result.runDir, "train-dpo", "adapter", "adapter_config.json")),
+      );
+      assert.match(cfg.base_model_name_or_path, /train-sft\/model$/);
       const outputs = manifest("export").outputs;
       assert.ok("merged/model.safetensors" in outputs, "the tuned model, linked");
       const parsed = await parseGguf(join(result.runDir, "export", "gguf", "model-lathe-F16.gguf"), {
