@@ -1,7 +1,9 @@
 /**
  * Writes the demo datasets `data/demo/sft.jsonl` and `data/demo/preference.jsonl`: a small
  * structured-extraction task (a sentence about a shop order -> a compact JSON object with
- * fixed keys) that a tiny model can learn. The output depends only on the seed below, so
+ * fixed keys) that a tiny model can learn; and `data/demo/corpus.jsonl`, plain text in the same
+ * sentences, requests and words but without a JSON answer, on which `recipes/demo-base.yaml`
+ * pretrains the demo's base (so it knows the language, not the task). The output depends only on the seed below, so
  * running this program reproduces the committed files byte for byte.
  *
  * ```
@@ -20,6 +22,9 @@ export const DEMO_SEED = 20240611;
 export const SFT_ROWS = 2000;
 /** Rows in `preference.jsonl`. */
 export const PREFERENCE_ROWS = 600;
+/** Rows of plain text in `corpus.jsonl` (the demo base's pretraining corpus), and their own seed. */
+export const CORPUS_ROWS = 3000;
+export const CORPUS_SEED = DEMO_SEED + 1;
 
 class Rng {
   #next: () => number;
@@ -289,6 +294,45 @@ function corrupt(o: Order, rng: Rng): string {
   }
 }
 
+/**
+ * One row of the corpus: a few sentences as the task's users write them (orders in every template,
+ * requests around them, follow-up edits) and statements of the same facts in words, never JSON.
+ */
+function corpusRow(rng: Rng): string {
+  const parts: string[] = [];
+  const n = 2 + rng.int(4);
+  for (let i = 0; i < n; i++) {
+    const o = randomOrder(rng);
+    const sentence = rng.pick(TEMPLATES)(o, rng);
+    switch (rng.int(4)) {
+      case 0:
+        parts.push(rng.pick(REQUESTS)(sentence));
+        break;
+      case 1:
+        parts.push(`${sentence} ${followUp(o, rng).text}`);
+        break;
+      case 2:
+        parts.push(
+          `The buyer is ${o.name}. The item is ${o.item}, quantity ${o.quantity}` +
+            (o.color === null ? ", no color" : `, color ${o.color}`) +
+            `. It ships to ${o.city} on ${o.month} ${o.day}.`,
+        );
+        break;
+      default:
+        parts.push(sentence);
+    }
+  }
+  return parts.join(rng.chance(0.5) ? " " : "\n");
+}
+
+/** `corpus.jsonl`: {@link CORPUS_ROWS} rows `{"text": ...}` from their own seeded stream. */
+function corpus(): string {
+  const rng = new Rng(CORPUS_SEED);
+  const rows: string[] = [];
+  for (let i = 0; i < CORPUS_ROWS; i++) rows.push(JSON.stringify({ text: corpusRow(rng) }));
+  return rows.join("\n") + "\n";
+}
+
 /** Rows of both files, from one seeded stream (SFT first). */
 function generate(): { sft: string; preference: string } {
   const rng = new Rng(DEMO_SEED);
@@ -304,10 +348,10 @@ function generate(): { sft: string; preference: string } {
   return { sft: sft.join("\n") + "\n", preference: preference.join("\n") + "\n" };
 }
 
-/** The text of `sft.jsonl` and `preference.jsonl`, exactly as committed. */
-export function demoDatasets(): { "sft.jsonl": string; "preference.jsonl": string } {
+/** The text of `sft.jsonl`, `preference.jsonl` and `corpus.jsonl`, exactly as committed. */
+export function demoDatasets(): { "sft.jsonl": string; "preference.jsonl": string; "corpus.jsonl": string } {
   const { sft, preference } = generate();
-  return { "sft.jsonl": sft, "preference.jsonl": preference };
+  return { "sft.jsonl": sft, "preference.jsonl": preference, "corpus.jsonl": corpus() };
 }
 
 if (import.meta.main) {
