@@ -12,6 +12,29 @@ import { displayPath, projectRoot } from "../foundation/paths.ts";
 import { recipeCommand } from "../steps/pipeline.ts";
 import { loadStep } from "../steps/registry.ts";
 import { trackerHook } from "../tracker/hook.ts";
+import { type SampleRow, samplesText } from "../steps/eval/report.ts";
+
+/** The first `n` eval prompts of generations.jsonl, each model's answer beside the reference. */
+async function sideBySide(path: string, labels: string[], n: number): Promise<string[]> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch {
+    return [];
+  }
+  const rows: SampleRow[] = text.split("\n").filter((l) => l.trim() !== "").slice(0, n).map((l) => {
+    const r = JSON.parse(l) as {
+      prompt: string;
+      reference: string;
+      outputs: Record<string, { text: string }>;
+    };
+    const outputs = Object.fromEntries(Object.entries(r.outputs).map(([k, v]) => [k, v.text]));
+    return { prompt: r.prompt, reference: r.reference, outputs };
+  });
+  return rows.length === 0
+    ? []
+    : ["", `first ${rows.length} eval prompts, answered greedily:`, ...samplesText(rows, labels)];
+}
 
 if (import.meta.main) {
   const root = projectRoot();
@@ -86,6 +109,9 @@ adapter:     ${runDir}/train-dpo/adapter/   (the SFT adapter, preference-tuned)`
         console.log(
           "  " + r.map((cell, c) => c === 0 ? cell.padEnd(widths[c]) : cell.padStart(widths[c])).join("  "),
         );
+      }
+      for (const line of await sideBySide(`${result.runDir}/eval/generations.jsonl`, models, 3)) {
+        console.log(line);
       }
       console.log(`report:      ${runDir}/eval/report.html   (and report.md, generations.jsonl)`);
     }

@@ -23,7 +23,7 @@ export const SFT_ROWS = 2000;
 /** Rows in `preference.jsonl`. */
 export const PREFERENCE_ROWS = 600;
 /** Rows of plain text in `corpus.jsonl` (the demo base's pretraining corpus), and their own seed. */
-export const CORPUS_ROWS = 3000;
+export const CORPUS_ROWS = 12000;
 export const CORPUS_SEED = DEMO_SEED + 1;
 
 class Rng {
@@ -295,34 +295,38 @@ function corrupt(o: Order, rng: Rng): string {
 }
 
 /**
- * One row of the corpus: a few sentences as the task's users write them (orders in every template,
- * requests around them, follow-up edits) and statements of the same facts in words, never JSON.
+ * The facts of an order restated in words, in the answer's key order: "The buyer is Ada. The item is
+ * mug, quantity 3, color blue. It ships to Lisbon on May 4." Restating the sentence just before it,
+ * this is where the base learns to carry a name, a city or a number across the text (and that
+ * "seven scarves" is the item scarf, quantity 7) without ever seeing the JSON.
+ */
+function statement(o: Order): string {
+  return `The buyer is ${o.name}. The item is ${o.item}, quantity ${o.quantity}` +
+    (o.color === null ? ", no color" : `, color ${o.color}`) +
+    `. It ships to ${o.city} on ${o.month} ${o.day}.`;
+}
+
+/**
+ * One row of the corpus: one order as the task's users write it (in any template, inside a request or
+ * followed by an edit), most often followed by the statement of its facts in words, never JSON. One
+ * order per row: training packs rows without attention across them, so the statement can only refer
+ * to its own sentence, as an answer refers to its prompt.
  */
 function corpusRow(rng: Rng): string {
-  const parts: string[] = [];
-  const n = 2 + rng.int(4);
-  for (let i = 0; i < n; i++) {
-    const o = randomOrder(rng);
-    const sentence = rng.pick(TEMPLATES)(o, rng);
-    switch (rng.int(4)) {
-      case 0:
-        parts.push(rng.pick(REQUESTS)(sentence));
-        break;
-      case 1:
-        parts.push(`${sentence} ${followUp(o, rng).text}`);
-        break;
-      case 2:
-        parts.push(
-          `The buyer is ${o.name}. The item is ${o.item}, quantity ${o.quantity}` +
-            (o.color === null ? ", no color" : `, color ${o.color}`) +
-            `. It ships to ${o.city} on ${o.month} ${o.day}.`,
-        );
-        break;
-      default:
-        parts.push(sentence);
+  const o = randomOrder(rng);
+  const sentence = rng.pick(TEMPLATES)(o, rng);
+  switch (rng.int(4)) {
+    case 0:
+      return `${rng.pick(REQUESTS)(sentence)}\n${statement(o)}`;
+    case 1: {
+      const edit = followUp(o, rng);
+      return `${sentence} ${edit.text} ${statement(edit.order)}`;
     }
+    case 2:
+      return `${sentence} ${statement(o)}`;
+    default:
+      return sentence;
   }
-  return parts.join(rng.chance(0.5) ? " " : "\n");
 }
 
 /** `corpus.jsonl`: {@link CORPUS_ROWS} rows `{"text": ...}` from their own seeded stream. */

@@ -112,6 +112,29 @@ export function reportMarkdown(
   return out.join("\n");
 }
 
+/**
+ * Samples side by side for a terminal: per sample the prompt, the reference and each model's
+ * output, one line each, cut to `width` characters ("…" marks a cut; newlines read as "⏎").
+ */
+export function samplesText(
+  samples: readonly SampleRow[],
+  labels: readonly string[],
+  width = 100,
+): string[] {
+  const pad = Math.max("reference".length, ...labels.map((l) => l.length)) + 2;
+  const cut = (text: string) => {
+    const flat = text.replaceAll("\n", " ⏎ ");
+    return flat.length > width ? `${flat.slice(0, width - 1)}…` : flat;
+  };
+  const out: string[] = [];
+  samples.forEach((s, i) => {
+    out.push(`  ${`#${i + 1}`.padEnd(pad)}${cut(s.prompt)}`);
+    out.push(`  ${"reference".padEnd(pad)}${cut(s.reference)}`);
+    for (const l of labels) out.push(`  ${l.padEnd(pad)}${cut(s.outputs[l] ?? "")}`);
+  });
+  return out;
+}
+
 /** A grouped bar chart (SVG) of the share metrics, one group per metric, one bar per model. */
 export function barChart(models: readonly ModelResult[]): string {
   const names = metricNames(models).filter((n) => metaOf(n).share);

@@ -2,34 +2,81 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { sha256File } from "../../foundation/hash.ts";
-import { writeTinyModel } from "../../kernels/models/tiny.ts";
 import { loadModelConfig } from "../../formats/model_config.ts";
+import { TINY_SIZES } from "../../kernels/models/tiny.ts";
+import {
+  DEMO_INIT,
+  pretrainDemoBase,
+  type PretrainingRecord,
+  recipeHash,
+} from "../../scripts/make_demo_model.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const DEMO = join(ROOT, "data/demo/model");
+const REGENERATE = "regenerate it: deno run -A scripts/make_demo_model.ts";
 
-Deno.test("data/demo/model is the nano llama that make_tiny_models.ts writes (seed 0, f32, demo tokenizer)", async () => {
-  const out = await Deno.makeTempDir({ prefix: "lathe-demo-model-" });
+Deno.test("data/demo/model is what recipes/demo-base.yaml made from the corpus, as pretraining.json records", async () => {
+  const record = JSON.parse(await Deno.readTextFile(join(DEMO, "pretraining.json"))) as PretrainingRecord;
+  assert.equal(
+    record.recipe_sha256,
+    await recipeHash(ROOT),
+    `recipes/demo-base.yaml changed since: ${REGENERATE}`,
+  );
+  assert.equal(
+    record.corpus_sha256,
+    (await sha256File(join(ROOT, "data/demo/corpus.jsonl"))).sha256,
+    `data/demo/corpus.jsonl changed since: ${REGENERATE}`,
+  );
+  assert.deepEqual(record.init, DEMO_INIT);
+  assert.deepEqual(record.overrides, [], "the committed model ran the recipe as written");
+  const names = [...Deno.readDirSync(DEMO)].map((e) => e.name).filter((n) => n !== "pretraining.json").sort();
+  assert.deepEqual(names, Object.keys(record.files).sort());
+  for (const name of names) {
+    assert.equal((await sha256File(join(DEMO, name))).sha256, record.files[name], `data/demo/model/${name}`);
+  }
+  // It learned: the recorded eval loss fell far below the random init's ln(512) ≈ 6.24.
+  assert.ok((record.metrics.eval_loss_before as number) > 6);
+  assert.ok((record.metrics.eval_loss as number) < 1, `eval loss ${record.metrics.eval_loss}`);
+  const config = await loadModelConfig(DEMO);
+  assert.equal(config.vocabSize, 512);
+  assert.equal(config.hiddenSize, TINY_SIZES[DEMO_INIT.size].hidden);
+  assert.equal(config.numLayers, TINY_SIZES[DEMO_INIT.size].layers);
+});
+
+Deno.test("regenerating the demo base is deterministic: two short pretrainings give the same bytes", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "lathe-demo-base-" });
   try {
-    await writeTinyModel(out, {
-      arch: "llama",
-      size: "nano",
-      dtype: "f32",
-      seed: 0,
-      tokenizerDir: join(ROOT, "data/demo/tokenizer"),
-    });
-    const names = [...Deno.readDirSync(DEMO)].map((e) => e.name).sort();
-    assert.deepEqual([...Deno.readDirSync(out)].map((e) => e.name).sort(), names);
-    for (const name of names) {
-      assert.equal(
-        (await sha256File(join(out, name))).sha256,
-        (await sha256File(join(DEMO, name))).sha256,
-        `data/demo/model/${name} is stale: run \`deno run -A scripts/make_tiny_models.ts --out /tmp/m --arch llama --size nano\` and copy /tmp/m/llama-nano`,
+    const short = [
+      "train-sft.max_steps=2",
+      "train-sft.per_device_train_batch_size=2",
+      "train-sft.warmup_steps=1",
+      "prepare.eval_max=4",
+    ];
+    const records: PretrainingRecord[] = [];
+    for (const run of ["a", "b"]) {
+      records.push(
+        await pretrainDemoBase({
+          projectRoot: ROOT,
+          out: join(tmp, run, "model"),
+          initDir: join(tmp, run, "init"),
+          runsRoot: join(tmp, run, "runs"),
+          overrides: short,
+          quiet: true,
+          print: () => {},
+        }),
       );
     }
-    const config = await loadModelConfig(DEMO);
-    assert.equal(config.vocabSize, 512);
+    const [a, b] = records;
+    assert.deepEqual(a.files, b.files);
+    assert.equal(a.metrics.steps, 2);
+    // The run trained: the weights are not the init's.
+    const init = (await sha256File(join(tmp, "a", "init", "model.safetensors"))).sha256;
+    assert.notEqual(a.files["model.safetensors"], init);
+    assert.deepEqual(
+      [...Deno.readDirSync(join(tmp, "a", "model"))].map((e) => e.name).sort(),
+      [...Object.keys(a.files), "pretraining.json"].sort(),
+    );
   } finally {
-    await Deno.remove(out, { recursive: true });
+    await Deno.remove(tmp, { recursive: true });
   }
 });
