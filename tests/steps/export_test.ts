@@ -1,7 +1,8 @@
-// The merge and export steps in a recipe after a short QLoRA SFT on the demo data:
+// The merge and export steps in a recipe after a short QLoRA SFT on the demo data, on a random nano Llama
+// (D 64, 2 layers: the demo's own model is larger than these checks need):
 // - merge into the original 16-bit base and into the dequantized NF4 weights, each recording the
 //   loss of merged against unmerged on the first eval rows (original: the NF4 rounding shows; the
-//   dequantized merge equals the model as trained within f16 compute rounding);
+//   dequantized merge equals the model as trained within f32 rounding);
 // - export writes the PEFT adapter with its card, the merged model (hard links) with its card,
 //   GGUF files whose metadata and tensor infos @huggingface/gguf reads back as written, a LoRA
 //   GGUF, and a Modelfile; it prints the commands;
@@ -16,6 +17,7 @@ import { runRecipe } from "./_recipes.ts";
 import { startFakeHub } from "../hub/_fake_hub.ts";
 import { llamaCpp, llamaCppAvailable } from "../interop/_llama_cpp.ts";
 import { ModelWeights } from "../../formats/safetensors.ts";
+import { writeTinyModel } from "../../kernels/models/tiny.ts";
 
 const DEMO = join(ROOT, "data", "demo");
 
@@ -25,16 +27,16 @@ seed: 3
 steps:
   prepare: { sources: [${join(dir, "sft.jsonl")}], eval_fraction: 0.2 }
   tokenize: { tokenizer: ${join(DEMO, "tokenizer")}, max_seq_len: 128, packing: true }
-  quantize: { model: ${join(DEMO, "model")}, quant_type: nf4, double_quant: true, compute_dtype: float16 }
+  quantize: { model: ${join(dir, "model")}, quant_type: nf4, double_quant: true, compute_dtype: float16 }
   train-sft:
-    model: ${join(DEMO, "model")}
+    model: ${join(dir, "model")}
     lora: { r: 4, alpha: 16, dropout: 0.0, target_modules: all-linear }
     per_device_train_batch_size: 2
     gradient_accumulation_steps: 1
     max_steps: 3
     learning_rate: 0.02
     save_steps: null
-  merge: { model: ${join(DEMO, "model")}, dtype: float32, merge_base: ${mergeBase}, check_rows: 4 }
+  merge: { model: ${join(dir, "model")}, dtype: float32, merge_base: ${mergeBase}, check_rows: 4 }
   export:
 ${exportCfg ?? "    targets: [peft, merged, gguf, gguf-lora, ollama]\n    gguf: { types: [F16, Q8_0] }"}
 `;
@@ -45,6 +47,12 @@ async function withProject(fn: (dir: string) => Promise<void>): Promise<void> {
   try {
     const lines = (await Deno.readTextFile(join(DEMO, "sft.jsonl"))).split("\n").filter((l) => l !== "");
     await Deno.writeTextFile(join(dir, "sft.jsonl"), lines.slice(0, 20).join("\n") + "\n");
+    await writeTinyModel(join(dir, "model"), {
+      arch: "llama",
+      size: "nano",
+      seed: 0,
+      tokenizerDir: join(DEMO, "tokenizer"),
+    });
     await fn(dir);
   } finally {
     await Deno.remove(dir, { recursive: true });
@@ -70,7 +78,7 @@ gpuTest(
         assert.ok(f in outputs, f);
       }
       const card = await Deno.readTextFile(join(ex, "peft", "README.md"));
-      assert.match(card, /^---\nbase_model: .*data\/demo\/model\nlibrary_name: peft\n/);
+      assert.match(card, /^---\nbase_model: .*lathe-export-\w+\/model\nlibrary_name: peft\n/);
       assert.match(card, /tags:\n {2}- lathe\n {2}- sft\n {2}- lora\n/);
       assert.match(card, /datasets:\n {2}- sft\.jsonl\n/);
       assert.match(card, /\| learning_rate \| 0\.02000 \|/);
@@ -86,38 +94,38 @@ gpuTest(
         const meta = parsed.metadata as Record<string, unknown>;
         assert.equal(meta["general.architecture"], "llama");
         assert.equal(meta["general.file_type"], type === "F16" ? 1 : 7);
-        assert.equal(meta["llama.block_count"], 4);
-        assert.equal(meta["llama.embedding_length"], 128);
+        assert.equal(meta["llama.block_count"], 2);
+        assert.equal(meta["llama.embedding_length"], 64);
         assert.equal(meta["tokenizer.ggml.model"], "gpt2");
         assert.equal(meta["tokenizer.ggml.pre"], "gpt-2");
         assert.equal((meta["tokenizer.ggml.tokens"] as string[]).length, 512);
         assert.equal(meta["tokenizer.ggml.eos_token_id"], 511);
         assert.match(String(meta["tokenizer.chat_template"]), /<\|im_start\|>/);
         const infos = parsed.tensorInfos;
-        // token_embd, 4 × 9 layer tensors, output_norm, rope_freqs (tied: no output).
-        assert.equal(infos.length, 1 + 36 + 1 + 1);
+        // token_embd, 2 × 9 layer tensors, output_norm, rope_freqs (tied: no output).
+        assert.equal(infos.length, 1 + 18 + 1 + 1);
         const q = infos.find((t) => t.name === "blk.0.attn_q.weight")!;
-        assert.deepEqual(q.shape.map(Number), [128, 128]);
+        assert.deepEqual(q.shape.map(Number), [64, 64]);
         const k = infos.find((t) => t.name === "blk.1.attn_k.weight")!;
-        assert.deepEqual(k.shape.map(Number), [128, 64]);
+        assert.deepEqual(k.shape.map(Number), [64, 32]);
         assert.equal(
           Number(infos.find((t) => t.name === "blk.0.attn_norm.weight")!.dtype),
           0,
           "norms stay F32",
         );
         assert.equal(Number(q.dtype), type === "F16" ? 1 : 8);
-        assert.deepEqual(infos.find((t) => t.name === "rope_freqs.weight")!.shape.map(Number), [16]);
+        assert.deepEqual(infos.find((t) => t.name === "rope_freqs.weight")!.shape.map(Number), [8]);
       }
       const lora = await parseGguf(join(ex, "gguf", "model-lathe-lora-F32.gguf"), { allowLocalFile: true });
       const lm = lora.metadata as Record<string, unknown>;
       assert.equal(lm["general.type"], "adapter");
       assert.equal(lm["adapter.type"], "lora");
       assert.equal(lm["adapter.lora.alpha"], 16);
-      assert.equal(lora.tensorInfos.length, 4 * 7 * 2);
+      assert.equal(lora.tensorInfos.length, 2 * 7 * 2);
       const a = lora.tensorInfos.find((t) => t.name === "blk.0.ffn_down.weight.lora_a")!;
-      assert.deepEqual(a.shape.map(Number), [256, 4], "A[r, in] → ne [in, r]");
+      assert.deepEqual(a.shape.map(Number), [128, 4], "A[r, in] → ne [in, r]");
       const b = lora.tensorInfos.find((t) => t.name === "blk.0.ffn_down.weight.lora_b")!;
-      assert.deepEqual(b.shape.map(Number), [4, 128], "B[out, r] → ne [r, out]");
+      assert.deepEqual(b.shape.map(Number), [4, 64], "B[out, r] → ne [r, out]");
 
       const modelfile = await Deno.readTextFile(join(ex, "gguf", "Modelfile"));
       assert.match(modelfile, /^FROM \.\/model-lathe-F16\.gguf\n/);
@@ -138,11 +146,7 @@ gpuTest("merge_base dequantized equals the model as trained (NF4 base + adapter)
       number
     >;
     assert.equal(m.merge_base, "dequantized" as unknown as number);
-    // The trained model computes in f16 (compute_dtype), the merged one in f32: equal to a relative 1e-4.
-    assert.ok(
-      Math.abs(m.check_loss_delta) < 1e-4 * Math.max(1, m.check_loss_unmerged),
-      `delta ${m.check_loss_delta} at loss ${m.check_loss_unmerged}`,
-    );
+    assert.ok(Math.abs(m.check_loss_delta) < 1e-4, `delta ${m.check_loss_delta}`);
   });
 });
 
@@ -268,7 +272,7 @@ steps:
   prepare: { sources: [${join(dir, "sft.jsonl")}], eval_fraction: 0.2 }
   tokenize: { tokenizer: ${join(DEMO, "tokenizer")}, max_seq_len: 128, packing: true }
   train-sft:
-    model: ${join(DEMO, "model")}
+    model: ${join(dir, "model")}
     finetuning: full
     per_device_train_batch_size: 2
     gradient_accumulation_steps: 1
@@ -278,7 +282,7 @@ steps:
   prepare@preference: { sources: [${join(dir, "pref.jsonl")}], eval_fraction: 0.25 }
   tokenize@preference: { tokenizer: ${join(DEMO, "tokenizer")}, max_seq_len: 128 }
   train-dpo:
-    model: ${join(DEMO, "model")}
+    model: ${join(dir, "model")}
     lora: { r: 4, alpha: 8, target_modules: [q_proj, v_proj] }
     per_device_train_batch_size: 4
     gradient_accumulation_steps: 1
@@ -286,11 +290,11 @@ steps:
     save_steps: null
   eval:
     inputs: { data: tokenize, preference: tokenize@preference }
-    model: ${join(DEMO, "model")}
+    model: ${join(dir, "model")}
     max_samples: 2
     max_new_tokens: 8
     batch_size: 2
-  merge: { model: ${join(DEMO, "model")}, dtype: float32, check_rows: 0 }
+  merge: { model: ${join(dir, "model")}, dtype: float32, check_rows: 0 }
   export:
     targets: [merged, gguf]
     gguf: { types: [F16] }
@@ -299,7 +303,7 @@ steps:
       const manifest = (step: string) => result.steps.find((s) => s.step === step)!.outcome.manifest;
       const ev = manifest("eval").metrics as Record<string, number>;
       const sft = manifest("train-sft").metrics as Record<string, number>;
-      assert.equal(manifest("merge").metrics.projections_merged, 4 * 2, "DPO's adapter into the tuned model");
+      assert.equal(manifest("merge").metrics.projections_merged, 2 * 2, "DPO's adapter into the tuned model");
       const dpo = manifest("train-dpo").metrics as Record<string, number>;
       assert.equal(ev["train-sft/eval_loss"], sft.eval_loss, "the tuned model's own eval_loss");
       assert.equal(ev["base/eval_loss"], sft.eval_loss_before);
@@ -317,7 +321,7 @@ steps:
       const parsed = await parseGguf(join(result.runDir, "export", "gguf", "model-lathe-F16.gguf"), {
         allowLocalFile: true,
       });
-      assert.equal(parsed.tensorInfos.length, 1 + 4 * 9 + 1 + 1);
+      assert.equal(parsed.tensorInfos.length, 21);
     });
   },
 );
@@ -356,19 +360,18 @@ gpuTest(
       const mc = JSON.parse(await Deno.readTextFile(join(merged, "config.json")));
       assert.equal(mc.vocab_size, 513);
       using w = await ModelWeights.open(merged);
-      assert.deepEqual(w.info("model.embed_tokens.weight").shape, [513, 128]);
+      assert.deepEqual(w.info("model.embed_tokens.weight").shape, [513, 64]);
       // Row 512 started at the mean of the 512 base rows and moved in training.
       const E = await w.readFloat32("model.embed_tokens.weight");
-      using base = await ModelWeights.open(join(DEMO, "model"));
+      using base = await ModelWeights.open(join(dir, "model"));
       const E0 = await base.readFloat32("model.embed_tokens.weight");
-      const D = 128; // the demo model's hidden size
-      const mean = Array.from({ length: D }, (_, d) => {
+      const mean = Array.from({ length: 64 }, (_, d) => {
         let s = 0;
-        for (let v = 0; v < 512; v++) s += E0[v * D + d];
+        for (let v = 0; v < 512; v++) s += E0[v * 64 + d];
         return Math.fround(s / 512);
       });
-      assert.ok(E.subarray(512 * D).some((x, d) => x !== mean[d]), "the new row trained");
-      assert.deepEqual(E.subarray(0, 512 * D), E0, "the other rows are the base's");
+      assert.ok(E.subarray(512 * 64).some((x, d) => x !== mean[d]), "the new row trained");
+      assert.deepEqual(E.subarray(0, 512 * 64), E0, "the other rows are the base's");
       const gguf = join(result.runDir, "export", "gguf", "model-lathe-F16.gguf");
       const parsed = await parseGguf(gguf, { allowLocalFile: true });
       const tokens = (parsed.metadata as Record<string, unknown>)["tokenizer.ggml.tokens"] as string[];
