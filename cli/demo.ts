@@ -12,25 +12,19 @@ import { displayPath, projectRoot } from "../foundation/paths.ts";
 import { recipeCommand } from "../steps/pipeline.ts";
 import { loadStep } from "../steps/registry.ts";
 import { trackerHook } from "../tracker/hook.ts";
-import { type SampleRow, samplesText } from "../steps/eval/report.ts";
+import { type GenerationRow, sampleRow, samplesText } from "../steps/eval/report.ts";
 
 /** The first `n` eval prompts of generations.jsonl, each model's answer beside the reference. */
 async function sideBySide(path: string, labels: string[], n: number): Promise<string[]> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);
-  } catch {
-    return [];
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return [];
+    throw error;
   }
-  const rows: SampleRow[] = text.split("\n").filter((l) => l.trim() !== "").slice(0, n).map((l) => {
-    const r = JSON.parse(l) as {
-      prompt: string;
-      reference: string;
-      outputs: Record<string, { text: string }>;
-    };
-    const outputs = Object.fromEntries(Object.entries(r.outputs).map(([k, v]) => [k, v.text]));
-    return { prompt: r.prompt, reference: r.reference, outputs };
-  });
+  const rows = text.split("\n").filter((l) => l.trim() !== "").slice(0, n)
+    .map((l) => sampleRow(JSON.parse(l) as GenerationRow));
   return rows.length === 0
     ? []
     : ["", `first ${rows.length} eval prompts, answered greedily:`, ...samplesText(rows, labels)];

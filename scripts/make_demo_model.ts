@@ -58,14 +58,6 @@ export interface DemoBaseOptions {
   print?: (line: string) => void;
 }
 
-const MODEL_FILES = [
-  "config.json",
-  "generation_config.json",
-  "model.safetensors",
-  "tokenizer.json",
-  "tokenizer_config.json",
-];
-
 /** sha256 of `recipes/demo-base.yaml`'s canonical JSON (comments and layout aside). */
 export async function recipeHash(root: string): Promise<string> {
   return sha256Hex(canonicalJson(parseYaml(await Deno.readTextFile(join(root, "recipes/demo-base.yaml")))));
@@ -91,7 +83,8 @@ export async function pretrainDemoBase(o: DemoBaseOptions): Promise<PretrainingR
   await Deno.remove(staging, { recursive: true }).catch(() => {});
   await Deno.mkdir(staging, { recursive: true });
   const files: Record<string, string> = {};
-  for (const name of MODEL_FILES) {
+  const names = [...Deno.readDirSync(from)].filter((e) => e.isFile).map((e) => e.name).sort();
+  for (const name of names) {
     await Deno.copyFile(join(from, name), join(staging, name));
     files[name] = (await sha256File(join(staging, name))).sha256;
   }
@@ -115,6 +108,25 @@ export async function pretrainDemoBase(o: DemoBaseOptions): Promise<PretrainingR
   return record;
 }
 
+/**
+ * What differs between the committed record and a fresh one, one line each: the recipe, the corpus,
+ * and each file of the model by name (missing on either side, or other bytes). Empty: the same.
+ */
+export function recordDifferences(want: PretrainingRecord, got: PretrainingRecord): string[] {
+  const out: string[] = [];
+  if (want.recipe_sha256 !== got.recipe_sha256) {
+    out.push(`${want.recipe} has other settings than when it ran`);
+  }
+  if (want.corpus_sha256 !== got.corpus_sha256) out.push(`${want.corpus} has other bytes than when it ran`);
+  const names = [...new Set([...Object.keys(want.files), ...Object.keys(got.files)])].sort();
+  for (const name of names) {
+    if (!(name in got.files)) out.push(`model/${name} is not in the fresh model`);
+    else if (!(name in want.files)) out.push(`model/${name} is new in the fresh model`);
+    else if (want.files[name] !== got.files[name]) out.push(`model/${name} has other bytes`);
+  }
+  return out;
+}
+
 if (import.meta.main) {
   await runMain(async () => {
     const { values } = parseArgs({
@@ -127,6 +139,11 @@ if (import.meta.main) {
     });
     const root = join(import.meta.dirname!, "..");
     const committed = join(root, "data/demo/model");
+    if (values.check && values.set.length > 0) {
+      throw new LatheError(
+        "Cannot check data/demo/model with --set: it was made by the recipe as written; drop the --set flags",
+      );
+    }
     const tmp = await Deno.makeTempDir({ prefix: "lathe-demo-base-" });
     try {
       const out = values.check ? join(tmp, "model") : values.out ?? committed;
@@ -144,10 +161,12 @@ if (import.meta.main) {
         const want = JSON.parse(
           await Deno.readTextFile(join(committed, "pretraining.json")),
         ) as PretrainingRecord;
-        const differ = MODEL_FILES.filter((f) => want.files[f] !== record.files[f]);
+        const differ = recordDifferences(want, record);
         if (differ.length > 0) {
-          console.error(`data/demo/model differs from a fresh pretraining in ${differ.join(", ")}`);
-          Deno.exit(1);
+          throw new LatheError(
+            `data/demo/model is not what a fresh pretraining makes:\n  ${differ.join("\n  ")}\n` +
+              "Regenerate it: deno run -A scripts/make_demo_model.ts",
+          );
         }
         console.log("data/demo/model equals a fresh pretraining, byte for byte");
       }

@@ -33,7 +33,7 @@ import { type McItem, mcItem, scoreMultipleChoice } from "./eval/multiple_choice
 import { Source } from "./prepare/config.ts";
 import { readRows } from "./prepare/readers.ts";
 import { resolveSources } from "./prepare/sources.ts";
-import { type ModelResult, reportHtml, reportMarkdown, type SampleRow } from "./eval/report.ts";
+import { type ModelResult, reportHtml, reportMarkdown, sampleRow } from "./eval/report.ts";
 import type { Message } from "./tokenize/chat.ts";
 import { loadSplit, type Split } from "./train/batches.ts";
 import { pairCount, scoreSplit } from "./train/dpo.ts";
@@ -319,11 +319,7 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
     await ctx.out("generations.jsonl"),
     rows.map((r) => JSON.stringify(r)).join("\n") + (rows.length ? "\n" : ""),
   );
-  const samples: SampleRow[] = rows.slice(0, config.report_samples).map((r) => ({
-    prompt: r.prompt,
-    reference: r.reference,
-    outputs: Object.fromEntries(Object.entries(r.outputs).map(([k, v]) => [k, v.text])),
-  }));
+  const samples = rows.slice(0, config.report_samples).map(sampleRow);
   const title = `eval of ${config.model}`;
   await writeFileAtomic(await ctx.out("report.md"), reportMarkdown(title, results, samples));
   await writeFileAtomic(await ctx.out("report.html"), reportHtml(title, results, samples));

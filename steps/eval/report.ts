@@ -22,6 +22,22 @@ export interface SampleRow {
   outputs: Record<string, string>;
 }
 
+/** One line of generations.jsonl, as far as the reports read it. */
+export interface GenerationRow {
+  prompt: string;
+  reference: string;
+  outputs: Record<string, { text: string }>;
+}
+
+/** A generations.jsonl row as a report sample: each model's text. */
+export function sampleRow(r: GenerationRow): SampleRow {
+  return {
+    prompt: r.prompt,
+    reference: r.reference,
+    outputs: Object.fromEntries(Object.entries(r.outputs).map(([k, v]) => [k, v.text])),
+  };
+}
+
 /** Metric names as the report shows them, in order; shares are printed as percentages. */
 export const METRIC_LABELS: Record<string, { label: string; share: boolean }> = {
   eval_loss: { label: "eval loss", share: false },

@@ -9,6 +9,7 @@ import {
   pretrainDemoBase,
   type PretrainingRecord,
   recipeHash,
+  recordDifferences,
 } from "../../scripts/make_demo_model.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
@@ -67,6 +68,7 @@ Deno.test("regenerating the demo base is deterministic: two short pretrainings g
       );
     }
     const [a, b] = records;
+    assert.deepEqual(recordDifferences(a, b), []);
     assert.deepEqual(a.files, b.files);
     assert.equal(a.metrics.steps, 2);
     // The run trained: the weights are not the init's.
@@ -79,4 +81,31 @@ Deno.test("regenerating the demo base is deterministic: two short pretrainings g
   } finally {
     await Deno.remove(tmp, { recursive: true });
   }
+});
+
+Deno.test("recordDifferences() names the recipe, the corpus and each model file that differ", () => {
+  const want: PretrainingRecord = {
+    recipe: "recipes/demo-base.yaml",
+    recipe_sha256: "r",
+    corpus: "data/demo/corpus.jsonl",
+    corpus_sha256: "c",
+    init: DEMO_INIT,
+    overrides: [],
+    metrics: {},
+    files: { "config.json": "1", "model.safetensors": "2", "tokenizer.json": "3" },
+  };
+  assert.deepEqual(recordDifferences(want, structuredClone(want)), []);
+  const got = {
+    ...want,
+    recipe_sha256: "r2",
+    corpus_sha256: "c2",
+    files: { "config.json": "1", "model.safetensors": "9", "extra.json": "4" },
+  };
+  assert.deepEqual(recordDifferences(want, got), [
+    "recipes/demo-base.yaml has other settings than when it ran",
+    "data/demo/corpus.jsonl has other bytes than when it ran",
+    "model/extra.json is new in the fresh model",
+    "model/model.safetensors has other bytes",
+    "model/tokenizer.json is not in the fresh model",
+  ]);
 });

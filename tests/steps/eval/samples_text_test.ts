@@ -19,3 +19,8 @@ Deno.test("samplesText() lines each model's answer up under the prompt and the r
     "  train-dpo  ",
   ]);
 });
+
+Deno.test("samplesText() shows a newline as ⏎ and leaves a line within the width whole", () => {
+  const lines = samplesText([{ prompt: "Order: Ada.\nJSON:", reference: "{}", outputs: {} }], ["base"], 100);
+  assert.deepEqual(lines, ["  #1         Order: Ada. ⏎ JSON:", "  reference  {}", "  base       "]);
+});
