@@ -1,8 +1,8 @@
 /**
  * Writes the demo datasets `data/demo/sft.jsonl` and `data/demo/preference.jsonl`: a small
  * structured-extraction task (a sentence about a shop order -> a compact JSON object with
- * fixed keys) that a tiny model can learn; and `data/demo/corpus.jsonl`, plain text in the same
- * sentences, requests and words but without a JSON answer, on which `recipes/demo-base.yaml`
+ * fixed keys) that a tiny model can learn; and `data/demo/corpus.jsonl`, text in the same
+ * sentences, requests and words, and JSON records that answer none of them, on which `recipes/demo-base.yaml`
  * pretrains the demo's base (so it knows the language, not the task). The output depends only on the seed below, so
  * running this program reproduces the committed files byte for byte.
  *
@@ -22,7 +22,7 @@ export const DEMO_SEED = 20240611;
 export const SFT_ROWS = 2000;
 /** Rows in `preference.jsonl`. */
 export const PREFERENCE_ROWS = 600;
-/** Rows of plain text in `corpus.jsonl` (the demo base's pretraining corpus), and their own seed. */
+/** Rows of text in `corpus.jsonl` (the demo base's pretraining corpus), and their own seed. */
 export const CORPUS_ROWS = 12000;
 export const CORPUS_SEED = DEMO_SEED + 1;
 
@@ -306,13 +306,38 @@ function statement(o: Order): string {
     `. It ships to ${o.city} on ${o.month} ${o.day}.`;
 }
 
+/** The answer's keys, in its order. */
+const KEYS = ["name", "item", "quantity", "color", "city", "month", "day"] as const;
+
+/**
+ * A JSON record of two to five of an order's fields, keys in a random order: `{"city":"Oslo","day":4}`.
+ * Never all seven in the answer's order and never after a sentence, so it answers nothing: the base
+ * learns JSON's syntax, the keys and how values are written in it, as any pretrained model has, and
+ * the task (a sentence in, its seven fields out in JSON) is left to SFT. Without these rows the
+ * answer's punctuation and keys are tokens the base never saw: their embeddings (tied to the output)
+ * all drift along one shared direction while the seen tokens push them down, so no adapter can tell
+ * `":"` from `","` and SFT spends itself on the format instead of the values.
+ */
+function record(o: Order, rng: Rng): string {
+  const keys: (typeof KEYS[number])[] = [...KEYS];
+  for (let i = keys.length - 1; i > 0; i--) {
+    const j = rng.int(i + 1);
+    [keys[i], keys[j]] = [keys[j], keys[i]];
+  }
+  const fields: Record<string, unknown> = {};
+  for (const key of keys.slice(0, 2 + rng.int(4))) fields[key] = o[key];
+  return JSON.stringify(fields);
+}
+
 /**
  * One row of the corpus: one order as the task's users write it (in any template, inside a request or
- * followed by an edit), most often followed by the statement of its facts in words, never JSON. One
- * order per row: training packs rows without attention across them, so the statement can only refer
- * to its own sentence, as an answer refers to its prompt.
+ * followed by an edit), most often followed by the statement of its facts in words, never JSON; or a
+ * few JSON records of other orders ({@link record}), with no sentence. One order per sentence row:
+ * training packs rows without attention across them, so the statement can only refer to its own
+ * sentence, as an answer refers to its prompt.
  */
 function corpusRow(rng: Rng): string {
+  if (rng.chance(0.2)) return [0, 1, 2].map(() => record(randomOrder(rng), rng)).join("\n");
   const o = randomOrder(rng);
   const sentence = rng.pick(TEMPLATES)(o, rng);
   switch (rng.int(4)) {

@@ -1,8 +1,8 @@
 /**
  * Writes `data/demo/model/`, the demo's base: a random-init tiny Llama ({@link DEMO_INIT}, the
  * demo tokenizer) pretrained by `recipes/demo-base.yaml` (full fine-tuning on
- * `data/demo/corpus.jsonl`, plain text in the demo task's language and no JSON), so that it knows
- * the words and not the task. Beside the weights, `pretraining.json` records how it was made: the
+ * `data/demo/corpus.jsonl`, the demo task's language and JSON records, but never a sentence's JSON
+ * answer), so that it knows the words and JSON, not the task. Beside the weights, `pretraining.json` records how it was made: the
  * recipe's and the corpus's sha256, the init, the run's metrics and each file's sha256.
  *
  * Training is deterministic (same seed, same adapter: same bytes), so regenerating gives the
