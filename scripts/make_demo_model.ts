@@ -9,7 +9,7 @@
  * committed bytes again on the same kind of adapter (GPUs may round `exp` differently).
  *
  * ```
- * deno run -A scripts/make_demo_model.ts           # regenerate data/demo/model (about 12 min on 2 cores)
+ * deno run -A scripts/make_demo_model.ts           # regenerate data/demo/model (about 25 min on 2 cores)
  * deno run -A scripts/make_demo_model.ts --check   # regenerate into a temp dir; exit 1 unless the bytes equal
  * deno run -A scripts/make_demo_model.ts --out DIR --set train-sft.max_steps=5   # a shorter run elsewhere
  * ```
