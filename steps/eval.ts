@@ -133,6 +133,8 @@ interface Candidate {
   description: string;
   /** For train-dpo's adapter: the adapters of its reference (train-sft's, or none: the base). */
   reference?: string[];
+  /** The model its reference runs on ("" the base), when not its own (a full train-dpo's). */
+  referenceModel?: string;
   beta?: number;
 }
 
@@ -187,7 +189,19 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
       description: `base + the LoRA adapter of ${sft.manifest.step}`,
     });
   }
-  if (dpo) {
+  if (dpo && "model" in dpo.manifest.outputs) {
+    // A full train-dpo: its own model; the reference is the model it started from, with no adapter.
+    const from = sft && "model" in sft.manifest.outputs ? dirname(sft.path("model")) : "";
+    candidates.push({
+      label: dpo.manifest.step,
+      model: dirname(dpo.path("model")),
+      adapters: [],
+      description: `the model ${dpo.manifest.step} fine-tuned in full`,
+      reference: [],
+      referenceModel: from,
+      beta: (dpo.manifest.config as { beta?: number }).beta,
+    });
+  } else if (dpo) {
     const dpoConfig = dpo.manifest.config as { beta?: number };
     const ref = dpo.manifest.inputs.sft;
     // After a full train-sft, train-dpo's adapter runs on that model, which is also its reference.
@@ -297,9 +311,10 @@ async function run(ctx: StepContext, config: EvalConfig, inputs: Record<string, 
   // train-dpo's implicit rewards against the reference it was trained with.
   for (const c of candidates) {
     if (!preference || c.reference === undefined) continue;
-    // The reference runs on the candidate's own model (the base, or a full train-sft's model).
+    // The reference runs on the candidate's own model (the base, or a full train-sft's model), or on
+    // the model a full train-dpo started from.
     const pol = prefLogps.get(`${c.model ?? ""}|${c.adapters.join("|")}`)!;
-    const ref = prefLogps.get(`${c.model ?? ""}|${c.reference.join("|")}`);
+    const ref = prefLogps.get(`${c.referenceModel ?? c.model ?? ""}|${c.reference.join("|")}`);
     if (!ref) continue;
     let right = 0;
     for (let i = 0; i < pairCount(preference); i++) {

@@ -111,6 +111,13 @@ function adapterDirs(ctx: StepContext, config: MergeConfig, inputs: Record<strin
       },
     );
   }
+  if (!("adapter" in last.manifest.outputs) && "model" in last.manifest.outputs) {
+    throw new LatheError(
+      `Cannot merge after step "${last.manifest.step}": it fine-tuned every weight (finetuning: full) and ` +
+        `wrote a model, ${dirname(last.path("model"))}, so there is no adapter to merge`,
+      { hint: "drop the merge step: export and eval take that model as it is" },
+    );
+  }
   return [dirname(last.path("adapter"))];
 }
 

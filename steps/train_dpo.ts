@@ -1,6 +1,7 @@
 /**
- * The `train-dpo` step: preference tuning of LoRA adapters (DPO and trl's variants,
- * steps/train/dpo.ts) on the paired shards of `tokenize`, written as a PEFT adapter.
+ * The `train-dpo` step: preference tuning (DPO and trl's variants, steps/train/dpo.ts) on the
+ * paired shards of `tokenize`, of LoRA adapters written as a PEFT adapter, or with
+ * `finetuning: full` of every weight, written as a model directory (as train-sft's full fine-tune).
  *
  * The policy and its reference:
  * - no train-sft upstream (and no init_adapter): the policy is a fresh adapter and the reference
@@ -16,11 +17,15 @@
  * reference is the same (a rerun with another beta or loss_type). Without it each step scores its
  * pairs under the reference adapter (B = 0 for the bare base) before the policy's forward.
  *
+ * With `finetuning: full` the policy is every weight of the base (or of a full train-sft's model),
+ * and the reference is those weights before the first step: precomputed as above, or scored each
+ * step from a host copy of them. After a LoRA train-sft it is refused (merge the adapter first).
+ *
  * Works on 16/32-bit and 4-bit bases (a quantize step upstream, or a pre-quantized checkpoint),
  * as train-sft does; everything around the objective is train-sft's loop (accumulation,
  * schedules, clipping, evaluation, early stopping, best model, checkpoints and resume).
  *
- * Outputs: `adapter/`, `trainer_state.json`, `loss.svg` (loss, reward margins and accuracies),
+ * Outputs: `adapter/` (or `model/`), `trainer_state.json`, `loss.svg` (loss, reward margins and accuracies),
  * `metrics.jsonl` (trl's names), `reference_logps.json` (with precomputing) and `checkpoints/`.
  * docs/training.md has the config reference.
  * @module
@@ -47,8 +52,10 @@ import {
   tableReference,
 } from "./train/dpo.ts";
 import { checkEvaluationNeeds, trainLoop } from "./train/loop.ts";
+import { type FullModel, fullTrained } from "./train/trained.ts";
 import {
   baseDir,
+  checkFullFinetuning,
   checkMemory,
   createModel,
   describeTraining,
@@ -148,6 +155,8 @@ function referenceKey(
     backend: model.backend,
     dtype: "dtype" in model ? String((model as { dtype: unknown }).dtype) : null,
     eval_batch: config.per_device_eval_batch_size ?? config.per_device_train_batch_size,
+    // A full fine-tune scores with its own weights, not the base under a zero adapter.
+    ...(config.finetuning === "full" ? { finetuning: "full" } : {}),
   }));
 }
 
@@ -225,16 +234,49 @@ export function liveReference(
   train: Split,
   evalSplit: Split | null,
 ): ReferenceSource {
+  return swappedReference(model, () => model.getLora(), (w) => model.setLora(w), reference, train, evalSplit);
+}
+
+/**
+ * The reference of a full fine-tune scored each time: the policy's weights go to the host, the
+ * initial weights (a host copy taken before the first step) score the pairs, and the policy's come
+ * back, bit for bit (the f32 masters). Twice the weights on the host and two uploads per scoring:
+ * precomputing (the default) costs one pass.
+ */
+export function liveFullReference(
+  model: FullModel,
+  initial: ReadonlyMap<string, Float32Array>,
+  train: Split,
+  evalSplit: Split | null,
+): ReferenceSource {
+  return swappedReference(
+    model,
+    () => model.getWeights(),
+    (w) => model.setWeights(w),
+    initial,
+    train,
+    evalSplit,
+  );
+}
+
+function swappedReference<W>(
+  model: TrainableModel,
+  get: () => Promise<W>,
+  set: (weights: W) => Promise<void>,
+  reference: W,
+  train: Split,
+  evalSplit: Split | null,
+): ReferenceSource {
   return {
     async logps(split, pairs) {
-      const policy = await model.getLora();
-      await model.setLora(reference);
+      const policy = await get();
+      await set(reference);
       try {
         const batch = pairBatch(split === "train" ? train : evalSplit!, pairs);
         const stats = sequenceStats(batch, await model.scoreTokens(batch));
         return stats.logp;
       } finally {
-        await model.setLora(policy);
+        await set(policy);
       }
     },
   };
@@ -265,12 +307,23 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
       hint: "train them in train-sft; merge, then run train-dpo on the merged model",
     });
   }
-  if (config.finetuning === "full") {
-    throw new LatheError("Cannot run train-dpo with finetuning: full: DPO trains LoRA adapters in lathe", {
-      hint: "set train-dpo.finetuning: lora; after a full train-sft it trains an adapter on the tuned model",
-    });
+  // finetuning: full trains every weight of the policy; the reference is the same weights before the
+  // first step (the base, or a full train-sft's model).
+  const full = config.finetuning === "full";
+  if (full) {
+    checkFullFinetuning("train-dpo", config, modelConfig);
+    if (inputs.sft && !sftModel) {
+      throw new LatheError(
+        `Cannot fine-tune every weight in train-dpo after the LoRA adapter of step "${inputs.sft.manifest.step}" ` +
+          "(train-dpo.finetuning: full): the policy would be a base plus an adapter, not one model",
+        {
+          hint: "set train-dpo.finetuning: lora to continue the SFT adapter, or merge it into its base " +
+            "(a merge step) and give train-dpo.model the merged model",
+        },
+      );
+    }
   }
-  const start = sftModel ? null : await startAdapter(ctx, config, inputs, modelConfig);
+  const start = sftModel || full ? null : await startAdapter(ctx, config, inputs, modelConfig);
   const spec: LoraSpec = start
     ? {
       r: start.config.r,
@@ -283,7 +336,7 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
       r: config.lora.r,
       alpha: config.lora.alpha,
       dropout: config.lora.dropout,
-      targets: resolveTargetModules(config.lora.target_modules, "train-dpo.lora.target_modules"),
+      targets: full ? [] : resolveTargetModules(config.lora.target_modules, "train-dpo.lora.target_modules"),
       useRslora: config.lora.use_rslora,
     };
   const peft: LoraConfig = {
@@ -323,6 +376,10 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
         evalBs,
         checkpointDir,
       ));
+    } else if (full) {
+      // A host copy of the initial weights scores each step.
+      const policy = model as FullModel;
+      reference = liveFullReference(policy, await policy.getWeights(), train, evalSplit);
     } else {
       const weights = start?.weights ??
         (await model.getLora()).map((w) => ({ ...w, B: new Float32Array(w.B.length) }));
@@ -345,6 +402,7 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
       model,
       config,
       lora: peft,
+      trained: full ? fullTrained() : undefined,
       train,
       eval: evalSplit,
       objective,
@@ -369,6 +427,7 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
       `train-dpo ${config.model}`,
       checkpointDir,
       ["rewards/margins", "rewards/accuracies"],
+      dir,
     );
     if (hasReference) outputs.reference_logps = REFERENCE_FILE;
     const { eval_mean_token_accuracy: _, ...metrics } = result.metrics;
@@ -379,6 +438,10 @@ async function run(ctx: StepContext, config: TrainDpoConfig, inputs: Record<stri
         pairs: train.rows.length / 2,
         reference: config.reference_free
           ? "none"
+          : full
+          ? (sftModel
+            ? `the model of step "${inputs.sft!.manifest.step}" before training`
+            : "base before training")
           : start
           ? `base + adapter of ${start.from}`
           : "base (adapter disabled)",
@@ -402,7 +465,7 @@ export const step = defineStep({
   name: "train-dpo",
   version: "1",
   description:
-    "Preference tuning (DPO, IPO, hinge, robust) of LoRA adapters on paired shards; writes a PEFT adapter",
+    "Preference tuning (DPO, IPO, hinge, robust) on paired shards: LoRA (writes a PEFT adapter) or every weight (writes a model)",
   config: TrainDpoConfig,
   inputs: { data: "tokenize" },
   optionalInputs: { base: "quantize", sft: "train-sft" },

@@ -354,3 +354,134 @@ gpuTest(
     });
   },
 );
+
+/** The recipe without quantize and train-sft: train-dpo starts from the bare 32-bit base. */
+const bareBase = (text: string) =>
+  text.replace(/ {2}quantize:[\s\S]*? {2}prepare@preference:/, "  prepare@preference:");
+
+/** finetuning: full at a learning rate fit for every weight of the micro base. */
+const FULL_DPO = { finetuning: "full", learning_rate: 5e-4, max_steps: 8, eval_steps: 4, save_steps: 4 };
+
+gpuTest(
+  "train-dpo finetuning: full trains every weight from ln 2, writes a model that eval and export take",
+  async () => {
+    await withProject(async (dir) => {
+      // The SFT rows get an eval split: eval answers its prompts with the tuned model.
+      const text =
+        bareBase(recipeText(dir, FULL_DPO)).replace("    eval_fraction: 0\n", "    eval_fraction: 0.2\n") +
+        `  eval:
+    inputs: { data: tokenize, preference: tokenize@preference }
+    model: ${join(DEMO, "model")}
+    max_samples: 2
+    max_new_tokens: 8
+  export:
+    targets: [gguf]
+    gguf: { types: [Q8_0] }
+`;
+      const result = await recipe(dir, text);
+      const manifest = (step: string) => result.steps.find((s) => s.step === step)!.outcome.manifest;
+      const m = manifest("train-dpo");
+      const met = m.metrics as Record<string, number>;
+      assert.equal(m.metrics.reference, "base before training");
+      assert.equal(met.eval_loss_before, Math.LN2, "the reference is the policy before its first step");
+      assert.ok(
+        met.eval_loss < met.eval_loss_before,
+        `eval loss ${met.eval_loss_before} -> ${met.eval_loss}`,
+      );
+      assert.ok(!Object.hasOwn(m.outputs, "adapter"), "no adapter");
+      assert.ok(
+        Object.hasOwn(m.outputs, "model/model.safetensors") && Object.hasOwn(m.outputs, "reference_logps"),
+      );
+      // Every weight moved; the model keeps the base's names and dtype.
+      const { ModelWeights } = await import("../../formats/safetensors.ts");
+      const modelDir = join(result.runDir, "train-dpo", "model");
+      assert.equal((await loadModelConfig(modelDir)).torchDtype, "float32");
+      using trained = await ModelWeights.open(modelDir);
+      using base = await ModelWeights.open(join(DEMO, "model"));
+      assert.deepEqual(trained.names().sort(), base.names().sort());
+      for (const name of base.names()) {
+        const a = await trained.readFloat32(name), b = await base.readFloat32(name);
+        assert.ok(a.some((x, i) => x !== b[i]), `${name} trained`);
+      }
+      // eval scores it as a model of its own, against the base it started from.
+      const ev = manifest("eval").metrics as Record<string, number>;
+      assert.ok(
+        Math.abs(ev["train-dpo/reward_accuracy"] - met["eval_rewards/accuracies"]) <= 1 / ev.preference_pairs,
+        `eval's reward accuracy ${ev["train-dpo/reward_accuracy"]} vs train-dpo's ${
+          met["eval_rewards/accuracies"]
+        }`,
+      );
+      assert.equal(typeof ev["train-dpo/eval_loss"], "number");
+      assert.equal(ev.samples, 2, "and it answered the prompts");
+      // export writes the model itself as GGUF.
+      const exported = Object.keys(manifest("export").outputs);
+      assert.ok(exported.some((k) => k.endsWith("Q8_0.gguf")), exported.join(", "));
+      // merge has no adapter to fold in, and says so.
+      await assert.rejects(
+        () =>
+          recipe(dir, text.replace("  export:", `  merge:\n    model: ${join(DEMO, "model")}\n  export:`)),
+        (e: Error) => {
+          assert.ok(e instanceof LatheError);
+          assert.match(e.message, /Cannot merge after step "train-dpo": it fine-tuned every weight/);
+          assert.match(e.hint ?? "", /drop the merge step/);
+          return true;
+        },
+      );
+    });
+  },
+);
+
+gpuTest(
+  "full train-dpo: same seed, same bytes; killed and resumed, the same bytes; a live reference, the same numbers",
+  async () => {
+    await withProject(async (dir) => {
+      const text = bareBase(recipeText(dir, FULL_DPO));
+      const sha = (m: Manifest) => m.outputs["model/model.safetensors"].sha256;
+      const whole = dpoOf(await recipe(dir, text, "--run", "w"));
+      const again = dpoOf(await recipe(dir, text, "--run", "w", "--only", "train-dpo", "--force"));
+      assert.equal(sha(again), sha(whole), "same seed, same model bytes");
+
+      trainDpoHooks.wrapModel = (model) => new FaultyModel(model, { throwAtStep: 6 });
+      const forced = ["--run", "k", "--only", "train-dpo", "--force"];
+      await assert.rejects(() => recipe(dir, text, ...forced), /injected kill at step 6/);
+      delete trainDpoHooks.wrapModel;
+      Deno.env.set("LATHE_RESUME", "1");
+      const resumed = dpoOf(await recipe(dir, text, ...forced));
+      Deno.env.delete("LATHE_RESUME");
+      assert.equal(resumed.metrics.resumed_from_step, 4);
+      assert.equal(sha(resumed), sha(whole), "resumed = uninterrupted");
+
+      // Scored each step from a host copy of the initial weights: the precomputed run's numbers.
+      const live = dpoOf(
+        await recipe(
+          dir,
+          bareBase(recipeText(dir, { ...FULL_DPO, precompute_ref_log_probs: false })),
+          "--run",
+          "l",
+        ),
+      );
+      assert.ok(!Object.hasOwn(live.outputs, "reference_logps"));
+      for (const k of ["eval_loss_before", "train_loss", "eval_loss", "eval_rewards/margins"]) {
+        const [a, b] = [whole.metrics[k] as number, live.metrics[k] as number];
+        assert.ok(Math.abs(a - b) <= 1e-4 * (1 + Math.abs(a)), `${k}: precomputed ${a} vs live ${b}`);
+      }
+
+      // Refused: a 4-bit base, and a LoRA train-sft upstream (the policy would be base + adapter).
+      await assert.rejects(() => recipe(dir, recipeText(dir, FULL_DPO), "--run", "q"), (e: Error) => {
+        assert.ok(e instanceof LatheError);
+        assert.match(
+          e.message,
+          /Cannot fine-tune every weight of a 4-bit base \(train-dpo\.finetuning: full\)/,
+        );
+        return true;
+      });
+      const afterLora = recipeText(dir, FULL_DPO).replace(/ {2}quantize:\n.*\n/, "");
+      await assert.rejects(() => recipe(dir, afterLora, "--run", "s"), (e: Error) => {
+        assert.ok(e instanceof LatheError);
+        assert.match(e.message, /after the LoRA adapter of step "train-sft"/);
+        assert.match(e.hint ?? "", /merge/);
+        return true;
+      });
+    });
+  },
+);
