@@ -103,8 +103,11 @@ export async function pretrainDemoBase(o: DemoBaseOptions): Promise<PretrainingR
     files,
   };
   await writeFileAtomic(join(staging, "pretraining.json"), JSON.stringify(record, null, 2) + "\n");
-  await Deno.remove(o.out, { recursive: true }).catch(() => {});
+  // The old model moves aside first, so a kill between the renames leaves it whole at `.old-<pid>`.
+  const old = `${o.out}.old-${Deno.pid}`;
+  const had = await Deno.rename(o.out, old).then(() => true, () => false);
   await Deno.rename(staging, o.out);
+  if (had) await Deno.remove(old, { recursive: true });
   return record;
 }
 

@@ -4,6 +4,7 @@ import { fileURLToPath } from "node:url";
 import { sha256File } from "../../foundation/hash.ts";
 import { loadModelConfig } from "../../formats/model_config.ts";
 import { TINY_SIZES } from "../../kernels/models/tiny.ts";
+import { loadTokenizer } from "../../steps/tokenize/tokenizer.ts";
 import {
   DEMO_INIT,
   pretrainDemoBase,
@@ -108,4 +109,23 @@ Deno.test("recordDifferences() names the recipe, the corpus and each model file 
     "model/model.safetensors has other bytes",
     "model/tokenizer.json is not in the fresh model",
   ]);
+});
+
+Deno.test("the corpus holds every token of the demo's JSON answers, so pretraining trains each one", async () => {
+  // A token the corpus never holds gets only the push-down of the softmax in pretraining: with tied
+  // embeddings all such rows drift along one direction and SFT cannot tell `":"` from `","`.
+  const { tokenizer } = await loadTokenizer(join(ROOT, "data/demo/tokenizer"));
+  const ids = (text: string) => tokenizer.encode(text, { add_special_tokens: false }).ids as number[];
+  const lines = async (file: string) =>
+    (await Deno.readTextFile(join(ROOT, "data/demo", file))).split("\n").filter((l) => l !== "");
+  const seen = new Set<number>();
+  for (const line of await lines("corpus.jsonl")) for (const id of ids(JSON.parse(line).text)) seen.add(id);
+  const missing = new Set<string>();
+  for (const line of await lines("sft.jsonl")) {
+    for (const m of JSON.parse(line).messages as { role: string; content: string }[]) {
+      if (m.role !== "assistant") continue;
+      for (const id of ids(m.content)) if (!seen.has(id)) missing.add(tokenizer.decode([id]));
+    }
+  }
+  assert.deepEqual([...missing].sort(), [], "answer tokens the corpus never holds");
 });
